@@ -1,0 +1,3 @@
+"""calibatt: calibrated block-sparse attention for video diffusion transformers."""
+
+__version__ = "0.1.0"

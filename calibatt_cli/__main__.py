@@ -1,0 +1,3 @@
+from calibatt_cli.cli import main
+
+main()

@@ -1,0 +1,220 @@
+"""One typed config for every subcommand, loaded from YAML plus `--set section.key=value` overrides.
+
+Unknown keys and wrong types are errors naming the key and the file: a typo must never be silently
+ignored (a misspelt `epsilon` would otherwise calibrate with the default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # model family/preset: tiny, tiny-random, wan2.1, wan2.1-1.3b, wan2.1-14b, ...
+    path: str | None = None  # local weights (diffusers folder or original release layout); None: built in
+    dtype: str = "float32"  # float32, bfloat16 or float16
+    device: str = "cpu"  # cpu, cuda, cuda:1, ...
+    seed: int = 0  # seed of the built-in random model's weights
+
+
+@dataclass
+class VideoConfig:
+    height: int = 256
+    width: int = 256
+    frames: int = 33
+    fps: int = 8
+
+
+@dataclass
+class CalibrationConfig:
+    prompts: str = "configs/prompts/tiny_calibrate.txt"  # one prompt a line
+    epsilon: float = 0.001  # keep the fewest key blocks holding >= 1 - epsilon of each row's mass
+    buckets: int = 2  # timestep buckets: steps are split into this many contiguous groups
+    warmup_steps: int = 1  # first denoising steps that always run dense
+    block_size: int = 64  # token block size of the masks (query and key)
+    seed: int = 0
+    output: str = "out/tiny.bundle.safetensors"
+
+
+@dataclass
+class CompileConfig:
+    bundle: str = "out/tiny.bundle.safetensors"
+    cache_dir: str = "out/tiny.cache"
+    target: str | None = None  # e.g. sm_90: cross-compile kernels without a GPU
+
+
+@dataclass
+class GenerateConfig:
+    steps: int = 10  # denoising steps (calibration uses the same schedule)
+    guidance: float = 5.0  # classifier-free guidance scale; 1.0 disables the second forward
+    flow_shift: float = 3.0
+    negative_prompt: str = ""
+    seed: int = 0
+    output: str = "out/tiny.mp4"
+    dense: bool = False  # run the stock pipeline (the baseline) instead of sparse attention
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    source: str = field(default="<defaults>", metadata={"internal": True})  # file it came from
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+def _type_ok(value, tp) -> tuple[bool, typing.Any]:
+    """Check (and gently normalise) one YAML value against a field type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return True, None
+        for a in args:
+            if a is type(None):
+                continue
+            ok, v = _type_ok(value, a)
+            if ok:
+                return True, v
+        return False, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    return isinstance(value, tp), value
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _apply(cfg: Config, data: dict, where: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections (model, video, ...)")
+    hints = typing.get_type_hints(Config)
+    sections = {f.name for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
+    for sec, values in data.items():
+        if sec not in sections:
+            raise ConfigError(f"{where}: unknown section '{sec}'; valid sections: {', '.join(sorted(sections))}")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section '{sec}' must be a mapping of keys")
+        obj = getattr(cfg, sec)
+        sec_hints = typing.get_type_hints(hints[sec])
+        for key, value in values.items():
+            if key not in sec_hints:
+                raise ConfigError(
+                    f"{where}: unknown key '{sec}.{key}'; valid keys: {', '.join(sorted(sec_hints))}"
+                )
+            ok, v = _type_ok(value, sec_hints[key])
+            if not ok:
+                raise ConfigError(
+                    f"{where}: '{sec}.{key}' must be {_type_name(sec_hints[key])}, got {value!r}"
+                )
+            setattr(obj, key, v)
+
+
+def _parse_override(item: str) -> tuple[str, str, object]:
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"--set '{item}': expected section.key=value, e.g. --set calibration.epsilon=0.01")
+    path, raw = item.split("=", 1)
+    sec, key = path.split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return sec.strip(), key.strip(), value
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express."""
+    w = cfg.source
+    c = cfg.calibration
+    if not 0.0 < c.epsilon < 1.0:
+        raise ConfigError(f"{w}: calibration.epsilon must be in (0, 1), got {c.epsilon}; 0.001 is typical")
+    for name, value in (
+        ("generate.steps", cfg.generate.steps),
+        ("video.frames", cfg.video.frames),
+        ("video.height", cfg.video.height),
+        ("video.width", cfg.video.width),
+        ("video.fps", cfg.video.fps),
+        ("calibration.buckets", c.buckets),
+        ("calibration.block_size", c.block_size),
+    ):
+        if value <= 0:
+            raise ConfigError(f"{w}: {name} must be positive, got {value}")
+    if c.warmup_steps < 0:
+        raise ConfigError(f"{w}: calibration.warmup_steps must be >= 0, got {c.warmup_steps}")
+    if c.warmup_steps >= cfg.generate.steps:
+        raise ConfigError(
+            f"{w}: calibration.warmup_steps ({c.warmup_steps}) must be below generate.steps "
+            f"({cfg.generate.steps}), or no step would be sparse"
+        )
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"{w}: model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    if cfg.generate.guidance < 1.0:
+        raise ConfigError(f"{w}: generate.guidance must be >= 1.0 (1.0 disables CFG), got {cfg.generate.guidance}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file (default: configs/tiny.yaml) <- --set overrides, then validated."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    cfg = Config(source=str(path))
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found; pass an existing --config (presets are in configs/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at}; fix the syntax") from None
+    _apply(cfg, data, str(path))
+    for item in overrides or []:
+        sec, key, value = _parse_override(item)
+        _apply(cfg, {sec: {key: value}}, f"--set {item}")
+    validate(cfg)
+    return cfg
+
+
+def resolve_input(path: str | Path, cfg: Config) -> Path:
+    """A relative input path is looked up in the working directory, then beside the config's folder
+    (so the built-in presets work from any directory)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    src = Path(cfg.source)
+    for base in (src.parent, src.parent.parent):
+        if (base / p).exists():
+            return base / p
+    return p
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

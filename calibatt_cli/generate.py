@@ -1,0 +1,126 @@
+"""`calibatt generate`: sample videos with the compiled sparse plan (or the stock dense pipeline)."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .attention import AttentionController
+from .compiler import load_cache
+from .config import Config
+from .errors import ConfigError
+from .models import load_model
+from .util import check_output_path
+from .video import to_uint8, write_mp4
+
+
+@dataclass
+class VideoResult:
+    prompt: str
+    output: Path | None
+    seconds: float  # sampling + decoding + writing, model load excluded
+    frames: np.ndarray = field(repr=False)  # uint8 [F, H, W, 3]
+
+
+@dataclass
+class GenerateResult:
+    videos: list[VideoResult]
+    steps: int
+    dense: bool
+    mean_density: float  # computed share of attention blocks over all steps (warm-up steps count 1.0)
+    sparse_density: float  # the same over the sparse steps only
+    load_seconds: float
+
+    def summary(self) -> dict:
+        return {
+            "outputs": [str(v.output) for v in self.videos],
+            "prompts": [v.prompt for v in self.videos],
+            "steps": self.steps,
+            "dense": self.dense,
+            "mean_density": round(self.mean_density, 6),
+            "sparse_density": round(self.sparse_density, 6),
+            "seconds": round(sum(v.seconds for v in self.videos), 3),
+            "seconds_per_video": [round(v.seconds, 3) for v in self.videos],
+            "load_seconds": round(self.load_seconds, 3),
+            "frames": int(self.videos[0].frames.shape[0]) if self.videos else 0,
+        }
+
+
+def output_paths(output: str, n: int) -> list[Path]:
+    """One prompt writes `output`; several write `<stem>-000<suffix>`, `<stem>-001<suffix>`, ..."""
+    p = Path(output)
+    if p.suffix.lower() != ".mp4":
+        raise ConfigError(f"output '{output}' must end in .mp4")
+    if n == 1:
+        return [p]
+    return [p.with_name(f"{p.stem}-{i:03d}{p.suffix}") for i in range(n)]
+
+
+def check_prompts(prompts: list[str]) -> list[str]:
+    if not prompts:
+        raise ConfigError("no prompt given; pass a prompt or --prompts FILE")
+    for i, prompt in enumerate(prompts):
+        if not prompt or not prompt.strip():
+            raise ConfigError(f"prompt {i + 1} is empty; give a description of the video")
+    return [re.sub(r"\s+", " ", p.strip()) for p in prompts]
+
+
+def generate(
+    cfg: Config,
+    prompts: list[str],
+    *,
+    output: str | None = None,
+    write: bool = True,
+    on_step: Callable[[], None] | None = None,
+) -> GenerateResult:
+    prompts = check_prompts(prompts)
+    g = cfg.generate
+    paths = output_paths(output or g.output, len(prompts))
+    if write:
+        for p in paths:
+            check_output_path(p, "output")
+    plan = None
+    if not g.dense:
+        plan, _ = load_cache(cfg)  # validate the cache before spending time on the model
+    t0 = time.perf_counter()
+    model = load_model(cfg)
+    controller = AttentionController("sparse", plan=plan) if plan is not None else None
+    if controller is not None:
+        model.install(controller)
+    load_seconds = time.perf_counter() - t0
+
+    videos = []
+    for prompt, path in zip(prompts, paths, strict=True):
+        t1 = time.perf_counter()
+        hooks = []
+        if on_step is not None:
+            hooks.append(on_step)
+        if controller is None:
+            # The stock pipeline: no processor of ours installed; steps are followed for progress only.
+            frames = _run_with_progress(model, prompt, cfg, hooks)
+        else:
+            controller.step_hooks[:] = hooks
+            with torch.inference_mode():
+                frames = model.run(prompt, cfg=cfg, controller=controller, seed=g.seed)[0]
+        frames = to_uint8(frames)
+        if write:
+            write_mp4(path, frames, cfg.video.fps)
+        videos.append(VideoResult(prompt, path if write else None, time.perf_counter() - t1, frames))
+    if plan is not None:
+        mean_density, sparse_density = plan.mean_density()
+    else:
+        mean_density = sparse_density = 1.0
+    return GenerateResult(videos, g.steps, plan is None, mean_density, sparse_density, load_seconds)
+
+
+def _run_with_progress(model, prompt: str, cfg: Config, hooks: list) -> np.ndarray:
+    step_counter = AttentionController("dense")  # used only for its step callback
+    step_counter.step_hooks[:] = hooks
+    with torch.inference_mode():
+        return model.run(prompt, cfg=cfg, controller=step_counter, seed=cfg.generate.seed)[0]

@@ -1,0 +1,102 @@
+"""The adapter seam: everything model-specific sits behind `LoadedModel`.
+
+The stages (calibrate, compile, generate) only ever see a LoadedModel: a pipeline to call, the model's
+identity (id + config hash), its token grid for a video size, and a way to install our attention
+processors. One module per family (`wan`, `tiny`, ...) builds it; nothing else imports model internals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..attention import AttentionController
+from ..config import Config
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a bundle and a cache are tied to; computable without loading weights."""
+
+    name: str  # the model name from the config (tiny, wan2.1-1.3b, ...)
+    model_id: str  # what is loaded: built-in id, local path or Hub id
+    model_hash: str  # hash of the transformer config and the weights' identity
+    layers: int
+    heads: int
+    head_dim: int
+    vae_stride: tuple[int, int, int]  # (time, height, width) of the VAE
+    patch: tuple[int, int, int]  # (time, height, width) of the transformer's patch embedding
+
+    def token_grid(self, frames: int, height: int, width: int) -> list[int]:
+        st, sh, sw = self.vae_stride
+        pt, ph, pw = self.patch
+        return [((frames - 1) // st + 1) // pt, height // sh // ph, width // sw // pw]
+
+    def check_video(self, frames: int, height: int, width: int) -> None:
+        """Sizes the pipeline would silently round are errors instead."""
+        from ..errors import ConfigError
+
+        st, sh, sw = self.vae_stride
+        if (frames - 1) % st:
+            raise ConfigError(
+                f"video.frames={frames} does not fit {self.name}: it must be {st}k+1 "
+                f"(e.g. {((frames - 1) // st) * st + 1})"
+            )
+        mult_h, mult_w = sh * self.patch[1], sw * self.patch[2]
+        if height % mult_h or width % mult_w:
+            raise ConfigError(
+                f"video size {height}x{width} does not fit {self.name}: height must be a multiple of {mult_h} "
+                f"and width of {mult_w}"
+            )
+
+
+@dataclass
+class LoadedModel:
+    ident: ModelIdentity
+    pipe: Any
+    call_defaults: dict = field(default_factory=dict)  # extra pipeline kwargs (e.g. max_sequence_length)
+    _installed: list = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.transformer.device
+
+    def install(self, controller: AttentionController) -> None:  # pragma: no cover - per family
+        raise NotImplementedError
+
+    def uninstall(self) -> None:
+        for module, processor in self._installed:
+            module.set_processor(processor)
+        self._installed.clear()
+
+    def run(
+        self,
+        prompt: str,
+        *,
+        cfg: Config,
+        controller: AttentionController | None,
+        seed: int,
+        output_type: str = "np",
+    ):
+        """One pipeline call with the config's sampling settings; the controller follows its steps."""
+        g = cfg.generate
+        kwargs = dict(self.call_defaults)
+        if controller is not None:
+            controller.reset()
+            kwargs["callback_on_step_end"] = controller.on_step_end
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        out = self.pipe(
+            prompt=prompt,
+            negative_prompt=g.negative_prompt,
+            height=cfg.video.height,
+            width=cfg.video.width,
+            num_frames=cfg.video.frames,
+            num_inference_steps=g.steps,
+            guidance_scale=g.guidance,
+            generator=generator,
+            output_type=output_type,
+            **kwargs,
+        )
+        return out.frames

@@ -1,0 +1,61 @@
+"""Small helpers shared by the stages: atomic writes, hashing, paths."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import CalibattError
+
+
+def check_output_path(path: Path, what: str) -> Path:
+    """Fail early (before any work) if `path`'s folder is missing or not writable."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise CalibattError(f"{what} folder '{parent}' does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK):
+        raise CalibattError(f"{what} folder '{parent}' is not writable; choose a writable path")
+    if path.is_dir():
+        raise CalibattError(f"{what} path '{path}' is a folder; give a file name")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temp path beside `path`; rename it over `path` only if the block finishes.
+
+    Interrupts (Ctrl-C) and errors remove the temp file, so no partial output is ever left behind.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def sha256_hex(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+    return h.hexdigest()

@@ -1,0 +1,110 @@
+"""calibatt_kernels: block-sparse attention and calibration block mass.
+
+Installed under the import name `calibatt_kernels` (never `kernels`: PyPI has an unrelated package of
+that name that diffusers probes for). Each kernel module holds its Triton kernel and launcher; the
+pure-PyTorch references live in `reference.py` and are the CPU path.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+
+# The kernel modules are imported here, before `def block_mass` below: importing a submodule binds its name
+# on the package, so a lazy `from .block_mass import ...` inside `block_mass()` would replace the public
+# function `calibatt_kernels.block_mass` by the module on first use.
+from . import block_mass as _mass_kernels
+from . import block_sparse as _sparse_kernels
+from .index import BlockIndex, index_to_mask, lpt_schedule, mask_to_index
+from .reference import block_mass_ref, block_sparse_attention_ref, expand_block_mask, num_blocks
+
+__all__ = [
+    "BlockIndex",
+    "block_mass",
+    "block_mass_ref",
+    "block_sparse_attention",
+    "block_sparse_attention_indexed",
+    "block_sparse_attention_ref",
+    "expand_block_mask",
+    "index_to_mask",
+    "lpt_schedule",
+    "mask_to_index",
+    "num_blocks",
+    "triton_usable",
+]
+
+log = logging.getLogger("calibatt.kernels")
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        log.warning(msg)
+
+
+def triton_usable(device: torch.device) -> bool:
+    """True when the Triton kernels can run on tensors of this device (a Hopper/Ampere GPU, or the CPU
+    under TRITON_INTERPRET=1). Otherwise callers fall back to the references (and say so once)."""
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return False
+
+
+def block_sparse_attention_indexed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: BlockIndex,
+    *,
+    block_size: tuple[int, int] = (128, 128),
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention from the precomputed index form (see `index.py`)."""
+    if triton_usable(q.device) and q.shape[-1] in (64, 128):
+        return _sparse_kernels.block_sparse_attention_triton(q, k, v, index, block_size=block_size, scale=scale)
+    _warn_once(f"calibatt_kernels: Triton unavailable for {q.device.type}; using the PyTorch reference")
+    mask = index_to_mask(index, num_blocks(k.shape[2], block_size[1]))
+    return block_sparse_attention_ref(q, k, v, mask, block_size, scale)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: tuple[int, int] = (128, 128),
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention; q, k, v [B, H, N, D] (any strides), block_mask bool [(B,) H, Mq, Mk]."""
+    return block_sparse_attention_indexed(
+        q, k, v, mask_to_index(block_mask, with_schedule=True), block_size=block_size, scale=scale
+    )
+
+
+def block_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: tuple[int, int] = (128, 128),
+    scale: float | None = None,
+) -> torch.Tensor:
+    """float32 [B, H, Mq, Mk]: mean over each query block's queries of the softmax mass per key block."""
+    if triton_usable(q.device) and q.shape[-1] in (64, 128):
+        return _mass_kernels.block_mass_triton(q, k, block_size=block_size, scale=scale)
+    _warn_once(f"calibatt_kernels: Triton unavailable for {q.device.type}; using the PyTorch reference")
+    return block_mass_ref(q, k, block_size, scale)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,307 @@
+"""Block-sparse flash-attention forward (Triton).
+
+What it computes: for every (batch b, head h, query block i) the query rows of block i attend to the keys
+of exactly the key blocks that the mask row (b, h, i) lists, with a softmax over those keys only:
+
+    out[b, h, rows(i)] = softmax(q[rows(i)] @ k[cols]^T * scale) @ v[cols],   cols = keys of listed blocks
+
+A row that lists no block gives zeros. The reference is `reference.block_sparse_attention_ref`.
+
+The mask arrives as data (`index.BlockIndex`: per-row block counts and ascending block lists), so one
+binary serves every mask and every sequence length of a (tile shape, head dim, dtype) class. The block
+size the caller passes is the mask granularity; the kernel tile may split it (BLOCK_M | BM, BLOCK_N | BN).
+The softmax runs in base 2 with scale * log2(e) folded into one multiply. Keys >= N are masked in the
+last listed block only (blocks are listed in ascending order, so only that one can be partial).
+
+Memory access: on Hopper each program builds 2-D TMA descriptors over its (b, h) slice ([N, D] with the
+tensor's row stride), so any strides with a contiguous head dim work without a copy, reads past N are
+zero-filled and writes past N are dropped. Elsewhere (the CPU interpreter, Ampere, odd strides) it uses
+plain pointer loads with masks.
+
+Work order: programs take (mask row, sub-tile) pairs in the order of `index.schedule` (rows with the most
+blocks first, LPT), either one program per tile or a persistent grid of one program per SM that strides
+through the same order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .index import BlockIndex
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int | None = None  # query rows per program tile; None: the mask block BM
+    block_n: int | None = None  # keys per inner step; None: the mask block BN
+    num_warps: int = 8
+    num_stages: int = 2
+    persistent: bool = False  # one program per SM striding through the LPT order
+    use_tma: bool | None = None  # None: on Hopper+ when strides allow it
+    warp_specialize: bool = False  # tl.range(..., warp_specialize=True) on the key loop (triton >= 3.5)
+
+
+def default_config(device: torch.device, block_size: tuple[int, int], head_dim: int) -> KernelConfig:
+    """Tile choice measured on H100/H200 (bench/NOTES.md); the CPU interpreter takes the mask blocks."""
+    if device.type != "cuda":
+        return KernelConfig(num_warps=4, num_stages=1)
+    return KernelConfig(num_warps=8 if block_size[0] >= 128 else 4, num_stages=2)
+
+
+@triton.jit
+def _attn_step(acc, l_i, m_i, q, K, V, k_ptrs, v_ptrs, start_n, N, qk_scale,
+               stride_kn, stride_vn,
+               BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr):
+    """One key tile [start_n, start_n + BLOCK_N) of the online softmax."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if USE_TMA:
+        k = K.load([start_n, 0])
+        v = V.load([start_n, 0])
+    else:
+        if MASK_KEYS:
+            k = tl.load(k_ptrs + start_n * stride_kn, mask=(offs_n < N)[:, None], other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vn, mask=(offs_n < N)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kn)
+            v = tl.load(v_ptrs + start_n * stride_vn)
+    if UPCAST:  # the interpreter's bf16/fp16 dot is wrong: compute in fp32 there
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k))
+    if MASK_KEYS:
+        qk = tl.where((offs_n < N)[None, :], qk, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def _block_sparse_tile(
+    tile, Q, K, V, Out, Counts, Indices, Schedule,
+    stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
+    stride_vz, stride_vh, stride_vn, stride_vd, stride_oz, stride_oh, stride_om, stride_od,
+    stride_cz, stride_ch, stride_iz, stride_ih, stride_im, H, N, Mq, REPS, qk_scale,
+    BM: tl.constexpr, BN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_SCHEDULE: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
+    """One program tile: BLOCK_M query rows of one mask row, over all key blocks the row lists."""
+    M_SUB: tl.constexpr = BM // BLOCK_M  # program tiles per mask row
+    N_SUB: tl.constexpr = BN // BLOCK_N  # key tiles per mask block
+    # tile -> (position in the LPT order, batch copy, sub-tile); all copies of a row stay adjacent.
+    per_row = REPS * M_SUB
+    pos = tile // per_row
+    rep = (tile % per_row) // M_SUB
+    sub = tile % M_SUB
+    if HAS_SCHEDULE:
+        row = tl.load(Schedule + pos)
+    else:
+        row = pos
+    m_blk = row % Mq
+    h = (row // Mq) % H
+    bi = row // (Mq * H)
+    b = bi + rep  # index batch of 1 broadcasts (bi = 0); of B keeps rep = 0
+    start_m = m_blk * BM + sub * BLOCK_M
+    cnt = tl.load(Counts + bi * stride_cz + h * stride_ch + m_blk)
+    idx_ptr = Indices + bi.to(tl.int64) * stride_iz + h * stride_ih + m_blk * stride_im
+
+    q_off = b.to(tl.int64) * stride_qz + h.to(tl.int64) * stride_qh
+    k_off = b.to(tl.int64) * stride_kz + h.to(tl.int64) * stride_kh
+    v_off = b.to(tl.int64) * stride_vz + h.to(tl.int64) * stride_vh
+    o_off = b.to(tl.int64) * stride_oz + h.to(tl.int64) * stride_oh
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    if USE_TMA:
+        desc_q = tl.make_tensor_descriptor(Q + q_off, shape=[N, HEAD_DIM], strides=[stride_qm, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        desc_k = tl.make_tensor_descriptor(K + k_off, shape=[N, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        desc_v = tl.make_tensor_descriptor(V + v_off, shape=[N, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        desc_o = tl.make_tensor_descriptor(Out + o_off, shape=[N, HEAD_DIM], strides=[stride_om, 1],
+                                           block_shape=[BLOCK_M, HEAD_DIM])
+        q = desc_q.load([start_m, 0])
+        k_ptrs = K
+        v_ptrs = V
+    else:
+        desc_k = K
+        desc_v = V
+        q = tl.load(Q + q_off + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=(offs_m < N)[:, None], other=0.0)
+        k_ptrs = K + k_off + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = V + v_off + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # All listed blocks but the last are full; the last one may hold keys >= N.
+    n_full = tl.maximum(cnt - 1, 0) * N_SUB
+    for j in tl.range(0, n_full, warp_specialize=WARP_SPECIALIZE):
+        start_n = tl.load(idx_ptr + j // N_SUB) * BN + (j % N_SUB) * BLOCK_N
+        acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, desc_k, desc_v, k_ptrs, v_ptrs, start_n, N, qk_scale,
+                                   stride_kn, stride_vn, BLOCK_N, False, USE_TMA, UPCAST)
+    if cnt > 0:
+        last = tl.load(idx_ptr + cnt - 1) * BN
+        for s in tl.static_range(N_SUB):
+            acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, desc_k, desc_v, k_ptrs, v_ptrs, last + s * BLOCK_N,
+                                       N, qk_scale, stride_kn, stride_vn, BLOCK_N, True, USE_TMA, UPCAST)
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)  # an empty row: acc is 0, write 0
+    out = (acc / l_i[:, None]).to(Out.dtype.element_ty)
+    if USE_TMA:
+        desc_o.store([start_m, 0], out)
+    else:
+        tl.store(Out + o_off + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, out,
+                 mask=(offs_m < N)[:, None])
+
+
+@triton.jit(do_not_specialize=["N", "Mq", "num_tiles", "stride_cz", "stride_ch", "stride_iz", "stride_ih",
+                               "stride_im"])
+def _block_sparse_fwd(
+    Q, K, V, Out, Counts, Indices, Schedule,
+    stride_qz, stride_qh, stride_qm, stride_qd,
+    stride_kz, stride_kh, stride_kn, stride_kd,
+    stride_vz, stride_vh, stride_vn, stride_vd,
+    stride_oz, stride_oh, stride_om, stride_od,
+    stride_cz, stride_ch, stride_iz, stride_ih, stride_im,
+    H, N, Mq, num_tiles, REPS, qk_scale,
+    BM: tl.constexpr, BN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_SCHEDULE: tl.constexpr, PERSISTENT: tl.constexpr,
+    USE_TMA: tl.constexpr, UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if PERSISTENT:
+        for tile in range(pid, num_tiles, tl.num_programs(0)):
+            _block_sparse_tile(
+                tile, Q, K, V, Out, Counts, Indices, Schedule,
+                stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
+                stride_vz, stride_vh, stride_vn, stride_vd, stride_oz, stride_oh, stride_om, stride_od,
+                stride_cz, stride_ch, stride_iz, stride_ih, stride_im, H, N, Mq, REPS, qk_scale,
+                BM, BN, BLOCK_M, BLOCK_N, HEAD_DIM, HAS_SCHEDULE, USE_TMA, UPCAST, WARP_SPECIALIZE)
+    else:
+        _block_sparse_tile(
+            pid, Q, K, V, Out, Counts, Indices, Schedule,
+            stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
+            stride_vz, stride_vh, stride_vn, stride_vd, stride_oz, stride_oh, stride_om, stride_od,
+            stride_cz, stride_ch, stride_iz, stride_ih, stride_im, H, N, Mq, REPS, qk_scale,
+            BM, BN, BLOCK_M, BLOCK_N, HEAD_DIM, HAS_SCHEDULE, USE_TMA, UPCAST, WARP_SPECIALIZE)
+
+
+
+def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
+    """An empty tensor with x's shape whose dims are laid out in x's stride order (a [B, N, H, D] buffer
+    viewed as [B, H, N, D] stays that), dense even when x is a slice of a larger buffer."""
+    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), -d))
+    buf = torch.empty([x.shape[d] for d in order], dtype=x.dtype, device=x.device)
+    return buf.permute([order.index(d) for d in range(x.dim())])
+
+
+def _tma_ok(*ts: torch.Tensor) -> bool:
+    return all(t.stride(-1) == 1 and (t.stride(-2) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in ts)
+
+
+def _tma_allocator(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SM_COUNT:
+        _SM_COUNT[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SM_COUNT[i]
+
+
+def block_sparse_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: BlockIndex,
+    *,
+    block_size: tuple[int, int] = (128, 128),
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """q, k, v [B, H, N, D] (any strides), index over [Bi, H, Mq] rows with Bi in {1, B}.
+
+    Returns [B, H, N, D] in q's dtype and memory layout (or writes `out`, which must have q's shape)."""
+    B, H, N, D = q.shape
+    BM, BN = block_size
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if D not in (64, 128):
+        raise ValueError(f"head dim must be 64 or 128, got {D}")
+    Mq, Mk = triton.cdiv(N, BM), triton.cdiv(N, BN)
+    Bi = index.counts.shape[0]
+    if index.counts.shape != (Bi, H, Mq) or Bi not in (1, B) or index.indices.shape[:3] != (Bi, H, Mq):
+        raise ValueError(f"index counts {tuple(index.counts.shape)} / indices {tuple(index.indices.shape)} do not "
+                         f"match (B or 1, H, Mq) = ({B}, {H}, {Mq}) for N={N}, block {block_size}")
+    if index.indices.shape[3] > Mk:
+        raise ValueError(f"index lists up to {index.indices.shape[3]} key blocks, but N={N} has only {Mk}")
+    if out is None:
+        out = _empty_like_layout(q)
+    elif out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+
+    cfg = config or default_config(q.device, block_size, D)
+    block_m = cfg.block_m or BM
+    block_n = cfg.block_n or BN
+    if BM % block_m or BN % block_n:
+        raise ValueError(f"kernel tile ({block_m}, {block_n}) must divide the mask block {block_size}")
+    on_gpu = q.device.type == "cuda"
+    use_tma = cfg.use_tma
+    if use_tma is None:
+        use_tma = on_gpu and torch.cuda.get_device_capability(q.device)[0] >= 9
+    use_tma = bool(use_tma) and _tma_ok(q, k, v, out)
+    if use_tma:
+        triton.set_allocator(_tma_allocator)
+
+    counts = index.counts.to(device=q.device, dtype=torch.int32)
+    if counts.stride(-1) != 1:
+        counts = counts.contiguous()
+    indices = index.indices.to(device=q.device, dtype=torch.int32)
+    if indices.stride(-1) != 1:
+        indices = indices.contiguous()
+    schedule = index.schedule
+    if schedule is not None:
+        schedule = schedule.to(device=q.device, dtype=torch.int32)
+    reps = B // Bi
+    num_tiles = Bi * H * Mq * reps * (BM // block_m)
+    if cfg.persistent:  # (the interpreter gets 3 programs, to exercise the striding)
+        grid = (min(num_tiles, _num_sms(q.device) if on_gpu else 3),)
+    else:
+        grid = (num_tiles,)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if num_tiles == 0:
+        return out
+
+    _block_sparse_fwd[grid](
+        q, k, v, out, counts, indices, schedule if schedule is not None else counts,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        counts.stride(0), counts.stride(1), indices.stride(0), indices.stride(1), indices.stride(2),
+        H, N, Mq, num_tiles, reps, scale * LOG2E,
+        BM=BM, BN=BN, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D,
+        HAS_SCHEDULE=schedule is not None, PERSISTENT=cfg.persistent,
+        USE_TMA=use_tma, UPCAST=not on_gpu, WARP_SPECIALIZE=bool(cfg.warp_specialize and on_gpu),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

@@ -1,0 +1,112 @@
+"""Pure-PyTorch references for calibatt's attention kernels.
+
+They define what the Triton kernels compute and are the CPU path of calibatt: a query block attends only
+to the key blocks its mask row lists, so the reference gathers those key blocks (never an N x N matrix
+for the whole sequence) and runs a plain softmax over them. Everything is computed in fp32.
+
+Layout: q, k, v are [B, H, N, D] (any strides). Block masks are bool [H, Mq, Mk] or [B, H, Mq, Mk] with
+Mq = ceil(N / BLOCK_M), Mk = ceil(N / BLOCK_N).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def num_blocks(n: int, block: int) -> int:
+    return (n + block - 1) // block
+
+
+def expand_block_mask(block_mask: torch.Tensor, n_q: int, n_k: int, block_size: tuple[int, int]) -> torch.Tensor:
+    """Token-level bool mask [..., n_q, n_k] from a block mask (for tests and the dense comparison)."""
+    bm, bn = block_size
+    tok = block_mask.repeat_interleave(bm, dim=-2).repeat_interleave(bn, dim=-1)
+    return tok[..., :n_q, :n_k]
+
+
+def _batched_mask(block_mask: torch.Tensor, b: int) -> torch.Tensor:
+    if block_mask.dim() == 3:
+        block_mask = block_mask.unsqueeze(0)
+    if block_mask.dim() != 4:
+        raise ValueError(f"block_mask must be [H, Mq, Mk] or [B, H, Mq, Mk], got {tuple(block_mask.shape)}")
+    return block_mask.expand(b, -1, -1, -1)
+
+
+def block_sparse_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    block_size: tuple[int, int] = (128, 128),
+    scale: float | None = None,
+    rows_per_chunk: int = 8,
+) -> torch.Tensor:
+    """Block-sparse attention by gathering each query block's key blocks. Rows with no block give 0."""
+    B, H, N, D = q.shape
+    bm, bn = block_size
+    mq, mk = num_blocks(N, bm), num_blocks(N, bn)
+    mask = _batched_mask(block_mask.to(torch.bool), B)
+    if mask.shape[1:] != (H, mq, mk):
+        raise ValueError(f"block_mask shape {tuple(block_mask.shape)} does not match (H, Mq, Mk) = {(H, mq, mk)}")
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qf = _pad_to(q.float(), mq * bm).view(B, H, mq, bm, D)
+    kf = _pad_to(k.float(), mk * bn).view(B, H, mk, bn, D)
+    vf = _pad_to(v.float(), mk * bn).view(B, H, mk, bn, D)
+    key_valid = (torch.arange(mk * bn, device=q.device) < N).view(mk, bn)
+
+    # Index form: for each row the listed key blocks first; padding slots point at block 0 and are masked.
+    counts = mask.sum(-1)  # [B, H, Mq]
+    kmax = max(int(counts.max().item()), 1)
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :kmax]  # listed blocks first
+    slot_ok = torch.arange(kmax, device=q.device) < counts.unsqueeze(-1)  # [B, H, Mq, kmax]
+
+    out = torch.zeros(B, H, mq, bm, D, dtype=torch.float32, device=q.device)
+    bidx = torch.arange(B, device=q.device)[:, None, None, None]
+    hidx = torch.arange(H, device=q.device)[None, :, None, None]
+    for r0 in range(0, mq, rows_per_chunk):
+        r1 = min(r0 + rows_per_chunk, mq)
+        idx = order[:, :, r0:r1]  # [B, H, R, kmax]
+        kg = kf[bidx, hidx, idx]  # [B, H, R, kmax, bn, D]
+        vg = vf[bidx, hidx, idx]
+        valid = slot_ok[:, :, r0:r1, :, None] & key_valid[idx]  # [B, H, R, kmax, bn]
+        s = torch.einsum("bhrmd,bhrknd->bhrmkn", qf[:, :, r0:r1], kg) * scale
+        s = s.masked_fill(~valid[:, :, :, None], float("-inf")).flatten(-2)
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # empty rows: all -inf -> NaN -> 0
+        out[:, :, r0:r1] = torch.einsum("bhrmj,bhrjd->bhrmd", p, vg.flatten(3, 4))
+    return out.view(B, H, mq * bm, D)[:, :, :N].to(q.dtype)
+
+
+def block_mass_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: tuple[int, int] = (128, 128),
+    scale: float | None = None,
+    rows_per_chunk: int = 8,
+) -> torch.Tensor:
+    """mass[b, h, i, j] = mean over the valid queries of block i of the softmax weight on key block j."""
+    B, H, N, D = q.shape
+    bm, bn = block_size
+    mq, mk = num_blocks(N, bm), num_blocks(N, bn)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    kf = k.float()
+    out = torch.empty(B, H, mq, mk, dtype=torch.float32, device=q.device)
+    for r0 in range(0, mq, rows_per_chunk):
+        r1 = min(r0 + rows_per_chunk, mq)
+        qs = q[:, :, r0 * bm : min(r1 * bm, N)].float()
+        p = torch.softmax(torch.einsum("bhmd,bhnd->bhmn", qs, kf) * scale, dim=-1)
+        p = _pad_to(p.transpose(-1, -2), mk * bn).transpose(-1, -2)  # pad keys with zero weight
+        per_block = p.view(B, H, p.shape[2], mk, bn).sum(-1)  # [B, H, rows, Mk]
+        per_block = _pad_to(per_block, (r1 - r0) * bm).view(B, H, r1 - r0, bm, mk)
+        n_valid = (torch.clamp(N - torch.arange(r0, r1, device=q.device) * bm, max=bm)).float()
+        out[:, :, r0:r1] = per_block.sum(3) / n_valid[:, None]
+    return out
+
+
+def _pad_to(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Zero-pad dim -2 of x to length n."""
+    extra = n - x.shape[-2]
+    if extra == 0:
+        return x
+    return torch.nn.functional.pad(x, (0, 0, 0, extra))

@@ -1,0 +1,158 @@
+"""The Triton kernels under the Triton interpreter (CPU), against the fp32 references.
+
+TRITON_INTERPRET must be set before triton is imported: triton's own standard-library functions
+(`tl.zeros`, `tl.sum`, ...) are `@triton.jit` functions decided at import. In one pytest process some
+other module has usually imported triton already, and setting the variable here would leak into the rest
+of the suite. So the cases run in one subprocess -- this file run as a script, with the variable set
+first -- that prints each case's measured errors as JSON; the tests below assert on them, one per case.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import traceback  # noqa: E402
+
+import calibatt_kernels as ck  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from calibatt_kernels import block_mass_ref, block_sparse_attention_ref, mask_to_index, num_blocks  # noqa: E402
+
+SPARSE_CASES = {
+    # name: (B, H, N, D, block_size, mask batch, dtype, transposed, config kwargs)
+    "fp32-64": (1, 2, 256, 64, (64, 64), 1, torch.float32, False, {}),
+    "fp32-odd-n-transposed": (1, 2, 300, 64, (64, 64), 1, torch.float32, True, {}),
+    "bf16-d128-per-batch-mask": (2, 2, 333, 128, (128, 64), 2, torch.bfloat16, True, {}),
+    "fp32-mask-broadcast-over-batch": (2, 1, 400, 64, (128, 128), 1, torch.float32, False, {}),
+    "fp16-tiles-split-blocks": (2, 1, 400, 128, (128, 128), 2, torch.float16, True, dict(block_m=64, block_n=64)),
+    "fp32-persistent-lpt": (2, 2, 390, 64, (128, 64), 1, torch.float32, True, dict(persistent=True)),
+    "bf16-tensor-descriptors": (1, 2, 333, 64, (64, 64), 1, torch.bfloat16, True, dict(use_tma=True)),
+    "fp32-long-rows": (1, 1, 2000, 64, (128, 64), 1, torch.float32, True, dict(persistent=True, use_tma=True)),
+}
+MASS_CASES = {
+    # name: (B, H, N, D, block_size, dtype, transposed)
+    "fp32-64": (1, 2, 256, 64, (64, 64), torch.float32, False),
+    "bf16-d128-odd-n-transposed": (2, 1, 333, 128, (128, 64), torch.bfloat16, True),
+    "fp32-128-odd-n": (1, 2, 300, 64, (128, 128), torch.float32, True),
+}
+
+
+def _qkv(b, h, n, d, dtype, gen, transposed=False):
+    """q, k, v [B, H, N, D]; `transposed` gives views of [B, N, H, D] buffers (the diffusers layout)."""
+    if transposed:
+        return tuple(torch.randn(b, n, h, d, generator=gen).to(dtype).transpose(1, 2) for _ in range(3))
+    return tuple(torch.randn(b, h, n, d, generator=gen).to(dtype) for _ in range(3))
+
+
+def _errors(out, ref):
+    out = out.float()
+    return dict(rel=((out - ref).norm() / ref.norm()).item(), max_diff=(out - ref).abs().max().item())
+
+
+def run_sparse(name):
+    from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
+
+    B, H, N, D, bs, mb, dtype, transposed, cfg = SPARSE_CASES[name]
+    gen = torch.Generator().manual_seed(len(name) * 1000 + N)
+    q, k, v = _qkv(B, H, N, D, dtype, gen, transposed)
+    mask = torch.rand(mb, H, num_blocks(N, bs[0]), num_blocks(N, bs[1]), generator=gen) < 0.4
+    mask[..., 0, :] = False  # an empty row writes zeros
+    mask[..., -1, -1] = True  # the partial last key block is used
+    out = torch.full_like(q, float("nan"))  # poison: every element must be written
+    block_sparse_attention_triton(q, k, v, mask_to_index(mask), block_size=bs, out=out, config=KernelConfig(**cfg))
+    ref = block_sparse_attention_ref(q.float(), k.float(), v.float(), mask, bs)
+    return dict(_errors(out, ref), nan=bool(out.isnan().any()), empty_row_zero=bool((out[:, :, : bs[0]] == 0).all()))
+
+
+def run_layout():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = _qkv(1, 2, 200, 64, torch.float32, gen, transposed=True)
+    mask = torch.rand(2, 4, 4, generator=gen) < 0.5
+    out = ck.block_sparse_attention_indexed(q, k, v, mask_to_index(mask, with_schedule=False), block_size=(64, 64))
+    ref = block_sparse_attention_ref(q, k, v, mask, (64, 64))
+    return dict(_errors(out, ref), same_strides=out.stride() == q.stride())
+
+
+def run_dense():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = _qkv(1, 2, 190, 128, torch.float32, gen)
+    out = ck.block_sparse_attention(q, k, v, torch.ones(2, 3, 3, dtype=torch.bool), block_size=(64, 64))
+    return _errors(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def run_mass(name):
+    B, H, N, D, bs, dtype, transposed = MASS_CASES[name]
+    gen = torch.Generator().manual_seed(N + D)
+    q, k, _ = _qkv(B, H, N, D, dtype, gen, transposed)
+    q = q * 3  # a sharper softmax: mass far from uniform
+    mass = ck.block_mass(q, k, block_size=bs)
+    ref = block_mass_ref(q.float(), k.float(), bs)
+    return dict(shape_ok=mass.shape == ref.shape and mass.dtype == torch.float32,
+                row_err=(mass.sum(-1) - 1).abs().max().item(), max_diff=(mass - ref).abs().max().item())
+
+
+def _all_cases():
+    jobs = {f"sparse/{n}": (run_sparse, n) for n in SPARSE_CASES}
+    jobs.update({f"mass/{n}": (run_mass, n) for n in MASS_CASES})
+    jobs["layout"] = (run_layout,)
+    jobs["dense"] = (run_dense,)
+    res = {}
+    for key, (fn, *args) in jobs.items():
+        try:
+            res[key] = fn(*args)
+        except Exception:
+            res[key] = dict(error=traceback.format_exc(limit=-3))
+    return res
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"interpreter subprocess failed:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _get(results, key):
+    r = results[key]
+    assert "error" not in r, r.get("error")
+    return r
+
+
+@pytest.mark.parametrize("name", list(SPARSE_CASES))
+def test_block_sparse_matches_reference(results, name):
+    r = _get(results, f"sparse/{name}")
+    tol = 1e-5 if SPARSE_CASES[name][6] == torch.float32 else 1e-2
+    assert not r["nan"], "unwritten (NaN) output elements"
+    assert r["rel"] < tol, f"rel={r['rel']:.2e} max_diff={r['max_diff']:.2e}"
+    assert r["empty_row_zero"], "an empty mask row must give zeros"
+
+
+def test_output_keeps_q_layout_without_schedule(results):
+    r = _get(results, "layout")
+    assert r["same_strides"], "output must have q's memory layout"
+    assert r["rel"] < 1e-5, f"rel={r['rel']:.2e} max_diff={r['max_diff']:.2e}"
+
+
+def test_public_api_dense_matches_sdpa(results):
+    r = _get(results, "dense")
+    assert r["rel"] < 1e-5, f"rel={r['rel']:.2e} max_diff={r['max_diff']:.2e}"
+
+
+@pytest.mark.parametrize("name", list(MASS_CASES))
+def test_block_mass_matches_reference(results, name):
+    r = _get(results, f"mass/{name}")
+    tol = 1e-5 if MASS_CASES[name][5] == torch.float32 else 2e-3
+    assert r["shape_ok"], "mass must be float32 [B, H, Mq, Mk]"
+    assert r["row_err"] < 1e-4, f"rows must sum to 1: max |sum - 1| = {r['row_err']:.2e}"
+    assert r["max_diff"] < tol, f"max_diff={r['max_diff']:.2e}"
+
+
+if __name__ == "__main__":
+    print(json.dumps(_all_cases()))
