@@ -70,7 +70,8 @@ class MassRecorder:
 
 
 class AttentionController:
-    def __init__(self, mode: str, *, plan: SparsePlan | None = None, recorder: MassRecorder | None = None):
+    def __init__(self, mode: str, *, plan: SparsePlan | None = None, recorder: MassRecorder | None = None,
+                 measure_mass: bool = False):
         if mode not in ("dense", "record", "sparse"):
             raise ValueError(f"unknown attention mode {mode!r}")
         if mode == "sparse" and plan is None:
@@ -83,6 +84,11 @@ class AttentionController:
         self.step = 0
         self.calls = 0
         self.step_hooks: list = []  # called after each denoising step (progress bars)
+        # Live check of the masks (sparse mode): the share of the true softmax mass that the kept blocks
+        # hold, measured on this run's own q and k. Costs one block_mass pass per sparse call.
+        self.measure_mass = measure_mass
+        self._kept_sum = 0.0
+        self._kept_rows = 0
 
     # The pipeline's callback_on_step_end runs after step i, so the next forward belongs to step i + 1.
     def on_step_end(self, pipe, i: int, t, callback_kwargs: dict) -> dict:
@@ -106,9 +112,26 @@ class AttentionController:
             bucket = self._bucket(self.plan.step_buckets)
             if bucket >= 0:
                 bs = (self.plan.block_size, self.plan.block_size)
-                return ck.block_sparse_attention_indexed(q, k, v, self.plan.index[(bucket, layer)], block_size=bs)
+                index = self.plan.index[(bucket, layer)]
+                if self.measure_mass:
+                    self._measure(q, k, index, bs)
+                return ck.block_sparse_attention_indexed(q, k, v, index, block_size=bs)
         elif self.mode == "record":
             bucket = self._bucket(self.recorder.step_buckets)
             if bucket >= 0:
                 self.recorder.add(bucket, layer, q, k)
         return F.scaled_dot_product_attention(q, k, v)
+
+    def _measure(self, q: torch.Tensor, k: torch.Tensor, index: ck.BlockIndex, bs: tuple[int, int]) -> None:
+        mass = ck.block_mass(q, k, block_size=bs)  # [B, H, Mq, Mk]
+        mask = ck.index_to_mask(index, mass.shape[-1]).to(mass.device)
+        kept = (mass * mask).sum(-1)  # [B, H, Mq]
+        self._kept_sum += float(kept.double().sum())
+        self._kept_rows += kept.numel()
+
+    def retained_mass(self) -> float | None:
+        """Mean over the query-block rows of all sparse calls so far of the mass their kept blocks hold."""
+        return self._kept_sum / self._kept_rows if self._kept_rows else None
+
+    def reset_measure(self) -> None:
+        self._kept_sum, self._kept_rows = 0.0, 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -37,8 +38,9 @@ def _load(config: Path | None, sets: list[str] | None, **flags) -> Config:
 
 
 def _progress() -> Progress:
+    # Only on a terminal: in logs and pipes a half-drawn bar would sit above an error line.
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
+                    console=console, transient=False, disable=not console.is_terminal)
 
 
 @app.command("config")
@@ -134,6 +136,7 @@ def generate(
     steps: Annotated[int | None, typer.Option(help="Denoising steps (generate.steps).")] = None,
     dense: Annotated[bool, typer.Option("--dense", help="Run the stock dense pipeline (baseline).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON result line.")] = False,
+    measure_mass: Annotated[bool, typer.Option(help="Measure the attention mass the masks keep (slower).")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Generate MP4s with the compiled sparse attention."""
@@ -148,7 +151,7 @@ def generate(
     todo = read_prompts(prompts) if prompts is not None else [prompt if prompt is not None else ""]
     with _progress() as bar:
         task = bar.add_task("generating", total=len(todo) * cfg.generate.steps)
-        res = run_generate(cfg, todo, on_step=lambda: bar.advance(task))
+        res = run_generate(cfg, todo, on_step=lambda: bar.advance(task), measure_mass=measure_mass)
     s = res.summary()
     if json_out:
         out.print(json.dumps(s), highlight=False, soft_wrap=True)
@@ -158,7 +161,8 @@ def generate(
                       f"{v.seconds:.1f} s)")
     mode = "dense (stock pipeline)" if res.dense else (
         f"sparse: mean density {res.mean_density:.3f} (sparse steps {res.sparse_density:.3f})")
-    console.print(f"{len(res.videos)} video(s), {res.steps} steps, {mode}, {s['seconds']:.1f} s sampling, "
+    kept = "" if res.retained_mass is None else f", retained mass {res.retained_mass:.5f}"
+    console.print(f"{len(res.videos)} video(s), {res.steps} steps, {mode}{kept}, {s['seconds']:.1f} s sampling, "
                   f"{res.load_seconds:.1f} s model load")
 
 
@@ -197,10 +201,23 @@ def _set_debug(flag: bool) -> None:
     _debug = _debug or flag
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # Ctrl-C and kill (SIGTERM, e.g. a CI timeout) both unwind through the atomic writers, which remove
+    # their temp files. Set explicitly: a shell starting us in the background leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        app(standalone_mode=False)
+        rv = app(standalone_mode=False)
+        # Non-standalone typer turns Ctrl-C into a returned exit code (130) instead of raising.
+        if rv == 130:
+            raise KeyboardInterrupt
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
     except CalibattError as e:
         if _debug:
             raise

@@ -36,6 +36,7 @@ class GenerateResult:
     mean_density: float  # computed share of attention blocks over all steps (warm-up steps count 1.0)
     sparse_density: float  # the same over the sparse steps only
     load_seconds: float
+    retained_mass: float | None = None  # measured live (measure_mass=True): mean kept softmax mass per row
 
     def summary(self) -> dict:
         return {
@@ -48,6 +49,7 @@ class GenerateResult:
             "seconds": round(sum(v.seconds for v in self.videos), 3),
             "seconds_per_video": [round(v.seconds, 3) for v in self.videos],
             "load_seconds": round(self.load_seconds, 3),
+            "retained_mass": None if self.retained_mass is None else round(self.retained_mass, 6),
             "frames": int(self.videos[0].frames.shape[0]) if self.videos else 0,
         }
 
@@ -78,6 +80,7 @@ def generate(
     output: str | None = None,
     write: bool = True,
     on_step: Callable[[], None] | None = None,
+    measure_mass: bool = False,
 ) -> GenerateResult:
     prompts = check_prompts(prompts)
     g = cfg.generate
@@ -90,7 +93,7 @@ def generate(
         plan, _ = load_cache(cfg)  # validate the cache before spending time on the model
     t0 = time.perf_counter()
     model = load_model(cfg)
-    controller = AttentionController("sparse", plan=plan) if plan is not None else None
+    controller = AttentionController("sparse", plan=plan, measure_mass=measure_mass) if plan is not None else None
     if controller is not None:
         model.install(controller)
     load_seconds = time.perf_counter() - t0
@@ -116,7 +119,8 @@ def generate(
         mean_density, sparse_density = plan.mean_density()
     else:
         mean_density = sparse_density = 1.0
-    return GenerateResult(videos, g.steps, plan is None, mean_density, sparse_density, load_seconds)
+    retained = controller.retained_mass() if controller is not None else None
+    return GenerateResult(videos, g.steps, plan is None, mean_density, sparse_density, load_seconds, retained)
 
 
 def _run_with_progress(model, prompt: str, cfg: Config, hooks: list) -> np.ndarray:

@@ -19,8 +19,13 @@ def check_output_path(path: Path, what: str) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise CalibattError(f"{what} folder '{parent}' does not exist; create it or choose another path")
-    if not os.access(parent, os.W_OK):
-        raise CalibattError(f"{what} folder '{parent}' is not writable; choose a writable path")
+    # Probe by creating a file: os.access says yes to root even on read-only mounts.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".calibatt-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError:
+        raise CalibattError(f"{what} folder '{parent}' is not writable; choose a writable path") from None
     if path.is_dir():
         raise CalibattError(f"{what} path '{path}' is a folder; give a file name")
     return path

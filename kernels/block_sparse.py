@@ -42,17 +42,17 @@ class KernelConfig:
     block_m: int | None = None  # query rows per program tile; None: the mask block BM
     block_n: int | None = None  # keys per inner step; None: the mask block BN
     num_warps: int = 8
-    num_stages: int = 2
-    persistent: bool = False  # one program per SM striding through the LPT order
+    num_stages: int = 3
+    persistent: bool = True  # one program per SM striding through the LPT order (else one per tile)
     use_tma: bool | None = None  # None: on Hopper+ when strides allow it
     warp_specialize: bool = False  # tl.range(..., warp_specialize=True) on the key loop (triton >= 3.5)
 
 
 def default_config(device: torch.device, block_size: tuple[int, int], head_dim: int) -> KernelConfig:
-    """Tile choice measured on H100/H200 (bench/NOTES.md); the CPU interpreter takes the mask blocks."""
+    """The config measured best on an H200 (bench/NOTES.md); the CPU interpreter runs one program per tile."""
     if device.type != "cuda":
-        return KernelConfig(num_warps=4, num_stages=1)
-    return KernelConfig(num_warps=8 if block_size[0] >= 128 else 4, num_stages=2)
+        return KernelConfig(num_warps=4, num_stages=1, persistent=False)
+    return KernelConfig(num_warps=8 if block_size[0] >= 128 else 4)
 
 
 @triton.jit
@@ -78,8 +78,8 @@ def _attn_step(acc, l_i, m_i, q, K, V, k_ptrs, v_ptrs, start_n, N, qk_scale,
     if MASK_KEYS:
         qk = tl.where((offs_n < N)[None, :], qk, float("-inf"))
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
     alpha = tl.math.exp2(m_i - m_ij)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc)

@@ -31,9 +31,9 @@ SPARSE_CASES = {
     "bf16-d128-per-batch-mask": (2, 2, 333, 128, (128, 64), 2, torch.bfloat16, True, {}),
     "fp32-mask-broadcast-over-batch": (2, 1, 400, 64, (128, 128), 1, torch.float32, False, {}),
     "fp16-tiles-split-blocks": (2, 1, 400, 128, (128, 128), 2, torch.float16, True, dict(block_m=64, block_n=64)),
-    "fp32-persistent-lpt": (2, 2, 390, 64, (128, 64), 1, torch.float32, True, dict(persistent=True)),
+    "fp32-one-program-per-tile": (2, 2, 390, 64, (128, 64), 1, torch.float32, True, dict(persistent=False)),
     "bf16-tensor-descriptors": (1, 2, 333, 64, (64, 64), 1, torch.bfloat16, True, dict(use_tma=True)),
-    "fp32-long-rows": (1, 1, 2000, 64, (128, 64), 1, torch.float32, True, dict(persistent=True, use_tma=True)),
+    "fp32-long-rows": (1, 1, 2000, 64, (128, 64), 1, torch.float32, True, dict(use_tma=True)),
 }
 MASS_CASES = {
     # name: (B, H, N, D, block_size, dtype, transposed)

@@ -1,0 +1,223 @@
+"""The CLI's contract: bad input -> one line naming the problem and the fix, non-zero exit, no traceback,
+no partial file. Most cases run `main()` in-process (fast); the Ctrl-C and demo paths run a subprocess."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from calibatt_cli.cli import main
+from calibatt_cli.config import load_config
+from calibatt_cli.models import model_identity
+
+PROMPT = "a red circle moving left on a black background"
+
+
+def run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["calibatt", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code != 0, "must exit non-zero"
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got: {err!r}"
+    assert "Traceback" not in err
+    assert lines[0].startswith("error:"), lines[0]
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+
+
+def files_in(folder):
+    return sorted(p.name for p in folder.rglob("*"))
+
+
+@pytest.fixture
+def built(small_config, monkeypatch, capsys):
+    """A calibrated and compiled small config."""
+    code, _, err = run_cli(monkeypatch, capsys, "calibrate", "--config", small_config)
+    assert code == 0, err
+    code, _, err = run_cli(monkeypatch, capsys, "compile", "--config", small_config)
+    assert code == 0, err
+    return small_config
+
+
+def test_config_command_prints_resolved_yaml(monkeypatch, capsys, small_config):
+    code, out, _ = run_cli(monkeypatch, capsys, "config", "--config", small_config, "--set", "generate.steps=7")
+    assert code == 0
+    assert "steps: 7" in out and "name: tiny-random" in out
+
+
+@pytest.mark.parametrize(
+    "yaml_extra, needles",
+    [
+        ("calibration:\n  epsilom: 0.1\n", ["unknown key 'calibration.epsilom'", "bad.yaml"]),
+        ("generate:\n  steps: many\n", ["'generate.steps' must be int", "bad.yaml"]),
+        ("calibration:\n  epsilon: 1.0\n", ["calibration.epsilon must be in (0, 1)"]),
+        ("calibration:\n  epsilon: -0.1\n", ["calibration.epsilon must be in (0, 1)"]),
+        ("generate:\n  steps: 0\n", ["generate.steps must be positive"]),
+        ("video:\n  frames: 0\n", ["video.frames must be positive"]),
+        ("video:\n  frames: 6\n", ["video.frames=6 does not fit", "k+1"]),
+        ("calibration:\n  prompts: /nonexistent/prompts.txt\n", ["prompts file", "not found"]),
+        ("model:\n  name: sora\n", ["unknown model 'sora'"]),
+    ],
+)
+def test_bad_config_for_calibrate(tmp_path, monkeypatch, capsys, yaml_extra, needles):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model:\n  name: tiny-random\n" + yaml_extra if not yaml_extra.startswith("model:") else yaml_extra)
+    out = tmp_path / "b.safetensors"
+    code, _, err = run_cli(monkeypatch, capsys, "calibrate", "--config", cfg, "--output", out)
+    assert_one_line_error(code, err, *needles)
+    assert not out.exists()
+
+
+def test_empty_prompts_file(tmp_path, monkeypatch, capsys, small_config):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n# only a comment\n")
+    code, _, err = run_cli(monkeypatch, capsys, "calibrate", "--config", small_config, "--prompts", empty)
+    assert_one_line_error(code, err, "has no prompts")
+
+
+def test_bundle_output_in_missing_folder(tmp_path, monkeypatch, capsys, small_config):
+    code, _, err = run_cli(monkeypatch, capsys, "calibrate", "--config", small_config, "-o", tmp_path / "no/b.st")
+    assert_one_line_error(code, err, "does not exist")
+
+
+def test_corrupt_and_truncated_bundles(built, tmp_path, monkeypatch, capsys):
+    bundle = tmp_path / "out" / "bundle.safetensors"
+    data = bundle.read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(data[: len(data) // 2])
+    code, _, err = run_cli(monkeypatch, capsys, "compile", "--config", built, "--bundle", bad,
+                           "--cache-dir", tmp_path / "c2")
+    assert_one_line_error(code, err, "corrupt or truncated", "calibatt calibrate")
+    assert not (tmp_path / "c2").exists()
+    bad.write_bytes(b"\x00" * 100)
+    code, _, err = run_cli(monkeypatch, capsys, "compile", "--config", built, "--bundle", bad)
+    assert_one_line_error(code, err, "corrupt or truncated")
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.seed=5", "calibrated for model"),
+        ("video.height=64", "token grid"),
+        ("generate.steps=6", "calibrated for 4 steps"),
+    ],
+)
+def test_bundle_for_another_model_grid_or_steps(built, monkeypatch, capsys, tmp_path, override, needle):
+    code, _, err = run_cli(monkeypatch, capsys, "compile", "--config", built, "--set", override,
+                           "--cache-dir", tmp_path / "other")
+    assert_one_line_error(code, err, needle, "calibatt calibrate")
+    assert not (tmp_path / "other").exists()
+
+
+def test_generate_bad_inputs(built, tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "", "--config", built)
+    assert_one_line_error(code, err, "empty")
+    code, _, err = run_cli(monkeypatch, capsys, "generate", "   ", "--config", built)
+    assert_one_line_error(code, err, "empty")
+    code, _, err = run_cli(monkeypatch, capsys, "generate", PROMPT, "--config", built, "-o", tmp_path / "x/y.mp4")
+    assert_one_line_error(code, err, "does not exist")
+    code, _, err = run_cli(monkeypatch, capsys, "generate", PROMPT, "--config", built, "-o", "/proc/v.mp4")
+    assert_one_line_error(code, err, "not writable")
+    code, _, err = run_cli(monkeypatch, capsys, "generate", PROMPT, "--config", built, "-o", tmp_path / "v.gif")
+    assert_one_line_error(code, err, "must end in .mp4")
+    code, _, err = run_cli(monkeypatch, capsys, "generate", PROMPT, "--config", built, "--steps", "6")
+    assert_one_line_error(code, err, "built for 4 steps", "compile")
+    code, _, err = run_cli(monkeypatch, capsys, "generate", PROMPT, "--config", built,
+                           "--set", "compile.cache_dir=" + str(tmp_path / "nocache"))
+    assert_one_line_error(code, err, "no compiled cache", "calibatt compile")
+    assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*mp4"))
+
+
+def test_corrupt_cache(built, tmp_path, monkeypatch, capsys):
+    plan = tmp_path / "out" / "cache" / "plan.safetensors"
+    plan.write_bytes(plan.read_bytes()[:100])
+    code, _, err = run_cli(monkeypatch, capsys, "generate", PROMPT, "--config", built)
+    assert_one_line_error(code, err, "corrupt", "--recompile")
+    code, _, err = run_cli(monkeypatch, capsys, "compile", "--config", built, "--recompile")
+    assert code == 0, err
+    (tmp_path / "notcache").mkdir()
+    (tmp_path / "notcache" / "mine.txt").write_text("x")
+    code, _, err = run_cli(monkeypatch, capsys, "compile", "--config", built, "--cache-dir", tmp_path / "notcache")
+    assert_one_line_error(code, err, "not a calibatt cache")
+    assert files_in(tmp_path / "notcache") == ["mine.txt"]
+
+
+def test_generate_json_and_inspect(built, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "v.mp4"
+    code, stdout, err = run_cli(monkeypatch, capsys, "generate", PROMPT, "--config", built, "-o", out, "--json")
+    assert code == 0, err
+    line = json.loads(stdout.strip().splitlines()[-1])
+    assert line["outputs"] == [str(out)] and line["steps"] == 4 and 0 < line["mean_density"] <= 1
+    assert out.stat().st_size > 0
+    code, stdout, err = run_cli(monkeypatch, capsys, "inspect", tmp_path / "out" / "bundle.safetensors",
+                                "--png", tmp_path / "png")
+    assert code == 0, err
+    assert "retained mass" in stdout
+    assert len(list((tmp_path / "png").glob("*.png"))) == 2 * model_identity(load_config(built)).layers
+
+
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def test_ctrl_c_during_generate_leaves_nothing(built, tmp_path):
+    out = tmp_path / "slow.mp4"
+    # Enough steps that sampling is surely under way when the interrupt lands.
+    cmd = [sys.executable, "-m", "calibatt_cli", "generate", PROMPT, "--config", str(built), "-o", str(out),
+           "--dense", "--steps", "3000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    time.sleep(8)
+    assert proc.poll() is None, "generate ended before the interrupt"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".slow")], "temp file left behind"
+
+
+def test_interrupt_while_writing_removes_temp_file(tmp_path, monkeypatch):
+    import numpy as np
+
+    from calibatt_cli import video
+
+    calls = {"n": 0}
+    real = video.to_uint8
+
+    def boom(frames):
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    out = tmp_path / "v.mp4"
+    monkeypatch.setattr(video, "to_uint8", real)
+    frames = np.zeros((5, 32, 32, 3), np.uint8)
+    with pytest.raises(KeyboardInterrupt):
+        with video.atomic_path(out, suffix=".mp4") as tmp:
+            tmp.write_bytes(b"partial")
+            boom(frames)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    video.write_mp4(out, frames, 8)
+    assert video.read_mp4(out).shape == (5, 32, 32, 3)
+
+
+def test_python_m_entry_point_and_console_script(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "calibatt_cli", "--help"], capture_output=True, text=True, env=_env())
+    assert r.returncode == 0 and "calibrate" in r.stdout and "generate" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "calibatt_cli", "config", "--set", "nope.x=1"], capture_output=True,
+                       text=True, env=_env())
+    assert r.returncode == 2 and "unknown section 'nope'" in r.stderr and "Traceback" not in r.stderr

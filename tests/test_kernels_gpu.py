@@ -1,0 +1,95 @@
+"""The Triton kernels on a CUDA GPU at Wan sizes, against fp32 references (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import calibatt_kernels as ck
+import pytest
+import torch
+from calibatt_kernels import block_mass_ref, block_sparse_attention_ref, mask_to_index, num_blocks
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+# Wan 1.3B 480p: 12 heads of 128, 21 x 30 x 52 latent tokens.
+B, H, N, D = 1, 12, 32760, 128
+REF_HEADS = 2  # the fp32 reference runs on the first heads only, to bound time and memory
+
+
+def _wan_qkv(seed, transposed=True, batch=B):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    shape = (batch, N, H, D) if transposed else (batch, H, N, D)
+    qkv = [torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3)]
+    return [x.transpose(1, 2) for x in qkv] if transposed else qkv
+
+
+def _random_mask(seed, density, bs, batch=1):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    mask = torch.rand(batch, H, num_blocks(N, bs[0]), num_blocks(N, bs[1]), device="cuda", generator=gen) < density
+    mask[..., -1] = True  # the partial last key block
+    mask[..., 3, :] = False  # an empty row
+    return mask
+
+
+def _rel_err(out, q, k, v, mask, bs):
+    sl = slice(0, REF_HEADS)
+    ref = block_sparse_attention_ref(q[:, sl].float(), k[:, sl].float(), v[:, sl].float(),
+                                     mask[:, sl], bs, rows_per_chunk=4)
+    o = out[:, sl].float()
+    return ((o - ref).norm() / ref.norm()).item(), (o - ref).abs().max().item()
+
+
+@pytest.mark.parametrize("bs,cfg", [
+    ((128, 128), None),
+    ((128, 64), None),
+    ((64, 64), None),
+    ((128, 128), dict(persistent=False)),
+    ((128, 128), dict(block_n=64)),
+    ((128, 128), dict(use_tma=False)),
+])
+def test_block_sparse_wan_size(bs, cfg):
+    from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
+
+    q, k, v = _wan_qkv(seed=0)
+    mask = _random_mask(seed=1, density=0.3, bs=bs)
+    out = torch.full_like(q, float("nan"))  # poison: unwritten elements stay NaN
+    block_sparse_attention_triton(q, k, v, mask_to_index(mask), block_size=bs, out=out,
+                                  config=KernelConfig(**cfg) if cfg else None)
+    torch.cuda.synchronize()
+    assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements not written"
+    rel, max_diff = _rel_err(out, q, k, v, mask, bs)
+    assert rel <= 1e-2, f"rel={rel:.2e} max_diff={max_diff:.2e}"
+    assert (out[:, :, 3 * bs[0]: 4 * bs[0]] == 0).all(), "an empty mask row must give zeros"
+
+
+def test_block_sparse_per_batch_masks_and_layout():
+    q, k, v = _wan_qkv(seed=2, batch=2)
+    mask = _random_mask(seed=3, density=0.2, bs=(128, 128), batch=2)
+    out = ck.block_sparse_attention(q, k, v, mask, block_size=(128, 128))
+    assert out.stride() == q.stride(), f"out strides {out.stride()} != q strides {q.stride()}"
+    for b in range(2):
+        rel, max_diff = _rel_err(out[b: b + 1], q[b: b + 1], k[b: b + 1], v[b: b + 1], mask[b: b + 1], (128, 128))
+        assert rel <= 1e-2, f"batch {b}: rel={rel:.2e} max_diff={max_diff:.2e}"
+
+
+def test_block_mass_rows_sum_to_one_at_wan_size():
+    q, k, _ = _wan_qkv(seed=4)
+    mass = ck.block_mass(q, k, block_size=(128, 128))
+    row_err = (mass.sum(-1) - 1).abs().max().item()
+    assert mass.shape == (B, H, num_blocks(N, 128), num_blocks(N, 128))
+    assert row_err <= 1e-3, f"max |row sum - 1| = {row_err:.2e}"
+
+
+@pytest.mark.parametrize("bs", [(128, 128), (128, 64), (64, 64)])
+def test_block_mass_matches_reference(bs):
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    n = 4000
+    q, k = (torch.randn(1, n, 4, D, device="cuda", dtype=torch.bfloat16, generator=gen).transpose(1, 2)
+            for _ in range(2))
+    q = q * 2  # a sharper softmax: mass far from uniform
+    mass = ck.block_mass(q, k, block_size=bs)
+    ref = block_mass_ref(q.float(), k.float(), bs)
+    max_diff = (mass - ref).abs().max().item()
+    rel = ((mass - ref).norm() / ref.norm()).item()
+    assert rel <= 1e-2, f"rel={rel:.2e} max_diff={max_diff:.2e}"

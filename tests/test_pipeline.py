@@ -1,0 +1,114 @@
+"""calibrate -> compile -> generate through the library, on the random tiny model at a small size."""
+
+import numpy as np
+import pytest
+import torch
+
+from calibatt_cli.bundle import load_bundle, save_bundle
+from calibatt_cli.calibrate import calibrate, step_buckets
+from calibatt_cli.compiler import compile_cache, load_cache
+from calibatt_cli.config import load_config
+from calibatt_cli.errors import CacheError, ConfigError
+from calibatt_cli.generate import generate
+from calibatt_cli.models import model_identity
+from calibatt_cli.video import read_mp4
+
+PROMPT = "a red circle moving left on a black background"
+
+
+def test_step_buckets():
+    assert step_buckets(10, 1, 2) == [-1, 0, 0, 0, 0, 0, 1, 1, 1, 1]
+    assert step_buckets(4, 0, 4) == [0, 1, 2, 3]
+    assert step_buckets(5, 2, 1) == [-1, -1, 0, 0, 0]
+    with pytest.raises(ConfigError, match="exceeds the 2 sparse steps"):
+        step_buckets(3, 1, 3)
+
+
+@pytest.fixture
+def calibrated(small_config):
+    cfg = load_config(small_config)
+    res = calibrate(cfg)
+    return cfg, res
+
+
+def test_calibrate_writes_a_consistent_bundle(calibrated):
+    cfg, res = calibrated
+    b = load_bundle(res.path)
+    m = b.meta
+    ident = model_identity(cfg)
+    assert b.masks.shape == (2, ident.layers, ident.heads, 6, 6)  # buckets, layers, heads, Mq, Mk (192 / 32)
+    assert m["grid"]["tokens"] == [3, 8, 8] and m["steps"] == 4 and m["step_buckets"] == [-1, 0, 0, 1]
+    # both CFG branches count: 2 prompts x 2 branches x steps in the bucket
+    assert m["samples_per_bucket"] == [2 * 2 * 2, 2 * 2 * 1]
+    assert m["prompts"] == [PROMPT, "a blue square moving up"]
+    # the averaged mass rows sum to one, and the masks keep >= 1 - eps of it
+    assert torch.allclose(res.mass.sum(-1), torch.ones(()).double(), atol=1e-6)
+    kept = np.asarray(m["entries"]["retained_mass"])
+    assert kept.shape == (2, ident.layers, ident.heads) and (kept >= 1 - cfg.calibration.epsilon - 1e-6).all()
+    dens = np.asarray(m["entries"]["density"])
+    assert np.allclose(dens, b.masks.double().mean(dim=(-1, -2)).numpy(), atol=1e-6)
+
+
+def _with_masks(cfg, res, masks):
+    save_bundle(res.path, masks, {k: v for k, v in res.bundle.meta.items() if k not in ("content_hash",)})
+    compile_cache(cfg, recompile=True)
+
+
+def test_all_true_masks_give_the_dense_video(calibrated):
+    cfg, res = calibrated
+    _with_masks(cfg, res, torch.ones_like(res.bundle.masks))
+    sparse = generate(cfg, [PROMPT], write=False)
+    cfg.generate.dense = True
+    dense = generate(cfg, [PROMPT], write=False)
+    diff = np.abs(sparse.videos[0].frames.astype(int) - dense.videos[0].frames.astype(int)).max()
+    assert diff <= 1, f"max pixel diff {diff}"
+    assert sparse.mean_density == 1.0 and not sparse.dense and dense.dense
+
+
+def test_sparse_masks_change_the_video_and_are_measured_live(calibrated):
+    cfg, res = calibrated
+    masks = torch.zeros_like(res.bundle.masks)
+    idx = torch.arange(masks.shape[-1])
+    masks[..., idx, idx] = True  # each query block sees only its own key block
+    _with_masks(cfg, res, masks)
+    sparse = generate(cfg, [PROMPT], write=False, measure_mass=True)
+    cfg.generate.dense = True
+    dense = generate(cfg, [PROMPT], write=False)
+    diff = np.abs(sparse.videos[0].frames.astype(int) - dense.videos[0].frames.astype(int)).max()
+    assert diff > 1, "a diagonal-only mask must change a random model's video"
+    # 1 of 6 blocks per row: the random model's attention is near uniform, so ~1/6 of the mass is kept
+    assert sparse.retained_mass is not None and 0.1 < sparse.retained_mass < 0.4, sparse.retained_mass
+    assert abs(sparse.sparse_density - 1 / 6) < 1e-6
+    assert abs(sparse.mean_density - (1 + 3 / 6) / 4) < 1e-6  # step 0 is a dense warm-up step
+
+
+def test_generate_writes_mp4_with_configured_frames(calibrated, tmp_path):
+    cfg, res = calibrated
+    compile_cache(cfg)
+    out = tmp_path / "v.mp4"
+    r = generate(cfg, [PROMPT, "a blue square"], output=str(out))
+    paths = [v.output for v in r.videos]
+    assert [p.name for p in paths] == ["v-000.mp4", "v-001.mp4"]
+    frames = read_mp4(paths[0])
+    assert frames.shape == (cfg.video.frames, cfg.video.height, cfg.video.width, 3)
+    assert not list(tmp_path.glob(".*")), "no temp files left behind"
+
+
+def test_cache_is_validated_against_the_config(calibrated):
+    cfg, res = calibrated
+    compile_cache(cfg)
+    plan, manifest = load_cache(cfg)
+    assert manifest["bundle"]["content_hash"] == res.bundle.content_hash
+    assert plan.step_buckets == [-1, 0, 0, 1]
+    assert compile_cache(cfg).reused, "an up-to-date cache is reused"
+    cfg.generate.steps = 5
+    with pytest.raises(CacheError, match="built for 4 steps"):
+        load_cache(cfg)
+    cfg.generate.steps = 4
+    cfg.video.frames = 9
+    with pytest.raises(CacheError, match="token grid"):
+        load_cache(cfg)
+    cfg.video.frames = 5
+    cfg.model.seed = 1
+    with pytest.raises(CacheError, match="hash"):
+        load_cache(cfg)

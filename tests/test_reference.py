@@ -1,0 +1,101 @@
+"""The CPU reference kernels against plain dense attention (independent, token-level)."""
+
+import pytest
+import torch
+
+import calibatt_kernels as ck
+
+
+def dense_masked(q, k, v, block_mask, block_size):
+    n = q.shape[2]
+    tok = ck.expand_block_mask(block_mask, n, n, block_size)
+    s = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    s = s.masked_fill(~tok, float("-inf"))
+    return torch.softmax(s, -1).nan_to_num(0.0) @ v.double()
+
+
+@pytest.mark.parametrize("n, block_size", [(256, (64, 64)), (300, (64, 32)), (77, (32, 64)), (128, (128, 128))])
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_block_sparse_ref_matches_dense_with_expanded_mask(n, block_size, per_batch):
+    g = torch.Generator().manual_seed(n)
+    b, h, d = 2, 3, 16
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
+    mq, mk = ck.num_blocks(n, block_size[0]), ck.num_blocks(n, block_size[1])
+    shape = (b, h, mq, mk) if per_batch else (h, mq, mk)
+    mask = torch.rand(shape, generator=g) < 0.4
+    mask[..., 0, :] = False  # an empty row gives zeros
+    out = ck.block_sparse_attention_ref(q, k, v, mask, block_size)
+    ref = dense_masked(q, k, v, mask, block_size)
+    err = (out.double() - ref).abs().max().item()
+    assert err < 1e-5, f"max_diff={err}"
+    assert out[..., : block_size[0], :].abs().max() == 0
+
+
+def test_block_sparse_ref_takes_transposed_views():
+    x = torch.randn(3, 1, 200, 2, 16)  # q/k/v stacked in diffusers' [B, N, H, D] layout
+    q, k, v = (t.transpose(1, 2) for t in x)  # [1, 2, 200, 16] views, not contiguous
+    mask = torch.rand(2, 4, 4) < 0.6
+    got = ck.block_sparse_attention_ref(q, k, v, mask, (64, 64))
+    want = ck.block_sparse_attention_ref(q.contiguous(), k.contiguous(), v.contiguous(), mask, (64, 64))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("n, block_size", [(256, (64, 64)), (300, (64, 32)), (45, (32, 32))])
+def test_block_mass_ref_against_token_softmax(n, block_size):
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(2, 2, n, 32, generator=g) * 2 for _ in range(2))
+    mass = ck.block_mass_ref(q, k, block_size)
+    p = torch.softmax((q.double() @ k.double().transpose(-1, -2)) / 32**0.5, -1)
+    bm, bn = block_size
+    mq, mk = ck.num_blocks(n, bm), ck.num_blocks(n, bn)
+    want = torch.zeros(2, 2, mq, mk, dtype=torch.float64)
+    for i in range(mq):
+        for j in range(mk):
+            want[:, :, i, j] = p[:, :, i * bm : (i + 1) * bm, j * bn : (j + 1) * bn].sum(-1).mean(-1)
+    err = (mass.double() - want).abs().max().item()
+    assert err < 1e-5, f"max_diff={err}"
+    assert (mass.sum(-1) - 1).abs().max() < 1e-5
+
+
+def test_index_round_trip_and_schedule():
+    mask = torch.rand(2, 3, 5, 9) < 0.3
+    mask[0, 0, 0] = False
+    mask[1, 2, 4] = True
+    ix = ck.mask_to_index(mask)
+    assert torch.equal(ck.index_to_mask(ix, 9), mask)
+    assert torch.equal(ix.counts, mask.sum(-1).int())
+    counts = ix.counts.flatten()[ix.schedule.long()]
+    assert (counts[:-1] >= counts[1:]).all(), "schedule must be longest-first"
+    assert sorted(ix.schedule.tolist()) == list(range(mask[..., 0].numel()))
+    for b, h, i in [(0, 1, 2), (1, 2, 4)]:
+        c = int(ix.counts[b, h, i])
+        assert ix.indices[b, h, i, :c].tolist() == mask[b, h, i].nonzero().flatten().tolist()
+
+
+def test_dropped_mass_predicts_the_change():
+    """Dropping blocks of mass delta changes a row's output by exactly delta * (o_kept - o_dropped),
+    and the dropped mass per query block equals 1 - the kept block mass from block_mass."""
+    g = torch.Generator().manual_seed(3)
+    n, bs = 256, (64, 64)
+    q = torch.randn(1, 2, n, 16, generator=g) * 2.5
+    k = q + 0.5 * torch.randn(1, 2, n, 16, generator=g)  # tokens favour themselves: diagonal blocks dominate
+    v = torch.randn(1, 2, n, 16, generator=g)
+    mass = ck.block_mass_ref(q, k, bs)
+    from calibatt_cli.masks import select_blocks
+
+    mask = select_blocks(mass[0], 0.1)  # drop up to 10 % of each row
+    assert not mask.all(), "the test needs a mask that drops something"
+    sparse = ck.block_sparse_attention_ref(q, k, v, mask, bs).double()
+    dense = dense_masked(q, k, v, torch.ones_like(mask), bs)
+    tok = ck.expand_block_mask(mask, n, n, bs)
+    p = torch.softmax((q.double() @ k.double().transpose(-1, -2)) / 4, -1)
+    delta = (p * ~tok).sum(-1, keepdim=True)  # dropped mass per query
+    o_drop = ((p * ~tok) @ v.double()) / delta.clamp_min(1e-300)
+    predicted = delta * (sparse - o_drop)
+    err = (sparse - dense - predicted).abs().max().item()
+    assert err < 1e-5, f"max_diff={err}"
+    # the bound a user can read off the bundle: |change| <= 2 * delta * max|v|
+    assert ((sparse - dense).abs() <= 2 * delta * v.abs().max() + 1e-6).all()
+    per_block = delta.view(1, 2, n // 64, 64).mean(-1)
+    kept = (mass.double() * mask).sum(-1)
+    assert (per_block - (1 - kept)).abs().max() < 1e-5
