@@ -5,11 +5,14 @@ Only this module (and the other family modules) import diffusers model internals
 
 from __future__ import annotations
 
+import json
+
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
 from ..attention import AttentionController
-from ..errors import CalibattError
+from ..config import Config
+from ..errors import CalibattError, ModelError
 from ..util import canonical_json, sha256_hex
 from .base import LoadedModel, ModelIdentity
 
@@ -87,3 +90,74 @@ def wan_identity(name: str, model_id: str, transformer_config: dict, vae_config:
         vae_stride=(st, ss, ss),
         patch=tuple(tcfg["patch_size"]),
     )
+
+
+# --- real Wan 2.1 weights -------------------------------------------------------------------------------
+
+WAN_NAMES = ("wan2.1", "wan2.1-1.3b", "wan2.1-14b", "wan2.1-distill")
+KNOWN_SIZES = {"wan2.1-1.3b": (30, 1536), "wan2.1-14b": (40, 5120)}
+
+
+def _source(cfg: Config, name: str) -> str:
+    from .wan_weights import HUB_IDS, SOURCE_HINT
+
+    if cfg.model.path:
+        return cfg.model.path
+    if name in HUB_IDS:
+        return HUB_IDS[name]  # works when the machine is online; offline it fails with the hint below
+    raise ModelError(f"model '{name}' needs local weights: set model.path (or --weights DIR); {SOURCE_HINT}")
+
+
+def wan_real_identity(cfg: Config, name: str) -> ModelIdentity:
+    from .wan_weights import SHIPPED, detect_layout, transformer_config, vae_config, weights_id
+
+    if not cfg.model.path and name in KNOWN_SIZES:
+        # No weights named yet: the shipped config of that size gives the shape (for `calibatt config`,
+        # presets and grids); loading will still require the weights.
+        size = "1.3b" if name.endswith("1.3b") else "14b"
+        tcfg = json.loads((SHIPPED / f"transformer_{size}.json").read_text())
+        return wan_identity(name, _source(cfg, name), tcfg, {}, f"hub:{_source(cfg, name)}")
+    src = _source(cfg, name)
+    layout = detect_layout(src)
+    tcfg = transformer_config(src, layout)
+    ident = wan_identity(name, src, tcfg, vae_config(src, layout), weights_id(src, layout))
+    if name in KNOWN_SIZES:
+        layers, dim = KNOWN_SIZES[name]
+        if (ident.layers, ident.heads * ident.head_dim) != (layers, dim):
+            raise ModelError(f"'{src}' holds a Wan model of {ident.layers} layers x dim {ident.heads * ident.head_dim}, "
+                             f"not {name} ({layers} x {dim}); use --model wan2.1 to take the size from the weights")
+    return ident
+
+
+def load_wan(cfg: Config, name: str) -> WanModel:
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+
+    from .wan_weights import SHIPPED, detect_layout, load_original_modules
+
+    ident = wan_real_identity(cfg, name)
+    src = ident.model_id
+    layout = detect_layout(src)
+    dtype = getattr(torch, cfg.model.dtype)
+    offline = layout != "hub"
+    try:
+        if layout == "original":
+            tokenizer, text_encoder, transformer, vae = load_original_modules(src, dtype)
+            scheduler = UniPCMultistepScheduler.from_pretrained(str(SHIPPED), subfolder="scheduler")
+            pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                               transformer=transformer)
+        else:
+            # Wan's VAE is meant to run in fp32; the rest in the configured dtype.
+            vae = AutoencoderKLWan.from_pretrained(src, subfolder="vae", dtype=torch.float32,
+                                                   local_files_only=offline)
+            pipe = WanPipeline.from_pretrained(src, vae=vae, dtype=dtype, local_files_only=offline)
+    except ModelError:
+        raise
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"could not load Wan weights from '{src}' ({first}); check model.path") from None
+    sched = pipe.scheduler
+    key = "flow_shift" if "flow_shift" in sched.config else "shift"
+    pipe.scheduler = type(sched).from_config(sched.config, **{key: cfg.generate.flow_shift})
+    pipe.to(cfg.model.device)
+    pipe.set_progress_bar_config(disable=True)
+    return WanModel(ident, pipe)
