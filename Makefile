@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo test test-fast lint bench-kernel clean
+.PHONY: setup demo test lint bench-kernel bench-e2e clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,9 @@ lint: $(STAMP)
 
 bench-kernel: $(STAMP)
 	$(BIN)/python bench/bench_kernel.py
+
+bench-e2e: $(STAMP)
+	$(BIN)/python bench/bench_e2e.py
 
 clean:
 	rm -rf out .pytest_cache

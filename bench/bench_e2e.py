@@ -1,0 +1,257 @@
+"""End-to-end step time: stock diffusers vs calibatt on Wan 2.1 at real sizes (random weights).
+
+One denoising step = two transformer forwards (CFG cond + uncond, batch 1 each), as WanPipeline runs it.
+Variants, all measured in this one run:
+  stock eager          diffusers' own processors (SDPA -> cuDNN)
+  stock compiled       + transformer.compile_repeated_blocks(fullgraph=True)
+  no-attn eager/comp.  self-attention replaced by `return v` (for the attention share)
+  calibatt eager/comp. our processors with local spatio-temporal masks at each density, the kernel as a
+                       registered custom op inside the compiled blocks
+Wan 14B runs a subset of its 40 layers; step times are scaled to 40 layers (x 40 / layers run), said so.
+
+    python bench/bench_e2e.py                     # both shapes (device machine)
+    python bench/bench_e2e.py --smoke             # a tiny CPU run of the whole script
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch._dynamo
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from calibatt_cli.attention import AttentionController, SparsePlan  # noqa: E402
+from calibatt_cli.models.wan import CalibattWanAttnProcessor  # noqa: E402
+from calibatt_kernels import mask_to_index  # noqa: E402
+
+SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "wan2.1"
+BLOCK = 128
+
+
+def local_mask(heads: int, grid: tuple[int, int, int], density: float, block: int) -> torch.Tensor:
+    """Each query block keeps the key blocks whose token centroids are nearest on the (frame, row, col)
+    grid (Chebyshev distance on normalised coordinates): the structure calibration finds in video DiTs."""
+    f, r, c = grid
+    n = f * r * c
+    tok = torch.arange(n)
+    coords = torch.stack([tok // (r * c), (tok // c) % r, tok % c], -1).float() / torch.tensor([f, r, c]).float()
+    mb = math.ceil(n / block)
+    pad = torch.nn.functional.pad(coords, (0, 0, 0, mb * block - n), value=float("nan"))
+    cent = pad.view(mb, block, 3).nanmean(1)
+    dist = (cent[:, None, :] - cent[None, :, :]).abs().amax(-1)
+    kk = max(1, round(density * mb))
+    idx = torch.argsort(dist, dim=-1, stable=True)[:, :kk]
+    mask = torch.zeros(mb, mb, dtype=torch.bool)
+    mask.scatter_(-1, idx, True)
+    return mask.expand(heads, mb, mb).contiguous()
+
+
+class NoAttnProcessor:
+    """Self-attention replaced by its values: the rest of the block runs as usual."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        v = attn.to_v(hidden_states)
+        return attn.to_out[1](attn.to_out[0](v))
+
+
+def build(shape: dict, device, dtype):
+    from diffusers import WanTransformer3DModel
+
+    cfg = json.loads((SHIPPED / shape["config"]).read_text())
+    cfg["num_layers"] = shape["layers_run"]
+    for k, v in shape.get("override", {}).items():
+        cfg[k] = v
+    with torch.device(device):
+        tr = WanTransformer3DModel.from_config(cfg).to(dtype).eval()
+    # as from_pretrained(torch_dtype=bf16) does: some modules stay fp32 (diffusers' _keep_in_fp32_modules)
+    keep = tuple(tr._keep_in_fp32_modules or ())
+    for name, module in tr.named_modules():
+        if any(part in keep for part in name.split(".")):
+            module.float()
+    return tr
+
+
+def make_plan(masks: torch.Tensor, layers: int) -> SparsePlan:
+    """A one-bucket plan whose index tensors are padded to the full width, so every density has the same
+    shapes (one compiled graph serves them all; densities are swapped by copying into the tensors)."""
+    index = {}
+    mk = masks.shape[-1]
+    for layer in range(layers):
+        ix = mask_to_index(masks)
+        ix.indices = torch.nn.functional.pad(ix.indices, (0, mk - ix.indices.shape[-1]))
+        index[(0, layer)] = ix
+    density = masks.float().mean().view(1, 1, 1).expand(1, layers, 1)
+    return SparsePlan(BLOCK, [0], index, density)
+
+
+def set_density(processors, masks: torch.Tensor) -> None:
+    ix = mask_to_index(masks.to(processors[0].sparse.counts.device))
+    mk = masks.shape[-1]
+    indices = torch.nn.functional.pad(ix.indices, (0, mk - ix.indices.shape[-1]))
+    for p in processors:
+        p.sparse.counts[0].copy_(ix.counts)
+        p.sparse.indices[0].copy_(indices)
+        p.sparse.schedules[0].copy_(ix.schedule)
+
+
+def timed(fn, reps: int, sync) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2] * 1000
+
+
+def bench_shape(shape: dict, args, device, dtype) -> dict:
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tr = build(shape, device, dtype)
+    f, h, w = shape["grid"]
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(1, 16, f, h * 2, w * 2, generator=g, device=device, dtype=dtype)
+    t = torch.tensor([700.0], device=device)
+    cond = torch.randn(1, shape["text_len"], tr.config.text_dim, generator=g, device=device, dtype=dtype)
+    uncond = torch.randn(1, shape["text_len"], tr.config.text_dim, generator=g, device=device, dtype=dtype)
+    heads, layers = tr.config.num_attention_heads, tr.config.num_layers
+    scale = shape["layers_total"] / layers
+    n = f * h * w
+
+    def step():
+        with torch.no_grad():
+            a = tr(hidden_states=x, timestep=t, encoder_hidden_states=cond).sample
+            b = tr(hidden_states=x, timestep=t, encoder_hidden_states=uncond).sample
+        return a, b
+
+    def install(make):
+        procs = []
+        for i, blk in enumerate(tr.blocks):
+            p = make(i)
+            blk.attn1.set_processor(p)
+            procs.append(p)
+        return procs
+
+    def measure(label: str) -> dict:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        ms = timed(step, args.reps, sync) * scale
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+        print(f"  {shape['name']:<14} {label:<26} {ms:9.1f} ms/step  peak {peak:6.2f} GiB", flush=True)
+        return {"ms": ms, "peak_gib": peak}
+
+    res = {"shape": shape["name"], "tokens": n, "grid": shape["grid"], "heads": heads, "layers_run": layers,
+           "layers_total": shape["layers_total"], "scaled_to_total_layers": scale != 1.0, "variants": {}}
+    V = res["variants"]
+    masks_by_density = {d: local_mask(heads, shape["grid"], d, BLOCK).to(device) for d in args.densities}
+
+    def run_all(tag: str):
+        install(lambda i: WanAttnProcessor())
+        V[f"stock {tag}"] = measure(f"stock {tag}")
+        stock_out = step()[0].float()
+        install(lambda i: NoAttnProcessor())
+        V[f"no-attn {tag}"] = measure(f"no-attn {tag}")
+        plan = make_plan(torch.ones(heads, *masks_by_density[args.densities[0]].shape[1:], dtype=torch.bool),
+                         layers)
+        ctl = AttentionController("sparse", plan=plan.to(device)).to(device)
+        ctl.reset()
+        procs = install(lambda i: CalibattWanAttnProcessor(i, ctl))
+        ours = step()[0].float()
+        rel = float((ours - stock_out).norm() / stock_out.norm())
+        V[f"calibatt {tag} all-true"] = dict(measure(f"calibatt {tag} all-true"), rel_err_vs_stock=rel)
+        print(f"  {shape['name']:<14} all-true masks vs stock: relative error {rel:.2e}", flush=True)
+        for d, m in masks_by_density.items():
+            set_density(procs, m)
+            V[f"calibatt {tag} d={d}"] = dict(measure(f"calibatt {tag} d={d}"), density=float(m.float().mean()))
+
+    run_all("eager")
+    if not args.no_compile:
+        t0 = time.perf_counter()
+        tr.compile_repeated_blocks(fullgraph=True, **({"backend": "aot_eager"} if device.type != "cuda" else {}))
+        res["compile_setup_s"] = time.perf_counter() - t0
+        torch._dynamo.config.cache_size_limit = 64
+        run_all("compiled")
+    se, ne = V["stock eager"]["ms"], V["no-attn eager"]["ms"]
+    res["attention_share_eager"] = (se - ne) / se
+    if "stock compiled" in V:
+        sc, nc = V["stock compiled"]["ms"], V["no-attn compiled"]["ms"]
+        res["attention_share_compiled"] = (sc - nc) / sc
+    del tr
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+SHAPES = [
+    {"name": "wan1.3b-480p", "config": "transformer_1.3b.json", "grid": (21, 30, 52), "layers_run": 30,
+     "layers_total": 30, "text_len": 512},
+    {"name": "wan14b-720p", "config": "transformer_14b.json", "grid": (21, 45, 80), "layers_run": 4,
+     "layers_total": 40, "text_len": 512},
+]
+SMOKE = [{"name": "smoke", "config": "transformer_1.3b.json", "grid": (2, 4, 6), "layers_run": 2, "layers_total": 4,
+          "text_len": 8, "override": {"num_attention_heads": 2, "attention_head_dim": 64, "ffn_dim": 64,
+                                      "text_dim": 32, "freq_dim": 32}}]
+
+
+def table(results: list[dict]) -> None:
+    print()
+    print(f"{'shape':<14} {'variant':<30} {'ms/step':>9} {'x stock eager':>14} {'x stock comp.':>14} {'peak GiB':>9}")
+    for r in results:
+        V = r["variants"]
+        se = V["stock eager"]["ms"]
+        sc = V.get("stock compiled", {}).get("ms")
+        for name, v in V.items():
+            vs_c = f"{sc / v['ms']:14.2f}" if sc else f"{'-':>14}"
+            print(f"{r['shape']:<14} {name:<30} {v['ms']:9.1f} {se / v['ms']:14.2f} {vs_c} {v['peak_gib']:9.2f}")
+        share = f"attention share: eager {r['attention_share_eager']:.0%}"
+        if "attention_share_compiled" in r:
+            share += f", compiled {r['attention_share_compiled']:.0%}"
+        note = f" (step times scaled from {r['layers_run']} to {r['layers_total']} layers)" if r[
+            "scaled_to_total_layers"] else ""
+        print(f"{r['shape']:<14} {share}{note}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device: checks the script")
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.3, 0.2, 0.1])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--shapes", nargs="*", default=None, help="subset of shape names")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = SMOKE if args.smoke else [s for s in SHAPES if args.shapes is None or s["name"] in args.shapes]
+    results = [bench_shape(s, args, device, dtype) for s in shapes]
+    card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    import diffusers
+    import triton
+
+    meta = {"card": card, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "triton": triton.__version__, "diffusers": diffusers.__version__, "block": BLOCK,
+            "masks": "local spatio-temporal (nearest key blocks on the frame/row/col grid), same for every head",
+            "step": "two forwards (CFG cond + uncond), batch 1", "results": results}
+    table(results)
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / (
+        f"e2e-{card.lower().replace(' ', '-')}-{meta['date']}{'-smoke' if args.smoke else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(meta, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
