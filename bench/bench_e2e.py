@@ -189,7 +189,6 @@ def bench_shape(shape: dict, args, device, dtype) -> dict:
     if "stock compiled" in V:
         sc, nc = V["stock compiled"]["ms"], V["no-attn compiled"]["ms"]
         res["attention_share_compiled"] = (sc - nc) / sc
-    del tr
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return res

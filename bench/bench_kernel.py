@@ -26,12 +26,13 @@ import sys
 import time
 import traceback
 
-import calibatt_kernels as ck
 import torch
 import torch.nn.functional as F
 import triton
-from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
 from triton.testing import do_bench
+
+import calibatt_kernels as ck
+from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
 
 SHAPES = {
     # name: (B, H, (frames, rows, cols)); N = frames * rows * cols

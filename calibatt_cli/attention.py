@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import calibatt_kernels as ck
+from calibatt_kernels import ops as ck_ops
+from calibatt_kernels.block_sparse import KernelConfig
 
 
 @dataclass
@@ -26,6 +28,7 @@ class SparsePlan:
     step_buckets: list[int]  # step -> bucket; -1 marks a dense (warm-up) step
     index: dict[tuple[int, int], ck.BlockIndex]
     density: torch.Tensor  # float [buckets, layers, heads]: kept share of blocks
+    configs: dict[tuple[int, int], KernelConfig] = field(default_factory=dict)  # chosen by compile; else default
 
     def to(self, device: torch.device) -> SparsePlan:
         moved = {
@@ -36,7 +39,18 @@ class SparsePlan:
             )
             for key, ix in self.index.items()
         }
-        return SparsePlan(self.block_size, self.step_buckets, moved, self.density)
+        return SparsePlan(self.block_size, self.step_buckets, moved, self.density, self.configs)
+
+    def layer_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One layer's index form stacked over buckets (counts [nb, B, H, Mq], indices [nb, B, H, Mq, K],
+        schedules [nb, R]), K padded to the layer's widest bucket. A processor holds these and picks the
+        bucket with a tensor index: no Python lookup that torch.compile would have to guard on."""
+        nb = 1 + max(self.step_buckets)
+        ixs = [self.index[(b, layer)] for b in range(nb)]
+        kmax = max(ix.indices.shape[-1] for ix in ixs)
+        pad = [torch.nn.functional.pad(ix.indices, (0, kmax - ix.indices.shape[-1])) for ix in ixs]
+        return (torch.stack([ix.counts for ix in ixs]), torch.stack(pad),
+                torch.stack([ix.schedule for ix in ixs]))
 
     def mean_density(self) -> tuple[float, float]:
         """(over all steps with warm-up steps counted dense, over the sparse steps only)."""
@@ -84,6 +98,10 @@ class AttentionController:
         self.step = 0
         self.calls = 0
         self.step_hooks: list = []  # called after each denoising step (progress bars)
+        # The current bucket as data (for processors running compiled) and whether this step is dense.
+        self.bucket_t = torch.zeros(1, dtype=torch.long)
+        self.bucket = 0
+        self.dense_now = True
         # Live check of the masks (sparse mode): the share of the true softmax mass that the kept blocks
         # hold, measured on this run's own q and k. Costs one block_mass pass per sparse call.
         self.measure_mass = measure_mass
@@ -92,13 +110,29 @@ class AttentionController:
 
     # The pipeline's callback_on_step_end runs after step i, so the next forward belongs to step i + 1.
     def on_step_end(self, pipe, i: int, t, callback_kwargs: dict) -> dict:
-        self.step = i + 1
+        self._set_step(i + 1)
         for hook in self.step_hooks:
             hook()
         return {}
 
     def reset(self) -> None:
-        self.step = 0
+        self._set_step(0)
+
+    def _set_step(self, step: int) -> None:
+        self.step = step
+        if self.plan is not None and step < len(self.plan.step_buckets):
+            bucket = self.plan.step_buckets[step]
+            self.dense_now = bucket < 0
+            self.bucket = max(bucket, 0)
+            self.bucket_t.fill_(self.bucket)
+
+    def to(self, device: torch.device) -> AttentionController:
+        self.bucket_t = self.bucket_t.to(device)
+        return self
+
+    def fast_sparse(self) -> bool:
+        """True when a processor may call the sparse op directly with its own tensors (see SparseLayer)."""
+        return self.mode == "sparse" and not self.dense_now and not self.measure_mass
 
     def _bucket(self, buckets: list[int]) -> int:
         if self.step >= len(buckets):
@@ -115,12 +149,67 @@ class AttentionController:
                 index = self.plan.index[(bucket, layer)]
                 if self.measure_mass:
                     self._measure(q, k, index, bs)
-                return ck.block_sparse_attention_indexed(q, k, v, index, block_size=bs)
+                return ck.block_sparse_attention_indexed(q, k, v, index, block_size=bs,
+                                                         config=self.plan.configs.get((bucket, layer)))
         elif self.mode == "record":
             bucket = self._bucket(self.recorder.step_buckets)
             if bucket >= 0:
                 self.recorder.add(bucket, layer, q, k)
         return F.scaled_dot_product_attention(q, k, v)
+
+    def attend_joint(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_txt: torch.Tensor,
+        k_txt: torch.Tensor,
+        v_txt: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint attention (Mochi): visual q, k, v [B, H, N, D] and text q, k, v [B, H, T, D] attend over all
+        N + T keys, as SDPA over the concatenated sequence would. Returns (visual out, text out).
+
+        Masks cover only visual x visual blocks; rows and columns that touch text stay dense:
+        - text queries: dense over every key;
+        - visual queries (sparse mode): the exact softmax over {listed visual key blocks} u {all text keys},
+          from two partial attentions merged with their row log-sum-exp.
+        Calibration (record mode) measures the mass of visual queries over visual keys, normalised over the
+        visual keys alone. Text keys are always kept, so what a mask must preserve is the visual part of each
+        row; normalised this way the rows sum to 1 and the epsilon rule means the same as for Wan. It is also
+        conservative: a row gives share p of its joint mass to visual keys, so dropping eps of the visual
+        mass drops p * eps <= eps of the joint mass. (Normalised over all keys, a row that looks mostly at
+        text would sum to p < 1 and could never reach 1 - eps: it would keep every block.)
+        """
+        self.calls += 1
+        bucket = -1
+        if self.mode == "sparse":
+            bucket = self._bucket(self.plan.step_buckets)
+        elif self.mode == "record":
+            bucket = self._bucket(self.recorder.step_buckets)
+            if bucket >= 0:
+                self.recorder.add(bucket, layer, q, k)
+        n = q.shape[2]
+        if self.mode != "sparse" or bucket < 0:
+            out = F.scaled_dot_product_attention(torch.cat([q, q_txt], 2), torch.cat([k, k_txt], 2),
+                                                 torch.cat([v, v_txt], 2))
+            return out[:, :, :n], out[:, :, n:]
+
+        out_txt = F.scaled_dot_product_attention(q_txt, torch.cat([k, k_txt], 2), torch.cat([v, v_txt], 2))
+        bs = (self.plan.block_size, self.plan.block_size)
+        index = self.plan.index[(bucket, layer)]
+        if self.measure_mass:
+            self._measure(q, k, index, bs)
+        out_vis, lse_vis = ck.block_sparse_attention_indexed(
+            q, k, v, index, block_size=bs, config=self.plan.configs.get((bucket, layer)), return_lse=True)
+        if k_txt.shape[2] == 0:
+            return out_vis, out_txt
+        out_t, lse_t = _attention_with_lse(q, k_txt, v_txt)
+        lse = torch.logaddexp(lse_vis, lse_t)  # text keys make every row non-empty: lse is finite
+        w_vis = torch.exp(lse_vis - lse).unsqueeze(-1)
+        w_txt = torch.exp(lse_t - lse).unsqueeze(-1)
+        out_vis = (out_vis.float() * w_vis + out_t * w_txt).to(q.dtype)
+        return out_vis, out_txt
 
     def _measure(self, q: torch.Tensor, k: torch.Tensor, index: ck.BlockIndex, bs: tuple[int, int]) -> None:
         mass = ck.block_mass(q, k, block_size=bs)  # [B, H, Mq, Mk]
@@ -135,3 +224,42 @@ class AttentionController:
 
     def reset_measure(self) -> None:
         self._kept_sum, self._kept_rows = 0.0, 0
+
+
+class SparseLayer:
+    """What one processor needs to run its layer sparse without Python lookups: its stacked index tensors
+    and the controller's bucket tensor. Calls the registered custom op, so torch.compile keeps it."""
+
+    def __init__(self, controller: AttentionController, layer: int):
+        plan = controller.plan
+        self.counts, self.indices, self.schedules = plan.layer_tensors(layer)
+        self.block = plan.block_size
+        self.controller = controller
+        # The kernel configuration compile chose per bucket (launch parameters, so Python values: a compiled
+        # caller specialises per bucket, and the index tensors stay data).
+        nb = self.counts.shape[0]
+        self.configs = [ck_ops.config_to_ints(plan.configs.get((b, layer))) for b in range(nb)]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b = self.controller.bucket_t
+        return ck_ops.block_sparse_attention_op(
+            q, k, v, self.counts.index_select(0, b).squeeze(0), self.indices.index_select(0, b).squeeze(0),
+            self.schedules.index_select(0, b).squeeze(0), self.block, self.block,
+            self.configs[self.controller.bucket],
+        )
+
+
+def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        rows_per_chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention of q [B, H, N, D] over a few keys [B, H, T, D] (text), in fp32, with the row
+    log-sum-exp: (out float32 [B, H, N, D], lse float32 [B, H, N]). Chunked over rows so the N x T scores
+    stay small for long videos."""
+    scale = q.shape[-1] ** -0.5
+    kf, vf = k.float(), v.float()
+    outs, lses = [], []
+    for r0 in range(0, q.shape[2], rows_per_chunk):
+        s = torch.einsum("bhnd,bhtd->bhnt", q[:, :, r0:r0 + rows_per_chunk].float(), kf) * scale
+        lse = torch.logsumexp(s, dim=-1)
+        outs.append(torch.einsum("bhnt,bhtd->bhnd", torch.exp(s - lse.unsqueeze(-1)), vf))
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)

@@ -24,6 +24,7 @@ out = Console()
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: configs/tiny.yaml).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Model name (model.name).")]
+WeightsOpt = Annotated[Path | None, typer.Option("--weights", help="Local weights folder (model.path).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 
 _debug = False
@@ -50,6 +51,18 @@ def config_cmd(config: ConfigOpt = None, set_: SetOpt = None, debug: DebugOpt = 
     cfg = _load(config, set_)
     out.print(f"# resolved from {cfg.source}", highlight=False)
     out.print(dump_yaml(cfg), end="", highlight=False, markup=False)
+    from .models import model_identity
+
+    try:
+        ident = model_identity(cfg)
+    except CalibattError as e:
+        out.print(f"# token grid: not derivable ({e})", highlight=False, markup=False, soft_wrap=True)
+        return
+    f, h, w = ident.token_grid(cfg.video.frames, cfg.video.height, cfg.video.width)
+    n, bs = f * h * w, cfg.calibration.block_size
+    out.print(f"# token grid (derived): {f} x {h} x {w} = {n:,} tokens; {-(-n // bs)} blocks of {bs}; "
+              f"{ident.layers} layers x {ident.heads} heads x head dim {ident.head_dim}",
+              highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -57,16 +70,18 @@ def calibrate(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     model: ModelOpt = None,
+    weights: WeightsOpt = None,
     prompts: Annotated[Path | None, typer.Option(help="Prompts file (calibration.prompts).")] = None,
     epsilon: Annotated[float | None, typer.Option(help="Dropped mass per row (calibration.epsilon).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Bundle path (calibration.output).")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Run the dense model on the prompt set and write a mask bundle."""
-    from .calibrate import calibrate as run_calibration, read_prompts
+    from .calibrate import calibrate as run_calibration
+    from .calibrate import read_prompts
 
     _set_debug(debug)
-    cfg = _load(config, set_, **{"model.name": model, "calibration.prompts": _s(prompts),
+    cfg = _load(config, set_, **{"model.name": model, "model.path": _s(weights), "calibration.prompts": _s(prompts),
                                  "calibration.epsilon": epsilon, "calibration.output": _s(output)})
     n_prompts = len(read_prompts(cfg.calibration.prompts, cfg))
     with _progress() as bar:
@@ -95,32 +110,57 @@ def compile_cmd(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     model: ModelOpt = None,
+    weights: WeightsOpt = None,
     bundle: Annotated[Path | None, typer.Option(help="Mask bundle (compile.bundle).")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache directory (compile.cache_dir).")] = None,
-    target: Annotated[str | None, typer.Option(help="Cross-compile for an architecture, e.g. sm_90.")] = None,
+    target: Annotated[str | None, typer.Option(help="Without a GPU: check that every kernel config compiles "
+                                                    "for an architecture, e.g. sm_90 (writes no cache).")] = None,
     recompile: Annotated[bool, typer.Option(help="Rebuild even if the cache is up to date.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Turn a mask bundle into a kernel cache directory for generate."""
-    from .compiler import compile_cache
+    """Turn a mask bundle into a kernel cache directory for generate (or, with --target, cross-compile)."""
+    from .aot import config_label
+    from .compiler import compile_cache, cross_compile_configs
 
     _set_debug(debug)
-    cfg = _load(config, set_, **{"model.name": model, "compile.bundle": _s(bundle),
+    cfg = _load(config, set_, **{"model.name": model, "model.path": _s(weights), "compile.bundle": _s(bundle),
                                  "compile.cache_dir": _s(cache_dir), "compile.target": target})
+    if cfg.compile.target is not None:
+        xres = cross_compile_configs(cfg)
+        bs = (xres.block_size, xres.block_size)
+        table = Table(title=f"kernel configs for {xres.target} ({xres.dtype}, head dim {xres.head_dim}, "
+                            f"block {xres.block_size})")
+        for col in ("config", "status", "shared KiB", "seconds", "error"):
+            table.add_column(col)
+        for r in xres.variants:
+            table.add_row(config_label(r.config, bs), r.status, "-" if r.shared_kib is None else f"{r.shared_kib:.0f}",
+                          f"{r.seconds:.1f}", r.error or "")
+        console.print(table)
+        n_ok = sum(r.status == "ok" for r in xres.variants)
+        console.print(f"{n_ok} of {len(xres.variants)} configs compile and fit {xres.target}, "
+                      f"{len(xres.failed)} failed, {xres.seconds:.1f} s")
+        if xres.failed:
+            raise CalibattError(f"{len(xres.failed)} kernel config(s) failed to compile for {xres.target}: "
+                                + "; ".join(f"{config_label(r.config, bs)}: {r.error}" for r in xres.failed))
+        return
     res = compile_cache(cfg, recompile=recompile)
     m = res.manifest
+    bs = (m["block_size"], m["block_size"])
     table = Table(title=f"cache {res.cache_dir} ({'up to date' if res.reused else 'built'})")
-    for col in ("bucket", "layers", "density", "max blocks/row", "predicted attention speedup"):
+    for col in ("bucket", "layer", "density", "max blocks/row", "config", "ms", "vs dense",
+                "predicted attention speedup"):
         table.add_column(col)
-    by_bucket: dict[int, list[dict]] = {}
     for g in m["groups"]:
-        by_bucket.setdefault(g["bucket"], []).append(g)
-    for b, groups in sorted(by_bucket.items()):
-        d = sum(g["density"] for g in groups) / len(groups)
-        table.add_row(str(b), str(len(groups)), f"{d:.3f}", str(max(g["max_blocks_per_row"] for g in groups)),
-                      f"{1 / max(d, 1e-9):.2f}x")
+        timed = g.get("ms") is not None
+        table.add_row(str(g["bucket"]), str(g["layer"]), f"{g['density']:.3f}", str(g["max_blocks_per_row"]),
+                      config_label(g["config"], bs) if g.get("config") else "default",
+                      f"{g['ms']:.3f}" if timed else "-", f"{g['speedup']:.2f}x" if timed else "-",
+                      f"{1 / max(g['density'], 1e-9):.2f}x")
     console.print(table)
-    console.print(f"device {m['device']['name']}, backend {m['kernels']['backend']}, {res.seconds:.2f} s")
+    k = m["kernels"]
+    tuned = (f", dense SDPA {k['dense_ms']:.3f} ms, {len(k['winners'])} config(s) chosen of "
+             f"{len(k['candidates'])}, {k['triton_files']} kernels cached") if k.get("tuned") else ""
+    console.print(f"device {m['device']['name']}, backend {k['backend']}{tuned}, {res.seconds:.2f} s")
     out.print(str(res.cache_dir), highlight=False)
 
 
@@ -130,6 +170,7 @@ def generate(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     model: ModelOpt = None,
+    weights: WeightsOpt = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="MP4 path (generate.output).")] = None,
     prompts: Annotated[Path | None, typer.Option(help="Render every prompt of a file (one a line).")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed (generate.seed).")] = None,
@@ -137,6 +178,7 @@ def generate(
     dense: Annotated[bool, typer.Option("--dense", help="Run the stock dense pipeline (baseline).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON result line.")] = False,
     measure_mass: Annotated[bool, typer.Option(help="Measure the attention mass the masks keep (slower).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail if any kernel compiles (generate.strict).")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Generate MP4s with the compiled sparse attention."""
@@ -144,8 +186,10 @@ def generate(
     from .generate import generate as run_generate
 
     _set_debug(debug)
-    cfg = _load(config, set_, **{"model.name": model, "generate.output": _s(output), "generate.seed": seed,
-                                 "generate.steps": steps, "generate.dense": True if dense else None})
+    cfg = _load(config, set_, **{"model.name": model, "model.path": _s(weights), "generate.output": _s(output),
+                                 "generate.seed": seed,
+                                 "generate.steps": steps, "generate.dense": True if dense else None,
+                                 "generate.strict": True if strict else None})
     if prompts is not None and prompt is not None:
         raise CalibattError("give either a prompt or --prompts FILE, not both")
     todo = read_prompts(prompts) if prompts is not None else [prompt if prompt is not None else ""]

@@ -64,6 +64,7 @@ class GenerateConfig:
     seed: int = 0
     output: str = "out/tiny.mp4"
     dense: bool = False  # run the stock pipeline (the baseline) instead of sparse attention
+    strict: bool = False  # fail if generate compiles any kernel
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable
@@ -11,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import aot
 from .attention import AttentionController
-from .compiler import load_cache
+from .compiler import load_cache, prewarm
 from .config import Config
 from .errors import ConfigError
-from .models import load_model
+from .models import load_model, model_identity
 from .util import check_output_path
 from .video import to_uint8, write_mp4
 
@@ -37,6 +39,7 @@ class GenerateResult:
     sparse_density: float  # the same over the sparse steps only
     load_seconds: float
     retained_mass: float | None = None  # measured live (measure_mass=True): mean kept softmax mass per row
+    compilations: int | None = None  # Triton kernels compiled during the run (0 with a warm cache)
 
     def summary(self) -> dict:
         return {
@@ -51,6 +54,7 @@ class GenerateResult:
             "load_seconds": round(self.load_seconds, 3),
             "retained_mass": None if self.retained_mass is None else round(self.retained_mass, 6),
             "frames": int(self.videos[0].frames.shape[0]) if self.videos else 0,
+            "compilations": self.compilations,
         }
 
 
@@ -89,8 +93,25 @@ def generate(
         for p in paths:
             check_output_path(p, "output")
     plan = None
-    if not g.dense:
-        plan, _ = load_cache(cfg)  # validate the cache before spending time on the model
+    with contextlib.ExitStack() as stack:
+        counter = None
+        if not g.dense:
+            plan, _ = load_cache(cfg)  # validate the cache before spending time on the model
+            # Triton must look in the cache's folder before the first kernel launch; strict mode fails at the
+            # first compilation, which a complete cache never needs.
+            stack.enter_context(aot.kernel_cache(Path(cfg.compile.cache_dir) / "triton"))
+            counter = stack.enter_context(aot.CompileCounter(strict=g.strict))
+            ident = model_identity(cfg)
+            prewarm(plan, heads=ident.heads, head_dim=ident.head_dim, dtype=getattr(torch, cfg.model.dtype),
+                    device=cfg.model.device)
+        res = _sample(cfg, prompts, paths, plan, write=write, on_step=on_step, measure_mass=measure_mass)
+    res.compilations = None if counter is None else counter.count
+    return res
+
+
+def _sample(cfg: Config, prompts: list[str], paths: list[Path], plan, *, write: bool,
+            on_step: Callable[[], None] | None, measure_mass: bool) -> GenerateResult:
+    g = cfg.generate
     t0 = time.perf_counter()
     model = load_model(cfg)
     controller = AttentionController("sparse", plan=plan, measure_mass=measure_mass) if plan is not None else None

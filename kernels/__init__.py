@@ -68,13 +68,18 @@ def block_sparse_attention_indexed(
     *,
     block_size: tuple[int, int] = (128, 128),
     scale: float | None = None,
-) -> torch.Tensor:
-    """Block-sparse attention from the precomputed index form (see `index.py`)."""
+    config: _sparse_kernels.KernelConfig | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention from the precomputed index form (see `index.py`). `config`: the kernel
+    configuration `calibatt compile` chose (None: `block_sparse.default_config`); the reference ignores it.
+    `return_lse`: also return each row's log-sum-exp, float32 [B, H, N] (-inf for rows with no block)."""
     if triton_usable(q.device) and q.shape[-1] in (64, 128):
-        return _sparse_kernels.block_sparse_attention_triton(q, k, v, index, block_size=block_size, scale=scale)
+        return _sparse_kernels.block_sparse_attention_triton(q, k, v, index, block_size=block_size, scale=scale,
+                                                             config=config, return_lse=return_lse)
     _warn_once(f"calibatt_kernels: Triton unavailable for {q.device.type}; using the PyTorch reference")
     mask = index_to_mask(index, num_blocks(k.shape[2], block_size[1]))
-    return block_sparse_attention_ref(q, k, v, mask, block_size, scale)
+    return block_sparse_attention_ref(q, k, v, mask, block_size, scale, return_lse=return_lse)
 
 
 def block_sparse_attention(

@@ -94,7 +94,7 @@ def _block_sparse_tile(
     stride_cz, stride_ch, stride_iz, stride_ih, stride_im, H, N, Mq, REPS, qk_scale,
     BM: tl.constexpr, BN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HAS_SCHEDULE: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, Lse, stride_lz, stride_lh, RETURN_LSE: tl.constexpr,
 ):
     """One program tile: BLOCK_M query rows of one mask row, over all key blocks the row lists."""
     M_SUB: tl.constexpr = BM // BLOCK_M  # program tiles per mask row
@@ -159,6 +159,9 @@ def _block_sparse_tile(
         for s in tl.static_range(N_SUB):
             acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, desc_k, desc_v, k_ptrs, v_ptrs, last + s * BLOCK_N,
                                        N, qk_scale, stride_kn, stride_vn, BLOCK_N, True, USE_TMA, UPCAST)
+    if RETURN_LSE:  # the row's natural-log sum-exp of scaled scores (-inf if empty), to merge partial attentions
+        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # m_i, l_i are in base 2
+        tl.store(Lse + b.to(tl.int64) * stride_lz + h.to(tl.int64) * stride_lh + offs_m, lse, mask=offs_m < N)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # an empty row: acc is 0, write 0
     out = (acc / l_i[:, None]).to(Out.dtype.element_ty)
     if USE_TMA:
@@ -169,7 +172,7 @@ def _block_sparse_tile(
 
 
 @triton.jit(do_not_specialize=["N", "Mq", "num_tiles", "stride_cz", "stride_ch", "stride_iz", "stride_ih",
-                               "stride_im"])
+                               "stride_im", "stride_lz", "stride_lh"])
 def _block_sparse_fwd(
     Q, K, V, Out, Counts, Indices, Schedule,
     stride_qz, stride_qh, stride_qm, stride_qd,
@@ -181,6 +184,7 @@ def _block_sparse_fwd(
     BM: tl.constexpr, BN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HAS_SCHEDULE: tl.constexpr, PERSISTENT: tl.constexpr,
     USE_TMA: tl.constexpr, UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    Lse, stride_lz, stride_lh, RETURN_LSE: tl.constexpr,  # optional row LSE out, float32 [B, H, N]
 ):
     pid = tl.program_id(0)
     if PERSISTENT:
@@ -190,14 +194,16 @@ def _block_sparse_fwd(
                 stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
                 stride_vz, stride_vh, stride_vn, stride_vd, stride_oz, stride_oh, stride_om, stride_od,
                 stride_cz, stride_ch, stride_iz, stride_ih, stride_im, H, N, Mq, REPS, qk_scale,
-                BM, BN, BLOCK_M, BLOCK_N, HEAD_DIM, HAS_SCHEDULE, USE_TMA, UPCAST, WARP_SPECIALIZE)
+                BM, BN, BLOCK_M, BLOCK_N, HEAD_DIM, HAS_SCHEDULE, USE_TMA, UPCAST, WARP_SPECIALIZE,
+                Lse, stride_lz, stride_lh, RETURN_LSE)
     else:
         _block_sparse_tile(
             pid, Q, K, V, Out, Counts, Indices, Schedule,
             stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
             stride_vz, stride_vh, stride_vn, stride_vd, stride_oz, stride_oh, stride_om, stride_od,
             stride_cz, stride_ch, stride_iz, stride_ih, stride_im, H, N, Mq, REPS, qk_scale,
-            BM, BN, BLOCK_M, BLOCK_N, HEAD_DIM, HAS_SCHEDULE, USE_TMA, UPCAST, WARP_SPECIALIZE)
+            BM, BN, BLOCK_M, BLOCK_N, HEAD_DIM, HAS_SCHEDULE, USE_TMA, UPCAST, WARP_SPECIALIZE,
+                Lse, stride_lz, stride_lh, RETURN_LSE)
 
 
 
@@ -238,10 +244,13 @@ def block_sparse_attention_triton(
     scale: float | None = None,
     out: torch.Tensor | None = None,
     config: KernelConfig | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """q, k, v [B, H, N, D] (any strides), index over [Bi, H, Mq] rows with Bi in {1, B}.
 
-    Returns [B, H, N, D] in q's dtype and memory layout (or writes `out`, which must have q's shape)."""
+    Returns [B, H, N, D] in q's dtype and memory layout (or writes `out`, which must have q's shape).
+    With `return_lse`, returns (out, lse): lse float32 [B, H, N] = log sum_j exp(scale * q.k_j) over each row's
+    listed keys, -inf for a row with no block (joint attention merges partial attentions with it)."""
     B, H, N, D = q.shape
     BM, BN = block_size
     if k.shape != q.shape or v.shape != q.shape:
@@ -291,17 +300,89 @@ def block_sparse_attention_triton(
     else:
         grid = (num_tiles,)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
+    lse = torch.full((B, H, N), float("-inf"), dtype=torch.float32, device=q.device) if return_lse else None
     if num_tiles == 0:
-        return out
+        return (out, lse) if return_lse else out
 
     _block_sparse_fwd[grid](
         q, k, v, out, counts, indices, schedule if schedule is not None else counts,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         counts.stride(0), counts.stride(1), indices.stride(0), indices.stride(1), indices.stride(2),
         H, N, Mq, num_tiles, reps, scale * LOG2E,
-        BM=BM, BN=BN, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D,
-        HAS_SCHEDULE=schedule is not None, PERSISTENT=cfg.persistent,
-        USE_TMA=use_tma, UPCAST=not on_gpu, WARP_SPECIALIZE=bool(cfg.warp_specialize and on_gpu),
+        Lse=lse if return_lse else out, stride_lz=lse.stride(0) if return_lse else 0,
+        stride_lh=lse.stride(1) if return_lse else 0,
+        **_constexprs(cfg, block_size, D, use_tma=use_tma, on_gpu=on_gpu, has_schedule=schedule is not None,
+                      return_lse=return_lse),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out
+    return (out, lse) if return_lse else out
+
+
+def _constexprs(cfg: KernelConfig, block_size: tuple[int, int], head_dim: int, *, use_tma: bool, on_gpu: bool,
+                has_schedule: bool, return_lse: bool = False) -> dict:
+    """The kernel's constexprs for a config: shared by the launcher and the ahead-of-time compiler."""
+    BM, BN = block_size
+    return dict(BM=BM, BN=BN, BLOCK_M=cfg.block_m or BM, BLOCK_N=cfg.block_n or BN, HEAD_DIM=head_dim,
+                HAS_SCHEDULE=has_schedule, PERSISTENT=cfg.persistent, USE_TMA=use_tma, UPCAST=not on_gpu,
+                WARP_SPECIALIZE=bool(cfg.warp_specialize and on_gpu), RETURN_LSE=return_lse)
+
+
+# Ahead of time: the configs `calibatt compile` measures per mask group, and the kernel's signature for
+# `triton.compile(ASTSource(...), target=GPUTarget(...))` without a GPU.
+
+def candidate_configs(capability: tuple[int, int], block_size: tuple[int, int], head_dim: int) -> list[KernelConfig]:
+    """The configs worth measuring on a GPU of this compute capability (bench/NOTES.md's sweep, trimmed to
+    those that won or came within a few per cent somewhere). The default config comes first."""
+    BM, BN = block_size
+    warps = 8 if BM >= 128 else 4
+    cands = [
+        KernelConfig(num_warps=warps, num_stages=3, persistent=True),
+        KernelConfig(num_warps=warps, num_stages=3, persistent=False),
+        KernelConfig(num_warps=warps, num_stages=2, persistent=True),
+    ]
+    if BN >= 128:
+        cands.append(KernelConfig(block_n=BN // 2, num_warps=warps, num_stages=3, persistent=True))
+    if BM >= 128:
+        cands.append(KernelConfig(block_m=BM // 2, num_warps=4, num_stages=3, persistent=False))
+    if capability[0] < 9:  # no TMA before Hopper; Ampere-class shared memory favours 2 stages
+        cands = [KernelConfig(**{**c.__dict__, "use_tma": False}) for c in cands]
+    return cands
+
+
+def resolved_use_tma(cfg: KernelConfig, capability: tuple[int, int]) -> bool:
+    """Whether the launcher takes the TMA path for this config on this GPU (for tensors whose strides allow
+    it: a contiguous head dim and 16-byte aligned rows, as every model layout we serve has)."""
+    return capability[0] >= 9 if cfg.use_tma is None else bool(cfg.use_tma) and capability[0] >= 9
+
+
+def aot_source_args(cfg: KernelConfig, dtype: torch.dtype, block_size: tuple[int, int], head_dim: int,
+                    capability: tuple[int, int]) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, attrs, options) of `_block_sparse_fwd` for `triton.compile(ASTSource(...))`.
+
+    Pointers are 16-byte aligned (`tt.divisibility` 16) as torch allocations are; strides and sizes are
+    plain i32. The binary's hash differs from the JIT's, so this checks that a config compiles; it does not
+    fill the JIT cache."""
+    names = _block_sparse_fwd.arg_names
+    elem = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    consts = _constexprs(cfg, block_size, head_dim, use_tma=resolved_use_tma(cfg, capability), on_gpu=True,
+                         has_schedule=True)
+    sig = {}
+    for n in names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in ("Q", "K", "V", "Out"):
+            sig[n] = f"*{elem}"
+        elif n == "Lse":
+            sig[n] = "*fp32"
+        elif n in ("Counts", "Indices", "Schedule"):
+            sig[n] = "*i32"
+        else:
+            sig[n] = "fp32" if n == "qk_scale" else "i32"
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("Q", "K", "V", "Out", "Counts", "Indices",
+                                                                      "Schedule")}
+    return sig, consts, attrs, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def kernel_fn():
+    """The JIT function the launcher runs (for the ahead-of-time tools)."""
+    return _block_sparse_fwd

@@ -10,7 +10,25 @@ from __future__ import annotations
 
 import torch
 
+from .block_sparse import KernelConfig
 from .index import BlockIndex
+
+
+def config_to_ints(config: KernelConfig | None) -> list[int]:
+    """A KernelConfig as the int list the op's schema can carry ([] for the default config)."""
+    if config is None:
+        return []
+    tma = -1 if config.use_tma is None else int(config.use_tma)
+    return [config.block_m or 0, config.block_n or 0, config.num_warps, config.num_stages, int(config.persistent),
+            tma, int(config.warp_specialize)]
+
+
+def config_from_ints(values: list[int]) -> KernelConfig | None:
+    if not values:
+        return None
+    bm, bn, warps, stages, persistent, tma, ws = values
+    return KernelConfig(block_m=bm or None, block_n=bn or None, num_warps=warps, num_stages=stages,
+                        persistent=bool(persistent), use_tma=None if tma < 0 else bool(tma), warp_specialize=bool(ws))
 
 
 @torch.library.custom_op("calibatt::block_sparse_attention", mutates_args=())
@@ -23,13 +41,15 @@ def block_sparse_attention_op(
     schedule: torch.Tensor,
     block_m: int,
     block_n: int,
+    config: list[int],
 ) -> torch.Tensor:
     from . import block_sparse_attention_indexed
 
-    return block_sparse_attention_indexed(q, k, v, BlockIndex(counts, indices, schedule), block_size=(block_m, block_n))
+    return block_sparse_attention_indexed(q, k, v, BlockIndex(counts, indices, schedule), block_size=(block_m, block_n),
+                                          config=config_from_ints(config))
 
 
 @block_sparse_attention_op.register_fake
-def _(q, k, v, counts, indices, schedule, block_m, block_n):
+def _(q, k, v, counts, indices, schedule, block_m, block_n, config):
     # The launcher allocates its output in q's stride order, as empty_like does for a dense q.
     return torch.empty_like(q)

@@ -42,8 +42,12 @@ def block_sparse_attention_ref(
     block_size: tuple[int, int] = (128, 128),
     scale: float | None = None,
     rows_per_chunk: int = 8,
-) -> torch.Tensor:
-    """Block-sparse attention by gathering each query block's key blocks. Rows with no block give 0."""
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention by gathering each query block's key blocks. Rows with no block give 0.
+
+    With `return_lse`, returns (out, lse): lse float32 [B, H, N] = log sum_j exp(scale * q.k_j) over each row's
+    listed keys (-inf for a row with no block), what merging two partial attentions over disjoint keys needs."""
     B, H, N, D = q.shape
     bm, bn = block_size
     mq, mk = num_blocks(N, bm), num_blocks(N, bn)
@@ -63,6 +67,7 @@ def block_sparse_attention_ref(
     slot_ok = torch.arange(kmax, device=q.device) < counts.unsqueeze(-1)  # [B, H, Mq, kmax]
 
     out = torch.zeros(B, H, mq, bm, D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, H, mq, bm, dtype=torch.float32, device=q.device)
     bidx = torch.arange(B, device=q.device)[:, None, None, None]
     hidx = torch.arange(H, device=q.device)[None, :, None, None]
     for r0 in range(0, mq, rows_per_chunk):
@@ -73,9 +78,12 @@ def block_sparse_attention_ref(
         valid = slot_ok[:, :, r0:r1, :, None] & key_valid[idx]  # [B, H, R, kmax, bn]
         s = torch.einsum("bhrmd,bhrknd->bhrmkn", qf[:, :, r0:r1], kg) * scale
         s = s.masked_fill(~valid[:, :, :, None], float("-inf")).flatten(-2)
+        lse[:, :, r0:r1] = torch.logsumexp(s, dim=-1)  # all -inf -> -inf
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # empty rows: all -inf -> NaN -> 0
         out[:, :, r0:r1] = torch.einsum("bhrmj,bhrjd->bhrmd", p, vg.flatten(3, 4))
-    return out.view(B, H, mq * bm, D)[:, :, :N].to(q.dtype)
+    # Output in q's layout (a [B, N, H, D] view in gives one out), like the Triton launcher.
+    out = torch.empty_like(q).copy_(out.view(B, H, mq * bm, D)[:, :, :N])
+    return (out, lse.view(B, H, mq * bm)[:, :, :N]) if return_lse else out
 
 
 def block_mass_ref(

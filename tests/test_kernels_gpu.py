@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import calibatt_kernels as ck
 import pytest
 import torch
+
+import calibatt_kernels as ck
 from calibatt_kernels import block_mass_ref, block_sparse_attention_ref, mask_to_index, num_blocks
 
 pytestmark = [

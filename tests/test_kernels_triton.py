@@ -19,9 +19,10 @@ import json  # noqa: E402
 import subprocess  # noqa: E402
 import traceback  # noqa: E402
 
-import calibatt_kernels as ck  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import calibatt_kernels as ck  # noqa: E402
 from calibatt_kernels import block_mass_ref, block_sparse_attention_ref, mask_to_index, num_blocks  # noqa: E402
 
 SPARSE_CASES = {
@@ -70,6 +71,32 @@ def run_sparse(name):
     return dict(_errors(out, ref), nan=bool(out.isnan().any()), empty_row_zero=bool((out[:, :, : bs[0]] == 0).all()))
 
 
+LSE_CASES = {
+    # name: (B, H, N, D, block_size, dtype, config kwargs): the row LSE that joint attention merges with
+    "fp32-odd-n-one-program-per-tile": (2, 2, 300, 64, (64, 64), torch.float32, dict(persistent=False)),
+    "bf16-tiles-split-blocks-tma": (1, 2, 333, 128, (128, 128), torch.bfloat16, dict(block_m=64, use_tma=True)),
+}
+
+
+def run_lse(name):
+    from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
+
+    B, H, N, D, bs, dtype, cfg = LSE_CASES[name]
+    gen = torch.Generator().manual_seed(N + 7)
+    q, k, v = _qkv(B, H, N, D, dtype, gen, transposed=True)
+    mask = torch.rand(B, H, num_blocks(N, bs[0]), num_blocks(N, bs[1]), generator=gen) < 0.4
+    mask[..., 0, :] = False  # an empty row: lse -inf
+    mask[..., -1, -1] = True
+    out, lse = block_sparse_attention_triton(q, k, v, mask_to_index(mask), block_size=bs,
+                                             config=KernelConfig(**cfg), return_lse=True)
+    ref, ref_lse = block_sparse_attention_ref(q.float(), k.float(), v.float(), mask, bs, return_lse=True)
+    fin = torch.isfinite(ref_lse)
+    return dict(_errors(out, ref), lse_max_diff=(lse[fin] - ref_lse[fin]).abs().max().item(),
+                lse_ok=lse.shape == (B, H, N) and lse.dtype == torch.float32,
+                same_inf=bool(torch.equal(torch.isfinite(lse), fin)),
+                empty_inf=bool(lse[:, :, : bs[0]].isneginf().all()))
+
+
 def run_layout():
     gen = torch.Generator().manual_seed(1)
     q, k, v = _qkv(1, 2, 200, 64, torch.float32, gen, transposed=True)
@@ -100,6 +127,7 @@ def run_mass(name):
 def _all_cases():
     jobs = {f"sparse/{n}": (run_sparse, n) for n in SPARSE_CASES}
     jobs.update({f"mass/{n}": (run_mass, n) for n in MASS_CASES})
+    jobs.update({f"lse/{n}": (run_lse, n) for n in LSE_CASES})
     jobs["layout"] = (run_layout,)
     jobs["dense"] = (run_dense,)
     res = {}
@@ -132,6 +160,16 @@ def test_block_sparse_matches_reference(results, name):
     assert not r["nan"], "unwritten (NaN) output elements"
     assert r["rel"] < tol, f"rel={r['rel']:.2e} max_diff={r['max_diff']:.2e}"
     assert r["empty_row_zero"], "an empty mask row must give zeros"
+
+
+@pytest.mark.parametrize("name", list(LSE_CASES))
+def test_block_sparse_lse_matches_reference(results, name):
+    r = _get(results, f"lse/{name}")
+    fp32 = LSE_CASES[name][5] == torch.float32
+    assert r["lse_ok"], "lse must be float32 [B, H, N]"
+    assert r["same_inf"] and r["empty_inf"], "lse is -inf exactly for rows with no block"
+    assert r["rel"] < (1e-5 if fp32 else 1e-2), f"rel={r['rel']:.2e} max_diff={r['max_diff']:.2e}"
+    assert r["lse_max_diff"] < (1e-4 if fp32 else 2e-2), f"lse max_diff={r['lse_max_diff']:.2e}"
 
 
 def test_output_keeps_q_layout_without_schedule(results):

@@ -6,7 +6,9 @@ from ..config import Config
 from ..errors import ModelError
 from .base import LoadedModel, ModelIdentity
 
-MODEL_NAMES = ("tiny", "tiny-random")
+WAN_NAMES = ("wan2.1", "wan2.1-1.3b", "wan2.1-14b", "wan2.1-distill")
+MOCHI_NAMES = ("mochi-1", "mochi-tiny-random")
+MODEL_NAMES = ("tiny", "tiny-random", *WAN_NAMES, *MOCHI_NAMES)
 
 
 def _unknown(name: str) -> ModelError:
@@ -20,6 +22,14 @@ def model_identity(cfg: Config) -> ModelIdentity:
         from .tiny import tiny_identity
 
         ident = tiny_identity(cfg, name)
+    elif name in WAN_NAMES:
+        from .wan import wan_real_identity
+
+        ident = wan_real_identity(cfg, name)
+    elif name in MOCHI_NAMES:
+        from .mochi import mochi_model_identity
+
+        ident = mochi_model_identity(cfg, name)
     else:
         raise _unknown(name)
     ident.check_video(cfg.video.frames, cfg.video.height, cfg.video.width)
@@ -34,6 +44,14 @@ def load_model(cfg: Config) -> LoadedModel:
         from .tiny import load_tiny
 
         return load_tiny(cfg, name)
+    if name in WAN_NAMES:
+        from .wan import load_wan
+
+        return load_wan(cfg, name)
+    if name in MOCHI_NAMES:
+        from .mochi import load_mochi
+
+        return load_mochi(cfg, name)
     raise _unknown(name)
 
 

@@ -52,6 +52,29 @@ class ModelIdentity:
             )
 
 
+def identity_from_config(family: str, model_cls, name: str, model_id: str, transformer_config: dict,
+                         weights_id: str, vae_stride: tuple[int, int, int], patch=None) -> ModelIdentity:
+    """Identity from configs alone. The transformer is instantiated on the meta device (no memory) so its
+    config carries every default, whether or not config.json spelled it out: equal models hash equal.
+    `patch` maps the full config to the (time, height, width) patch; default: its `patch_size`."""
+    from ..util import canonical_json, sha256_hex
+
+    with torch.device("meta"):
+        tcfg = dict(model_cls.from_config(transformer_config).config)
+    tcfg = {k: v for k, v in tcfg.items() if not k.startswith("_")}
+    h = sha256_hex(canonical_json({"family": family, "name": name, "config": tcfg, "weights": weights_id}))[:16]
+    return ModelIdentity(
+        name=name,
+        model_id=model_id,
+        model_hash=h,
+        layers=tcfg["num_layers"],
+        heads=tcfg["num_attention_heads"],
+        head_dim=tcfg["attention_head_dim"],
+        vae_stride=tuple(vae_stride),
+        patch=tuple(patch(tcfg) if patch else tcfg["patch_size"]),
+    )
+
+
 @dataclass
 class LoadedModel:
     ident: ModelIdentity

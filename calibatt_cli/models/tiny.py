@@ -1,15 +1,22 @@
 """The built-in `tiny` model: a real diffusers WanPipeline at toy size, built offline from code.
 
-`tiny-random` has random weights drawn from `model.seed` (fast tests). `tiny` loads the trained weights
-shipped in calibatt_cli/weights/ when they are there, and is otherwise the random model. Both use a
-word-level tokenizer and a small UMT5 encoder, so nothing is downloaded.
+`tiny` loads the weights shipped in calibatt_cli/weights/ (trained by calibatt_cli/train.py on the
+procedural clips of calibatt_cli/procedural.py; see docs/training.md). `tiny-random` is the same
+architecture with random weights drawn from `model.seed` (fast tests). Both use a word-level tokenizer,
+a small UMT5 encoder and the fixed pixel-unshuffle latent of calibatt_cli/latent.py: nothing is
+downloaded. Video: 17 frames of 64 x 64 -> latent 24 x 9 x 32 x 32 -> 9 x 16 x 16 = 2,304 tokens.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 import torch
 
 from ..config import Config
+from ..errors import ModelError
 from .base import ModelIdentity
 from .wan import WanModel, wan_identity
 
@@ -25,19 +32,22 @@ VOCAB_WORDS = (
 
 TRANSFORMER = dict(
     patch_size=(1, 2, 2),
-    num_attention_heads=2,
+    num_attention_heads=3,  # dim 192: > the 96 values per token, so the velocity fits through
     attention_head_dim=64,  # 64 so the Triton kernels (head dim 64/128) run on tiny too
-    in_channels=16,
-    out_channels=16,
-    text_dim=32,
+    in_channels=24,  # = LATENT z_dim
+    out_channels=24,
+    text_dim=64,
     freq_dim=64,
-    ffn_dim=256,
+    ffn_dim=768,
     num_layers=4,
     rope_max_seq_len=64,
 )
-VAE = dict(base_dim=4, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
-TEXT = dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, relative_attention_num_buckets=8)
+LATENT = dict(scale_factor_temporal=2, scale_factor_spatial=2, in_channels=3, z_dim=24)
+TEXT = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+            dropout_rate=0.0)
 MAX_TEXT_TOKENS = 32
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "tiny.safetensors"
+WEIGHTS_INFO = WEIGHTS.with_suffix(".json")  # architecture + training record of the shipped weights
 
 
 def build_tokenizer():
@@ -55,28 +65,93 @@ def build_tokenizer():
     )
 
 
-def build_tiny_pipeline(seed: int):
-    """The tiny WanPipeline with random weights, identical for the same seed."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+def build_modules(seed: int, transformer: dict | None = None, text: dict | None = None):
+    """(tokenizer, text encoder, transformer, latent) with random weights, identical for the same seed.
+    `transformer` / `text` override the architecture (small models for tests)."""
+    from diffusers import WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
+
+    from ..latent import PixelShuffleLatent
 
     tokenizer = build_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TEXT)).eval()
-        transformer = WanTransformer3DModel(**TRANSFORMER).eval()
-        vae = AutoencoderKLWan(**VAE).eval()
+        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **(text or TEXT))).eval()
+        net = WanTransformer3DModel(**(transformer or TRANSFORMER)).eval()
+    return tokenizer, text_encoder, net, PixelShuffleLatent(**LATENT).eval()
+
+
+def encode_text(tokenizer, text_encoder, prompts: list[str], max_length: int = MAX_TEXT_TOKENS) -> torch.Tensor:
+    """Prompt embeddings exactly as WanPipeline._get_t5_prompt_embeds makes them (padding slots zeroed),
+    with gradients (training needs them; the pipeline's own method is called under no_grad)."""
+    inputs = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                       add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
+    hidden = text_encoder(ids, mask).last_hidden_state
+    return hidden * mask.unsqueeze(-1).to(hidden.dtype)
+
+
+def build_tiny_pipeline(seed: int):
+    """The tiny WanPipeline with random weights, identical for the same seed."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    tokenizer, text_encoder, transformer, vae = build_modules(seed)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
                        transformer=transformer)
 
 
+@functools.lru_cache(maxsize=4)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    from ..util import sha256_hex
+
+    return sha256_hex(Path(path).read_bytes())
+
+
+def weights_sha256() -> str:
+    if not WEIGHTS.is_file():
+        raise ModelError(
+            f"the trained tiny weights are missing ({WEIGHTS}); reinstall calibatt, or use --model tiny-random"
+        )
+    st = WEIGHTS.stat()
+    return _file_sha256(str(WEIGHTS), st.st_mtime_ns, st.st_size)
+
+
 def tiny_identity(cfg: Config, name: str) -> ModelIdentity:
-    return wan_identity(name, f"builtin:{name}", TRANSFORMER, {}, f"random-seed-{cfg.model.seed}")
+    # `tiny` is tied to the bytes of its weights file: retraining invalidates bundles made before.
+    weights_id = f"sha256:{weights_sha256()}" if name == "tiny" else f"random-seed-{cfg.model.seed}"
+    return wan_identity(name, f"builtin:{name}", TRANSFORMER, LATENT, weights_id)
+
+
+def load_trained(pipe) -> None:
+    """Load the shipped weights into a pipeline built by build_tiny_pipeline."""
+    from safetensors.torch import load_file
+
+    weights_sha256()  # a clear error if missing
+    info = json.loads(WEIGHTS_INFO.read_text()) if WEIGHTS_INFO.is_file() else {}
+    arch = info.get("architecture", {})
+    for key, ours in (("transformer", TRANSFORMER), ("text", TEXT), ("latent", LATENT)):
+        if key in arch and _jsonable(arch[key]) != _jsonable(ours):
+            raise ModelError(f"{WEIGHTS_INFO}: architecture '{key}' differs from calibatt_cli/models/tiny.py")
+    state = load_file(str(WEIGHTS))
+    for prefix, module in (("transformer.", pipe.transformer), ("text_encoder.", pipe.text_encoder)):
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        missing, unexpected = module.load_state_dict(sub, strict=False)
+        missing = [k for k in missing if k != "encoder.embed_tokens.weight"]  # tied to `shared`
+        if missing or unexpected:
+            raise ModelError(f"{WEIGHTS}: does not fit the tiny model (missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]})")
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x))
 
 
 def load_tiny(cfg: Config, name: str) -> WanModel:
     pipe = build_tiny_pipeline(cfg.model.seed)
+    if name == "tiny":
+        load_trained(pipe)
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=cfg.generate.flow_shift)
     dtype = getattr(torch, cfg.model.dtype)
     pipe.to(device=cfg.model.device)

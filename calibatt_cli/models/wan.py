@@ -10,11 +10,10 @@ import json
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
-from ..attention import AttentionController
+from ..attention import AttentionController, SparseLayer
 from ..config import Config
 from ..errors import CalibattError, ModelError
-from ..util import canonical_json, sha256_hex
-from .base import LoadedModel, ModelIdentity
+from .base import LoadedModel, ModelIdentity, identity_from_config
 
 
 def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -35,6 +34,7 @@ class CalibattWanAttnProcessor(WanAttnProcessor):
         super().__init__()
         self.layer_index = layer_index  # baked in: cache hooks may skip blocks, so counting calls is wrong
         self.controller = controller
+        self.sparse = SparseLayer(controller, layer_index) if controller.mode == "sparse" else None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if self._parallel_config is not None:
@@ -55,7 +55,11 @@ class CalibattWanAttnProcessor(WanAttnProcessor):
             query = _apply_rotary_emb(query, *rotary_emb)
             key = _apply_rotary_emb(key, *rotary_emb)
         # [B, N, H, D] -> [B, H, N, D] views: the kernels take any strides, so nothing is copied.
-        out = self.controller.attend(self.layer_index, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        if self.sparse is not None and self.controller.fast_sparse():
+            out = self.sparse(q, k, v)
+        else:
+            out = self.controller.attend(self.layer_index, q, k, v)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
@@ -64,32 +68,20 @@ class CalibattWanAttnProcessor(WanAttnProcessor):
 class WanModel(LoadedModel):
     def install(self, controller: AttentionController) -> None:
         self.uninstall()
+        controller.to(self.device)
         for i, block in enumerate(self.pipe.transformer.blocks):
             self._installed.append((block.attn1, block.attn1.processor))
             block.attn1.set_processor(CalibattWanAttnProcessor(i, controller))
 
 
-def wan_identity(name: str, model_id: str, transformer_config: dict, vae_config: dict, weights_id: str) -> ModelIdentity:
-    """Identity from configs alone: the transformer is instantiated on the meta device (no memory) so
-    its config carries every default, whether or not config.json spelled it out."""
+def wan_identity(name: str, model_id: str, transformer_config: dict, vae_config: dict,
+                 weights_id: str) -> ModelIdentity:
     from diffusers import WanTransformer3DModel
 
-    with torch.device("meta"):
-        tcfg = dict(WanTransformer3DModel.from_config(transformer_config).config)
-    tcfg = {k: v for k, v in tcfg.items() if not k.startswith("_")}
-    h = sha256_hex(canonical_json({"family": "wan", "name": name, "config": tcfg, "weights": weights_id}))[:16]
     st = vae_config.get("scale_factor_temporal") or 4
     ss = vae_config.get("scale_factor_spatial") or 8
-    return ModelIdentity(
-        name=name,
-        model_id=model_id,
-        model_hash=h,
-        layers=tcfg["num_layers"],
-        heads=tcfg["num_attention_heads"],
-        head_dim=tcfg["attention_head_dim"],
-        vae_stride=(st, ss, ss),
-        patch=tuple(tcfg["patch_size"]),
-    )
+    return identity_from_config("wan", WanTransformer3DModel, name, model_id, transformer_config, weights_id,
+                                (st, ss, ss))
 
 
 # --- real Wan 2.1 weights -------------------------------------------------------------------------------
@@ -124,7 +116,8 @@ def wan_real_identity(cfg: Config, name: str) -> ModelIdentity:
     if name in KNOWN_SIZES:
         layers, dim = KNOWN_SIZES[name]
         if (ident.layers, ident.heads * ident.head_dim) != (layers, dim):
-            raise ModelError(f"'{src}' holds a Wan model of {ident.layers} layers x dim {ident.heads * ident.head_dim}, "
+            raise ModelError(f"'{src}' holds a Wan model of {ident.layers} layers x dim "
+                             f"{ident.heads * ident.head_dim}, "
                              f"not {name} ({layers} x {dim}); use --model wan2.1 to take the size from the weights")
     return ident
 

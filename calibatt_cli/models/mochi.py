@@ -1,0 +1,254 @@
+"""Mochi 1 family: our processor on every block's joint attention, and loading of Mochi pipelines.
+
+Mochi attends jointly: each block's `attn1` concatenates the visual tokens with the valid (unpadded) text
+tokens of each batch item and runs one softmax over both. Our processor computes the same projections,
+norms and RoPE as diffusers' `MochiAttnProcessor2_0`, then hands the visual and text q, k, v to
+`AttentionController.attend_joint`: masks apply to visual x visual blocks only, text rows and columns stay
+dense. CFG runs batched (uncond, cond), so both branches count as calibration samples.
+
+Token grid: MochiPipeline.prepare_latents makes (frames - 1) // 6 + 1 latent frames of (H / 8, W / 8) (its
+VAE strides are fixed in the pipeline, not read from the VAE), and the transformer patches each latent frame
+by 2 x 2: `ModelIdentity.token_grid` with vae_stride (6, 8, 8) and patch (1, 2, 2) is exactly that.
+480 x 848 x 163 -> 28 x 30 x 53 = 44,520 visual tokens (+ up to 256 text tokens).
+
+Models:
+- `mochi-1`: a local diffusers-format folder (`model.path`), loaded with MochiPipeline.from_pretrained.
+- `mochi-tiny-random`: a toy MochiPipeline with random weights from `model.seed`, built offline (tests).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import MochiAttnProcessor2_0
+
+from ..attention import AttentionController
+from ..config import Config
+from ..errors import CalibattError, ModelError
+from ..util import canonical_json, sha256_hex
+from .base import LoadedModel, ModelIdentity, identity_from_config
+
+VAE_STRIDE = (6, 8, 8)  # MochiPipeline's vae_temporal_scale_factor and vae_spatial_scale_factor
+
+# mochi-tiny-random: heads x head dim 2 x 64 (64: the Triton kernels' smallest head dim), 2 blocks.
+TINY_TRANSFORMER = dict(
+    patch_size=2,
+    num_attention_heads=2,
+    attention_head_dim=64,
+    num_layers=2,
+    pooled_projection_dim=32,
+    in_channels=12,  # MochiPipeline assumes 12 latent channels (latents_mean.view(1, 12, ...))
+    text_embed_dim=32,  # = TINY_TEXT d_model
+    time_embed_dim=32,
+    max_sequence_length=16,
+)
+TINY_VAE = dict(
+    latent_channels=12,
+    out_channels=3,
+    encoder_block_out_channels=(32, 32, 32, 32),  # GroupNorm has 32 groups
+    decoder_block_out_channels=(32, 32, 32, 32),
+    layers_per_block=(1, 1, 1, 1, 1),
+)
+TINY_TEXT = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                 dropout_rate=0.0)
+EXPECTED_FILES = (
+    "model_index.json",
+    "transformer/config.json + diffusion_pytorch_model*.safetensors",
+    "vae/config.json + diffusion_pytorch_model*.safetensors",
+    "text_encoder/config.json + model*.safetensors",
+    "tokenizer/ (tokenizer_config.json + spiece.model or tokenizer.json)",
+    "scheduler/scheduler_config.json",
+)
+
+
+def _rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    # Mochi's RoPE on [B, N, H, D], as in diffusers' MochiAttnProcessor2_0 (computed in fp32).
+    x_even = x[..., 0::2].float()
+    x_odd = x[..., 1::2].float()
+    cos = (x_even * freqs_cos - x_odd * freqs_sin).to(x.dtype)
+    sin = (x_even * freqs_sin + x_odd * freqs_cos).to(x.dtype)
+    return torch.stack([cos, sin], dim=-1).flatten(-2)
+
+
+class CalibattMochiAttnProcessor(MochiAttnProcessor2_0):
+    """Joint attention of one Mochi block, routed through the AttentionController."""
+
+    def __init__(self, layer_index: int, controller: AttentionController):
+        super().__init__()
+        self.layer_index = layer_index  # baked in: cache hooks may skip blocks, so counting calls is wrong
+        self.controller = controller
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=None):
+        if getattr(self, "_parallel_config", None) is not None:
+            # Under context parallelism each rank holds a shard of the tokens; attending over it alone
+            # would be silently wrong.
+            raise CalibattError(
+                "calibatt's sparse attention does not support diffusers context parallelism yet; "
+                "disable parallelism (do not call enable_parallelism) or run --dense"
+            )
+        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        enc_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        enc_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        enc_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_added_q is not None:
+            enc_query = attn.norm_added_q(enc_query)
+        if attn.norm_added_k is not None:
+            enc_key = attn.norm_added_k(enc_key)
+        if image_rotary_emb is not None:
+            query = _rope(query, *image_rotary_emb)
+            key = _rope(key, *image_rotary_emb)
+
+        # [B, N, H, D] -> [B, H, N, D] views: the kernels take any strides, so nothing is copied.
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        eq, ek, ev = enc_query.transpose(1, 2), enc_key.transpose(1, 2), enc_value.transpose(1, 2)
+        n_txt = eq.shape[2]
+        vis_out, txt_out = [], []
+        # Per batch item, as diffusers does: each (uncond, cond) branch has its own number of valid text
+        # tokens, and padding is dropped rather than masked.
+        for i in range(q.shape[0]):
+            valid = torch.nonzero(attention_mask[i].flatten(), as_tuple=False).flatten()
+            ov, ot = self.controller.attend_joint(
+                self.layer_index, q[i : i + 1], k[i : i + 1], v[i : i + 1],
+                eq[i : i + 1, :, valid], ek[i : i + 1, :, valid], ev[i : i + 1, :, valid],
+            )
+            vis_out.append(ov)
+            # Valid text outputs first, then zeros, exactly as diffusers pads them.
+            txt_out.append(F.pad(ot, (0, 0, 0, n_txt - ot.shape[2])))
+        hidden_states = torch.cat(vis_out).transpose(1, 2).flatten(2, 3).type_as(query)
+        encoder_hidden_states = torch.cat(txt_out).transpose(1, 2).flatten(2, 3).type_as(query)
+
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if hasattr(attn, "to_add_out"):
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
+
+
+class MochiModel(LoadedModel):
+    def install(self, controller: AttentionController) -> None:
+        self.uninstall()
+        for i, block in enumerate(self.pipe.transformer.transformer_blocks):
+            self._installed.append((block.attn1, block.attn1.processor))
+            block.attn1.processor = CalibattMochiAttnProcessor(i, controller)
+
+    def uninstall(self) -> None:
+        # MochiAttention has no set_processor: assign the attribute back.
+        for module, processor in self._installed:
+            module.processor = processor
+        self._installed.clear()
+
+
+def mochi_identity(name: str, model_id: str, transformer_config: dict, weights_id: str) -> ModelIdentity:
+    from diffusers import MochiTransformer3DModel
+
+    # PatchEmbed patches each latent frame in 2-D
+    return identity_from_config("mochi", MochiTransformer3DModel, name, model_id, transformer_config, weights_id,
+                                VAE_STRIDE, patch=lambda c: (1, c["patch_size"], c["patch_size"]))
+
+
+# --- mochi-tiny-random -------------------------------------------------------------------------------
+
+
+def build_tiny_pipeline(seed: int):
+    """A toy MochiPipeline with random weights, identical for the same seed; nothing is downloaded."""
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+    from tokenizers import processors
+    from transformers import T5Config, T5EncoderModel
+
+    from .tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    # T5 appends </s>: the empty negative prompt then still has one valid token, as with the real tokenizer.
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", tokenizer.eos_token_id)]
+    )
+    tokenizer.model_max_length = TINY_TRANSFORMER["max_sequence_length"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **TINY_TEXT)).eval()
+        transformer = MochiTransformer3DModel(**TINY_TRANSFORMER).eval()
+        # RoPE frequencies start at 0 (no positions at all); random ones make attention depend on position.
+        transformer.pos_frequencies.data.normal_(0.0, 0.5)
+        vae = AutoencoderKLMochi(**TINY_VAE).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(invert_sigmas=True)  # as Mochi 1's scheduler_config.json
+    return MochiPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                         transformer=transformer)
+
+
+def _finish(pipe, cfg: Config, ident: ModelIdentity) -> MochiModel:
+    dtype = getattr(torch, cfg.model.dtype)
+    pipe.to(device=cfg.model.device)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    # The text length the transformer was built for (256 for Mochi 1): the pipeline pads prompts to it.
+    return MochiModel(ident, pipe, {"max_sequence_length": pipe.transformer.config.max_sequence_length})
+
+
+# --- mochi-1 from a local diffusers folder -------------------------------------------------------------
+
+
+def _require_path(cfg: Config) -> Path:
+    if not cfg.model.path:
+        raise ModelError(
+            f"model '{cfg.model.name}' needs local weights: pass --set model.path=/path/to/mochi-1 "
+            "(a diffusers-format folder, e.g. a download of genmo/mochi-1-preview)"
+        )
+    return Path(cfg.model.path).expanduser()
+
+
+def check_checkpoint(path: Path) -> None:
+    """A clear error listing what a diffusers-format Mochi folder holds, before from_pretrained fails."""
+    missing = []
+    if not (path / "model_index.json").is_file():
+        missing.append("model_index.json")
+    for sub, config, weights in (
+        ("transformer", "config.json", "*.safetensors"),
+        ("vae", "config.json", "*.safetensors"),
+        ("text_encoder", "config.json", "*.safetensors"),
+        ("tokenizer", "tokenizer_config.json", None),
+        ("scheduler", "scheduler_config.json", None),
+    ):
+        if not (path / sub / config).is_file():
+            missing.append(f"{sub}/{config}")
+        if weights and not list((path / sub).glob(weights)):
+            missing.append(f"{sub}/{weights}")
+    if missing:
+        raise ModelError(
+            f"model.path '{path}' is not a complete diffusers-format Mochi folder: missing {', '.join(missing)}. "
+            f"Expected: {'; '.join(EXPECTED_FILES)}"
+        )
+
+
+def _weights_id(path: Path) -> str:
+    """The weights' identity without reading gigabytes: names and sizes of the transformer's files."""
+    files = sorted(p for p in (path / "transformer").iterdir() if p.is_file())
+    return sha256_hex(canonical_json([[p.name, p.stat().st_size] for p in files]))
+
+
+def mochi_model_identity(cfg: Config, name: str) -> ModelIdentity:
+    if name == "mochi-tiny-random":
+        return mochi_identity(name, f"builtin:{name}", TINY_TRANSFORMER, f"random-seed-{cfg.model.seed}")
+    path = _require_path(cfg)
+    check_checkpoint(path)
+    tcfg = json.loads((path / "transformer" / "config.json").read_text())
+    return mochi_identity(name, str(path.resolve()), tcfg, _weights_id(path))
+
+
+def load_mochi(cfg: Config, name: str) -> MochiModel:
+    ident = mochi_model_identity(cfg, name)
+    if name == "mochi-tiny-random":
+        return _finish(build_tiny_pipeline(cfg.model.seed), cfg, ident)
+    from diffusers import MochiPipeline
+
+    pipe = MochiPipeline.from_pretrained(_require_path(cfg), local_files_only=True,
+                                         dtype=getattr(torch, cfg.model.dtype))
+    return _finish(pipe, cfg, ident)

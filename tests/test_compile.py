@@ -1,0 +1,183 @@
+"""`calibatt compile` without a GPU: cross-compiling every kernel config, a cache that survives being
+moved, refusal of caches made for another GPU, Triton or bundle, and concurrent compiles."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+from test_cli import assert_one_line_error, run_cli
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from calibatt_cli import aot
+from calibatt_cli.attention import AttentionController
+from calibatt_cli.bundle import load_bundle, save_bundle
+from calibatt_cli.calibrate import calibrate
+from calibatt_cli.compiler import compile_cache, load_cache
+from calibatt_cli.config import load_config
+from calibatt_cli.errors import CacheError
+from calibatt_kernels import block_sparse
+from calibatt_kernels.block_sparse import KernelConfig
+
+PROMPT = "a red circle moving left on a black background"
+
+
+def test_cross_compile_every_config_for_sm90(small_config, monkeypatch, capsys):
+    # Wan's kernel class but head dim 64 (the tiny model's): block 128, bf16.
+    code, _, err = run_cli(monkeypatch, capsys, "compile", "--config", small_config, "--target", "sm_90",
+                           "--set", "calibration.block_size=128", "--set", "model.dtype=bfloat16")
+    assert code == 0, err
+    n = len(block_sparse.candidate_configs((9, 0), (128, 128), 64))
+    assert f"{n} of {n} configs compile and fit sm_90, 0 failed" in err, err
+    assert "128x64 w8 s3 persistent" in err  # the table lists each variant
+
+
+def test_candidates_per_architecture():
+    hopper = block_sparse.candidate_configs((9, 0), (128, 128), 128)
+    ampere = block_sparse.candidate_configs((8, 0), (128, 128), 128)
+    assert hopper[0] == KernelConfig(num_warps=8, num_stages=3, persistent=True)  # the measured default first
+    assert all(c.use_tma is None for c in hopper) and all(c.use_tma is False for c in ampere)
+    assert all(c.block_m in (None, 64) and c.block_n in (None, 64) for c in hopper)
+    assert all(c.block_m is None and c.block_n is None for c in block_sparse.candidate_configs((9, 0), (64, 64), 64))
+
+
+def test_bad_target(small_config, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "compile", "--config", small_config, "--target", "gfx90a")
+    assert_one_line_error(code, err, "not an architecture", "sm_90")
+
+
+def _compile_one(counter_dir=None, strict=False):
+    cfg = KernelConfig(num_warps=4, num_stages=2, persistent=False)
+    sig, consts, attrs, opts = block_sparse.aot_source_args(cfg, torch.float16, (64, 64), 64, (9, 0))
+    with aot.CompileCounter(strict=strict) as counter:
+        triton.compile(ASTSource(block_sparse.kernel_fn(), sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=opts)
+    return counter
+
+
+def test_moved_cache_still_hits_and_strict_fails_on_a_miss(tmp_path):
+    first = tmp_path / "a" / "triton"
+    with aot.kernel_cache(first):
+        with pytest.raises(CacheError, match="strict mode: Triton compiled kernel _block_sparse_fwd"):
+            _compile_one(strict=True)  # an empty cache: the compile happens (and is stored), strict objects
+        assert _compile_one().count == 0  # same folder: a hit
+    grp = next(first.glob("*/__grp__*.json"))
+    assert all("/" not in p for p in json.loads(grp.read_text())["child_paths"].values()), "paths stay relative"
+    moved = tmp_path / "b" / "triton"
+    shutil.copytree(first, moved)
+    shutil.rmtree(tmp_path / "a")
+    with aot.kernel_cache(moved):
+        c = _compile_one()
+    assert (c.count, c.hits) == (0, 1), c.compiled
+    assert os.environ.get("TRITON_CACHE_DIR") != str(moved), "the setting ends with the block"
+
+
+def test_relink_groups_for_a_stock_triton(tmp_path):
+    """A stock Triton (no cache-manager knob) reads absolute paths: relink rewrites them to the folder's
+    current location, and back to names for storage."""
+    entry = tmp_path / "KEY"
+    entry.mkdir()
+    (entry / "k.cubin").write_bytes(b"x")
+    grp = entry / "__grp__k.json"
+    grp.write_text(json.dumps({"child_paths": {"k.cubin": "/old/place/KEY/k.cubin"}}))
+    assert aot.relink_groups(tmp_path, absolute=True) == 1
+    assert json.loads(grp.read_text())["child_paths"]["k.cubin"] == str(entry / "k.cubin")
+    assert aot.relink_groups(tmp_path, absolute=False) == 1
+    assert json.loads(grp.read_text())["child_paths"]["k.cubin"] == "k.cubin"
+
+
+@pytest.fixture
+def compiled(small_config):
+    cfg = load_config(small_config)
+    res = calibrate(cfg)
+    compile_cache(cfg)
+    return cfg, res
+
+
+def _edit_manifest(cfg, fn):
+    path = Path(cfg.compile.cache_dir) / "manifest.json"
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(json.dumps(m))
+
+
+def test_cache_for_another_gpu_triton_or_bundle_is_refused(compiled):
+    cfg, res = compiled
+    load_cache(cfg)
+    _edit_manifest(cfg, lambda m: m["versions"].update(triton="3.0.0"))
+    with pytest.raises(CacheError, match=r"triton 3\.0\.0, this run has triton .*calibatt compile --recompile"):
+        load_cache(cfg)
+    compile_cache(cfg, recompile=True)
+    _edit_manifest(cfg, lambda m: m["device"].update(type="cuda", name="NVIDIA H100", capability="sm_90"))
+    with pytest.raises(CacheError, match=r"compiled for NVIDIA H100 \(sm_90\).*calibatt compile --recompile"):
+        load_cache(cfg)
+    compile_cache(cfg, recompile=True)
+    masks = res.bundle.masks.clone()
+    masks[..., 0, :] = ~masks[..., 0, :]
+    save_bundle(res.path, masks, {k: v for k, v in res.bundle.meta.items() if k != "content_hash"})
+    with pytest.raises(CacheError, match=r"compiled from bundle .*calibatt compile --recompile"):
+        load_cache(cfg)
+    compile_cache(cfg, recompile=True)
+    _edit_manifest(cfg, lambda m: m["kernels"].update(triton_files=3))
+    with pytest.raises(CacheError, match=r"should hold 3 compiled kernels in triton/, it holds 0"):
+        load_cache(cfg)
+
+
+def test_plan_carries_the_chosen_config(compiled, monkeypatch):
+    cfg, _ = compiled
+    chosen = KernelConfig(block_n=16, num_warps=4, num_stages=2, persistent=False)
+
+    def put(m):
+        for g in m["groups"]:
+            if (g["bucket"], g["layer"]) == (0, 1):
+                g["config"] = chosen.__dict__
+
+    _edit_manifest(cfg, put)
+    plan, _ = load_cache(cfg)
+    assert plan.configs == {(0, 1): chosen}
+    seen = []
+    import calibatt_kernels as ck
+
+    real = ck.block_sparse_attention_indexed
+    monkeypatch.setattr(ck, "block_sparse_attention_indexed",
+                        lambda *a, **kw: seen.append(kw["config"]) or real(*a, **kw))
+    ctl = AttentionController("sparse", plan=plan)
+    ctl.step = 1  # a sparse step (step 0 is the dense warm-up)
+    q = torch.randn(1, plan.index[(0, 1)].counts.shape[1], 192, 64)
+    ctl.attend(1, q, q, q)
+    ctl.attend(0, q, q, q)
+    assert seen == [chosen, None]
+
+
+def _env():
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def test_two_compiles_at_once_then_generate(small_config, tmp_path):
+    cli = [sys.executable, "-m", "calibatt_cli"]
+    r = subprocess.run([*cli, "calibrate", "--config", str(small_config)], capture_output=True, text=True, env=_env())
+    assert r.returncode == 0, r.stderr
+    procs = [subprocess.Popen([*cli, "compile", "--config", str(small_config), *flags], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=_env())
+             for flags in ([], ["--recompile"])]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [], "no temp or old folders left"
+    assert sorted(p.name for p in (out / "cache").iterdir()) == ["manifest.json", "plan.safetensors", "triton"]
+    r = subprocess.run([*cli, "generate", PROMPT, "--config", str(small_config), "--strict", "--json"],
+                       capture_output=True, text=True, env=_env())
+    assert r.returncode == 0, r.stderr
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert line["compilations"] == 0 and 0 < line["mean_density"] <= 1
+    assert load_bundle(out / "bundle.safetensors").content_hash == json.loads(
+        (out / "cache" / "manifest.json").read_text())["bundle"]["content_hash"]
