@@ -236,6 +236,16 @@ def inspect(
         out.print(f"wrote {len(written)} heatmaps to {png}", highlight=False)
 
 
+def _register_training_commands() -> None:
+    from . import cli_train
+
+    app.command()(cli_train.train)
+    app.command()(cli_train.judge)
+
+
+_register_training_commands()
+
+
 def _s(p) -> str | None:
     return None if p is None else str(p)
 

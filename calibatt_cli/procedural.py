@@ -97,7 +97,8 @@ def caption(spec: ClipSpec) -> str:
     parts = []
     for o in spec.objects:
         first = o.size if spec.say_size else o.colour
-        words = ["an" if first[0] in "aeiou" else "a"] + ([o.size] if spec.say_size else []) + [o.colour, o.shape, MOTION_PHRASES[o.motion]]
+        words = ["an" if first[0] in "aeiou" else "a"] + ([o.size] if spec.say_size else [])
+        words += [o.colour, o.shape, MOTION_PHRASES[o.motion]]
         parts.append(" ".join(words))
     return " and ".join(parts) + f" on a {spec.background} background"
 

@@ -91,20 +91,23 @@ def block_mass_ref(
     k: torch.Tensor,
     block_size: tuple[int, int] = (128, 128),
     scale: float | None = None,
-    rows_per_chunk: int = 8,
+    rows_per_chunk: int | None = None,
 ) -> torch.Tensor:
-    """mass[b, h, i, j] = mean over the valid queries of block i of the softmax weight on key block j."""
+    """mass[b, h, i, j] = mean over the valid queries of block i of the softmax weight on key block j.
+    Query blocks are processed in chunks (default: ~16M probabilities at a time), never all N x N."""
     B, H, N, D = q.shape
     bm, bn = block_size
     mq, mk = num_blocks(N, bm), num_blocks(N, bn)
+    if rows_per_chunk is None:
+        rows_per_chunk = max(1, (1 << 24) // (B * H * bm * mk * bn))
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    kf = k.float()
+    kt = (k.float() * scale).transpose(-1, -2)  # scale folded into the keys once
     out = torch.empty(B, H, mq, mk, dtype=torch.float32, device=q.device)
     for r0 in range(0, mq, rows_per_chunk):
         r1 = min(r0 + rows_per_chunk, mq)
-        qs = q[:, :, r0 * bm : min(r1 * bm, N)].float()
-        p = torch.softmax(torch.einsum("bhmd,bhnd->bhmn", qs, kf) * scale, dim=-1)
-        p = _pad_to(p.transpose(-1, -2), mk * bn).transpose(-1, -2)  # pad keys with zero weight
+        p = torch.softmax(q[:, :, r0 * bm : min(r1 * bm, N)].float() @ kt, dim=-1)  # [B, H, rows, N]
+        if mk * bn != N:
+            p = torch.nn.functional.pad(p, (0, mk * bn - N))  # missing keys hold no weight
         per_block = p.view(B, H, p.shape[2], mk, bn).sum(-1)  # [B, H, rows, Mk]
         per_block = _pad_to(per_block, (r1 - r0) * bm).view(B, H, r1 - r0, bm, mk)
         n_valid = (torch.clamp(N - torch.arange(r0, r1, device=q.device) * bm, max=bm)).float()
