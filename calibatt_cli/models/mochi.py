@@ -237,6 +237,10 @@ def _weights_id(path: Path) -> str:
 def mochi_model_identity(cfg: Config, name: str) -> ModelIdentity:
     if name == "mochi-tiny-random":
         return mochi_identity(name, f"builtin:{name}", TINY_TRANSFORMER, f"random-seed-{cfg.model.seed}")
+    if not cfg.model.path:
+        # No weights named yet: diffusers' default MochiTransformer3DModel config is Mochi 1's, which gives
+        # the shape (for `calibatt config` and grids); loading still requires model.path.
+        return mochi_identity(name, "unloaded:mochi-1", {}, "none")
     path = _require_path(cfg)
     check_checkpoint(path)
     tcfg = json.loads((path / "transformer" / "config.json").read_text())
