@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import platform
 import sys
 import time
@@ -30,6 +29,7 @@ import torch._dynamo
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from calibatt_cli.attention import AttentionController, SparsePlan  # noqa: E402
+from calibatt_cli.masks import local_block_mask  # noqa: E402
 from calibatt_cli.models.wan import CalibattWanAttnProcessor  # noqa: E402
 from calibatt_kernels import mask_to_index  # noqa: E402
 
@@ -38,21 +38,7 @@ BLOCK = 128
 
 
 def local_mask(heads: int, grid: tuple[int, int, int], density: float, block: int) -> torch.Tensor:
-    """Each query block keeps the key blocks whose token centroids are nearest on the (frame, row, col)
-    grid (Chebyshev distance on normalised coordinates): the structure calibration finds in video DiTs."""
-    f, r, c = grid
-    n = f * r * c
-    tok = torch.arange(n)
-    coords = torch.stack([tok // (r * c), (tok // c) % r, tok % c], -1).float() / torch.tensor([f, r, c]).float()
-    mb = math.ceil(n / block)
-    pad = torch.nn.functional.pad(coords, (0, 0, 0, mb * block - n), value=float("nan"))
-    cent = pad.view(mb, block, 3).nanmean(1)
-    dist = (cent[:, None, :] - cent[None, :, :]).abs().amax(-1)
-    kk = max(1, round(density * mb))
-    idx = torch.argsort(dist, dim=-1, stable=True)[:, :kk]
-    mask = torch.zeros(mb, mb, dtype=torch.bool)
-    mask.scatter_(-1, idx, True)
-    return mask.expand(heads, mb, mb).contiguous()
+    return local_block_mask(heads, grid, density, block)
 
 
 class NoAttnProcessor:

@@ -32,6 +32,7 @@ import triton
 from triton.testing import do_bench
 
 import calibatt_kernels as ck
+from calibatt_cli.masks import local_block_mask
 from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
 
 SHAPES = {
@@ -66,18 +67,8 @@ def random_mask(h, mq, mk, density, gen):
 
 def local_mask(h, grid, n, density):
     """Each query block lists the key blocks whose token centroids are nearest on the (f, r, c) grid."""
-    f, r, c = grid
-    tok = torch.arange(n)
-    coords = torch.stack([tok // (r * c), (tok // c) % r, tok % c], -1).float() / torch.tensor([f, r, c]).float()
-    mb = triton.cdiv(n, BLOCK)
-    pad = torch.nn.functional.pad(coords, (0, 0, 0, mb * BLOCK - n), value=float("nan"))
-    cent = pad.view(mb, BLOCK, 3).nanmean(1)
-    dist = (cent[:, None, :] - cent[None, :, :]).abs().amax(-1)
-    kk = max(1, round(density * mb))
-    idx = torch.argsort(dist, dim=-1, stable=True)[:, :kk]
-    mask = torch.zeros(mb, mb, dtype=torch.bool)
-    mask.scatter_(-1, idx, True)
-    return mask.expand(1, h, mb, mb).contiguous()
+    assert n == grid[0] * grid[1] * grid[2]
+    return local_block_mask(h, grid, density, BLOCK).unsqueeze(0)
 
 
 def bench(ms_hint, fn, *args, **kwargs):

@@ -39,3 +39,21 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, num_key_blocks: int) -> torch.Tensor:
     bits = np.unpackbits(packed.cpu().numpy(), axis=-1, count=num_key_blocks, bitorder="little")
     return torch.from_numpy(bits.astype(bool))
+
+
+def local_block_mask(heads: int, grid: tuple[int, int, int], density: float, block: int) -> torch.Tensor:
+    """A synthetic mask with the structure calibration finds in video DiTs (benchmarks): each query block
+    keeps the round(density * M) key blocks whose token centroids are nearest on the (frame, row, col)
+    grid (Chebyshev distance on normalised coordinates; token order frame, row, col). bool [heads, M, M]."""
+    f, r, c = grid
+    n = f * r * c
+    tok = torch.arange(n)
+    coords = torch.stack([tok // (r * c), (tok // c) % r, tok % c], -1).float() / torch.tensor([f, r, c]).float()
+    mb = -(-n // block)
+    pad = torch.nn.functional.pad(coords, (0, 0, 0, mb * block - n), value=float("nan"))
+    cent = pad.view(mb, block, 3).nanmean(1)
+    dist = (cent[:, None, :] - cent[None, :, :]).abs().amax(-1)
+    idx = torch.argsort(dist, dim=-1, stable=True)[:, : max(1, round(density * mb))]
+    mask = torch.zeros(mb, mb, dtype=torch.bool)
+    mask.scatter_(-1, idx, True)
+    return mask.expand(heads, mb, mb).contiguous()

@@ -60,3 +60,13 @@ def test_pack_round_trip(mk):
     packed = pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.shape[-1] == (mk + 7) // 8
     assert torch.equal(unpack_bits(packed, mk), mask)
+
+
+def test_local_block_mask_keeps_the_nearest_blocks():
+    from calibatt_cli.masks import local_block_mask
+
+    m = local_block_mask(3, (5, 6, 8), 0.25, 16)  # 240 tokens -> 15 blocks
+    assert m.shape == (3, 15, 15)
+    assert (m.sum(-1) == round(0.25 * 15)).all()
+    assert m[:, range(15), range(15)].all(), "a block is nearest to itself"
+    assert torch.equal(m[0], m[2])
