@@ -7,6 +7,7 @@ ignored (a misspelt `epsilon` would otherwise calibrate with the default).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,8 +25,8 @@ DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
 class ModelConfig:
     name: str = "tiny"  # model family/preset: tiny, tiny-random, wan2.1, wan2.1-1.3b, wan2.1-14b, ...
     path: str | None = None  # local weights (diffusers folder or original release layout); None: built in
-    dtype: str = "float32"  # float32, bfloat16 or float16
-    device: str = "cpu"  # cpu, cuda, cuda:1, ...
+    dtype: str = "auto"  # auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16
+    device: str = "auto"  # auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:1, ...
     seed: int = 0  # seed of the built-in random model's weights
 
 
@@ -178,8 +179,10 @@ def validate(cfg: Config) -> None:
             f"{w}: calibration.warmup_steps ({c.warmup_steps}) must be below generate.steps "
             f"({cfg.generate.steps}), or no step would be sparse"
         )
-    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"{w}: model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"{w}: model.dtype must be auto, float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.model.device):
+        raise ConfigError(f"{w}: model.device must be auto, cpu, cuda or cuda:N, got {cfg.model.device!r}")
     if cfg.generate.guidance < 1.0:
         raise ConfigError(f"{w}: generate.guidance must be >= 1.0 (1.0 disables CFG), got {cfg.generate.guidance}")
 
@@ -201,7 +204,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         sec, key, value = _parse_override(item)
         _apply(cfg, {sec: {key: value}}, f"--set {item}")
     validate(cfg)
+    _resolve_auto(cfg)
     return cfg
+
+
+def _resolve_auto(cfg: Config) -> None:
+    """`auto` device and dtype become concrete here, so every stage (and `calibatt config`) sees the same."""
+    if cfg.model.device == "auto":
+        import torch
+
+        cfg.model.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.model.dtype == "auto":
+        cfg.model.dtype = "bfloat16" if cfg.model.device.startswith("cuda") else "float32"
 
 
 def resolve_input(path: str | Path, cfg: Config) -> Path:

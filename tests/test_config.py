@@ -68,3 +68,17 @@ def test_bad_override_names_it():
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_auto_device_and_dtype_resolve(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_config(None, ["model.device=auto", "model.dtype=auto"])
+    assert (cfg.model.device, cfg.model.dtype) == ("cpu", "float32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = load_config(None, ["model.device=auto", "model.dtype=auto"])
+    assert (cfg.model.device, cfg.model.dtype) == ("cuda", "bfloat16")
+    assert load_config(None, ["model.device=cuda:1", "model.dtype=float16"]).model.dtype == "float16"
+    with pytest.raises(ConfigError, match="model.device must be"):
+        load_config(None, ["model.device=gpu"])
