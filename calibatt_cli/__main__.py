@@ -1,3 +1,9 @@
-from calibatt_cli.cli import main
+import sys
+
+try:
+    from calibatt_cli.cli import main
+except KeyboardInterrupt:  # Ctrl-C while the CLI itself is still importing
+    print("interrupted; nothing partial was written", file=sys.stderr)
+    sys.exit(130)
 
 main()

@@ -179,9 +179,9 @@ def test_ctrl_c_during_generate_leaves_nothing(built, tmp_path):
     out = tmp_path / "slow.mp4"
     # Enough steps that sampling is surely under way when the interrupt lands.
     cmd = [sys.executable, "-m", "calibatt_cli", "generate", PROMPT, "--config", str(built), "-o", str(out),
-           "--dense", "--steps", "3000"]
+           "--dense", "--steps", "8000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    time.sleep(8)
+    time.sleep(10)
     assert proc.poll() is None, "generate ended before the interrupt"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
