@@ -222,9 +222,6 @@ class AttentionController:
         """Mean over the query-block rows of all sparse calls so far of the mass their kept blocks hold."""
         return self._kept_sum / self._kept_rows if self._kept_rows else None
 
-    def reset_measure(self) -> None:
-        self._kept_sum, self._kept_rows = 0.0, 0
-
 
 class SparseLayer:
     """What one processor needs to run its layer sparse without Python lookups: its stacked index tensors

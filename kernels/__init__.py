@@ -8,7 +8,6 @@ pure-PyTorch references live in `reference.py` and are the CPU path.
 from __future__ import annotations
 
 import logging
-import math
 import os
 
 import torch
@@ -109,7 +108,3 @@ def block_mass(
         return _mass_kernels.block_mass_triton(q, k, block_size=block_size, scale=scale)
     _warn_once(f"calibatt_kernels: Triton unavailable for {q.device.type}; using the PyTorch reference")
     return block_mass_ref(q, k, block_size, scale)
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
