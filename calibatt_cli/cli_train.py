@@ -32,6 +32,8 @@ def train(
     ckpt_every: Annotated[int, typer.Option(help="Steps per checkpoint.")] = 500,
     export: Annotated[Path | None, typer.Option(help="Also write the EMA weights here (e.g. "
                                                      "calibatt_cli/weights/tiny.safetensors).")] = None,
+    init_from: Annotated[Path | None, typer.Option(help="Warm start (when --out has no checkpoint) from exported "
+                                                        "weights, e.g. calibatt_cli/weights/tiny.safetensors.")] = None,
 ) -> None:
     """Train the tiny text-to-video model on procedural clips (resumable)."""
     from .train import TrainConfig, export_weights
@@ -43,7 +45,8 @@ def train(
         if not torch.cuda.is_available():
             raise CalibattError(f"--device {device} but no CUDA GPU is visible; use --device cpu")
     cfg = TrainConfig(seed=seed, steps=steps, batch=batch, lr=lr, device=device, max_seconds=max_seconds,
-                      log_every=log_every, ckpt_every=ckpt_every)
+                      log_every=log_every, ckpt_every=ckpt_every,
+                      init_from=None if init_from is None else str(init_from))
     res = run_train(cfg, out_dir, on_log=lambda s, loss, t: console.print(
         f"step {s:6d}  loss {loss:.5f}  {t:7.1f} s", highlight=False))
     console.print(f"step {res.step}/{steps}, {res.seconds:.1f} s, checkpoint {res.checkpoint}", highlight=False)

@@ -53,6 +53,7 @@ class TrainConfig:
     log_every: int = 50
     ckpt_every: int = 500
     max_seconds: float | None = None  # stop (with a checkpoint) after this long: device calls are capped
+    init_from: str | None = None  # warm start from exported weights (e.g. the shipped tiny.safetensors)
     transformer: dict = field(default_factory=lambda: dict(tiny.TRANSFORMER))  # architecture overrides
     text: dict = field(default_factory=lambda: dict(tiny.TEXT))
 
@@ -83,10 +84,11 @@ class Trainer:
             [p for _, p in self.named], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay
         )
         self.step_done = 0  # optimizer steps taken
+        self.start_step = 0  # where this optimizer's life began (a warm start has fresh Adam moments)
         self.losses: list = []
 
     def lr_at(self, i: int) -> float:
-        return self.cfg.lr * min(1.0, (i + 1) / max(1, self.cfg.warmup))
+        return self.cfg.lr * min(1.0, (i + 1 - self.start_step) / max(1, self.cfg.warmup))
 
     def batch(self, i: int) -> tuple[torch.Tensor, list[str]]:
         specs = P.training_batch(self.cfg.seed, i, self.cfg.batch, two_objects_p=self.cfg.two_objects_p)
@@ -154,9 +156,31 @@ class Trainer:
             with atomic_path(folder / name) as tmp:
                 save_file(shard, str(tmp))
         # The JSON is written last: it names the shards, so a checkpoint is complete once it is there.
-        info = {"step": self.step_done, "shards": names, "config": asdict(self.cfg), "losses": self.losses}
+        info = {"step": self.step_done, "start_step": self.start_step, "shards": names, "config": asdict(self.cfg),
+                "losses": self.losses}
         write_text_atomic(folder / CKPT_INFO, json.dumps(info, indent=1))
         return folder / CKPT_INFO
+
+    def warm_start(self, weights: Path) -> None:
+        """Weights (and EMA) from an export, e.g. the shipped model, continuing its step count: the data
+        stream is seeded by step, so the warm-started run sees clips the first run never drew. Without the
+        optimizer state, the learning rate warms up again."""
+        from safetensors.torch import load_file
+
+        weights = Path(weights)
+        t = load_file(str(weights), device=str(self.device))
+        missing = [n for n, _ in self.named if n not in t and not n.endswith("encoder.embed_tokens.weight")]
+        if missing:
+            raise CalibattError(f"{weights} does not fit this architecture (missing {missing[:3]}); "
+                                f"train from scratch or pass matching weights")
+        with torch.no_grad():
+            for n, p in self.named:
+                src = t[n] if n in t else t["text_encoder.shared.weight"]  # the tied T5 embedding
+                p.copy_(src)
+                self.ema[n].copy_(src)
+        info = weights.with_suffix(".json")
+        step = json.loads(info.read_text()).get("step", 0) if info.is_file() else 0
+        self.step_done = self.start_step = int(step)
 
     def load(self, folder: Path) -> None:
         from safetensors.torch import load_file
@@ -183,6 +207,7 @@ class Trainer:
                 }
         self.opt.load_state_dict(opt_state)
         self.step_done = int(info["step"])
+        self.start_step = int(info.get("start_step", 0))
         self.losses = info["losses"]
 
 
@@ -198,6 +223,8 @@ def train(cfg: TrainConfig, out: Path, on_log: Callable[[int, float, float], Non
     trainer = Trainer(cfg)
     if (out / CKPT_INFO).is_file():
         trainer.load(out)
+    elif cfg.init_from:
+        trainer.warm_start(Path(cfg.init_from))
     acc, n = 0.0, 0
     for i in range(trainer.step_done, cfg.steps):
         acc = acc + trainer.step(i)

@@ -40,3 +40,30 @@ def test_two_steps_checkpoint_and_resume(tmp_path):
     info = json.loads((tmp_path / "w.json").read_text())
     assert info["sha256"] == digest and info["step"] == 2
     assert not any(k.startswith(("ema.", "adam.")) for k in load_file(str(tmp_path / "w.safetensors")))
+
+
+def test_warm_start_from_the_shipped_weights(tmp_path):
+    """Training can continue from the shipped model (no optimizer checkpoint needed): weights and EMA
+    start equal to it, the step count continues from its record, and a step trains."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from calibatt_cli.models import tiny as tiny_mod
+    from calibatt_cli.train import Trainer
+
+    shipped_step = json.loads(tiny_mod.WEIGHTS_INFO.read_text())["step"]
+    cfg = TrainConfig(steps=shipped_step + 1, batch=2, log_every=1, ckpt_every=100, warmup=1,
+                      init_from=str(tiny_mod.WEIGHTS))
+    trainer = Trainer(cfg)
+    trainer.warm_start(tiny_mod.WEIGHTS)
+    shipped = load_file(str(tiny_mod.WEIGHTS))
+    matched = [n for n, _ in trainer.named if n in shipped]
+    assert len(matched) >= len(trainer.named) - 1, "every parameter (but a tied embedding) comes from the file"
+    for n, p in trainer.named:
+        if n in shipped:
+            assert torch.equal(p.detach(), shipped[n]) and torch.equal(trainer.ema[n], shipped[n]), n
+    assert trainer.step_done == shipped_step
+    res = train(cfg, tmp_path / "ck")
+    assert res.step == shipped_step + 1
+    assert json.loads((tmp_path / "ck" / "ckpt.json").read_text())["start_step"] == shipped_step
