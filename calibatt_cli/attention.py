@@ -134,6 +134,11 @@ class AttentionController:
         """True when a processor may call the sparse op directly with its own tensors (see SparseLayer)."""
         return self.mode == "sparse" and not self.dense_now and not self.measure_mass
 
+    def fast_dense(self) -> bool:
+        """True on a sparse run's dense (warm-up) steps: a processor may run plain SDPA directly.
+        The fast paths touch no counters or Python lookups, so compiled blocks do not recompile per call."""
+        return self.mode == "sparse" and self.dense_now and not self.measure_mass
+
     def _bucket(self, buckets: list[int]) -> int:
         if self.step >= len(buckets):
             raise RuntimeError(f"denoising step {self.step} is beyond the {len(buckets)} steps the masks cover")

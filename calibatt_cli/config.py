@@ -65,6 +65,8 @@ class GenerateConfig:
     seed: int = 0
     output: str = "out/tiny.mp4"
     dense: bool = False  # run the stock pipeline (the baseline) instead of sparse attention
+    compile: bool = False  # torch.compile the repeated transformer blocks (fullgraph; our kernel is a custom op)
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: checks graphs without codegen)
     strict: bool = False  # fail if generate compiles any kernel
 
 

@@ -117,6 +117,9 @@ def _sample(cfg: Config, prompts: list[str], paths: list[Path], plan, *, write: 
     controller = AttentionController("sparse", plan=plan, measure_mass=measure_mass) if plan is not None else None
     if controller is not None:
         model.install(controller)
+    if g.compile:
+        # Both the baseline (--dense) and calibatt get the same compilation, so they stay comparable.
+        model.compile_blocks(g.compile_backend)
     load_seconds = time.perf_counter() - t0
 
     videos = []

@@ -112,3 +112,19 @@ def test_cache_is_validated_against_the_config(calibrated):
     cfg.model.seed = 1
     with pytest.raises(CacheError, match="hash"):
         load_cache(cfg)
+
+
+def test_compiled_blocks_match_eager(calibrated):
+    """generate.compile compiles the repeated blocks fullgraph (the sparse kernel is a custom op inside);
+    the aot_eager backend checks the graphs without code generation, fast enough for CI."""
+    cfg, res = calibrated
+    masks = torch.rand(res.bundle.masks.shape, generator=torch.Generator().manual_seed(2)) < 0.6
+    masks[..., 0] = True
+    _with_masks(cfg, res, masks)
+    eager = generate(cfg, [PROMPT], write=False)
+    cfg.generate.compile, cfg.generate.compile_backend = True, "aot_eager"
+    compiled = generate(cfg, [PROMPT], write=False)
+    diff = np.abs(eager.videos[0].frames.astype(int) - compiled.videos[0].frames.astype(int)).max()
+    assert diff <= 1, f"max pixel diff {diff}"
+    cfg.generate.dense = True
+    assert generate(cfg, [PROMPT], write=False).videos[0].frames.shape == eager.videos[0].frames.shape

@@ -89,6 +89,21 @@ class LoadedModel:
     def install(self, controller: AttentionController) -> None:  # pragma: no cover - per family
         raise NotImplementedError
 
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """Regional compilation of the repeated transformer blocks (diffusers' compile_repeated_blocks).
+        Processors must be installed first: the compiled graphs trace them."""
+        from ..errors import ConfigError
+
+        if not getattr(self.pipe.transformer, "_repeated_blocks", None):
+            raise ConfigError(f"generate.compile is not supported for {self.ident.name} (its transformer declares "
+                              f"no repeated blocks); set generate.compile=false")
+        import torch._dynamo
+
+        # All blocks share one code object, so their graphs share dynamo's cache: one per (dense step or
+        # bucket) x distinct kernel config. Room for them all, instead of the default 8.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.pipe.transformer.compile_repeated_blocks(fullgraph=True, backend=backend)
+
     def uninstall(self) -> None:
         for module, processor in self._installed:
             module.set_processor(processor)
