@@ -219,4 +219,4 @@ def config_label(c: dict, block_size: tuple[int, int]) -> str:
     tma = {None: "", True: " tma", False: " ptr"}[c.get("use_tma")]
     return (f"{c.get('block_m') or block_size[0]}x{c.get('block_n') or block_size[1]} w{c['num_warps']} "
             f"s{c['num_stages']} {'persistent' if c['persistent'] else 'grid'}{tma}"
-            f"{' ws' if c.get('warp_specialize') else ''}")
+            f"{' ws' if c.get('warp_specialize') else ''}{' pipelined-qk' if c.get('pipeline_qk') else ''}")

@@ -46,6 +46,9 @@ class KernelConfig:
     persistent: bool = True  # one program per SM striding through the LPT order (else one per tile)
     use_tma: bool | None = None  # None: on Hopper+ when strides allow it
     warp_specialize: bool = False  # tl.range(..., warp_specialize=True) on the key loop (triton >= 3.5)
+    # FA3-style software pipelining inside one program: the scores of key tile j+1 are issued (an async
+    # wgmma on Hopper) before the softmax and PV of tile j, so tensor cores and MUFU/ALU can overlap.
+    pipeline_qk: bool = False
 
 
 def default_config(device: torch.device, block_size: tuple[int, int], head_dim: int) -> KernelConfig:
@@ -87,6 +90,30 @@ def _attn_step(acc, l_i, m_i, q, K, V, k_ptrs, v_ptrs, start_n, N, qk_scale,
 
 
 @triton.jit
+def _load_tile(T, t_ptrs, start_n, stride_tn, USE_TMA: tl.constexpr, UPCAST: tl.constexpr):
+    """One full key (or value) tile starting at start_n."""
+    if USE_TMA:
+        t = T.load([start_n, 0])
+    else:
+        t = tl.load(t_ptrs + start_n * stride_tn)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _softmax_pv(acc, l_i, m_i, qk, v, qk_scale):
+    """The online-softmax update of a full tile's scores qk, then acc += p @ v."""
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    alpha = tl.math.exp2(m_i - m_ij)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_ij
+
+
+@triton.jit
 def _block_sparse_tile(
     tile, Q, K, V, Out, Counts, Indices, Schedule,
     stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
@@ -95,6 +122,7 @@ def _block_sparse_tile(
     BM: tl.constexpr, BN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HAS_SCHEDULE: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, Lse, stride_lz, stride_lh, RETURN_LSE: tl.constexpr,
+    PIPELINE_QK: tl.constexpr,
 ):
     """One program tile: BLOCK_M query rows of one mask row, over all key blocks the row lists."""
     M_SUB: tl.constexpr = BM // BLOCK_M  # program tiles per mask row
@@ -150,10 +178,25 @@ def _block_sparse_tile(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # All listed blocks but the last are full; the last one may hold keys >= N.
     n_full = tl.maximum(cnt - 1, 0) * N_SUB
-    for j in tl.range(0, n_full, warp_specialize=WARP_SPECIALIZE):
-        start_n = tl.load(idx_ptr + j // N_SUB) * BN + (j % N_SUB) * BLOCK_N
-        acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, desc_k, desc_v, k_ptrs, v_ptrs, start_n, N, qk_scale,
-                                   stride_kn, stride_vn, BLOCK_N, False, USE_TMA, UPCAST)
+    if PIPELINE_QK:
+        if n_full > 0:
+            # qk of tile j+1 is issued before the softmax and PV of tile j (which it does not depend on)
+            prev_n = tl.load(idx_ptr) * BN
+            qk = tl.dot(q, tl.trans(_load_tile(desc_k, k_ptrs, prev_n, stride_kn, USE_TMA, UPCAST)))
+            for j in tl.range(1, n_full):
+                start_n = tl.load(idx_ptr + j // N_SUB) * BN + (j % N_SUB) * BLOCK_N
+                qk_next = tl.dot(q, tl.trans(_load_tile(desc_k, k_ptrs, start_n, stride_kn, USE_TMA, UPCAST)))
+                v = _load_tile(desc_v, v_ptrs, prev_n, stride_vn, USE_TMA, UPCAST)
+                acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, qk_scale)
+                qk = qk_next
+                prev_n = start_n
+            v = _load_tile(desc_v, v_ptrs, prev_n, stride_vn, USE_TMA, UPCAST)
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, qk_scale)
+    else:
+        for j in tl.range(0, n_full, warp_specialize=WARP_SPECIALIZE):
+            start_n = tl.load(idx_ptr + j // N_SUB) * BN + (j % N_SUB) * BLOCK_N
+            acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, desc_k, desc_v, k_ptrs, v_ptrs, start_n, N, qk_scale,
+                                       stride_kn, stride_vn, BLOCK_N, False, USE_TMA, UPCAST)
     if cnt > 0:
         last = tl.load(idx_ptr + cnt - 1) * BN
         for s in tl.static_range(N_SUB):
@@ -185,6 +228,7 @@ def _block_sparse_fwd(
     HEAD_DIM: tl.constexpr, HAS_SCHEDULE: tl.constexpr, PERSISTENT: tl.constexpr,
     USE_TMA: tl.constexpr, UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     Lse, stride_lz, stride_lh, RETURN_LSE: tl.constexpr,  # optional row LSE out, float32 [B, H, N]
+    PIPELINE_QK: tl.constexpr,  # see KernelConfig.pipeline_qk
 ):
     pid = tl.program_id(0)
     if PERSISTENT:
@@ -195,7 +239,7 @@ def _block_sparse_fwd(
                 stride_vz, stride_vh, stride_vn, stride_vd, stride_oz, stride_oh, stride_om, stride_od,
                 stride_cz, stride_ch, stride_iz, stride_ih, stride_im, H, N, Mq, REPS, qk_scale,
                 BM, BN, BLOCK_M, BLOCK_N, HEAD_DIM, HAS_SCHEDULE, USE_TMA, UPCAST, WARP_SPECIALIZE,
-                Lse, stride_lz, stride_lh, RETURN_LSE)
+                Lse, stride_lz, stride_lh, RETURN_LSE, PIPELINE_QK)
     else:
         _block_sparse_tile(
             pid, Q, K, V, Out, Counts, Indices, Schedule,
@@ -203,7 +247,7 @@ def _block_sparse_fwd(
             stride_vz, stride_vh, stride_vn, stride_vd, stride_oz, stride_oh, stride_om, stride_od,
             stride_cz, stride_ch, stride_iz, stride_ih, stride_im, H, N, Mq, REPS, qk_scale,
             BM, BN, BLOCK_M, BLOCK_N, HEAD_DIM, HAS_SCHEDULE, USE_TMA, UPCAST, WARP_SPECIALIZE,
-                Lse, stride_lz, stride_lh, RETURN_LSE)
+            Lse, stride_lz, stride_lh, RETURN_LSE, PIPELINE_QK)
 
 
 
@@ -324,7 +368,8 @@ def _constexprs(cfg: KernelConfig, block_size: tuple[int, int], head_dim: int, *
     BM, BN = block_size
     return dict(BM=BM, BN=BN, BLOCK_M=cfg.block_m or BM, BLOCK_N=cfg.block_n or BN, HEAD_DIM=head_dim,
                 HAS_SCHEDULE=has_schedule, PERSISTENT=cfg.persistent, USE_TMA=use_tma, UPCAST=not on_gpu,
-                WARP_SPECIALIZE=bool(cfg.warp_specialize and on_gpu), RETURN_LSE=return_lse)
+                WARP_SPECIALIZE=bool(cfg.warp_specialize and on_gpu), RETURN_LSE=return_lse,
+                PIPELINE_QK=bool(cfg.pipeline_qk))
 
 
 # Ahead of time: the configs `calibatt compile` measures per mask group, and the kernel's signature for
@@ -340,6 +385,8 @@ def candidate_configs(capability: tuple[int, int], block_size: tuple[int, int], 
         KernelConfig(num_warps=warps, num_stages=3, persistent=False),
         KernelConfig(num_warps=warps, num_stages=2, persistent=True),
     ]
+    # Not yet measured on a GPU (added after the last device run): compile keeps it only if it wins.
+    cands.append(KernelConfig(num_warps=warps, num_stages=3, persistent=True, pipeline_qk=True))
     if BN >= 128:
         cands.append(KernelConfig(block_n=BN // 2, num_warps=warps, num_stages=3, persistent=True))
     if BM >= 128:

@@ -35,6 +35,10 @@ SPARSE_CASES = {
     "fp32-one-program-per-tile": (2, 2, 390, 64, (128, 64), 1, torch.float32, True, dict(persistent=False)),
     "bf16-tensor-descriptors": (1, 2, 333, 64, (64, 64), 1, torch.bfloat16, True, dict(use_tma=True)),
     "fp32-long-rows": (1, 1, 2000, 64, (128, 64), 1, torch.float32, True, dict(use_tma=True)),
+    "bf16-pipelined-qk-split-tiles": (2, 2, 333, 64, (128, 64), 2, torch.bfloat16, True,
+                                      dict(pipeline_qk=True, block_n=32)),
+    "fp32-pipelined-qk-persistent-tma": (1, 2, 700, 128, (64, 64), 1, torch.float32, True,
+                                         dict(pipeline_qk=True, use_tma=True)),
 }
 MASS_CASES = {
     # name: (B, H, N, D, block_size, dtype, transposed)
