@@ -29,22 +29,31 @@ class SparsePlan:
     index: dict[tuple[int, int], ck.BlockIndex]
     density: torch.Tensor  # float [buckets, layers, heads]: kept share of blocks
     configs: dict[tuple[int, int], KernelConfig] = field(default_factory=dict)  # chosen by compile; else default
+    _stacks: dict[int, tuple] = field(default_factory=dict, repr=False)  # per layer, see layer_tensors
 
     def to(self, device: torch.device) -> SparsePlan:
-        moved = {
-            key: ck.BlockIndex(
-                ix.counts.to(device),
-                ix.indices.to(device),
-                None if ix.schedule is None else ix.schedule.to(device),
-            )
-            for key, ix in self.index.items()
-        }
-        return SparsePlan(self.block_size, self.step_buckets, moved, self.density, self.configs)
+        """The plan on `device`. Each layer's buckets are stacked once (what processors hold, see
+        layer_tensors) and the per-(bucket, layer) entries become views into the stacks: the index form is
+        on the device once, not twice (it reaches GBs for Wan 14B at 720p)."""
+        plan = SparsePlan(self.block_size, self.step_buckets, {}, self.density, self.configs)
+        nb = 1 + max(self.step_buckets)
+        for layer in sorted({key[1] for key in self.index}):
+            counts, indices, schedules = (t.to(device) for t in self._stack(layer))
+            plan._stacks[layer] = (counts, indices, schedules)
+            for b in range(nb):
+                k = self.index[(b, layer)].indices.shape[-1]
+                plan.index[(b, layer)] = ck.BlockIndex(counts[b], indices[b][..., :k], schedules[b])
+        return plan
 
     def layer_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One layer's index form stacked over buckets (counts [nb, B, H, Mq], indices [nb, B, H, Mq, K],
         schedules [nb, R]), K padded to the layer's widest bucket. A processor holds these and picks the
         bucket with a tensor index: no Python lookup that torch.compile would have to guard on."""
+        if layer not in self._stacks:
+            self._stacks[layer] = self._stack(layer)
+        return self._stacks[layer]
+
+    def _stack(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         nb = 1 + max(self.step_buckets)
         ixs = [self.index[(b, layer)] for b in range(nb)]
         kmax = max(ix.indices.shape[-1] for ix in ixs)

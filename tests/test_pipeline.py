@@ -128,3 +128,15 @@ def test_compiled_blocks_match_eager(calibrated):
     assert diff <= 1, f"max pixel diff {diff}"
     cfg.generate.dense = True
     assert generate(cfg, [PROMPT], write=False).videos[0].frames.shape == eager.videos[0].frames.shape
+
+
+def test_plan_on_device_holds_the_index_once(calibrated):
+    cfg, res = calibrated
+    compile_cache(cfg)
+    plan, _ = load_cache(cfg)  # load_cache returns plan.to(model.device)
+    counts, indices, schedules = plan.layer_tensors(0)
+    for b in range(counts.shape[0]):
+        ix = plan.index[(b, 0)]
+        assert ix.indices.untyped_storage().data_ptr() == indices.untyped_storage().data_ptr()
+        assert torch.equal(ix.counts, counts[b]) and torch.equal(ix.schedule, schedules[b])
+        assert torch.equal(ix.indices, indices[b][..., : ix.indices.shape[-1]])
