@@ -30,11 +30,20 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check calibatt_cli kernels tests bench
 
-bench-kernel: $(STAMP)
-	$(BIN)/python bench/bench_kernel.py
+# Benchmarks run on the GPU machine, whose image has torch/triton but no network for a venv: use the
+# venv's python when there is one, else python3 with kernels/ importable as calibatt_kernels via a shim.
+# (bench-e2e also needs diffusers there: ../shared/tools/device-wheels.sh.)
+BENCH_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+BENCH_ENV = PYTHONPATH=$(CURDIR)/.shim:$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}
 
-bench-e2e: $(STAMP)
-	$(BIN)/python bench/bench_e2e.py
+.shim/calibatt_kernels:
+	mkdir -p .shim && ln -sfn ../kernels .shim/calibatt_kernels
+
+bench-kernel: .shim/calibatt_kernels
+	$(BENCH_ENV) $(BENCH_PY) bench/bench_kernel.py
+
+bench-e2e: .shim/calibatt_kernels
+	$(BENCH_ENV) $(BENCH_PY) bench/bench_e2e.py
 
 clean:
 	rm -rf out .pytest_cache
