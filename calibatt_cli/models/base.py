@@ -16,6 +16,18 @@ from ..attention import AttentionController
 from ..config import Config
 
 
+def refuse_context_parallel(processor) -> None:
+    """Every family's processor calls this first. Under diffusers context parallelism each rank holds a
+    shard of the tokens; attending over it alone would be silently wrong."""
+    if getattr(processor, "_parallel_config", None) is not None:
+        from ..errors import CalibattError
+
+        raise CalibattError(
+            "calibatt's sparse attention does not support diffusers context parallelism yet; "
+            "disable parallelism (do not call enable_parallelism) or run --dense"
+        )
+
+
 @dataclass(frozen=True)
 class ModelIdentity:
     """What a bundle and a cache are tied to; computable without loading weights."""

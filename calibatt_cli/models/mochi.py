@@ -27,9 +27,9 @@ from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
 from ..attention import AttentionController
 from ..config import Config
-from ..errors import CalibattError, ModelError
+from ..errors import ModelError
 from ..util import canonical_json, sha256_hex
-from .base import LoadedModel, ModelIdentity, identity_from_config
+from .base import LoadedModel, ModelIdentity, identity_from_config, refuse_context_parallel
 
 VAE_STRIDE = (6, 8, 8)  # MochiPipeline's vae_temporal_scale_factor and vae_spatial_scale_factor
 
@@ -82,13 +82,7 @@ class CalibattMochiAttnProcessor(MochiAttnProcessor2_0):
         self.controller = controller
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=None):
-        if getattr(self, "_parallel_config", None) is not None:
-            # Under context parallelism each rank holds a shard of the tokens; attending over it alone
-            # would be silently wrong.
-            raise CalibattError(
-                "calibatt's sparse attention does not support diffusers context parallelism yet; "
-                "disable parallelism (do not call enable_parallelism) or run --dense"
-            )
+        refuse_context_parallel(self)
         query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
         key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
         value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))

@@ -13,8 +13,8 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get
 
 from ..attention import AttentionController, SparseLayer
 from ..config import Config
-from ..errors import CalibattError, ModelError
-from .base import LoadedModel, ModelIdentity, identity_from_config
+from ..errors import ModelError
+from .base import LoadedModel, ModelIdentity, identity_from_config, refuse_context_parallel
 
 
 def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -38,13 +38,7 @@ class CalibattWanAttnProcessor(WanAttnProcessor):
         self.sparse = SparseLayer(controller, layer_index) if controller.mode == "sparse" else None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if self._parallel_config is not None:
-            # Under context parallelism each rank holds a shard of the tokens; attending over it alone
-            # would be silently wrong.
-            raise CalibattError(
-                "calibatt's sparse attention does not support diffusers context parallelism yet; "
-                "disable parallelism (do not call enable_parallelism) or run --dense"
-            )
+        refuse_context_parallel(self)
         if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 
