@@ -37,10 +37,6 @@ SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "wan2.1"
 BLOCK = 128
 
 
-def local_mask(heads: int, grid: tuple[int, int, int], density: float, block: int) -> torch.Tensor:
-    return local_block_mask(heads, grid, density, block)
-
-
 class NoAttnProcessor:
     """Self-attention replaced by its values: the rest of the block runs as usual."""
 
@@ -142,7 +138,7 @@ def bench_shape(shape: dict, args, device, dtype) -> dict:
     res = {"shape": shape["name"], "tokens": n, "grid": shape["grid"], "heads": heads, "layers_run": layers,
            "layers_total": shape["layers_total"], "scaled_to_total_layers": scale != 1.0, "variants": {}}
     V = res["variants"]
-    masks_by_density = {d: local_mask(heads, shape["grid"], d, BLOCK).to(device) for d in args.densities}
+    masks_by_density = {d: local_block_mask(heads, shape["grid"], d, BLOCK).to(device) for d in args.densities}
 
     def run_all(tag: str):
         install(lambda i: WanAttnProcessor())

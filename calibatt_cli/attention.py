@@ -105,7 +105,6 @@ class AttentionController:
         self.plan = plan
         self.recorder = recorder
         self.step = 0
-        self.calls = 0
         self.step_hooks: list = []  # called after each denoising step (progress bars)
         # The current bucket as data (for processors running compiled) and whether this step is dense.
         self.bucket_t = torch.zeros(1, dtype=torch.long)
@@ -155,7 +154,6 @@ class AttentionController:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: [B, H, N, D] (any strides). Returns [B, H, N, D]."""
-        self.calls += 1
         if self.mode == "sparse":
             bucket = self._bucket(self.plan.step_buckets)
             if bucket >= 0:
@@ -195,7 +193,6 @@ class AttentionController:
         mass drops p * eps <= eps of the joint mass. (Normalised over all keys, a row that looks mostly at
         text would sum to p < 1 and could never reach 1 - eps: it would keep every block.)
         """
-        self.calls += 1
         bucket = -1
         if self.mode == "sparse":
             bucket = self._bucket(self.plan.step_buckets)
