@@ -86,22 +86,30 @@ def load_bundle(path: Path) -> MaskBundle:
     return MaskBundle(unpack_bits(packed, shape[-1]), meta)
 
 
+def identity_mismatch(meta: dict, *, where: str, verb: str, model_name: str, model_hash: str, grid: list[int],
+                      steps: int) -> str | None:
+    """How a bundle's (or a cache's, which copies these fields) model, token grid or step count differs
+    from the config's, or None. `verb` says what was done for them: 'calibrated', 'built'."""
+    if meta["model"]["hash"] != model_hash:
+        return (f"{where} was {verb} for model '{meta['model']['name']}' (hash {meta['model']['hash']}), but the "
+                f"config loads '{model_name}' (hash {model_hash})")
+    if list(meta["grid"]["tokens"]) != list(grid):
+        return (f"{where} was {verb} for token grid {meta['grid']['tokens']} (frames x rows x cols), but the "
+                f"config's video gives {grid}")
+    if len(meta["step_buckets"]) != steps:
+        return f"{where} was {verb} for {len(meta['step_buckets'])} steps, but generate.steps is {steps}"
+    return None
+
+
 def check_bundle_matches(bundle: MaskBundle, *, where: str, model_name: str, model_hash: str,
                          grid: list[int], steps: int, block_size: int, layers: int, heads: int) -> None:
     """Refuse a bundle made for another model, grid, step count or block size, naming the difference."""
     m = bundle.meta
     fix = "re-run `calibatt calibrate` with this config, or pass the matching config"
-    if m["model"]["hash"] != model_hash:
-        raise BundleError(
-            f"{where} was calibrated for model '{m['model']['name']}' (hash {m['model']['hash']}), but the config "
-            f"loads '{model_name}' (hash {model_hash}); {fix}"
-        )
-    if list(m["grid"]["tokens"]) != list(grid):
-        raise BundleError(f"{where} was calibrated for token grid {m['grid']['tokens']} (frames x rows x cols), "
-                          f"but the config's video gives {grid}; {fix}")
-    if len(m["step_buckets"]) != steps:
-        raise BundleError(f"{where} was calibrated for {len(m['step_buckets'])} steps, but generate.steps is {steps}; "
-                          f"{fix}")
+    problem = identity_mismatch(m, where=where, verb="calibrated", model_name=model_name, model_hash=model_hash,
+                                grid=grid, steps=steps)
+    if problem:
+        raise BundleError(f"{problem}; {fix}")
     if m["block_size"] != block_size:
         raise BundleError(f"{where} uses block size {m['block_size']}, but calibration.block_size is {block_size}; "
                           f"{fix}")

@@ -34,7 +34,7 @@ from calibatt_kernels.block_sparse import KernelConfig
 
 from . import __version__, aot
 from .attention import SparsePlan
-from .bundle import check_bundle_matches, load_bundle
+from .bundle import check_bundle_matches, identity_mismatch, load_bundle
 from .config import Config, resolve_input
 from .errors import CacheError
 from .models import model_identity
@@ -355,16 +355,10 @@ def load_cache(cfg: Config, cache_dir: str | Path | None = None) -> tuple[Sparse
                              f"{RECOMPILE}")
         ident = model_identity(cfg)
         grid = ident.token_grid(cfg.video.frames, cfg.video.height, cfg.video.width)
-        if manifest["model"]["hash"] != ident.model_hash:
-            raise CacheError(f"cache '{cache_dir}' was built for model '{manifest['model']['name']}' "
-                             f"(hash {manifest['model']['hash']}), the config loads '{ident.name}' (hash "
-                             f"{ident.model_hash}); calibrate and compile for this model")
-        if list(manifest["grid"]["tokens"]) != grid:
-            raise CacheError(f"cache '{cache_dir}' was built for token grid {manifest['grid']['tokens']}, the "
-                             f"config's video gives {grid}; calibrate and compile for this video size")
-        if len(manifest["step_buckets"]) != cfg.generate.steps:
-            raise CacheError(f"cache '{cache_dir}' was built for {len(manifest['step_buckets'])} steps, "
-                             f"generate.steps is {cfg.generate.steps}; calibrate and compile with this step count")
+        problem = identity_mismatch(manifest, where=f"cache '{cache_dir}'", verb="built", model_name=ident.name,
+                                    model_hash=ident.model_hash, grid=grid, steps=cfg.generate.steps)
+        if problem:
+            raise CacheError(f"{problem}; calibrate and compile for this config")
         bundle_path = resolve_input(cfg.compile.bundle, cfg)
         now = _bundle_hash(bundle_path) if bundle_path.is_file() else None
         if now is not None and now != manifest["bundle"]["content_hash"]:

@@ -6,7 +6,6 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-REPO = Path(__file__).resolve().parent.parent
 
 # A small video for fast end-to-end tests: 5 frames of 32x32 -> 3 x 8 x 8 = 192 tokens, 6 blocks of 32.
 SMALL_YAML = """\
