@@ -32,6 +32,7 @@ import torch
 import calibatt_kernels as ck
 from calibatt_cli import aot
 from calibatt_cli.compiler import (
+    CACHE_SCHEMA,
     check_kernels,
     device_info,
     plan_index,
@@ -77,7 +78,7 @@ def build(args) -> dict:
                            dtype=torch.bfloat16, block_size=args.block, device=dev, reps=args.reps)
     for g in groups:
         g.update(res.groups[(g["bucket"], g["layer"])])
-    manifest = {"schema_version": 2, "block_size": args.block, "step_buckets": list(range(args.buckets)),
+    manifest = {"schema_version": CACHE_SCHEMA, "block_size": args.block, "step_buckets": list(range(args.buckets)),
                 "device": device_info("cuda"), "versions": software_versions(),
                 "kernel_class": {"dtype": "bfloat16", "head_dim": args.head_dim, "batches": [1]},
                 "kernels": {"backend": "triton", "tuned": True, **res.info}, "groups": groups,

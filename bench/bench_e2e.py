@@ -63,13 +63,13 @@ def build(shape: dict, device, dtype):
 
 
 def make_plan(masks: torch.Tensor, layers: int) -> SparsePlan:
-    """A one-bucket plan whose index tensors are padded to the full width, so every density has the same
+    """A one-bucket plan whose index tensors have room for a full mask, so every density has the same
     shapes (one compiled graph serves them all; densities are swapped by copying into the tensors)."""
     index = {}
-    mk = masks.shape[-1]
+    full = masks.shape[0] * masks.shape[1] * masks.shape[2]  # heads x Mq x Mk: every block listed
     for layer in range(layers):
         ix = mask_to_index(masks)
-        ix.indices = torch.nn.functional.pad(ix.indices, (0, mk - ix.indices.shape[-1]))
+        ix.indices = torch.nn.functional.pad(ix.indices, (0, full - ix.indices.shape[0]))
         index[(0, layer)] = ix
     density = masks.float().mean().view(1, 1, 1).expand(1, layers, 1)
     return SparsePlan(BLOCK, [0], index, density)
@@ -77,11 +77,10 @@ def make_plan(masks: torch.Tensor, layers: int) -> SparsePlan:
 
 def set_density(processors, masks: torch.Tensor) -> None:
     ix = mask_to_index(masks.to(processors[0].sparse.counts.device))
-    mk = masks.shape[-1]
-    indices = torch.nn.functional.pad(ix.indices, (0, mk - ix.indices.shape[-1]))
     for p in processors:
         p.sparse.counts[0].copy_(ix.counts)
-        p.sparse.indices[0].copy_(indices)
+        p.sparse.offsets[0].copy_(ix.offsets)
+        p.sparse.indices[0, : ix.indices.shape[0]].copy_(ix.indices)
         p.sparse.schedules[0].copy_(ix.schedule)
 
 

@@ -50,7 +50,7 @@ CONFIGS = {
     "tma-ws-s3": KernelConfig(persistent=False, warp_specialize=True),
     "ptr-s3": KernelConfig(persistent=False, use_tma=False),
     "m64-n64-w4-s4": KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=4, persistent=False),
-    "pipelined-qk": KernelConfig(pipeline_qk=True),  # v3 candidate: not yet measured (bench/NOTES.md)
+    "pipelined-qk": KernelConfig(pipeline_qk=True),  # v3: won no group in compile's tuning (bench/NOTES.md)
 }
 
 

@@ -34,31 +34,31 @@ class SparsePlan:
     def to(self, device: torch.device) -> SparsePlan:
         """The plan on `device`. Each layer's buckets are stacked once (what processors hold, see
         layer_tensors) and the per-(bucket, layer) entries become views into the stacks: the index form is
-        on the device once, not twice (it reaches GBs for Wan 14B at 720p)."""
+        on the device once, not twice."""
         plan = SparsePlan(self.block_size, self.step_buckets, {}, self.density, self.configs)
         nb = 1 + max(self.step_buckets)
         for layer in sorted({key[1] for key in self.index}):
-            counts, indices, schedules = (t.to(device) for t in self._stack(layer))
-            plan._stacks[layer] = (counts, indices, schedules)
+            stack = tuple(t.to(device) for t in self._stack(layer))
+            plan._stacks[layer] = stack
             for b in range(nb):
-                k = self.index[(b, layer)].indices.shape[-1]
-                plan.index[(b, layer)] = ck.BlockIndex(counts[b], indices[b][..., :k], schedules[b])
+                plan.index[(b, layer)] = ck.BlockIndex(*(t[b] for t in stack))
         return plan
 
-    def layer_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One layer's index form stacked over buckets (counts [nb, B, H, Mq], indices [nb, B, H, Mq, K],
-        schedules [nb, R]), K padded to the layer's widest bucket. A processor holds these and picks the
-        bucket with a tensor index: no Python lookup that torch.compile would have to guard on."""
+    def layer_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One layer's index form stacked over buckets: counts and offsets [nb, B, H, Mq], indices [nb, L]
+        (L: the layer's longest bucket, rounded up to 16 bytes so every bucket's view is as aligned as a
+        fresh tensor and the kernel specialises alike), schedules [nb, R]. A processor holds these and picks
+        the bucket with a tensor index: no Python lookup that torch.compile would have to guard on."""
         if layer not in self._stacks:
             self._stacks[layer] = self._stack(layer)
         return self._stacks[layer]
 
-    def _stack(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _stack(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         nb = 1 + max(self.step_buckets)
         ixs = [self.index[(b, layer)] for b in range(nb)]
-        kmax = max(ix.indices.shape[-1] for ix in ixs)
-        pad = [torch.nn.functional.pad(ix.indices, (0, kmax - ix.indices.shape[-1])) for ix in ixs]
-        return (torch.stack([ix.counts for ix in ixs]), torch.stack(pad),
+        width = -(-max(ix.indices.shape[0] for ix in ixs) // 4) * 4
+        pad = [torch.nn.functional.pad(ix.indices, (0, width - ix.indices.shape[0])) for ix in ixs]
+        return (torch.stack([ix.counts for ix in ixs]), torch.stack([ix.offsets for ix in ixs]), torch.stack(pad),
                 torch.stack([ix.schedule for ix in ixs]))
 
     def mean_density(self) -> tuple[float, float]:
@@ -240,7 +240,7 @@ class SparseLayer:
 
     def __init__(self, controller: AttentionController, layer: int):
         plan = controller.plan
-        self.counts, self.indices, self.schedules = plan.layer_tensors(layer)
+        self.counts, self.offsets, self.indices, self.schedules = plan.layer_tensors(layer)
         self.block = plan.block_size
         self.controller = controller
         # The kernel configuration compile chose per bucket (launch parameters, so Python values: a compiled
@@ -251,8 +251,9 @@ class SparseLayer:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b = self.controller.bucket_t
         return ck_ops.block_sparse_attention_op(
-            q, k, v, self.counts.index_select(0, b).squeeze(0), self.indices.index_select(0, b).squeeze(0),
-            self.schedules.index_select(0, b).squeeze(0), self.block, self.block,
+            q, k, v, self.counts.index_select(0, b).squeeze(0), self.offsets.index_select(0, b).squeeze(0),
+            self.indices.index_select(0, b).squeeze(0), self.schedules.index_select(0, b).squeeze(0),
+            self.block, self.block,
             self.configs[self.controller.bucket],
         )
 

@@ -25,6 +25,7 @@ def train(
     steps: Annotated[int, typer.Option(help="Total optimizer steps (a resumed run continues up to this).")] = 6000,
     batch: Annotated[int, typer.Option(help="Clips per step.")] = 64,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 4e-4,
+    lr_schedule: Annotated[str, typer.Option(help="constant, or cosine (anneal to 0 at --steps).")] = "constant",
     seed: Annotated[int, typer.Option(help="Seed of weights, data and noise.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
     max_seconds: Annotated[float | None, typer.Option(help="Stop (with a checkpoint) after this long.")] = None,
@@ -44,7 +45,10 @@ def train(
 
         if not torch.cuda.is_available():
             raise CalibattError(f"--device {device} but no CUDA GPU is visible; use --device cpu")
-    cfg = TrainConfig(seed=seed, steps=steps, batch=batch, lr=lr, device=device, max_seconds=max_seconds,
+    if lr_schedule not in ("constant", "cosine"):
+        raise CalibattError(f"--lr-schedule {lr_schedule!r} is not known; use constant or cosine")
+    cfg = TrainConfig(seed=seed, steps=steps, batch=batch, lr=lr, lr_schedule=lr_schedule, device=device,
+                      max_seconds=max_seconds,
                       log_every=log_every, ckpt_every=ckpt_every,
                       init_from=None if init_from is None else str(init_from))
     res = run_train(cfg, out_dir, on_log=lambda s, loss, t: console.print(

@@ -3,7 +3,7 @@
 Layout of a cache directory:
     manifest.json       bundle hash, model, grid, steps, device, versions, per-group figures and the
                         kernel config chosen per (bucket, layer)
-    plan.safetensors    per (bucket, layer): key-block counts, indices and an LPT schedule
+    plan.safetensors    per (bucket, layer): key-block counts, row offsets, indices and an LPT schedule
     triton/             Triton's cache holding every kernel variant generate launches (GPU only)
 On a GPU, compile measures the candidate kernel configs (`block_sparse.candidate_configs`) per mask group
 on random q, k, v of the model's shape, keeps the fastest, and does so with Triton's cache pointed at
@@ -39,7 +39,7 @@ from .config import Config, resolve_input
 from .errors import CacheError
 from .models import model_identity
 
-CACHE_SCHEMA = 2
+CACHE_SCHEMA = 3  # 3: compressed-row index (offsets + flat indices)
 RECOMPILE = "run `calibatt compile --recompile`"
 
 
@@ -79,20 +79,22 @@ def plan_tensors(masks: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[dic
             ix = ck.mask_to_index(masks[b, layer])
             key = f"b{b}.l{layer}"
             tensors[f"{key}.counts"] = ix.counts[0]
-            tensors[f"{key}.indices"] = ix.indices[0]
+            tensors[f"{key}.offsets"] = ix.offsets[0]
+            tensors[f"{key}.indices"] = ix.indices
             tensors[f"{key}.schedule"] = ix.schedule
             groups.append({
                 "bucket": b,
                 "layer": layer,
                 "density": float(masks[b, layer].float().mean()),
-                "max_blocks_per_row": ix.num_key_blocks,
+                "max_blocks_per_row": ix.max_blocks_per_row,
             })
     return tensors, groups
 
 
 def plan_index(tensors: dict[str, torch.Tensor], keys: list[tuple[int, int]]) -> dict[tuple[int, int], ck.BlockIndex]:
     return {(b, layer): ck.BlockIndex(tensors[f"b{b}.l{layer}.counts"].unsqueeze(0),
-                                      tensors[f"b{b}.l{layer}.indices"].unsqueeze(0),
+                                      tensors[f"b{b}.l{layer}.offsets"].unsqueeze(0),
+                                      tensors[f"b{b}.l{layer}.indices"],
                                       tensors[f"b{b}.l{layer}.schedule"]) for b, layer in keys}
 
 
@@ -139,7 +141,7 @@ def tune_kernels(index: dict[tuple[int, int], ck.BlockIndex], *, heads: int, tok
     out = torch.empty_like(q)
     dense_ms = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v), reps)
     aot.forget_compiled(block_sparse.kernel_fn())  # a binary held in memory would never reach the folder
-    index = {key: ck.BlockIndex(ix.counts.to(dev), ix.indices.to(dev), ix.schedule.to(dev))
+    index = {key: ck.BlockIndex(ix.counts.to(dev), ix.offsets.to(dev), ix.indices.to(dev), ix.schedule.to(dev))
              for key, ix in index.items()}
     first = next(iter(index.values()))
 

@@ -28,6 +28,7 @@ class VideoResult:
     output: Path | None
     seconds: float  # sampling + decoding + writing, model load excluded
     frames: np.ndarray = field(repr=False)  # uint8 [F, H, W, 3]
+    step_seconds: list[float] = field(default_factory=list)  # each denoising step, first forward to step end
 
 
 @dataclass
@@ -55,6 +56,7 @@ class GenerateResult:
             "retained_mass": None if self.retained_mass is None else round(self.retained_mass, 6),
             "frames": int(self.videos[0].frames.shape[0]) if self.videos else 0,
             "compilations": self.compilations,
+            "step_seconds": [[round(t, 4) for t in v.step_seconds] for v in self.videos],
         }
 
 
@@ -123,9 +125,11 @@ def _sample(cfg: Config, prompts: list[str], paths: list[Path], plan, *, write: 
     load_seconds = time.perf_counter() - t0
 
     videos = []
+    clock = StepClock(model.pipe.transformer)
     for prompt, path in zip(prompts, paths, strict=True):
         t1 = time.perf_counter()
-        hooks = []
+        clock.start()
+        hooks = [clock.step_end]
         if on_step is not None:
             hooks.append(on_step)
         if controller is None:
@@ -138,13 +142,48 @@ def _sample(cfg: Config, prompts: list[str], paths: list[Path], plan, *, write: 
         frames = to_uint8(frames)
         if write:
             write_mp4(path, frames, cfg.video.fps)
-        videos.append(VideoResult(prompt, path if write else None, time.perf_counter() - t1, frames))
+        videos.append(VideoResult(prompt, path if write else None, time.perf_counter() - t1, frames,
+                                  clock.steps()))
+    clock.close()
     if plan is not None:
         mean_density, sparse_density = plan.mean_density()
     else:
         mean_density = sparse_density = 1.0
     retained = controller.retained_mass() if controller is not None else None
     return GenerateResult(videos, g.steps, plan is None, mean_density, sparse_density, load_seconds, retained)
+
+
+class StepClock:
+    """Wall time of each denoising step, so a user (and the AOT-cache test) can see whether the first step
+    pays for compilation. A step runs from its first transformer forward (a pre-hook: text encoding and
+    latent setup before step 0 are not counted) to the pipeline's step-end callback; on CUDA both ends
+    synchronize, which costs one sync per step."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.cuda = next(transformer.parameters()).device.type == "cuda"
+        self._handle = transformer.register_forward_pre_hook(self._pre)
+        self.marks: list[float] = []
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _pre(self, module, args) -> None:
+        if not self.marks:
+            self.marks.append(self._now())
+
+    def start(self) -> None:
+        self.marks = []
+
+    def step_end(self) -> None:
+        self.marks.append(self._now())
+
+    def steps(self) -> list[float]:
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+    def close(self) -> None:
+        self._handle.remove()
 
 
 def _run_with_progress(model, prompt: str, cfg: Config, hooks: list) -> np.ndarray:

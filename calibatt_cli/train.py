@@ -40,8 +40,11 @@ class TrainConfig:
     seed: int = 0  # weights init, data stream, noise: everything
     steps: int = 6000  # total optimizer steps (a resumed run continues up to this)
     batch: int = 64
-    lr: float = 4e-4  # AdamW, constant after warm-up (the EMA does the averaging)
+    lr: float = 4e-4  # AdamW peak rate, reached after `warmup` steps
     warmup: int = 200
+    # constant: the EMA does the averaging (the first 17,629 steps); cosine: anneal to 0 at `steps`, from
+    # where this optimizer began (a warm start anneals only its own run), which sharpens samples
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -88,7 +91,11 @@ class Trainer:
         self.losses: list = []
 
     def lr_at(self, i: int) -> float:
-        return self.cfg.lr * min(1.0, (i + 1 - self.start_step) / max(1, self.cfg.warmup))
+        lr = self.cfg.lr * min(1.0, (i + 1 - self.start_step) / max(1, self.cfg.warmup))
+        if self.cfg.lr_schedule == "cosine":
+            done = (i - self.start_step) / max(1, self.cfg.steps - self.start_step)
+            lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+        return lr
 
     def batch(self, i: int) -> tuple[torch.Tensor, list[str]]:
         specs = P.training_batch(self.cfg.seed, i, self.cfg.batch, two_objects_p=self.cfg.two_objects_p)

@@ -7,7 +7,8 @@ of exactly the key blocks that the mask row (b, h, i) lists, with a softmax over
 
 A row that lists no block gives zeros. The reference is `reference.block_sparse_attention_ref`.
 
-The mask arrives as data (`index.BlockIndex`: per-row block counts and ascending block lists), so one
+The mask arrives as data (`index.BlockIndex`: per-row block counts, and ascending block lists stored as
+compressed rows), so one
 binary serves every mask and every sequence length of a (tile shape, head dim, dtype) class. The block
 size the caller passes is the mask granularity; the kernel tile may split it (BLOCK_M | BM, BLOCK_N | BN).
 The softmax runs in base 2 with scale * log2(e) folded into one multiply. Keys >= N are masked in the
@@ -47,7 +48,8 @@ class KernelConfig:
     use_tma: bool | None = None  # None: on Hopper+ when strides allow it
     warp_specialize: bool = False  # tl.range(..., warp_specialize=True) on the key loop (triton >= 3.5)
     # FA3-style software pipelining inside one program: the scores of key tile j+1 are issued (an async
-    # wgmma on Hopper) before the softmax and PV of tile j, so tensor cores and MUFU/ALU can overlap.
+    # wgmma on Hopper) before the softmax and PV of tile j, so tensor cores and MUFU/ALU could overlap.
+    # Measured no faster on an H200 with triton 3.6 (bench/NOTES.md, v3); kept for bench_kernel --configs.
     pipeline_qk: bool = False
 
 
@@ -115,10 +117,10 @@ def _softmax_pv(acc, l_i, m_i, qk, v, qk_scale):
 
 @triton.jit
 def _block_sparse_tile(
-    tile, Q, K, V, Out, Counts, Indices, Schedule,
+    tile, Q, K, V, Out, Counts, Offsets, Indices, Schedule,
     stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd, stride_oz, stride_oh, stride_om, stride_od,
-    stride_cz, stride_ch, stride_iz, stride_ih, stride_im, H, N, Mq, REPS, qk_scale,
+    stride_cz, stride_ch, H, N, Mq, REPS, qk_scale,
     BM: tl.constexpr, BN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HAS_SCHEDULE: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, Lse, stride_lz, stride_lh, RETURN_LSE: tl.constexpr,
@@ -141,8 +143,9 @@ def _block_sparse_tile(
     bi = row // (Mq * H)
     b = bi + rep  # index batch of 1 broadcasts (bi = 0); of B keeps rep = 0
     start_m = m_blk * BM + sub * BLOCK_M
-    cnt = tl.load(Counts + bi * stride_cz + h * stride_ch + m_blk)
-    idx_ptr = Indices + bi.to(tl.int64) * stride_iz + h * stride_ih + m_blk * stride_im
+    row_off = bi * stride_cz + h * stride_ch + m_blk  # Counts and Offsets share one contiguous layout
+    cnt = tl.load(Counts + row_off)
+    idx_ptr = Indices + tl.load(Offsets + row_off).to(tl.int64)
 
     q_off = b.to(tl.int64) * stride_qz + h.to(tl.int64) * stride_qh
     k_off = b.to(tl.int64) * stride_kz + h.to(tl.int64) * stride_kh
@@ -214,15 +217,14 @@ def _block_sparse_tile(
                  mask=(offs_m < N)[:, None])
 
 
-@triton.jit(do_not_specialize=["N", "Mq", "num_tiles", "stride_cz", "stride_ch", "stride_iz", "stride_ih",
-                               "stride_im", "stride_lz", "stride_lh"])
+@triton.jit(do_not_specialize=["N", "Mq", "num_tiles", "stride_cz", "stride_ch", "stride_lz", "stride_lh"])
 def _block_sparse_fwd(
-    Q, K, V, Out, Counts, Indices, Schedule,
+    Q, K, V, Out, Counts, Offsets, Indices, Schedule,
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
     stride_oz, stride_oh, stride_om, stride_od,
-    stride_cz, stride_ch, stride_iz, stride_ih, stride_im,
+    stride_cz, stride_ch,
     H, N, Mq, num_tiles, REPS, qk_scale,
     BM: tl.constexpr, BN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HAS_SCHEDULE: tl.constexpr, PERSISTENT: tl.constexpr,
@@ -234,18 +236,18 @@ def _block_sparse_fwd(
     if PERSISTENT:
         for tile in range(pid, num_tiles, tl.num_programs(0)):
             _block_sparse_tile(
-                tile, Q, K, V, Out, Counts, Indices, Schedule,
+                tile, Q, K, V, Out, Counts, Offsets, Indices, Schedule,
                 stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
                 stride_vz, stride_vh, stride_vn, stride_vd, stride_oz, stride_oh, stride_om, stride_od,
-                stride_cz, stride_ch, stride_iz, stride_ih, stride_im, H, N, Mq, REPS, qk_scale,
+                stride_cz, stride_ch, H, N, Mq, REPS, qk_scale,
                 BM, BN, BLOCK_M, BLOCK_N, HEAD_DIM, HAS_SCHEDULE, USE_TMA, UPCAST, WARP_SPECIALIZE,
                 Lse, stride_lz, stride_lh, RETURN_LSE, PIPELINE_QK)
     else:
         _block_sparse_tile(
-            pid, Q, K, V, Out, Counts, Indices, Schedule,
+            pid, Q, K, V, Out, Counts, Offsets, Indices, Schedule,
             stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
             stride_vz, stride_vh, stride_vn, stride_vd, stride_oz, stride_oh, stride_om, stride_od,
-            stride_cz, stride_ch, stride_iz, stride_ih, stride_im, H, N, Mq, REPS, qk_scale,
+            stride_cz, stride_ch, H, N, Mq, REPS, qk_scale,
             BM, BN, BLOCK_M, BLOCK_N, HEAD_DIM, HAS_SCHEDULE, USE_TMA, UPCAST, WARP_SPECIALIZE,
             Lse, stride_lz, stride_lh, RETURN_LSE, PIPELINE_QK)
 
@@ -305,11 +307,13 @@ def block_sparse_attention_triton(
         raise ValueError(f"head dim must be 64 or 128, got {D}")
     Mq, Mk = triton.cdiv(N, BM), triton.cdiv(N, BN)
     Bi = index.counts.shape[0]
-    if index.counts.shape != (Bi, H, Mq) or Bi not in (1, B) or index.indices.shape[:3] != (Bi, H, Mq):
-        raise ValueError(f"index counts {tuple(index.counts.shape)} / indices {tuple(index.indices.shape)} do not "
+    if index.counts.shape != (Bi, H, Mq) or Bi not in (1, B) or index.offsets.shape != index.counts.shape:
+        raise ValueError(f"index counts {tuple(index.counts.shape)} / offsets {tuple(index.offsets.shape)} do not "
                          f"match (B or 1, H, Mq) = ({B}, {H}, {Mq}) for N={N}, block {block_size}")
-    if index.indices.shape[3] > Mk:
-        raise ValueError(f"index lists up to {index.indices.shape[3]} key blocks, but N={N} has only {Mk}")
+    if index.indices.dim() != 1:
+        raise ValueError(f"index indices must be 1-d (compressed rows), got {tuple(index.indices.shape)}")
+    # Block ids < Mk (= ceil(N / BN)) are not checked here: that would wait for the GPU on every call.
+    # mask_to_index builds them from a mask of width Mk.
     if out is None:
         out = _empty_like_layout(q)
     elif out.shape != q.shape or out.dtype != q.dtype:
@@ -328,12 +332,9 @@ def block_sparse_attention_triton(
     if use_tma:
         triton.set_allocator(_tma_allocator)
 
-    counts = index.counts.to(device=q.device, dtype=torch.int32)
-    if counts.stride(-1) != 1:
-        counts = counts.contiguous()
-    indices = index.indices.to(device=q.device, dtype=torch.int32)
-    if indices.stride(-1) != 1:
-        indices = indices.contiguous()
+    counts = index.counts.to(device=q.device, dtype=torch.int32).contiguous()
+    offsets = index.offsets.to(device=q.device, dtype=torch.int32).contiguous()
+    indices = index.indices.to(device=q.device, dtype=torch.int32).contiguous()
     schedule = index.schedule
     if schedule is not None:
         schedule = schedule.to(device=q.device, dtype=torch.int32)
@@ -349,9 +350,9 @@ def block_sparse_attention_triton(
         return (out, lse) if return_lse else out
 
     _block_sparse_fwd[grid](
-        q, k, v, out, counts, indices, schedule if schedule is not None else counts,
+        q, k, v, out, counts, offsets, indices, schedule if schedule is not None else counts,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        counts.stride(0), counts.stride(1), indices.stride(0), indices.stride(1), indices.stride(2),
+        counts.stride(0), counts.stride(1),
         H, N, Mq, num_tiles, reps, scale * LOG2E,
         Lse=lse if return_lse else out, stride_lz=lse.stride(0) if return_lse else 0,
         stride_lh=lse.stride(1) if return_lse else 0,
@@ -385,8 +386,8 @@ def candidate_configs(capability: tuple[int, int], block_size: tuple[int, int], 
         KernelConfig(num_warps=warps, num_stages=3, persistent=False),
         KernelConfig(num_warps=warps, num_stages=2, persistent=True),
     ]
-    # Not yet measured on a GPU (added after the last device run): compile keeps it only if it wins.
-    cands.append(KernelConfig(num_warps=warps, num_stages=3, persistent=True, pipeline_qk=True))
+    # pipeline_qk (v3) is not a candidate: in compile's tuning on an H200 it won none of 150 mask groups
+    # (bench/NOTES.md), so measuring and compiling it would only slow `calibatt compile` down.
     if BN >= 128:
         cands.append(KernelConfig(block_n=BN // 2, num_warps=warps, num_stages=3, persistent=True))
     if BM >= 128:
@@ -421,12 +422,12 @@ def aot_source_args(cfg: KernelConfig, dtype: torch.dtype, block_size: tuple[int
             sig[n] = f"*{elem}"
         elif n == "Lse":
             sig[n] = "*fp32"
-        elif n in ("Counts", "Indices", "Schedule"):
+        elif n in ("Counts", "Offsets", "Indices", "Schedule"):
             sig[n] = "*i32"
         else:
             sig[n] = "fp32" if n == "qk_scale" else "i32"
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("Q", "K", "V", "Out", "Counts", "Indices",
-                                                                      "Schedule")}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("Q", "K", "V", "Out", "Counts", "Offsets",
+                                                                      "Indices", "Schedule")}
     return sig, consts, attrs, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 

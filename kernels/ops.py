@@ -38,6 +38,7 @@ def block_sparse_attention_op(
     k: torch.Tensor,
     v: torch.Tensor,
     counts: torch.Tensor,
+    offsets: torch.Tensor,
     indices: torch.Tensor,
     schedule: torch.Tensor,
     block_m: int,
@@ -46,11 +47,11 @@ def block_sparse_attention_op(
 ) -> torch.Tensor:
     from . import block_sparse_attention_indexed
 
-    return block_sparse_attention_indexed(q, k, v, BlockIndex(counts, indices, schedule), block_size=(block_m, block_n),
-                                          config=config_from_ints(config))
+    return block_sparse_attention_indexed(q, k, v, BlockIndex(counts, offsets, indices, schedule),
+                                          block_size=(block_m, block_n), config=config_from_ints(config))
 
 
 @block_sparse_attention_op.register_fake
-def _(q, k, v, counts, indices, schedule, block_m, block_n, config):
+def _(q, k, v, counts, offsets, indices, schedule, block_m, block_n, config):
     # The launcher allocates its output in q's stride order, as empty_like does for a dense q.
     return torch.empty_like(q)

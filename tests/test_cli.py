@@ -161,6 +161,8 @@ def test_generate_json_and_inspect(built, tmp_path, monkeypatch, capsys):
     assert code == 0, err
     line = json.loads(stdout.strip().splitlines()[-1])
     assert line["outputs"] == [str(out)] and line["steps"] == 4 and 0 < line["mean_density"] <= 1
+    (steps,) = line["step_seconds"]  # one video: one time per denoising step, each a real duration
+    assert len(steps) == 4 and all(0 < t < line["seconds"] for t in steps)
     assert out.stat().st_size > 0
     code, stdout, err = run_cli(monkeypatch, capsys, "inspect", tmp_path / "out" / "bundle.safetensors",
                                 "--png", tmp_path / "png")

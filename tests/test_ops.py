@@ -24,12 +24,12 @@ def _inputs(n=200, bs=64):
 def test_op_matches_reference_and_its_fake():
     q, k, v, mask = _inputs()
     ix = ck.mask_to_index(mask)
-    out = block_sparse_attention_op(q, k, v, ix.counts, ix.indices, ix.schedule, 64, 64, [])
+    out = block_sparse_attention_op(q, k, v, ix.counts, ix.offsets, ix.indices, ix.schedule, 64, 64, [])
     ref = ck.block_sparse_attention_ref(q, k, v, mask, (64, 64))
     assert (out - ref).abs().max() < 1e-5
     cfg = config_to_ints(KernelConfig(block_m=64, num_warps=4, num_stages=2, persistent=False))
     assert config_from_ints(cfg) == KernelConfig(block_m=64, num_warps=4, num_stages=2, persistent=False)
-    torch.library.opcheck(block_sparse_attention_op, (q, k, v, ix.counts, ix.indices, ix.schedule, 64, 64, cfg),
+    torch.library.opcheck(block_sparse_attention_op, (q, k, v, ix.counts, ix.offsets, ix.indices, ix.schedule, 64, 64, cfg),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 

@@ -134,9 +134,10 @@ def test_plan_on_device_holds_the_index_once(calibrated):
     cfg, res = calibrated
     compile_cache(cfg)
     plan, _ = load_cache(cfg)  # load_cache returns plan.to(model.device)
-    counts, indices, schedules = plan.layer_tensors(0)
+    counts, offsets, indices, schedules = plan.layer_tensors(0)
     for b in range(counts.shape[0]):
         ix = plan.index[(b, 0)]
-        assert ix.indices.untyped_storage().data_ptr() == indices.untyped_storage().data_ptr()
-        assert torch.equal(ix.counts, counts[b]) and torch.equal(ix.schedule, schedules[b])
-        assert torch.equal(ix.indices, indices[b][..., : ix.indices.shape[-1]])
+        for got, stack in ((ix.counts, counts), (ix.offsets, offsets), (ix.indices, indices), (ix.schedule, schedules)):
+            assert got.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()
+            assert torch.equal(got, stack[b])
+        assert indices.shape[1] % 4 == 0  # each bucket's view starts 16-byte aligned

@@ -67,9 +67,29 @@ def test_index_round_trip_and_schedule():
     counts = ix.counts.flatten()[ix.schedule.long()]
     assert (counts[:-1] >= counts[1:]).all(), "schedule must be longest-first"
     assert sorted(ix.schedule.tolist()) == list(range(mask[..., 0].numel()))
-    for b, h, i in [(0, 1, 2), (1, 2, 4)]:
-        c = int(ix.counts[b, h, i])
-        assert ix.indices[b, h, i, :c].tolist() == mask[b, h, i].nonzero().flatten().tolist()
+    for b in range(2):
+        for h in range(3):
+            for i in range(5):
+                c, o = int(ix.counts[b, h, i]), int(ix.offsets[b, h, i])
+                assert ix.indices[o:o + c].tolist() == mask[b, h, i].nonzero().flatten().tolist()
+    # compressed rows: the index holds the listed blocks and nothing else, however wide the widest row
+    assert ix.indices.numel() == int(mask.sum()) and ix.max_blocks_per_row == int(mask.sum(-1).max())
+
+
+def test_index_size_follows_the_kept_blocks_not_the_widest_row():
+    """One dense head among sparse ones: a padded table would cost the full width for every row."""
+    mask = torch.zeros(8, 64, 64, dtype=torch.bool)
+    mask[0] = True  # a dense head
+    mask[1:, torch.arange(64), torch.arange(64)] = True  # the others: the diagonal only
+    ix = ck.mask_to_index(mask)
+    assert ix.indices.numel() == 64 * 64 + 7 * 64
+    assert torch.equal(ck.index_to_mask(ix, 64), mask.unsqueeze(0))
+
+
+def test_empty_mask_index():
+    ix = ck.mask_to_index(torch.zeros(2, 3, 4, dtype=torch.bool))
+    assert ix.indices.numel() == 1 and int(ix.counts.sum()) == 0  # one slot: a kernel argument is never empty
+    assert not ck.index_to_mask(ix, 4).any()
 
 
 def test_dropped_mass_predicts_the_change():

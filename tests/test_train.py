@@ -67,3 +67,18 @@ def test_warm_start_from_the_shipped_weights(tmp_path):
     res = train(cfg, tmp_path / "ck")
     assert res.step == shipped_step + 1
     assert json.loads((tmp_path / "ck" / "ckpt.json").read_text())["start_step"] == shipped_step
+
+
+def test_cosine_schedule_warms_up_then_anneals_to_zero():
+    from calibatt_cli.train import Trainer
+
+    t = Trainer(TrainConfig(steps=1200, lr=1e-3, warmup=100, lr_schedule="cosine", transformer=dict(SMALL)))
+    t.start_step = 200  # a warm start: the schedule spans this optimizer's own run, steps 200..1200
+    lrs = [t.lr_at(i) for i in range(200, 1200)]
+    assert abs(lrs[0] - 1e-5) < 1e-9  # warm-up: 1/100 of the peak at its first step
+    peak = max(lrs)
+    assert 0.95e-3 < peak <= 1e-3 and lrs.index(peak) < 110  # the cosine has begun by then
+    after = lrs[lrs.index(peak):]
+    assert all(a >= b for a, b in zip(after, after[1:])) and after[-1] < 1e-7
+    const = Trainer(TrainConfig(steps=1200, lr=1e-3, warmup=100, transformer=dict(SMALL)))
+    assert const.lr_at(150) == const.lr_at(1199) == 1e-3
