@@ -56,7 +56,7 @@ class SparsePlan:
     def _stack(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         nb = 1 + max(self.step_buckets)
         ixs = [self.index[(b, layer)] for b in range(nb)]
-        width = -(-max(ix.indices.shape[0] for ix in ixs) // 4) * 4
+        width = -(-max(ix.indices.shape[0] for ix in ixs) // 8) * 8  # int16: 8 ids = 16 bytes
         pad = [torch.nn.functional.pad(ix.indices, (0, width - ix.indices.shape[0])) for ix in ixs]
         return (torch.stack([ix.counts for ix in ixs]), torch.stack([ix.offsets for ix in ixs]), torch.stack(pad),
                 torch.stack([ix.schedule for ix in ixs]))

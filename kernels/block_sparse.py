@@ -184,10 +184,10 @@ def _block_sparse_tile(
     if PIPELINE_QK:
         if n_full > 0:
             # qk of tile j+1 is issued before the softmax and PV of tile j (which it does not depend on)
-            prev_n = tl.load(idx_ptr) * BN
+            prev_n = tl.load(idx_ptr).to(tl.int32) * BN
             qk = tl.dot(q, tl.trans(_load_tile(desc_k, k_ptrs, prev_n, stride_kn, USE_TMA, UPCAST)))
             for j in tl.range(1, n_full):
-                start_n = tl.load(idx_ptr + j // N_SUB) * BN + (j % N_SUB) * BLOCK_N
+                start_n = tl.load(idx_ptr + j // N_SUB).to(tl.int32) * BN + (j % N_SUB) * BLOCK_N
                 qk_next = tl.dot(q, tl.trans(_load_tile(desc_k, k_ptrs, start_n, stride_kn, USE_TMA, UPCAST)))
                 v = _load_tile(desc_v, v_ptrs, prev_n, stride_vn, USE_TMA, UPCAST)
                 acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, qk_scale)
@@ -197,11 +197,11 @@ def _block_sparse_tile(
             acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, qk_scale)
     else:
         for j in tl.range(0, n_full, warp_specialize=WARP_SPECIALIZE):
-            start_n = tl.load(idx_ptr + j // N_SUB) * BN + (j % N_SUB) * BLOCK_N
+            start_n = tl.load(idx_ptr + j // N_SUB).to(tl.int32) * BN + (j % N_SUB) * BLOCK_N
             acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, desc_k, desc_v, k_ptrs, v_ptrs, start_n, N, qk_scale,
                                        stride_kn, stride_vn, BLOCK_N, False, USE_TMA, UPCAST)
     if cnt > 0:
-        last = tl.load(idx_ptr + cnt - 1) * BN
+        last = tl.load(idx_ptr + cnt - 1).to(tl.int32) * BN
         for s in tl.static_range(N_SUB):
             acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, desc_k, desc_v, k_ptrs, v_ptrs, last + s * BLOCK_N,
                                        N, qk_scale, stride_kn, stride_vn, BLOCK_N, True, USE_TMA, UPCAST)
@@ -334,7 +334,12 @@ def block_sparse_attention_triton(
 
     counts = index.counts.to(device=q.device, dtype=torch.int32).contiguous()
     offsets = index.offsets.to(device=q.device, dtype=torch.int32).contiguous()
-    indices = index.indices.to(device=q.device, dtype=torch.int32).contiguous()
+    # int16 (what mask_to_index makes) or int32, as given: converting would copy the index on every call,
+    # and the kernel widens each id before use.
+    indices = index.indices.to(device=q.device)
+    if indices.dtype not in (torch.int16, torch.int32):
+        indices = indices.to(torch.int32)
+    indices = indices.contiguous()
     schedule = index.schedule
     if schedule is not None:
         schedule = schedule.to(device=q.device, dtype=torch.int32)
@@ -422,7 +427,9 @@ def aot_source_args(cfg: KernelConfig, dtype: torch.dtype, block_size: tuple[int
             sig[n] = f"*{elem}"
         elif n == "Lse":
             sig[n] = "*fp32"
-        elif n in ("Counts", "Offsets", "Indices", "Schedule"):
+        elif n == "Indices":
+            sig[n] = "*i16"  # mask_to_index's block ids
+        elif n in ("Counts", "Offsets", "Schedule"):
             sig[n] = "*i32"
         else:
             sig[n] = "fp32" if n == "qk_scale" else "i32"

@@ -119,3 +119,11 @@ def test_dropped_mass_predicts_the_change():
     per_block = delta.view(1, 2, n // 64, 64).mean(-1)
     kept = (mass.double() * mask).sum(-1)
     assert (per_block - (1 - kept)).abs().max() < 1e-5
+
+
+def test_index_refuses_block_ids_beyond_int16():
+    import pytest
+
+    ck.mask_to_index(torch.ones(1, 1, 32767, dtype=torch.bool))
+    with pytest.raises(ValueError, match="int16"):
+        ck.mask_to_index(torch.ones(1, 1, 32768, dtype=torch.bool))
