@@ -160,7 +160,8 @@ def compile_cmd(
     k = m["kernels"]
     tuned = (f", dense SDPA {k['dense_ms']:.3f} ms, {len(k['winners'])} config(s) chosen of "
              f"{len(k['candidates'])}, {k['triton_files']} kernels cached") if k.get("tuned") else ""
-    console.print(f"device {m['device']['name']}, backend {k['backend']}{tuned}, {res.seconds:.2f} s")
+    index = f", mask index {m['index_bytes'] / 2**20:.1f} MiB" if "index_bytes" in m else ""
+    console.print(f"device {m['device']['name']}, backend {k['backend']}{tuned}{index}, {res.seconds:.2f} s")
     out.print(str(res.cache_dir), highlight=False)
 
 

@@ -249,6 +249,8 @@ def compile_cache(cfg: Config, *, bundle_path: str | None = None, cache_dir: str
                     g.update(res.groups[(g["bucket"], g["layer"])])
                 manifest["kernels"].update(res.info)
             manifest["groups"] = groups
+            # what generate holds on the device for the masks (compressed rows: it follows the kept blocks)
+            manifest["index_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
             write_cache(cache_dir, build, tensors, manifest)
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)

@@ -129,6 +129,16 @@ def test_cache_for_another_gpu_triton_or_bundle_is_refused(compiled):
         load_cache(cfg)
 
 
+def test_manifest_counts_the_index_bytes(compiled):
+    cfg, res = compiled
+    m = json.loads((Path(cfg.compile.cache_dir) / "manifest.json").read_text())
+    masks = res.bundle.masks
+    nb, nl, h, mq, _ = masks.shape
+    # per (bucket, layer): int32 counts, offsets and schedule per row, an int16 id per kept block
+    want = nb * nl * 3 * h * mq * 4 + int(masks.sum()) * 2
+    assert m["index_bytes"] == want
+
+
 def test_plan_carries_the_chosen_config(compiled, monkeypatch):
     cfg, _ = compiled
     chosen = KernelConfig(block_n=16, num_warps=4, num_stages=2, persistent=False)
