@@ -39,6 +39,21 @@ def _load_rows(X, off, start, N, stride_n, stride_d, BLOCK: tl.constexpr, HEAD_D
     return x
 
 
+@triton.jit
+def _program_block(Q, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, H, N, Mq,
+                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """This program's query block: (block row, flat b*H+h, its query tile, the key offset of its (b, h))."""
+    pid = tl.program_id(0)
+    m_blk = pid % Mq
+    bh = pid // Mq
+    b = bh // H
+    h = bh % H
+    q_off = b.to(tl.int64) * stride_qz + h.to(tl.int64) * stride_qh
+    k_off = b.to(tl.int64) * stride_kz + h.to(tl.int64) * stride_kh
+    q = _load_rows(Q, q_off, m_blk * BLOCK_M, N, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, True, UPCAST)
+    return m_blk, bh, q, k_off
+
+
 @triton.jit(do_not_specialize=["N", "Mq"])
 def _row_lse(
     Q, K, Lse,
@@ -48,14 +63,8 @@ def _row_lse(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Lse[bh, row] = log2(sum_keys exp2(s)) with s = q.k * scale * log2(e), for BLOCK_M rows."""
-    pid = tl.program_id(0)
-    m_blk = pid % Mq
-    bh = pid // Mq
-    b = bh // H
-    h = bh % H
-    q_off = b.to(tl.int64) * stride_qz + h.to(tl.int64) * stride_qh
-    k_off = b.to(tl.int64) * stride_kz + h.to(tl.int64) * stride_kh
-    q = _load_rows(Q, q_off, m_blk * BLOCK_M, N, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, True, UPCAST)
+    m_blk, bh, q, k_off = _program_block(Q, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh,
+                                         H, N, Mq, BLOCK_M, HEAD_DIM, UPCAST)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     n_full = N // BLOCK_N
@@ -86,20 +95,14 @@ def _block_mass_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Mass[bh, i, :] for one query block i: one number per key block."""
-    pid = tl.program_id(0)
-    m_blk = pid % Mq
-    bh = pid // Mq
-    b = bh // H
-    h = bh % H
-    q_off = b.to(tl.int64) * stride_qz + h.to(tl.int64) * stride_qh
-    k_off = b.to(tl.int64) * stride_kz + h.to(tl.int64) * stride_kh
-    q = _load_rows(Q, q_off, m_blk * BLOCK_M, N, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, True, UPCAST)
+    m_blk, bh, q, k_off = _program_block(Q, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh,
+                                         H, N, Mq, BLOCK_M, HEAD_DIM, UPCAST)
     offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
     # Rows >= N get lse = +inf, so their probabilities are exp2(-inf) = 0.
     lse = tl.load(Lse + bh.to(tl.int64) * Mq * BLOCK_M + offs_m)
     lse = tl.where(offs_m < N, lse, float("inf"))
     inv_rows = 1.0 / tl.minimum(N - m_blk * BLOCK_M, BLOCK_M).to(tl.float32)
-    mass_row = Mass + pid.to(tl.int64) * Mk
+    mass_row = Mass + tl.program_id(0).to(tl.int64) * Mk  # one row of Mk per program
     n_full = N // BLOCK_N
     for j in range(0, n_full):
         k = _load_rows(K, k_off, j * BLOCK_N, N, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, False, UPCAST)

@@ -61,6 +61,18 @@ def default_config(device: torch.device, block_size: tuple[int, int], head_dim: 
 
 
 @triton.jit
+def _softmax_pv(acc, l_i, m_i, qk, v, qk_scale):
+    """The online-softmax update of a full tile's scores qk, then acc += p @ v."""
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    alpha = tl.math.exp2(m_i - m_ij)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_ij
+
+
+@triton.jit
 def _attn_step(acc, l_i, m_i, q, K, V, k_ptrs, v_ptrs, start_n, N, qk_scale,
                stride_kn, stride_vn,
                BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr):
@@ -82,13 +94,7 @@ def _attn_step(acc, l_i, m_i, q, K, V, k_ptrs, v_ptrs, start_n, N, qk_scale,
     qk = tl.dot(q, tl.trans(k))
     if MASK_KEYS:
         qk = tl.where((offs_n < N)[None, :], qk, float("-inf"))
-    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    alpha = tl.math.exp2(m_i - m_ij)
-    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_ij
+    return _softmax_pv(acc, l_i, m_i, qk, v, qk_scale)
 
 
 @triton.jit
@@ -101,18 +107,6 @@ def _load_tile(T, t_ptrs, start_n, stride_tn, USE_TMA: tl.constexpr, UPCAST: tl.
     if UPCAST:
         t = t.to(tl.float32)
     return t
-
-
-@triton.jit
-def _softmax_pv(acc, l_i, m_i, qk, v, qk_scale):
-    """The online-softmax update of a full tile's scores qk, then acc += p @ v."""
-    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    alpha = tl.math.exp2(m_i - m_ij)
-    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_ij
 
 
 @triton.jit
