@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import triton
+import triton.language as tl
 from test_cli import assert_one_line_error, run_cli
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -59,6 +60,18 @@ def _compile_one(counter_dir=None, strict=False):
         triton.compile(ASTSource(block_sparse.kernel_fn(), sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                        options=opts)
     return counter
+
+
+@triton.jit
+def _someone_elses_kernel(X):
+    tl.store(X, tl.load(X) + 1)
+
+
+def test_strict_ignores_kernels_that_are_not_ours(tmp_path):
+    """torch.compile's inductor kernels (generate.compile=true) compile at generate time by design."""
+    with aot.kernel_cache(tmp_path / "triton"), aot.CompileCounter(strict=True) as counter:
+        triton.compile(ASTSource(_someone_elses_kernel, {"X": "*fp32"}, {}), target=GPUTarget("cuda", 90, 32))
+    assert (counter.count, counter.others) == (0, 1)
 
 
 def test_moved_cache_still_hits_and_strict_fails_on_a_miss(tmp_path):
