@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo test lint bench-kernel bench-e2e clean
+.PHONY: setup demo test lint bench-kernel bench-e2e bench-compile test-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,6 +44,15 @@ bench-kernel: .shim/calibatt_kernels
 
 bench-e2e: .shim/calibatt_kernels
 	$(BENCH_ENV) $(BENCH_PY) bench/bench_e2e.py
+
+# The ahead-of-time cache at Wan 1.3B 480p: the library path, then the user's CLI path (needs diffusers).
+bench-compile: .shim/calibatt_kernels
+	$(BENCH_ENV) $(BENCH_PY) bench/bench_compile.py all --cache-dir /tmp/calibatt-bench/cache
+	$(BENCH_ENV) $(BENCH_PY) bench/bench_cli_wan.py --workdir /tmp/calibatt-bench/cli
+
+# The GPU-only tests (skipped by `make test` without CUDA).
+test-gpu: .shim/calibatt_kernels
+	$(BENCH_ENV) $(BENCH_PY) -m pytest -q tests/test_kernels_gpu.py tests/test_compile_gpu.py
 
 clean:
 	rm -rf out .pytest_cache

@@ -96,7 +96,8 @@ def synthetic_bundle(cfg_path: Path) -> dict:
     save_bundle(Path(cfg.calibration.output), masks, meta)
     return {"calibrate_seconds": round(seconds, 2), "calibrated_density": float(calibrated.double().mean()),
             "calibrated_retained_mass": res.bundle.meta["summary"]["retained_mass"],
-            "synthetic_density": meta["summary"]["density"], "synthetic_retained_mass": meta["summary"]["retained_mass"]}
+            "synthetic_density": meta["summary"]["density"],
+            "synthetic_retained_mass": meta["summary"]["retained_mass"]}
 
 
 def cli(*args: str, log: Path) -> tuple[float, str]:
@@ -134,7 +135,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--json", help="write the results here (default bench/results/cli-wan-<card>-<date>.json)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (use a small video)")
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=832)
@@ -172,8 +173,9 @@ def main() -> None:
     d = json.loads(out.strip().splitlines()[-1])
     res["dense"] = dict(dense_stats(d), sampling_seconds=d["seconds"])
     res["sparse_step_speedup"] = round(res["dense"]["later_median_s"] / res["generate"]["later_sparse_median_s"], 3)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+    out = Path(args.json) if args.json else ROOT / "bench" / "results" / (
+        f"cli-wan-{card.lower().replace(' ', '-')}-{res['date']}.json")
+    out.write_text(json.dumps(res, indent=1))
     c, g = res["calibration"], res["generate"]
     print(f"card {res['card']}; {res['shape']}; {args.steps} steps")
     print(f"calibrate (library, random weights): {c['calibrate_seconds']} s, density {c['calibrated_density']:.3f}; "
@@ -185,6 +187,7 @@ def main() -> None:
           f"(x{g['first_sparse_over_later']}); first (dense warm-up) step x{g.get('first_over_second_dense')} the "
           f"second, stock pipeline's first step x{res['dense']['first_over_later']} its later ones; stock later "
           f"median {res['dense']['later_median_s']:.3f} s -> sparse steps x{res['sparse_step_speedup']}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

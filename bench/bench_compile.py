@@ -148,7 +148,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--passes", type=int, default=5)
     p.add_argument("--cold", action="store_true", help="load: skip the kernel-cache check (an emptied triton/)")
-    p.add_argument("--json", help="all: write the results here")
+    p.add_argument("--json", help="all: write the results here (default bench/results/compile-<card>-<date>.json)")
     args = p.parse_args()
     if args.phase == "build":
         print(json.dumps(build(args)))
@@ -169,8 +169,9 @@ def main() -> None:
     res["load_moved"] = _phase("load", "--cache-dir", str(moved), f"--passes={args.passes}")
     shutil.rmtree(moved / "triton")
     res["load_cold"] = _phase("load", "--cache-dir", str(moved), f"--passes={args.passes}", "--cold")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+    out = Path(args.json) if args.json else Path(__file__).resolve().parent / "results" / (
+        f"compile-{res['card'].lower().replace(' ', '-')}-{res['date']}.json")
+    out.write_text(json.dumps(res, indent=1))
     b, rows = res["build"], []
     for name in ("load", "load_moved", "load_cold"):
         r = res[name]
@@ -181,6 +182,7 @@ def main() -> None:
           f"{b['tune_seconds']:.1f} s, {b['compilations']} compilations, {b['triton_files']} kernels cached); "
           f"mean density {b['mean_density']}, sparse {b['sparse_ms_total']:.1f} ms vs dense {b['dense_ms_total']:.1f}"
           f" ms per pass over all groups")
+    print(f"wrote {out}")
     print("| process | compilations | prewarm s | first pass ms | later pass ms | first/later |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))

@@ -180,7 +180,7 @@ class StepClock:
         self.marks.append(self._now())
 
     def steps(self) -> list[float]:
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks[:-1], self.marks[1:], strict=True)]
 
     def close(self) -> None:
         self._handle.remove()

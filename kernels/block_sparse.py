@@ -299,7 +299,7 @@ def block_sparse_attention_triton(
         raise ValueError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if D not in (64, 128):
         raise ValueError(f"head dim must be 64 or 128, got {D}")
-    Mq, Mk = triton.cdiv(N, BM), triton.cdiv(N, BN)
+    Mq = triton.cdiv(N, BM)
     Bi = index.counts.shape[0]
     if index.counts.shape != (Bi, H, Mq) or Bi not in (1, B) or index.offsets.shape != index.counts.shape:
         raise ValueError(f"index counts {tuple(index.counts.shape)} / offsets {tuple(index.offsets.shape)} do not "

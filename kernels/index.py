@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 MAX_KEY_BLOCKS = 32767  # int16 block ids: 4.2 M tokens at block 128
 
 

@@ -29,7 +29,8 @@ def test_op_matches_reference_and_its_fake():
     assert (out - ref).abs().max() < 1e-5
     cfg = config_to_ints(KernelConfig(block_m=64, num_warps=4, num_stages=2, persistent=False))
     assert config_from_ints(cfg) == KernelConfig(block_m=64, num_warps=4, num_stages=2, persistent=False)
-    torch.library.opcheck(block_sparse_attention_op, (q, k, v, ix.counts, ix.offsets, ix.indices, ix.schedule, 64, 64, cfg),
+    args = (q, k, v, ix.counts, ix.offsets, ix.indices, ix.schedule, 64, 64, cfg)
+    torch.library.opcheck(block_sparse_attention_op, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 

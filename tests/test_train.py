@@ -79,6 +79,6 @@ def test_cosine_schedule_warms_up_then_anneals_to_zero():
     peak = max(lrs)
     assert 0.95e-3 < peak <= 1e-3 and lrs.index(peak) < 110  # the cosine has begun by then
     after = lrs[lrs.index(peak):]
-    assert all(a >= b for a, b in zip(after, after[1:])) and after[-1] < 1e-7
+    assert all(a >= b for a, b in zip(after[:-1], after[1:], strict=True)) and after[-1] < 1e-7
     const = Trainer(TrainConfig(steps=1200, lr=1e-3, warmup=100, transformer=dict(SMALL)))
     assert const.lr_at(150) == const.lr_at(1199) == 1e-3
