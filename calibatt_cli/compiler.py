@@ -249,7 +249,8 @@ def compile_cache(cfg: Config, *, bundle_path: str | None = None, cache_dir: str
                     g.update(res.groups[(g["bucket"], g["layer"])])
                 manifest["kernels"].update(res.info)
             manifest["groups"] = groups
-            # what generate holds on the device for the masks (compressed rows: it follows the kept blocks)
+            # the masks' index as stored (compressed rows: it follows the kept blocks); on the device each
+            # layer's buckets are padded to its longest, a little more
             manifest["index_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
             write_cache(cache_dir, build, tensors, manifest)
         except BaseException:
