@@ -45,8 +45,6 @@ def train(
 
         if not torch.cuda.is_available():
             raise CalibattError(f"--device {device} but no CUDA GPU is visible; use --device cpu")
-    if lr_schedule not in ("constant", "cosine"):
-        raise CalibattError(f"--lr-schedule {lr_schedule!r} is not known; use constant or cosine")
     cfg = TrainConfig(seed=seed, steps=steps, batch=batch, lr=lr, lr_schedule=lr_schedule, device=device,
                       max_seconds=max_seconds,
                       log_every=log_every, ckpt_every=ckpt_every,

@@ -35,6 +35,9 @@ SHARD_BYTES = 12 << 20
 CKPT_INFO = "ckpt.json"
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class TrainConfig:
     seed: int = 0  # weights init, data stream, noise: everything
@@ -59,6 +62,10 @@ class TrainConfig:
     init_from: str | None = None  # warm start from exported weights (e.g. the shipped tiny.safetensors)
     transformer: dict = field(default_factory=lambda: dict(tiny.TRANSFORMER))  # architecture overrides
     text: dict = field(default_factory=lambda: dict(tiny.TEXT))
+
+    def __post_init__(self):
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise CalibattError(f"lr schedule {self.lr_schedule!r} is not known; use {' or '.join(LR_SCHEDULES)}")
 
 
 @dataclass

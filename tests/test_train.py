@@ -82,3 +82,9 @@ def test_cosine_schedule_warms_up_then_anneals_to_zero():
     assert all(a >= b for a, b in zip(after[:-1], after[1:], strict=True)) and after[-1] < 1e-7
     const = Trainer(TrainConfig(steps=1200, lr=1e-3, warmup=100, transformer=dict(SMALL)))
     assert const.lr_at(150) == const.lr_at(1199) == 1e-3
+    import pytest
+
+    from calibatt_cli.errors import CalibattError
+
+    with pytest.raises(CalibattError, match="lr schedule 'linear' is not known; use constant or cosine"):
+        TrainConfig(lr_schedule="linear")
