@@ -73,6 +73,12 @@ def _rope(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> 
     return torch.stack([cos, sin], dim=-1).flatten(-2)
 
 
+def _qkv(heads: int, x: torch.Tensor, to_q, to_k, to_v, norm_q, norm_k):
+    """One stream's (visual or text) q, k, v as [B, N, H, D], q and k normed where the block has norms."""
+    q, k, v = (proj(x).unflatten(2, (heads, -1)) for proj in (to_q, to_k, to_v))
+    return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
+
+
 class CalibattMochiAttnProcessor(MochiAttnProcessor2_0):
     """Joint attention of one Mochi block, routed through the AttentionController."""
 
@@ -83,20 +89,9 @@ class CalibattMochiAttnProcessor(MochiAttnProcessor2_0):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=None):
         refuse_context_parallel(self)
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        enc_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        enc_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        enc_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_added_q is not None:
-            enc_query = attn.norm_added_q(enc_query)
-        if attn.norm_added_k is not None:
-            enc_key = attn.norm_added_k(enc_key)
+        query, key, value = _qkv(attn.heads, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
+        enc_query, enc_key, enc_value = _qkv(attn.heads, encoder_hidden_states, attn.add_q_proj, attn.add_k_proj,
+                                             attn.add_v_proj, attn.norm_added_q, attn.norm_added_k)
         if image_rotary_emb is not None:
             query = _rope(query, *image_rotary_emb)
             key = _rope(key, *image_rotary_emb)
