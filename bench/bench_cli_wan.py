@@ -110,25 +110,14 @@ def cli(*args: str, log: Path) -> tuple[float, str]:
     return seconds, r.stdout
 
 
-def step_stats(summary: dict, warmup: int) -> dict:
-    """Like with like: the first `warmup` steps run dense (SDPA), the rest sparse (our kernels). The first
-    sparse step is where a missing kernel would compile; the run's very first step also pays CUDA libraries'
+def phase_stats(steps: list[float], start: int) -> dict:
+    """The steps from `start` on: the first of them against the median of the rest. Like with like: a
+    sparse run's first `warmup_steps` run dense (SDPA), the rest sparse (our kernels); the first sparse
+    step is where a missing kernel would compile. A run's very first step also pays CUDA libraries'
     one-time set-up (cuBLAS/cuDNN), which the stock pipeline's first step shows too."""
-    steps = summary["step_seconds"][0]
-    later = sorted(steps[warmup + 1:])[len(steps[warmup + 1:]) // 2]
-    res = {"step_seconds": steps, "later_sparse_median_s": later}
-    if warmup:
-        res.update(first_step_s=steps[0], first_sparse_step_s=steps[warmup],
-                   first_sparse_over_later=round(steps[warmup] / later, 3))
-        if warmup > 1:
-            res["first_over_second_dense"] = round(steps[0] / steps[1], 3)
-    return res
-
-
-def dense_stats(summary: dict) -> dict:
-    steps = summary["step_seconds"][0]
-    later = sorted(steps[1:])[len(steps[1:]) // 2]
-    return {"step_seconds": steps, "later_median_s": later, "first_over_later": round(steps[0] / later, 3)}
+    rest = sorted(steps[start + 1:])
+    later = rest[len(rest) // 2]
+    return {"first_s": steps[start], "later_median_s": later, "first_over_later": round(steps[start] / later, 3)}
 
 
 def main() -> None:
@@ -166,13 +155,19 @@ def main() -> None:
     from calibatt_cli.config import load_config
 
     warmup = load_config(cfg).calibration.warmup_steps
-    res["generate"] = dict(step_stats(g, warmup), compilations=g["compilations"], mean_density=g["mean_density"],
-                           sampling_seconds=g["seconds"], load_seconds=g["load_seconds"])
+    steps = g["step_seconds"][0]
+    res["generate"] = dict(sparse=phase_stats(steps, warmup), step_seconds=steps, compilations=g["compilations"],
+                           mean_density=g["mean_density"], sampling_seconds=g["seconds"],
+                           load_seconds=g["load_seconds"])
+    if warmup > 1:
+        res["generate"]["first_over_second_dense"] = round(steps[0] / steps[1], 3)
     res["dense_seconds"], out = cli("generate", PROMPT, "--config", str(cfg), "--dense", "--json", "-o",
                                     str(work / "dense.mp4"), log=work / "dense.log")
     d = json.loads(out.strip().splitlines()[-1])
-    res["dense"] = dict(dense_stats(d), sampling_seconds=d["seconds"])
-    res["sparse_step_speedup"] = round(res["dense"]["later_median_s"] / res["generate"]["later_sparse_median_s"], 3)
+    res["dense"] = dict(phase_stats(d["step_seconds"][0], 0), step_seconds=d["step_seconds"][0],
+                        sampling_seconds=d["seconds"])
+    res["sparse_step_speedup"] = round(res["dense"]["later_median_s"] / res["generate"]["sparse"]["later_median_s"],
+                                       3)
     out = Path(args.json) if args.json else ROOT / "bench" / "results" / (
         f"cli-wan-{card.lower().replace(' ', '-')}-{res['date']}.json")
     out.write_text(json.dumps(res, indent=1))
@@ -182,11 +177,12 @@ def main() -> None:
           f"synthetic masks: density {c['synthetic_density']:.3f}, retained mass {c['synthetic_retained_mass']:.3f}")
     print(f"calibatt compile: {res['compile_seconds']:.1f} s wall (tune+compile {res['compile']['tune_seconds']} s, "
           f"{res['compile']['compilations']} compilations, {res['compile']['triton_files']} kernels cached)")
-    print(f"calibatt generate --strict: {g['compilations']} compilations; first sparse step "
-          f"{g['first_sparse_step_s']:.3f} s vs later sparse median {g['later_sparse_median_s']:.3f} s "
-          f"(x{g['first_sparse_over_later']}); first (dense warm-up) step x{g.get('first_over_second_dense')} the "
-          f"second, stock pipeline's first step x{res['dense']['first_over_later']} its later ones; stock later "
-          f"median {res['dense']['later_median_s']:.3f} s -> sparse steps x{res['sparse_step_speedup']}")
+    sp = g["sparse"]
+    print(f"calibatt generate --strict: {g['compilations']} compilations; first sparse step {sp['first_s']:.3f} s "
+          f"vs later sparse median {sp['later_median_s']:.3f} s (x{sp['first_over_later']}); first (dense warm-up) "
+          f"step x{g.get('first_over_second_dense')} the second, stock pipeline's first step "
+          f"x{res['dense']['first_over_later']} its later ones; stock later median "
+          f"{res['dense']['later_median_s']:.3f} s -> sparse steps x{res['sparse_step_speedup']}")
     print(f"wrote {out}")
 
 
