@@ -65,12 +65,10 @@ def build(shape: dict, device, dtype):
 def make_plan(masks: torch.Tensor, layers: int) -> SparsePlan:
     """A one-bucket plan whose index tensors have room for a full mask, so every density has the same
     shapes (one compiled graph serves them all; densities are swapped by copying into the tensors)."""
-    index = {}
     full = masks.shape[0] * masks.shape[1] * masks.shape[2]  # heads x Mq x Mk: every block listed
-    for layer in range(layers):
-        ix = mask_to_index(masks)
-        ix.indices = torch.nn.functional.pad(ix.indices, (0, full - ix.indices.shape[0]))
-        index[(0, layer)] = ix
+    ix = mask_to_index(masks)
+    ix.indices = torch.nn.functional.pad(ix.indices, (0, full - ix.indices.shape[0]))
+    index = {(0, layer): ix for layer in range(layers)}  # SparsePlan.to stacks each layer into its own tensors
     density = masks.float().mean().view(1, 1, 1).expand(1, layers, 1)
     return SparsePlan(BLOCK, [0], index, density)
 
