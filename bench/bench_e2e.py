@@ -65,7 +65,7 @@ def build(shape: dict, device, dtype):
 def make_plan(masks: torch.Tensor, layers: int) -> SparsePlan:
     """A one-bucket plan whose index tensors have room for a full mask, so every density has the same
     shapes (one compiled graph serves them all; densities are swapped by copying into the tensors)."""
-    full = masks.shape[0] * masks.shape[1] * masks.shape[2]  # heads x Mq x Mk: every block listed
+    full = -(-masks.numel() // 8) * 8  # heads x Mq x Mk: every block listed (mask_to_index pads to 8 ids)
     ix = mask_to_index(masks)
     ix.indices = torch.nn.functional.pad(ix.indices, (0, full - ix.indices.shape[0]))
     index = {(0, layer): ix for layer in range(layers)}  # SparsePlan.to stacks each layer into its own tensors

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .index import BlockIndex
+from .index import BlockIndex, index_words
 
 LOG2E = 1.4426950408889634
 
@@ -110,6 +110,15 @@ def _load_tile(T, t_ptrs, start_n, stride_tn, USE_TMA: tl.constexpr, UPCAST: tl.
 
 
 @triton.jit
+def _block_id(Words, e):
+    """Block id number e of the index: int16 ids read as the int32 words that hold two each (little-endian).
+    Why not an int16 load: with one, triton's software pipeliner gives the K/V loads an extra stage
+    (+64 KiB shared memory at 128x128x128, so the 3-stage configs no longer fit an H100/H200)."""
+    w = tl.load(Words + (e >> 1))
+    return (w >> ((e & 1) * 16)) & 0xFFFF
+
+
+@triton.jit
 def _block_sparse_tile(
     tile, Q, K, V, Out, Counts, Offsets, Indices, Schedule,
     stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, stride_kn, stride_kd,
@@ -139,7 +148,7 @@ def _block_sparse_tile(
     start_m = m_blk * BM + sub * BLOCK_M
     row_off = bi * stride_cz + h * stride_ch + m_blk  # Counts and Offsets share one contiguous layout
     cnt = tl.load(Counts + row_off)
-    idx_ptr = Indices + tl.load(Offsets + row_off).to(tl.int64)
+    e0 = tl.load(Offsets + row_off)  # where the row's ids start, counted in int16 ids
 
     q_off = b.to(tl.int64) * stride_qz + h.to(tl.int64) * stride_qh
     k_off = b.to(tl.int64) * stride_kz + h.to(tl.int64) * stride_kh
@@ -178,10 +187,10 @@ def _block_sparse_tile(
     if PIPELINE_QK:
         if n_full > 0:
             # qk of tile j+1 is issued before the softmax and PV of tile j (which it does not depend on)
-            prev_n = tl.load(idx_ptr).to(tl.int32) * BN
+            prev_n = _block_id(Indices, e0) * BN
             qk = tl.dot(q, tl.trans(_load_tile(desc_k, k_ptrs, prev_n, stride_kn, USE_TMA, UPCAST)))
             for j in tl.range(1, n_full):
-                start_n = tl.load(idx_ptr + j // N_SUB).to(tl.int32) * BN + (j % N_SUB) * BLOCK_N
+                start_n = _block_id(Indices, e0 + j // N_SUB) * BN + (j % N_SUB) * BLOCK_N
                 qk_next = tl.dot(q, tl.trans(_load_tile(desc_k, k_ptrs, start_n, stride_kn, USE_TMA, UPCAST)))
                 v = _load_tile(desc_v, v_ptrs, prev_n, stride_vn, USE_TMA, UPCAST)
                 acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, qk_scale)
@@ -191,11 +200,11 @@ def _block_sparse_tile(
             acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, qk_scale)
     else:
         for j in tl.range(0, n_full, warp_specialize=WARP_SPECIALIZE):
-            start_n = tl.load(idx_ptr + j // N_SUB).to(tl.int32) * BN + (j % N_SUB) * BLOCK_N
+            start_n = _block_id(Indices, e0 + j // N_SUB) * BN + (j % N_SUB) * BLOCK_N
             acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, desc_k, desc_v, k_ptrs, v_ptrs, start_n, N, qk_scale,
                                        stride_kn, stride_vn, BLOCK_N, False, USE_TMA, UPCAST)
     if cnt > 0:
-        last = tl.load(idx_ptr + cnt - 1).to(tl.int32) * BN
+        last = _block_id(Indices, e0 + cnt - 1) * BN
         for s in tl.static_range(N_SUB):
             acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, desc_k, desc_v, k_ptrs, v_ptrs, last + s * BLOCK_N,
                                        N, qk_scale, stride_kn, stride_vn, BLOCK_N, True, USE_TMA, UPCAST)
@@ -328,12 +337,7 @@ def block_sparse_attention_triton(
 
     counts = index.counts.to(device=q.device, dtype=torch.int32).contiguous()
     offsets = index.offsets.to(device=q.device, dtype=torch.int32).contiguous()
-    # int16 (what mask_to_index makes) or int32, as given: converting would copy the index on every call,
-    # and the kernel widens each id before use.
-    indices = index.indices.to(device=q.device)
-    if indices.dtype not in (torch.int16, torch.int32):
-        indices = indices.to(torch.int32)
-    indices = indices.contiguous()
+    indices = index_words(index.indices.to(device=q.device))
     schedule = index.schedule
     if schedule is not None:
         schedule = schedule.to(device=q.device, dtype=torch.int32)
@@ -422,7 +426,7 @@ def aot_source_args(cfg: KernelConfig, dtype: torch.dtype, block_size: tuple[int
         elif n == "Lse":
             sig[n] = "*fp32"
         elif n == "Indices":
-            sig[n] = "*i16"  # mask_to_index's block ids
+            sig[n] = "*i32"  # mask_to_index's int16 block ids, two to a word (index_words)
         elif n in ("Counts", "Offsets", "Schedule"):
             sig[n] = "*i32"
         else:

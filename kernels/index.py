@@ -48,10 +48,26 @@ def mask_to_index(block_mask: torch.Tensor, with_schedule: bool = True) -> Block
     # Boolean indexing walks the mask in row-major order: rows back to back, blocks ascending in a row.
     cols = torch.arange(block_mask.shape[-1], dtype=torch.int16, device=block_mask.device).expand(block_mask.shape)
     indices = cols[block_mask]
-    if indices.numel() == 0:
-        indices = torch.zeros(1, dtype=torch.int16, device=block_mask.device)  # a kernel argument: never empty
+    pad = -indices.numel() % 8 or (8 if indices.numel() == 0 else 0)  # never empty (a kernel argument); 16 B
+    if pad:
+        indices = torch.cat([indices, indices.new_zeros(pad)])
     schedule = lpt_schedule(counts) if with_schedule else None
     return BlockIndex(counts, offsets.contiguous(), indices.contiguous(), schedule)
+
+
+def index_words(indices: torch.Tensor) -> torch.Tensor:
+    """The int16 block ids as the int32 words the kernel reads (two ids a word, little-endian): a view when
+    the ids are 4-byte aligned and even in number (mask_to_index and plans make them so), else a padded copy.
+    int32 ids are narrowed first (a copy per call)."""
+    if indices.dtype != torch.int16:
+        indices = indices.to(torch.int16)
+    if not indices.is_contiguous():
+        indices = indices.contiguous()
+    if indices.numel() % 2 or indices.numel() == 0 or indices.data_ptr() % 4:
+        padded = indices.new_zeros(indices.numel() + 2 - indices.numel() % 2)
+        padded[: indices.numel()] = indices
+        indices = padded
+    return indices.view(torch.int32)
 
 
 def lpt_schedule(counts: torch.Tensor) -> torch.Tensor:

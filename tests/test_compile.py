@@ -39,6 +39,18 @@ def test_cross_compile_every_config_for_sm90(small_config, monkeypatch, capsys):
     assert "128x64 w8 s3 persistent" in err  # the table lists each variant
 
 
+def test_wan_kernel_class_fits_hopper_shared_memory():
+    """Head dim 128 (Wan's) at block 128: every candidate must fit sm_90's 227 KiB of shared memory. An int16
+    load of the block ids once made triton add a K/V stage (256 KiB), and only a GPU run noticed."""
+    reports = aot.cross_compile("sm_90", dtype=torch.bfloat16, block_size=(128, 128), head_dim=128)
+    assert len(reports) == len(block_sparse.candidate_configs((9, 0), (128, 128), 128))
+    bad = [(r.config, r.status, r.shared_kib, r.error) for r in reports if r.status != "ok"]
+    assert not bad, bad
+    default = next(r for r in reports if KernelConfig(**r.config) == KernelConfig(num_warps=8, num_stages=3,
+                                                                                       persistent=True))
+    assert default.shared_kib <= 200  # Q + two K/V stages in flight: 192 KiB
+
+
 def test_candidates_per_architecture():
     hopper = block_sparse.candidate_configs((9, 0), (128, 128), 128)
     ampere = block_sparse.candidate_configs((8, 0), (128, 128), 128)
@@ -147,8 +159,10 @@ def test_manifest_counts_the_index_bytes(compiled):
     m = json.loads((Path(cfg.compile.cache_dir) / "manifest.json").read_text())
     masks = res.bundle.masks
     nb, nl, h, mq, _ = masks.shape
-    # per (bucket, layer): int32 counts, offsets and schedule per row, an int16 id per kept block
-    want = nb * nl * 3 * h * mq * 4 + int(masks.sum()) * 2
+    # per (bucket, layer): int32 counts, offsets and schedule per row, an int16 id per kept block, the ids
+    # padded to a multiple of 8 (16 bytes; at least 8, as the kernel argument is never empty)
+    kept = masks.flatten(2).sum(-1).flatten().tolist()
+    want = nb * nl * 3 * h * mq * 4 + sum(max(-(-k // 8) * 8, 8) for k in kept) * 2
     assert m["index_bytes"] == want
 
 

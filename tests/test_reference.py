@@ -72,8 +72,8 @@ def test_index_round_trip_and_schedule():
             for i in range(5):
                 c, o = int(ix.counts[b, h, i]), int(ix.offsets[b, h, i])
                 assert ix.indices[o:o + c].tolist() == mask[b, h, i].nonzero().flatten().tolist()
-    # compressed rows: the index holds the listed blocks and nothing else, however wide the widest row
-    assert ix.indices.numel() == int(mask.sum()) and ix.max_blocks_per_row == int(mask.sum(-1).max())
+    # compressed rows: the index holds the listed blocks (padded to 16 bytes), however wide the widest row
+    assert ix.indices.numel() == -(-int(mask.sum()) // 8) * 8 and ix.max_blocks_per_row == int(mask.sum(-1).max())
 
 
 def test_index_size_follows_the_kept_blocks_not_the_widest_row():
@@ -82,13 +82,13 @@ def test_index_size_follows_the_kept_blocks_not_the_widest_row():
     mask[0] = True  # a dense head
     mask[1:, torch.arange(64), torch.arange(64)] = True  # the others: the diagonal only
     ix = ck.mask_to_index(mask)
-    assert ix.indices.numel() == 64 * 64 + 7 * 64
+    assert ix.indices.numel() == 64 * 64 + 7 * 64  # a multiple of 8: no padding
     assert torch.equal(ck.index_to_mask(ix, 64), mask.unsqueeze(0))
 
 
 def test_empty_mask_index():
     ix = ck.mask_to_index(torch.zeros(2, 3, 4, dtype=torch.bool))
-    assert ix.indices.numel() == 1 and int(ix.counts.sum()) == 0  # one slot: a kernel argument is never empty
+    assert ix.indices.numel() == 8 and int(ix.counts.sum()) == 0  # one padded slot: a kernel argument is never empty
     assert not ck.index_to_mask(ix, 4).any()
 
 
@@ -119,6 +119,24 @@ def test_dropped_mass_predicts_the_change():
     per_block = delta.view(1, 2, n // 64, 64).mean(-1)
     kept = (mass.double() * mask).sum(-1)
     assert (per_block - (1 - kept)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("n,offset,dtype", [(16, 0, torch.int16), (13, 0, torch.int16), (12, 1, torch.int16),
+                                             (9, 0, torch.int32)])
+def test_index_words_hold_the_ids_two_to_a_word(n, offset, dtype):
+    """The kernel reads id e as (word[e >> 1] >> 16 * (e & 1)) & 0xFFFF; odd lengths, 2-byte-aligned views
+    and int32 ids must read back the same ids."""
+    from calibatt_kernels.index import index_words
+
+    base = torch.randint(0, 32767, (n + offset,), dtype=torch.int16)
+    ids = base[offset:].to(dtype)
+    words = index_words(ids)
+    assert words.dtype == torch.int32 and words.numel() * 2 >= n
+    e = torch.arange(n)
+    got = (words[e >> 1] >> ((e & 1) * 16)) & 0xFFFF
+    assert torch.equal(got, ids.long().int())
+    if dtype == torch.int16 and n % 2 == 0 and offset == 0:
+        assert words.data_ptr() == ids.data_ptr()  # a view, no copy per call
 
 
 def test_index_refuses_block_ids_beyond_int16():
