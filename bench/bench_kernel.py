@@ -103,7 +103,7 @@ def _compiled_flex():
 
 
 def run(args):
-    res = dict(env=dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+    res = dict(layout=args.layout, env=dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
                         torch=torch.__version__, triton=triton.__version__,
                         sms=torch.cuda.get_device_properties(0).multi_processor_count), rows=[])
     log("ENV", json.dumps(res["env"]))
@@ -121,7 +121,10 @@ def bench_shape(shape, configs, args, res):
     N = grid[0] * grid[1] * grid[2]
     mb = triton.cdiv(N, BLOCK)
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    if args.layout == "bnhd":  # diffusers' layout: [B, N, H, D] buffers viewed as [B, H, N, D]
+        q, k, v = (torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     dense_flops = 4 * B * H * N * N * D
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         t_cudnn = bench(200, F.scaled_dot_product_attention, q, k, v)
@@ -144,6 +147,10 @@ def bench_shape(shape, configs, args, res):
             blocks = int(mask.sum())
             flops = 4 * B * blocks * BLOCK * BLOCK * D
             index = ck.mask_to_index(mask.cuda())
+            variants = [(name, cfg, index) for name, cfg in configs.items()]
+            if args.index_ab:  # the same masks with int32 block ids (the kernel's ID_WORDS=False path)
+                index32 = ck.BlockIndex(index.counts, index.offsets, index.indices.to(torch.int32), index.schedule)
+                variants += [(f"{name}/i32-ids", cfg, index32) for name, cfg in configs.items()]
             base = dict(shape=shape, N=N, mask=kind, density=dens)
             times = {}
             try:
@@ -153,7 +160,7 @@ def bench_shape(shape, configs, args, res):
             except Exception:
                 res["rows"].append(dict(base, kernel="flex", error=traceback.format_exc(limit=-2)[-600:]))
                 log("ERR flex", traceback.format_exc(limit=-2)[-600:])
-            for name, cfg in configs.items():
+            for name, cfg, index in variants:
                 try:
                     t0 = time.time()
                     block_sparse_attention_triton(q, k, v, index, block_size=(BLOCK, BLOCK), config=cfg)
@@ -200,12 +207,17 @@ def main():
     ap.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
     ap.add_argument("--configs", nargs="+", default=["default"], choices=list(CONFIGS), help="kernel configs to time")
     ap.add_argument("--sweep", action="store_true", help="time every config in CONFIGS")
+    ap.add_argument("--index-ab", action="store_true",
+                    help="also time each config with int32 block ids (vs the int16 ids plans hold)")
+    ap.add_argument("--layout", default="bhnd", choices=["bhnd", "bnhd"],
+                    help="q/k/v memory: contiguous [B, H, N, D], or [B, N, H, D] viewed (what diffusers passes)")
+    ap.add_argument("--tag", default="", help="results file suffix (kernel-<card>-<date>-<tag>.json)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernel: needs a CUDA GPU")
     res = run(args)
     card = re.sub(r"[^A-Za-z0-9]+", "-", res["env"]["card"]).strip("-").lower()
-    name = f"kernel-{card}-{res['env']['date']}.json"
+    name = f"kernel-{card}-{res['env']['date']}{'-' + args.tag if args.tag else ''}.json"
     outdir = pathlib.Path(__file__).parent / "results"
     outdir.mkdir(exist_ok=True)
     for d in [outdir] + ([pathlib.Path(os.environ["OUT"])] if os.environ.get("OUT") else []):

@@ -110,12 +110,15 @@ def _load_tile(T, t_ptrs, start_n, stride_tn, USE_TMA: tl.constexpr, UPCAST: tl.
 
 
 @triton.jit
-def _block_id(Words, e):
-    """Block id number e of the index: int16 ids read as the int32 words that hold two each (little-endian).
-    Why not an int16 load: with one, triton's software pipeliner gives the K/V loads an extra stage
-    (+64 KiB shared memory at 128x128x128, so the 3-stage configs no longer fit an H100/H200)."""
-    w = tl.load(Words + (e >> 1))
-    return (w >> ((e & 1) * 16)) & 0xFFFF
+def _block_id(Indices, e, ID_WORDS: tl.constexpr):
+    """Block id number e of the index. ID_WORDS: int16 ids read as the int32 words that hold two each
+    (little-endian); else int32 ids. Why not an int16 load: with one, triton's software pipeliner gives the
+    K/V loads an extra stage (+64 KiB shared memory at 128x128x128: the 3-stage configs no longer fit)."""
+    if ID_WORDS:
+        w = tl.load(Indices + (e >> 1))
+        return (w >> ((e & 1) * 16)) & 0xFFFF
+    else:
+        return tl.load(Indices + e)
 
 
 @triton.jit
@@ -127,7 +130,7 @@ def _block_sparse_tile(
     BM: tl.constexpr, BN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, HAS_SCHEDULE: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, Lse, stride_lz, stride_lh, RETURN_LSE: tl.constexpr,
-    PIPELINE_QK: tl.constexpr,
+    PIPELINE_QK: tl.constexpr, ID_WORDS: tl.constexpr,
 ):
     """One program tile: BLOCK_M query rows of one mask row, over all key blocks the row lists."""
     M_SUB: tl.constexpr = BM // BLOCK_M  # program tiles per mask row
@@ -187,10 +190,10 @@ def _block_sparse_tile(
     if PIPELINE_QK:
         if n_full > 0:
             # qk of tile j+1 is issued before the softmax and PV of tile j (which it does not depend on)
-            prev_n = _block_id(Indices, e0) * BN
+            prev_n = _block_id(Indices, e0, ID_WORDS) * BN
             qk = tl.dot(q, tl.trans(_load_tile(desc_k, k_ptrs, prev_n, stride_kn, USE_TMA, UPCAST)))
             for j in tl.range(1, n_full):
-                start_n = _block_id(Indices, e0 + j // N_SUB) * BN + (j % N_SUB) * BLOCK_N
+                start_n = _block_id(Indices, e0 + j // N_SUB, ID_WORDS) * BN + (j % N_SUB) * BLOCK_N
                 qk_next = tl.dot(q, tl.trans(_load_tile(desc_k, k_ptrs, start_n, stride_kn, USE_TMA, UPCAST)))
                 v = _load_tile(desc_v, v_ptrs, prev_n, stride_vn, USE_TMA, UPCAST)
                 acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, qk_scale)
@@ -200,11 +203,11 @@ def _block_sparse_tile(
             acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, qk_scale)
     else:
         for j in tl.range(0, n_full, warp_specialize=WARP_SPECIALIZE):
-            start_n = _block_id(Indices, e0 + j // N_SUB) * BN + (j % N_SUB) * BLOCK_N
+            start_n = _block_id(Indices, e0 + j // N_SUB, ID_WORDS) * BN + (j % N_SUB) * BLOCK_N
             acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, desc_k, desc_v, k_ptrs, v_ptrs, start_n, N, qk_scale,
                                        stride_kn, stride_vn, BLOCK_N, False, USE_TMA, UPCAST)
     if cnt > 0:
-        last = _block_id(Indices, e0 + cnt - 1) * BN
+        last = _block_id(Indices, e0 + cnt - 1, ID_WORDS) * BN
         for s in tl.static_range(N_SUB):
             acc, l_i, m_i = _attn_step(acc, l_i, m_i, q, desc_k, desc_v, k_ptrs, v_ptrs, last + s * BLOCK_N,
                                        N, qk_scale, stride_kn, stride_vn, BLOCK_N, True, USE_TMA, UPCAST)
@@ -234,6 +237,7 @@ def _block_sparse_fwd(
     USE_TMA: tl.constexpr, UPCAST: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     Lse, stride_lz, stride_lh, RETURN_LSE: tl.constexpr,  # optional row LSE out, float32 [B, H, N]
     PIPELINE_QK: tl.constexpr,  # see KernelConfig.pipeline_qk
+    ID_WORDS: tl.constexpr,  # int16 block ids read as int32 words (_block_id); False: int32 ids
 ):
     pid = tl.program_id(0)
     if PERSISTENT:
@@ -244,7 +248,7 @@ def _block_sparse_fwd(
                 stride_vz, stride_vh, stride_vn, stride_vd, stride_oz, stride_oh, stride_om, stride_od,
                 stride_cz, stride_ch, H, N, Mq, REPS, qk_scale,
                 BM, BN, BLOCK_M, BLOCK_N, HEAD_DIM, HAS_SCHEDULE, USE_TMA, UPCAST, WARP_SPECIALIZE,
-                Lse, stride_lz, stride_lh, RETURN_LSE, PIPELINE_QK)
+                Lse, stride_lz, stride_lh, RETURN_LSE, PIPELINE_QK, ID_WORDS)
     else:
         _block_sparse_tile(
             pid, Q, K, V, Out, Counts, Offsets, Indices, Schedule,
@@ -252,7 +256,7 @@ def _block_sparse_fwd(
             stride_vz, stride_vh, stride_vn, stride_vd, stride_oz, stride_oh, stride_om, stride_od,
             stride_cz, stride_ch, H, N, Mq, REPS, qk_scale,
             BM, BN, BLOCK_M, BLOCK_N, HEAD_DIM, HAS_SCHEDULE, USE_TMA, UPCAST, WARP_SPECIALIZE,
-            Lse, stride_lz, stride_lh, RETURN_LSE, PIPELINE_QK)
+            Lse, stride_lz, stride_lh, RETURN_LSE, PIPELINE_QK, ID_WORDS)
 
 
 
@@ -337,7 +341,11 @@ def block_sparse_attention_triton(
 
     counts = index.counts.to(device=q.device, dtype=torch.int32).contiguous()
     offsets = index.offsets.to(device=q.device, dtype=torch.int32).contiguous()
-    indices = index_words(index.indices.to(device=q.device))
+    # int16 ids (mask_to_index, plans) go as int32 words holding two each; int32 ids as they are (twice the
+    # memory; bench_kernel.py --index-ab times the two side by side).
+    indices = index.indices.to(device=q.device)
+    id_words = indices.dtype != torch.int32
+    indices = index_words(indices) if id_words else indices.contiguous()
     schedule = index.schedule
     if schedule is not None:
         schedule = schedule.to(device=q.device, dtype=torch.int32)
@@ -360,20 +368,20 @@ def block_sparse_attention_triton(
         Lse=lse if return_lse else out, stride_lz=lse.stride(0) if return_lse else 0,
         stride_lh=lse.stride(1) if return_lse else 0,
         **_constexprs(cfg, block_size, D, use_tma=use_tma, on_gpu=on_gpu, has_schedule=schedule is not None,
-                      return_lse=return_lse),
+                      return_lse=return_lse, id_words=id_words),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return (out, lse) if return_lse else out
 
 
 def _constexprs(cfg: KernelConfig, block_size: tuple[int, int], head_dim: int, *, use_tma: bool, on_gpu: bool,
-                has_schedule: bool, return_lse: bool = False) -> dict:
+                has_schedule: bool, return_lse: bool = False, id_words: bool = True) -> dict:
     """The kernel's constexprs for a config: shared by the launcher and the ahead-of-time compiler."""
     BM, BN = block_size
     return dict(BM=BM, BN=BN, BLOCK_M=cfg.block_m or BM, BLOCK_N=cfg.block_n or BN, HEAD_DIM=head_dim,
                 HAS_SCHEDULE=has_schedule, PERSISTENT=cfg.persistent, USE_TMA=use_tma, UPCAST=not on_gpu,
                 WARP_SPECIALIZE=bool(cfg.warp_specialize and on_gpu), RETURN_LSE=return_lse,
-                PIPELINE_QK=bool(cfg.pipeline_qk))
+                PIPELINE_QK=bool(cfg.pipeline_qk), ID_WORDS=id_words)
 
 
 # Ahead of time: the configs `calibatt compile` measures per mask group, and the kernel's signature for

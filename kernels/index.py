@@ -58,7 +58,7 @@ def mask_to_index(block_mask: torch.Tensor, with_schedule: bool = True) -> Block
 def index_words(indices: torch.Tensor) -> torch.Tensor:
     """The int16 block ids as the int32 words the kernel reads (two ids a word, little-endian): a view when
     the ids are 4-byte aligned and even in number (mask_to_index and plans make them so), else a padded copy.
-    int32 ids are narrowed first (a copy per call)."""
+    Ids of another dtype are narrowed first (a copy per call)."""
     if indices.dtype != torch.int16:
         indices = indices.to(torch.int16)
     if not indices.is_contiguous():

@@ -105,9 +105,13 @@ def run_layout():
     gen = torch.Generator().manual_seed(1)
     q, k, v = _qkv(1, 2, 200, 64, torch.float32, gen, transposed=True)
     mask = torch.rand(2, 4, 4, generator=gen) < 0.5
-    out = ck.block_sparse_attention_indexed(q, k, v, mask_to_index(mask, with_schedule=False), block_size=(64, 64))
+    ix = mask_to_index(mask, with_schedule=False)
+    out = ck.block_sparse_attention_indexed(q, k, v, ix, block_size=(64, 64))
     ref = block_sparse_attention_ref(q, k, v, mask, (64, 64))
-    return dict(_errors(out, ref), same_strides=out.stride() == q.stride())
+    # the same index with int32 ids (the kernel's ID_WORDS=False path) must give the same output
+    ix32 = ck.BlockIndex(ix.counts, ix.offsets, ix.indices.to(torch.int32), None)
+    out32 = ck.block_sparse_attention_indexed(q, k, v, ix32, block_size=(64, 64))
+    return dict(_errors(out, ref), same_strides=out.stride() == q.stride(), int32_same=bool(torch.equal(out, out32)))
 
 
 def run_dense():
@@ -179,6 +183,7 @@ def test_block_sparse_lse_matches_reference(results, name):
 def test_output_keeps_q_layout_without_schedule(results):
     r = _get(results, "layout")
     assert r["same_strides"], "output must have q's memory layout"
+    assert r["int32_same"], "int32 block ids must give the output that int16 ids give"
     assert r["rel"] < 1e-5, f"rel={r['rel']:.2e} max_diff={r['max_diff']:.2e}"
 
 
