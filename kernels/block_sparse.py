@@ -26,6 +26,7 @@ through the same order.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -51,6 +52,9 @@ class KernelConfig:
     # wgmma on Hopper) before the softmax and PV of tile j, so tensor cores and MUFU/ALU could overlap.
     # Measured no faster on an H200 with triton 3.6 (bench/NOTES.md, v3); kept for bench_kernel --configs.
     pipeline_qk: bool = False
+    # v4: the Gluon kernel (block_sparse_gluon.py: explicit async wgmma, softmax overlapping P @ V). Only sm_90,
+    # 128 x 128 blocks, 16-byte aligned rows, no lse; other calls run the `tl` kernel. num_stages: its K/V ring.
+    gluon: bool = False
 
 
 def default_config(device: torch.device, block_size: tuple[int, int], head_dim: int) -> KernelConfig:
@@ -260,6 +264,16 @@ def _block_sparse_fwd(
 
 
 
+_GLUON_NOTED: list[bool] = []
+
+
+def _note_gluon_fallback() -> None:
+    if not _GLUON_NOTED:
+        _GLUON_NOTED.append(True)
+        logging.getLogger("calibatt").info("the Gluon kernel does not take this call (it needs sm_90, 128x128 "
+                                           "blocks, no lse); running the tl kernel, same results")
+
+
 def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
     """An empty tensor with x's shape whose dims are laid out in x's stride order (a [B, N, H, D] buffer
     viewed as [B, H, N, D] stays that), dense even when x is a slice of a larger buffer."""
@@ -327,6 +341,14 @@ def block_sparse_attention_triton(
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
 
     cfg = config or default_config(q.device, block_size, D)
+    if cfg.gluon:
+        from . import block_sparse_gluon
+
+        if block_sparse_gluon.supports(q, k, v, block_size, return_lse=return_lse):
+            scale = 1.0 / math.sqrt(D) if scale is None else scale
+            return block_sparse_gluon.block_sparse_attention_gluon(q, k, v, index, scale=scale,
+                                                                   stages=cfg.num_stages, out=out)
+        _note_gluon_fallback()
     block_m = cfg.block_m or BM
     block_n = cfg.block_n or BN
     if BM % block_m or BN % block_n:

@@ -48,6 +48,8 @@ def _rel_err(out, q, k, v, mask, bs):
     ((128, 128), dict(persistent=False)),
     ((128, 128), dict(block_n=64)),
     ((128, 128), dict(use_tma=False)),
+    ((128, 128), dict(gluon=True, num_stages=2)),
+    ((128, 128), dict(gluon=True, num_stages=3)),
 ])
 def test_block_sparse_wan_size(bs, cfg):
     from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
@@ -94,3 +96,23 @@ def test_block_mass_matches_reference(bs):
     max_diff = (mass - ref).abs().max().item()
     rel = ((mass - ref).norm() / ref.norm()).item()
     assert rel <= 1e-2, f"rel={rel:.2e} max_diff={max_diff:.2e}"
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_gluon_kernel_broadcast_index_and_layouts(transposed):
+    """v4 (Gluon): one index row set broadcast over a batch of 2, both q/k/v memory layouts."""
+    from calibatt_kernels import block_sparse_gluon
+    from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
+
+    q, k, v = _wan_qkv(seed=5, transposed=transposed, batch=2)
+    if not block_sparse_gluon.supports(q, k, v, (128, 128)):
+        pytest.skip("the Gluon kernel needs sm_90 and triton with Gluon")
+    mask = _random_mask(seed=6, density=0.25, bs=(128, 128), batch=1)
+    out = torch.full_like(q, float("nan"))
+    block_sparse_attention_triton(q, k, v, mask_to_index(mask), block_size=(128, 128), out=out,
+                                  config=KernelConfig(gluon=True, num_stages=2))
+    torch.cuda.synchronize()
+    assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements not written"
+    for b in range(2):
+        rel, max_diff = _rel_err(out[b: b + 1], q[b: b + 1], k[b: b + 1], v[b: b + 1], mask, (128, 128))
+        assert rel <= 1e-2, f"batch {b}: rel={rel:.2e} max_diff={max_diff:.2e}"

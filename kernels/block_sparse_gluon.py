@@ -1,0 +1,271 @@
+"""Block-sparse attention forward for Hopper in Gluon (v4): explicit asynchronous wgmma so that the softmax
+of key tile j runs while the tensor cores compute P(j-1) @ V(j-1) -- the overlap that Triton's `tl` compiler
+does not produce on sm_90 (bench/NOTES.md, v3).
+
+Same contract as `block_sparse._block_sparse_fwd` for the cases it takes (the launcher checks them and the
+caller falls back to the `tl` kernel otherwise): sm_90, bf16/fp16, head dim 64 or 128, kernel tile =
+mask block = 128 x 128, 16-byte aligned rows (TMA), no log-sum-exp output. The index is the same compressed
+rows (counts, offsets, int16 block ids read as int32 words) and the same longest-first schedule.
+
+Per program (one 128-row query tile, 8 warps = two warpgroups of 64 rows each):
+
+    S = Q K0^T                                   (tensor cores)
+    P = softmax part of S                        (MUFU / ALU)
+    for j = 1 .. n-1:
+        issue S' = Q Kj^T        (async)
+        issue O += P V(j-1)      (async)
+        wait for S' only         -> softmax of S' overlaps P V(j-1) on the tensor cores
+        wait for O; O *= alpha
+        free stage j-1 and issue the TMA loads of tile j-1+STAGES
+    O += P V(n-1)
+
+K/V tiles come through a ring of STAGES shared-memory buffers filled by TMA, one mbarrier per stage.
+There is no interpreter for Gluon: this kernel is checked by compiling it for sm_90 on the CPU (CI) and
+against the PyTorch reference on a GPU (tests/test_kernels_gpu.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+try:  # Gluon ships with triton >= 3.5; older installs keep the `tl` kernel only
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed triton
+    HAVE_GLUON = False
+
+from .index import BlockIndex, index_words
+
+BLOCK = 128  # the one tile shape this kernel takes: mask block = kernel tile = 128 x 128
+NUM_WARPS = 8
+DEFAULT_STAGES = 2
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _gl_block_id(Words, e):
+        # int16 block ids, two to an int32 word (see block_sparse._block_id)
+        w = gl.load(Words + (e >> 1))
+        return (w >> ((e & 1) * 16)) & 0xFFFF
+
+    @gluon.jit
+    def _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, bars, stage, kn, pred):
+        bar = bars.index(stage)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(k_desc, [kn, 0], bar, k_smem.index(stage), pred=pred)
+        tma.async_copy_global_to_shared(v_desc, [kn, 0], bar, v_smem.index(stage), pred=pred)
+
+    @gluon.jit
+    def _gl_softmax(s, m_i, l_i, kn, N, qk_scale, s_layout: gl.constexpr, BN: gl.constexpr, MASK: gl.constexpr):
+        """Online-softmax update for scores s of the key tile at kn: (p, alpha, m_new, l_new), base 2."""
+        if MASK:  # the last listed block may hold keys >= N (TMA filled them with zeros)
+            offs_n = kn + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(gl.expand_dims(offs_n < N, 0), s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        alpha = gl.exp2(m_i - m_new)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        l_new = l_i * alpha + gl.sum(p, axis=1)
+        return p, alpha, m_new, l_new
+
+    @gluon.jit(do_not_specialize=["N", "Mq", "stride_cz", "stride_ch"])
+    def _gl_block_sparse_fwd(
+        Q, K, V, Out, Counts, Offsets, Words, Schedule,
+        stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
+        stride_vz, stride_vh, stride_vn, stride_oz, stride_oh, stride_om,
+        stride_cz, stride_ch, H, N, Mq, REPS, qk_scale,
+        BM: gl.constexpr, BN: gl.constexpr, HEAD_DIM: gl.constexpr, HAS_SCHEDULE: gl.constexpr,
+        STAGES: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        dtype: gl.constexpr = Q.dtype.element_ty
+        tile = gl.program_id(0)
+        pos = tile // REPS
+        rep = tile % REPS
+        if HAS_SCHEDULE:
+            row = gl.load(Schedule + pos)
+        else:
+            row = pos
+        m_blk = row % Mq
+        h = (row // Mq) % H
+        bi = row // (Mq * H)
+        b = bi + rep
+        start_m = m_blk * BM
+        row_off = bi * stride_cz + h * stride_ch + m_blk
+        cnt = gl.load(Counts + row_off)
+        e0 = gl.load(Offsets + row_off)
+
+        # wgmma layouts: the 128 rows split over the warps (two warpgroups of 64 rows)
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, BN, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, HEAD_DIM], dtype)
+
+        q_desc = tma.make_tensor_descriptor(Q + b.to(gl.int64) * stride_qz + h.to(gl.int64) * stride_qh,
+                                            shape=[N, HEAD_DIM], strides=[stride_qm, 1],
+                                            block_shape=[BM, HEAD_DIM], layout=smem_layout)
+        k_desc = tma.make_tensor_descriptor(K + b.to(gl.int64) * stride_kz + h.to(gl.int64) * stride_kh,
+                                            shape=[N, HEAD_DIM], strides=[stride_kn, 1],
+                                            block_shape=[BN, HEAD_DIM], layout=smem_layout)
+        v_desc = tma.make_tensor_descriptor(V + b.to(gl.int64) * stride_vz + h.to(gl.int64) * stride_vh,
+                                            shape=[N, HEAD_DIM], strides=[stride_vn, 1],
+                                            block_shape=[BN, HEAD_DIM], layout=smem_layout)
+        o_desc = tma.make_tensor_descriptor(Out + b.to(gl.int64) * stride_oz + h.to(gl.int64) * stride_oh,
+                                            shape=[N, HEAD_DIM], strides=[stride_om, 1],
+                                            block_shape=[BM, HEAD_DIM], layout=smem_layout)
+
+        q_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], smem_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], smem_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], smem_layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for st in gl.static_range(STAGES):
+            mbarrier.init(bars.index(st), count=1)
+
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [start_m, 0], q_bar, q_smem)
+        for st in gl.static_range(STAGES):
+            kn = _gl_block_id(Words, e0 + gl.minimum(st, gl.maximum(cnt - 1, 0))) * BN
+            _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, bars, st, kn, st < cnt)
+
+        m_i = gl.full([BM], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([BM, HEAD_DIM], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([BM, BN], gl.float32, layout=s_layout)
+        mbarrier.wait(q_bar, 0)
+
+        if cnt > 0:
+            # tile 0 (masked: it may also be the last)
+            kn = _gl_block_id(Words, e0) * BN
+            mbarrier.wait(bars.index(0), 0)
+            qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
+            p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, True)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            for j in range(1, cnt):
+                stage = j % STAGES
+                prev = (j - 1) % STAGES
+                kn = _gl_block_id(Words, e0 + j) * BN
+                mbarrier.wait(bars.index(stage), (j // STAGES) & 1)
+                s_tok = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                                      is_async=True)
+                o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))  # S of tile j; P V(j-1) runs on
+                if j == cnt - 1:
+                    p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, True)
+                else:
+                    p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, False)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                # Stage `prev` (K and V of tile j-1) is read by no pending wgmma of this warpgroup; the
+                # barrier waits for the other warpgroup before TMA overwrites it with tile j-1+STAGES.
+                gl.thread_barrier()
+                nxt = j - 1 + STAGES
+                kn_next = _gl_block_id(Words, e0 + gl.minimum(nxt, cnt - 1)) * BN
+                _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, bars, prev, kn_next, nxt < cnt)
+            last = (cnt - 1) % STAGES
+            acc = warpgroup_mma(p_op, v_smem.index(last), acc)
+
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        l_o = gl.where(l_o == 0.0, 1.0, l_o)  # an empty row: acc is 0, write 0
+        out = (acc / gl.expand_dims(l_o, 1)).to(dtype)
+        gl.thread_barrier()  # every warpgroup is done reading Q before its buffer takes the output
+        q_smem.store(out)
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [start_m, 0], q_smem)  # rows >= N are clipped
+        tma.store_wait(0)
+        mbarrier.invalidate(q_bar)
+        for st in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(st))
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: tuple[int, int], *,
+             return_lse: bool = False) -> bool:
+    """Whether the Gluon kernel takes this call (else the caller uses the `tl` kernel)."""
+    if not HAVE_GLUON or return_lse or q.device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    if tuple(block_size) != (BLOCK, BLOCK) or q.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if q.shape[-1] not in (64, 128):
+        return False
+    for t in (q, k, v):
+        if t.stride(-1) != 1 or (t.stride(2) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    return torch.empty([x.shape[d] for d in order], dtype=x.dtype, device=x.device).permute(
+        *[order.index(d) for d in range(x.dim())])
+
+
+def _tma_allocator(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: BlockIndex, *,
+                                 scale: float, stages: int = DEFAULT_STAGES, out: torch.Tensor | None = None
+                                 ) -> torch.Tensor:
+    """q, k, v [B, H, N, D] (any strides with a unit last one); index as `block_sparse_attention_triton`."""
+    B, H, N, D = q.shape
+    Mq = triton.cdiv(N, BLOCK)
+    Bi = index.counts.shape[0]
+    if out is None:
+        out = _empty_like_layout(q)
+    counts = index.counts.to(device=q.device, dtype=torch.int32).contiguous()
+    offsets = index.offsets.to(device=q.device, dtype=torch.int32).contiguous()
+    words = index_words(index.indices.to(device=q.device))
+    schedule = index.schedule
+    if schedule is not None:
+        schedule = schedule.to(device=q.device, dtype=torch.int32)
+    reps = B // Bi
+    grid = (Bi * H * Mq * reps,)
+    if grid[0] == 0:
+        return out
+    triton.set_allocator(_tma_allocator)
+    _gl_block_sparse_fwd[grid](
+        q, k, v, out, counts, offsets, words, schedule if schedule is not None else counts,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        counts.stride(0), counts.stride(1), H, N, Mq, reps, scale * 1.4426950408889634,
+        BM=BLOCK, BN=BLOCK, HEAD_DIM=D, HAS_SCHEDULE=schedule is not None, STAGES=stages,
+        num_warps=NUM_WARPS,
+    )
+    return out
+
+
+def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STAGES):
+    """(signature, constexprs, attrs, options) for `triton.compile(GluonASTSource(...))` without a GPU."""
+    import inspect
+
+    names = list(inspect.signature(_gl_block_sparse_fwd.fn).parameters)
+    elem = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    consts = dict(BM=BLOCK, BN=BLOCK, HEAD_DIM=head_dim, HAS_SCHEDULE=True, STAGES=stages, num_warps=NUM_WARPS)
+    sig = {}
+    for n in names:
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in ("Q", "K", "V", "Out"):
+            sig[n] = f"*{elem}"
+        elif n in ("Counts", "Offsets", "Words", "Schedule"):
+            sig[n] = "*i32"
+        else:
+            sig[n] = "fp32" if n == "qk_scale" else "i32"
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("Q", "K", "V", "Out", "Counts", "Offsets",
+                                                                      "Words", "Schedule")}
+    return sig, consts, attrs, {"num_warps": NUM_WARPS}
