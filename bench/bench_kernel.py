@@ -53,6 +53,8 @@ CONFIGS = {
     "pipelined-qk": KernelConfig(pipeline_qk=True),  # v3: won no group in compile's tuning (bench/NOTES.md)
     "gluon-s2": KernelConfig(gluon=True, num_stages=2),  # v4: Gluon, async wgmma, softmax overlaps P @ V
     "gluon-s3": KernelConfig(gluon=True, num_stages=3),
+    "gluon-ws-s2": KernelConfig(gluon=True, num_stages=2, warp_specialize=True),  # v5: loader warp + 2 consumers
+    "gluon-ws-s3": KernelConfig(gluon=True, num_stages=3, warp_specialize=True),
 }
 
 

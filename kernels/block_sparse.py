@@ -53,7 +53,8 @@ class KernelConfig:
     # Measured no faster on an H200 with triton 3.6 (bench/NOTES.md, v3); kept for bench_kernel --configs.
     pipeline_qk: bool = False
     # v4: the Gluon kernel (block_sparse_gluon.py: explicit async wgmma, softmax overlapping P @ V). Only sm_90,
-    # 128 x 128 blocks, 16-byte aligned rows, no lse; other calls run the `tl` kernel. num_stages: its K/V ring.
+    # 128 x 128 blocks, 16-byte aligned rows, no lse; other calls run the `tl` kernel. num_stages: its K/V ring;
+    # with warp_specialize: v5, a loader warp and two consumer warpgroups.
     gluon: bool = False
 
 
@@ -347,7 +348,8 @@ def block_sparse_attention_triton(
         if block_sparse_gluon.supports(q, k, v, block_size, return_lse=return_lse):
             scale = 1.0 / math.sqrt(D) if scale is None else scale
             return block_sparse_gluon.block_sparse_attention_gluon(q, k, v, index, scale=scale,
-                                                                   stages=cfg.num_stages, out=out)
+                                                                   stages=cfg.num_stages, out=out,
+                                                                   warp_specialize=cfg.warp_specialize)
         _note_gluon_fallback()
     block_m = cfg.block_m or BM
     block_n = cfg.block_n or BN

@@ -48,6 +48,7 @@ from .index import BlockIndex, index_words
 
 BLOCK = 128  # the one tile shape this kernel takes: mask block = kernel tile = 128 x 128
 NUM_WARPS = 8
+WS_CONSUMER_REGS = 232  # v5: registers per thread of the second consumer warpgroup (the loader gets 24)
 DEFAULT_STAGES = 2
 
 
@@ -190,6 +191,146 @@ if HAVE_GLUON:
         for st in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(st))
 
+    # ---- v5: warp-specialized (FA3's structure without its explicit ping-pong order) ----------------------
+    # One loader warp fills the K/V ring; two consumer warpgroups own 64 query rows each and run the v4 loop.
+    # No CTA-wide barrier inside the loop: each consumer frees a ring stage by arriving on its `empty`
+    # mbarrier (count 2), so the two warpgroups drift apart and one's softmax can overlap the other's GEMMs.
+
+    @gluon.jit
+    def _ws_loader(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m):
+        # (partition arguments are runtime values: the tile constants come from the buffers' shapes)
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BN: gl.constexpr = k_smem.shape[1]
+        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [start_m, 0], q_bar, q_smem)
+        for j in range(cnt):
+            stage = j % STAGES
+            if j >= STAGES:  # wait until both consumers are done with the tile that last used this stage
+                mbarrier.wait(empty.index(stage), ((j // STAGES) - 1) & 1)
+            kn = _gl_block_id(Words, e0 + j) * BN
+            _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, ready, stage, kn, True)
+
+    @gluon.jit
+    def _ws_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale,
+                     WG: gl.constexpr):
+        dtype: gl.constexpr = q_smem.dtype
+        HALF: gl.constexpr = q_smem.shape[0] // 2
+        HEAD_DIM: gl.constexpr = q_smem.shape[1]
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BN: gl.constexpr = k_smem.shape[1]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BN, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        q_half = q_smem.slice(WG * HALF, HALF)  # this warpgroup's 64 query rows
+        m_i = gl.full([HALF], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([HALF], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([HALF, BN], gl.float32, layout=s_layout)
+        mbarrier.wait(q_bar, 0)
+        if cnt > 0:
+            kn = _gl_block_id(Words, e0) * BN
+            mbarrier.wait(ready.index(0), 0)
+            qk = warpgroup_mma(q_half, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
+            p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, True)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            for j in range(1, cnt):
+                stage = j % STAGES
+                prev = (j - 1) % STAGES
+                kn = _gl_block_id(Words, e0 + j) * BN
+                mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
+                s_tok = warpgroup_mma(q_half, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
+                                      is_async=True)
+                o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+                if j == cnt - 1:
+                    p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, True)
+                else:
+                    p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, False)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
+                mbarrier.arrive(empty.index(prev), count=1)  # K and V of tile j-1: this warpgroup is done
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+            acc = warpgroup_mma(p_op, v_smem.index((cnt - 1) % STAGES), acc)
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        l_o = gl.where(l_o == 0.0, 1.0, l_o)
+        out = (acc / gl.expand_dims(l_o, 1)).to(dtype)
+        q_half.store(out)  # only this warpgroup reads these Q rows, and its last wgmma has completed
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [start_m + WG * HALF, 0], q_half)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _ws_consumer1(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale):
+        _ws_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale, 1)
+
+    @gluon.jit
+    def _ws_consumer0(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale):
+        _ws_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale, 0)
+
+    @gluon.jit(do_not_specialize=["N", "Mq", "stride_cz", "stride_ch"])
+    def _gl_block_sparse_fwd_ws(
+        Q, K, V, Out, Counts, Offsets, Words, Schedule,
+        stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
+        stride_vz, stride_vh, stride_vn, stride_oz, stride_oh, stride_om,
+        stride_cz, stride_ch, H, N, Mq, REPS, qk_scale,
+        BM: gl.constexpr, BN: gl.constexpr, HEAD_DIM: gl.constexpr, HAS_SCHEDULE: gl.constexpr,
+        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+        dtype: gl.constexpr = Q.dtype.element_ty
+        HALF: gl.constexpr = BM // 2
+        tile = gl.program_id(0)
+        pos = tile // REPS
+        rep = tile % REPS
+        if HAS_SCHEDULE:
+            row = gl.load(Schedule + pos)
+        else:
+            row = pos
+        m_blk = row % Mq
+        h = (row // Mq) % H
+        bi = row // (Mq * H)
+        b = bi + rep
+        start_m = m_blk * BM
+        row_off = bi * stride_cz + h * stride_ch + m_blk
+        cnt = gl.load(Counts + row_off)
+        e0 = gl.load(Offsets + row_off)
+        smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, HEAD_DIM], dtype)
+        q_desc = tma.make_tensor_descriptor(Q + b.to(gl.int64) * stride_qz + h.to(gl.int64) * stride_qh,
+                                            shape=[N, HEAD_DIM], strides=[stride_qm, 1],
+                                            block_shape=[BM, HEAD_DIM], layout=smem_layout)
+        k_desc = tma.make_tensor_descriptor(K + b.to(gl.int64) * stride_kz + h.to(gl.int64) * stride_kh,
+                                            shape=[N, HEAD_DIM], strides=[stride_kn, 1],
+                                            block_shape=[BN, HEAD_DIM], layout=smem_layout)
+        v_desc = tma.make_tensor_descriptor(V + b.to(gl.int64) * stride_vz + h.to(gl.int64) * stride_vh,
+                                            shape=[N, HEAD_DIM], strides=[stride_vn, 1],
+                                            block_shape=[BN, HEAD_DIM], layout=smem_layout)
+        o_desc = tma.make_tensor_descriptor(Out + b.to(gl.int64) * stride_oz + h.to(gl.int64) * stride_oh,
+                                            shape=[N, HEAD_DIM], strides=[stride_om, 1],
+                                            block_shape=[HALF, HEAD_DIM], layout=smem_layout)
+        q_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], smem_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], smem_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], smem_layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for st in gl.static_range(STAGES):
+            mbarrier.init(ready.index(st), count=1)
+            mbarrier.init(empty.index(st), count=2)  # one arrival per consumer warpgroup
+        consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale)
+        gl.warp_specialize([
+            (_ws_consumer0, consumer_args),
+            (_ws_consumer1, consumer_args),
+            (_ws_loader, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt,
+                          start_m)),
+        ], [4, 1], [CONSUMER_REGS, 24])
+        mbarrier.invalidate(q_bar)
+        for st in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(st))
+            mbarrier.invalidate(empty.index(st))
+
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: tuple[int, int], *,
              return_lse: bool = False) -> bool:
@@ -219,8 +360,8 @@ def _tma_allocator(size: int, alignment: int, stream):
 
 
 def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: BlockIndex, *,
-                                 scale: float, stages: int = DEFAULT_STAGES, out: torch.Tensor | None = None
-                                 ) -> torch.Tensor:
+                                 scale: float, stages: int = DEFAULT_STAGES, out: torch.Tensor | None = None,
+                                 warp_specialize: bool = False) -> torch.Tensor:
     """q, k, v [B, H, N, D] (any strides with a unit last one); index as `block_sparse_attention_triton`."""
     B, H, N, D = q.shape
     Mq = triton.cdiv(N, BLOCK)
@@ -238,24 +379,32 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if grid[0] == 0:
         return out
     triton.set_allocator(_tma_allocator)
-    _gl_block_sparse_fwd[grid](
+    kernel, extra = ((_gl_block_sparse_fwd_ws, dict(CONSUMER_REGS=WS_CONSUMER_REGS, num_warps=4)) if warp_specialize
+                     else (_gl_block_sparse_fwd, dict(num_warps=NUM_WARPS)))
+    kernel[grid](
         q, k, v, out, counts, offsets, words, schedule if schedule is not None else counts,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         counts.stride(0), counts.stride(1), H, N, Mq, reps, scale * 1.4426950408889634,
-        BM=BLOCK, BN=BLOCK, HEAD_DIM=D, HAS_SCHEDULE=schedule is not None, STAGES=stages,
-        num_warps=NUM_WARPS,
+        BM=BLOCK, BN=BLOCK, HEAD_DIM=D, HAS_SCHEDULE=schedule is not None, STAGES=stages, **extra,
     )
     return out
 
 
-def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STAGES):
+def aot_kernel(warp_specialize: bool = False):
+    return _gl_block_sparse_fwd_ws if warp_specialize else _gl_block_sparse_fwd
+
+
+def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STAGES, warp_specialize: bool = False):
     """(signature, constexprs, attrs, options) for `triton.compile(GluonASTSource(...))` without a GPU."""
     import inspect
 
-    names = list(inspect.signature(_gl_block_sparse_fwd.fn).parameters)
+    names = list(inspect.signature(aot_kernel(warp_specialize).fn).parameters)
     elem = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    consts = dict(BM=BLOCK, BN=BLOCK, HEAD_DIM=head_dim, HAS_SCHEDULE=True, STAGES=stages, num_warps=NUM_WARPS)
+    warps = 4 if warp_specialize else NUM_WARPS
+    consts = dict(BM=BLOCK, BN=BLOCK, HEAD_DIM=head_dim, HAS_SCHEDULE=True, STAGES=stages, num_warps=warps)
+    if warp_specialize:
+        consts["CONSUMER_REGS"] = WS_CONSUMER_REGS
     sig = {}
     for n in names:
         if n in consts:
@@ -268,4 +417,4 @@ def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STA
             sig[n] = "fp32" if n == "qk_scale" else "i32"
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("Q", "K", "V", "Out", "Counts", "Offsets",
                                                                       "Words", "Schedule")}
-    return sig, consts, attrs, {"num_warps": NUM_WARPS}
+    return sig, consts, attrs, {"num_warps": warps}
