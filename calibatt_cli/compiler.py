@@ -140,7 +140,8 @@ def tune_kernels(index: dict[tuple[int, int], ck.BlockIndex], *, heads: int, tok
     q, k, v = qkv(batches[0])
     out = torch.empty_like(q)
     dense_ms = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v), reps)
-    aot.forget_compiled(block_sparse.kernel_fn())  # a binary held in memory would never reach the folder
+    for fn in block_sparse.kernel_fns():  # a binary held in memory would never reach the folder
+        aot.forget_compiled(fn)
     index = {key: ck.BlockIndex(ix.counts.to(dev), ix.offsets.to(dev), ix.indices.to(dev), ix.schedule.to(dev))
              for key, ix in index.items()}
     first = next(iter(index.values()))
@@ -150,7 +151,7 @@ def tune_kernels(index: dict[tuple[int, int], ck.BlockIndex], *, heads: int, tok
 
     with aot.CompileCounter() as counter:
         usable, rejected = [], {}
-        for c in block_sparse.candidate_configs(cap, bs, head_dim):
+        for c in block_sparse.candidate_configs(cap, bs, head_dim, dtype):
             try:  # compiles; a config that does not fit this GPU fails here (out of shared memory, ...)
                 run(first, c)
                 torch.cuda.synchronize(dev)

@@ -58,10 +58,22 @@ class KernelConfig:
     gluon: bool = False
 
 
+# v5 (bench/NOTES.md): 579-631 TFLOP/s on an H200, against 447-489 for the best `tl` config.
+GLUON_WS = KernelConfig(gluon=True, warp_specialize=True, num_stages=3, num_warps=4)
+
+
+def _gluon_candidate(capability: tuple[int, int], block_size: tuple[int, int], head_dim: int) -> bool:
+    from .block_sparse_gluon import BLOCK, HAVE_GLUON
+
+    return HAVE_GLUON and capability[0] == 9 and tuple(block_size) == (BLOCK, BLOCK) and head_dim in (64, 128)
+
+
 def default_config(device: torch.device, block_size: tuple[int, int], head_dim: int) -> KernelConfig:
     """The config measured best on an H200 (bench/NOTES.md); the CPU interpreter runs one program per tile."""
     if device.type != "cuda":
         return KernelConfig(num_warps=4, num_stages=1, persistent=False)
+    if _gluon_candidate(torch.cuda.get_device_capability(device), block_size, head_dim):
+        return GLUON_WS  # a call it cannot take (fp32, misaligned rows, lse) runs the tl kernel below
     return KernelConfig(num_warps=8 if block_size[0] >= 128 else 4)
 
 
@@ -411,9 +423,11 @@ def _constexprs(cfg: KernelConfig, block_size: tuple[int, int], head_dim: int, *
 # Ahead of time: the configs `calibatt compile` measures per mask group, and the kernel's signature for
 # `triton.compile(ASTSource(...), target=GPUTarget(...))` without a GPU.
 
-def candidate_configs(capability: tuple[int, int], block_size: tuple[int, int], head_dim: int) -> list[KernelConfig]:
+def candidate_configs(capability: tuple[int, int], block_size: tuple[int, int], head_dim: int,
+                      dtype: torch.dtype | None = None) -> list[KernelConfig]:
     """The configs worth measuring on a GPU of this compute capability (bench/NOTES.md's sweep, trimmed to
-    those that won or came within a few per cent somewhere). The default config comes first."""
+    those that won or came within a few per cent somewhere). The default config comes first. `dtype`: the
+    model's, when known (the Gluon kernel takes bf16 and fp16 only)."""
     BM, BN = block_size
     warps = 8 if BM >= 128 else 4
     cands = [
@@ -429,6 +443,8 @@ def candidate_configs(capability: tuple[int, int], block_size: tuple[int, int], 
         cands.append(KernelConfig(block_m=BM // 2, num_warps=4, num_stages=3, persistent=False))
     if capability[0] < 9:  # no TMA before Hopper; Ampere-class shared memory favours 2 stages
         cands = [KernelConfig(**{**c.__dict__, "use_tma": False}) for c in cands]
+    if _gluon_candidate(capability, block_size, head_dim) and dtype in (None, torch.bfloat16, torch.float16):
+        cands.insert(0, GLUON_WS)  # v4 (gluon without warp specialization) measured no faster than tl: not here
     return cands
 
 
@@ -471,3 +487,13 @@ def aot_source_args(cfg: KernelConfig, dtype: torch.dtype, block_size: tuple[int
 def kernel_fn():
     """The JIT function the launcher runs (for the ahead-of-time tools)."""
     return _block_sparse_fwd
+
+
+def kernel_fns() -> list:
+    """Every JIT function a config can launch: the tl kernel, and the Gluon ones where Gluon exists."""
+    from . import block_sparse_gluon
+
+    fns = [_block_sparse_fwd]
+    if block_sparse_gluon.HAVE_GLUON:
+        fns += [block_sparse_gluon.aot_kernel(False), block_sparse_gluon.aot_kernel(True)]
+    return fns

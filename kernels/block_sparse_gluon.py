@@ -40,6 +40,11 @@ try:  # Gluon ships with triton >= 3.5; older installs keep the `tl` kernel only
         warpgroup_mma_wait,
     )
 
+    # triton 3.6 names the TMA copies async_copy_global_to_shared / async_copy_shared_to_global; later
+    # releases call them async_load / async_store (and make the old names raise). Same arguments.
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # renamed after 3.6
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the installed triton
     HAVE_GLUON = False
@@ -64,8 +69,8 @@ if HAVE_GLUON:
     def _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, bars, stage, kn, pred):
         bar = bars.index(stage)
         mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(k_desc, [kn, 0], bar, k_smem.index(stage), pred=pred)
-        tma.async_copy_global_to_shared(v_desc, [kn, 0], bar, v_smem.index(stage), pred=pred)
+        _tma_load(k_desc, [kn, 0], bar, k_smem.index(stage), pred=pred)
+        _tma_load(v_desc, [kn, 0], bar, v_smem.index(stage), pred=pred)
 
     @gluon.jit
     def _gl_softmax(s, m_i, l_i, kn, N, qk_scale, s_layout: gl.constexpr, BN: gl.constexpr, MASK: gl.constexpr):
@@ -136,7 +141,7 @@ if HAVE_GLUON:
             mbarrier.init(bars.index(st), count=1)
 
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [start_m, 0], q_bar, q_smem)
+        _tma_load(q_desc, [start_m, 0], q_bar, q_smem)
         for st in gl.static_range(STAGES):
             kn = _gl_block_id(Words, e0 + gl.minimum(st, gl.maximum(cnt - 1, 0))) * BN
             _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, bars, st, kn, st < cnt)
@@ -172,7 +177,7 @@ if HAVE_GLUON:
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 # Stage `prev` (K and V of tile j-1) is read by no pending wgmma of this warpgroup; the
                 # barrier waits for the other warpgroup before TMA overwrites it with tile j-1+STAGES.
-                gl.thread_barrier()
+                _cta_barrier()
                 nxt = j - 1 + STAGES
                 kn_next = _gl_block_id(Words, e0 + gl.minimum(nxt, cnt - 1)) * BN
                 _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, bars, prev, kn_next, nxt < cnt)
@@ -182,10 +187,10 @@ if HAVE_GLUON:
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
         l_o = gl.where(l_o == 0.0, 1.0, l_o)  # an empty row: acc is 0, write 0
         out = (acc / gl.expand_dims(l_o, 1)).to(dtype)
-        gl.thread_barrier()  # every warpgroup is done reading Q before its buffer takes the output
+        _cta_barrier()  # every warpgroup is done reading Q before its buffer takes the output
         q_smem.store(out)
         fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [start_m, 0], q_smem)  # rows >= N are clipped
+        _tma_store(o_desc, [start_m, 0], q_smem)  # rows >= N are clipped
         tma.store_wait(0)
         mbarrier.invalidate(q_bar)
         for st in gl.static_range(STAGES):
@@ -202,7 +207,7 @@ if HAVE_GLUON:
         STAGES: gl.constexpr = k_smem.shape[0]
         BN: gl.constexpr = k_smem.shape[1]
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [start_m, 0], q_bar, q_smem)
+        _tma_load(q_desc, [start_m, 0], q_bar, q_smem)
         for j in range(cnt):
             stage = j % STAGES
             if j >= STAGES:  # wait until both consumers are done with the tile that last used this stage
@@ -258,7 +263,7 @@ if HAVE_GLUON:
         out = (acc / gl.expand_dims(l_o, 1)).to(dtype)
         q_half.store(out)  # only this warpgroup reads these Q rows, and its last wgmma has completed
         fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [start_m + WG * HALF, 0], q_half)
+        _tma_store(o_desc, [start_m + WG * HALF, 0], q_half)
         tma.store_wait(0)
 
     @gluon.jit

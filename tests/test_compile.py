@@ -34,28 +34,36 @@ def test_cross_compile_every_config_for_sm90(small_config, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "compile", "--config", small_config, "--target", "sm_90",
                            "--set", "calibration.block_size=128", "--set", "model.dtype=bfloat16")
     assert code == 0, err
-    n = len(block_sparse.candidate_configs((9, 0), (128, 128), 64))
+    n = len(block_sparse.candidate_configs((9, 0), (128, 128), 64, torch.bfloat16))
     assert f"{n} of {n} configs compile and fit sm_90, 0 failed" in err, err
     assert "128x64 w8 s3 persistent" in err  # the table lists each variant
+    assert "gluon 128x128 s3 ws" in err  # the Gluon kernel compiles for sm_90 on this CPU too
 
 
 def test_wan_kernel_class_fits_hopper_shared_memory():
     """Head dim 128 (Wan's) at block 128: every candidate must fit sm_90's 227 KiB of shared memory. An int16
     load of the block ids once made triton add a K/V stage (256 KiB), and only a GPU run noticed."""
     reports = aot.cross_compile("sm_90", dtype=torch.bfloat16, block_size=(128, 128), head_dim=128)
-    assert len(reports) == len(block_sparse.candidate_configs((9, 0), (128, 128), 128))
+    assert len(reports) == len(block_sparse.candidate_configs((9, 0), (128, 128), 128, torch.bfloat16))
     bad = [(r.config, r.status, r.shared_kib, r.error) for r in reports if r.status != "ok"]
     assert not bad, bad
     default = next(r for r in reports if KernelConfig(**r.config) == KernelConfig(num_warps=8, num_stages=3,
                                                                                        persistent=True))
     assert default.shared_kib <= 200  # Q + two K/V stages in flight: 192 KiB
+    gluon = next(r for r in reports if r.config["gluon"])
+    assert gluon.config["warp_specialize"] and gluon.shared_kib <= 227  # Q + a 3-stage K/V ring: 224 KiB
 
 
 def test_candidates_per_architecture():
     hopper = block_sparse.candidate_configs((9, 0), (128, 128), 128)
     ampere = block_sparse.candidate_configs((8, 0), (128, 128), 128)
-    assert hopper[0] == KernelConfig(num_warps=8, num_stages=3, persistent=True)  # the measured default first
+    # the measured best first: the warp-specialized Gluon kernel (v5), then the tl default
+    assert hopper[0] == block_sparse.GLUON_WS and hopper[1] == KernelConfig(num_warps=8, num_stages=3, persistent=True)
+    assert not any(c.gluon for c in ampere)
+    assert not any(c.gluon for c in block_sparse.candidate_configs((9, 0), (128, 128), 128, torch.float32))
+    assert not any(c.gluon for c in block_sparse.candidate_configs((9, 0), (64, 64), 64))
     assert all(c.use_tma is None for c in hopper) and all(c.use_tma is False for c in ampere)
+    hopper = hopper[1:]
     assert all(c.block_m in (None, 64) and c.block_n in (None, 64) for c in hopper)
     assert all(c.block_m is None and c.block_n is None for c in block_sparse.candidate_configs((9, 0), (64, 64), 64))
 
