@@ -44,7 +44,11 @@ DENSITIES = (1.0, 0.5, 0.25, 0.1)
 BLOCK = 128
 D = 128
 CONFIGS = {
-    "default": KernelConfig(),  # TMA, 128 x 128 tiles, 8 warps, 3 stages, persistent LPT grid
+    # v5, the default on sm_90 (block_sparse.GLUON_WS): Gluon, a loader warp + two consumer warpgroups
+    "gluon-ws-s3": KernelConfig(gluon=True, num_stages=3, warp_specialize=True),
+    # v2, the tl kernel's default (and the fallback elsewhere): TMA, 128 x 128 tiles, 8 warps, 3 stages,
+    # persistent LPT grid. Named "default" in results before v5.
+    "tl": KernelConfig(),
     "tma-s2": KernelConfig(num_stages=2, persistent=False),
     "tma-s3": KernelConfig(persistent=False),
     "tma-ws-s3": KernelConfig(persistent=False, warp_specialize=True),
@@ -53,8 +57,7 @@ CONFIGS = {
     "pipelined-qk": KernelConfig(pipeline_qk=True),  # v3: won no group in compile's tuning (bench/NOTES.md)
     "gluon-s2": KernelConfig(gluon=True, num_stages=2),  # v4: Gluon, async wgmma, softmax overlaps P @ V
     "gluon-s3": KernelConfig(gluon=True, num_stages=3),
-    "gluon-ws-s2": KernelConfig(gluon=True, num_stages=2, warp_specialize=True),  # v5: loader warp + 2 consumers
-    "gluon-ws-s3": KernelConfig(gluon=True, num_stages=3, warp_specialize=True),
+    "gluon-ws-s2": KernelConfig(gluon=True, num_stages=2, warp_specialize=True),
 }
 
 
@@ -209,7 +212,8 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--masks", nargs="+", default=["random", "local"], choices=["random", "local"])
     ap.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
-    ap.add_argument("--configs", nargs="+", default=["default"], choices=list(CONFIGS), help="kernel configs to time")
+    ap.add_argument("--configs", nargs="+", default=["gluon-ws-s3", "tl"], choices=list(CONFIGS),
+                    help="kernel configs to time")
     ap.add_argument("--sweep", action="store_true", help="time every config in CONFIGS")
     ap.add_argument("--index-ab", action="store_true",
                     help="also time each config with int32 block ids (vs the int16 ids plans hold)")
