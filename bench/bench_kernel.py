@@ -55,9 +55,7 @@ CONFIGS = {
     "ptr-s3": KernelConfig(persistent=False, use_tma=False),
     "m64-n64-w4-s4": KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=4, persistent=False),
     "pipelined-qk": KernelConfig(pipeline_qk=True),  # v3: won no group in compile's tuning (bench/NOTES.md)
-    "gluon-s2": KernelConfig(gluon=True, num_stages=2),  # v4: Gluon, async wgmma, softmax overlaps P @ V
-    "gluon-s3": KernelConfig(gluon=True, num_stages=3),
-    "gluon-ws-s2": KernelConfig(gluon=True, num_stages=2, warp_specialize=True),
+    "gluon-ws-s2": KernelConfig(gluon=True, num_stages=2, warp_specialize=True),  # v5 with a 2-stage ring
 }
 
 

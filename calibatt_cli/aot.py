@@ -114,8 +114,7 @@ def forget_compiled(fn) -> None:
 # The kernels a calibatt cache holds. Other Triton kernels that compile during generate (torch.compile's
 # inductor kernels under generate.compile=true: a JIT the user opted into, cached by torch itself) are
 # counted apart and never fail strict mode.
-OUR_KERNELS = frozenset({"_block_sparse_fwd", "_gl_block_sparse_fwd", "_gl_block_sparse_fwd_ws", "_row_lse",
-                         "_block_mass_fwd"})
+OUR_KERNELS = frozenset({"_block_sparse_fwd", "_gl_block_sparse_fwd", "_row_lse", "_block_mass_fwd"})
 
 
 class CompileCounter:
@@ -198,8 +197,8 @@ class VariantReport:
     error: str | None = None
 
 
-def cross_compile(target: str, *, dtype: torch.dtype, block_size: tuple[int, int], head_dim: int
-                  ) -> list[VariantReport]:
+def cross_compile(target: str, *, dtype: torch.dtype, block_size: tuple[int, int], head_dim: int,
+                  return_lse: bool = False) -> list[VariantReport]:
     """Compile every candidate config for `target` on this machine (no GPU needed; ptxas ships in the
     Triton wheel). Uses a throw-away cache folder so that every variant really compiles."""
     from triton.backends.compiler import GPUTarget
@@ -208,10 +207,10 @@ def cross_compile(target: str, *, dtype: torch.dtype, block_size: tuple[int, int
     arch = cap[0] * 10 + cap[1]
     reports = []
     with tempfile.TemporaryDirectory(prefix="calibatt-xc-") as tmp, kernel_cache(tmp):
-        for cfg in block_sparse.candidate_configs(cap, block_size, head_dim, dtype):
+        for cfg in block_sparse.candidate_configs(cap, block_size, head_dim, dtype, return_lse=return_lse):
             t0 = time.perf_counter()
             try:
-                source, opts = _aot_source(cfg, dtype, block_size, head_dim, cap)
+                source, opts = _aot_source(cfg, dtype, block_size, head_dim, cap, return_lse)
                 kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=opts)
             except Exception as e:  # the report names the variant and the compiler's message
                 msg = " ".join(str(e).split())[:300]
@@ -224,7 +223,8 @@ def cross_compile(target: str, *, dtype: torch.dtype, block_size: tuple[int, int
     return reports
 
 
-def _aot_source(cfg, dtype: torch.dtype, block_size: tuple[int, int], head_dim: int, cap: tuple[int, int]):
+def _aot_source(cfg, dtype: torch.dtype, block_size: tuple[int, int], head_dim: int, cap: tuple[int, int],
+                return_lse: bool = False):
     """The compiler input of one config: (source, options)."""
     from triton.compiler import ASTSource
 
@@ -235,10 +235,9 @@ def _aot_source(cfg, dtype: torch.dtype, block_size: tuple[int, int], head_dim: 
 
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"the Gluon kernel takes bf16/fp16, not {dtype} (such calls run the tl kernel)")
-        sig, consts, attrs, opts = block_sparse_gluon.aot_source_args(dtype, head_dim, cfg.num_stages,
-                                                                      cfg.warp_specialize)
-        return GluonASTSource(block_sparse_gluon.aot_kernel(cfg.warp_specialize), sig, consts, attrs), opts
-    sig, consts, attrs, opts = block_sparse.aot_source_args(cfg, dtype, block_size, head_dim, cap)
+        sig, consts, attrs, opts = block_sparse_gluon.aot_source_args(dtype, head_dim, cfg.num_stages)
+        return GluonASTSource(block_sparse_gluon.kernel_fn(), sig, consts, attrs), opts
+    sig, consts, attrs, opts = block_sparse.aot_source_args(cfg, dtype, block_size, head_dim, cap, return_lse)
     return ASTSource(block_sparse.kernel_fn(), sig, consts, attrs), opts
 
 
@@ -246,7 +245,7 @@ def config_label(c: dict, block_size: tuple[int, int]) -> str:
     """A short name for a KernelConfig's fields, e.g. '128x64 w8 s3 persistent'."""
     tma = {None: "", True: " tma", False: " ptr"}[c.get("use_tma")]
     if c.get("gluon"):
-        return f"gluon {block_size[0]}x{block_size[1]} s{c['num_stages']}{' ws' if c.get('warp_specialize') else ''}"
+        return f"gluon {block_size[0]}x{block_size[1]} s{c['num_stages']} ws"
     return (f"{c.get('block_m') or block_size[0]}x{c.get('block_n') or block_size[1]} w{c['num_warps']} "
             f"s{c['num_stages']} {'persistent' if c['persistent'] else 'grid'}{tma}"
             f"{' ws' if c.get('warp_specialize') else ''}{' pipelined-qk' if c.get('pipeline_qk') else ''}")

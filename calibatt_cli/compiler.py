@@ -119,10 +119,11 @@ class TuneResult:
 
 def tune_kernels(index: dict[tuple[int, int], ck.BlockIndex], *, heads: int, tokens: int, head_dim: int,
                  dtype: torch.dtype, block_size: int, device: str | torch.device = "cuda",
-                 batches: tuple[int, ...] = (1,), reps: int = 3) -> TuneResult:
+                 batches: tuple[int, ...] = (1,), reps: int = 3, return_lse: bool = False) -> TuneResult:
     """Measure every candidate config on every (bucket, layer) mask with random q, k, v [B, H, N, D] laid
     out as the models hand them over ([B, N, H, D] storage), keep the fastest per group, and launch each
-    winner once per batch size in `batches` (a batch of 1 and of B specialise differently).
+    winner once per batch size in `batches` (a batch of 1 and of B specialise differently). `return_lse`:
+    the model's calls ask for the row log-sum-exp (joint attention), a kernel variant of its own.
 
     Call it inside `aot.kernel_cache(...)`: every binary it compiles lands in that folder."""
     from calibatt_kernels import block_sparse
@@ -147,11 +148,12 @@ def tune_kernels(index: dict[tuple[int, int], ck.BlockIndex], *, heads: int, tok
     first = next(iter(index.values()))
 
     def run(ix, c, qq=q, kk=k, vv=v, oo=out):
-        return block_sparse.block_sparse_attention_triton(qq, kk, vv, ix, block_size=bs, out=oo, config=c)
+        return block_sparse.block_sparse_attention_triton(qq, kk, vv, ix, block_size=bs, out=oo, config=c,
+                                                          return_lse=return_lse)
 
     with aot.CompileCounter() as counter:
         usable, rejected = [], {}
-        for c in block_sparse.candidate_configs(cap, bs, head_dim, dtype):
+        for c in block_sparse.candidate_configs(cap, bs, head_dim, dtype, return_lse=return_lse):
             try:  # compiles; a config that does not fit this GPU fails here (out of shared memory, ...)
                 run(first, c)
                 torch.cuda.synchronize(dev)
@@ -245,7 +247,8 @@ def compile_cache(cfg: Config, *, bundle_path: str | None = None, cache_dir: str
                 with aot.kernel_cache(build / "triton"):
                     res = tune_kernels(plan_index(tensors, keys), heads=ident.heads, tokens=grid[0] * grid[1] * grid[2],
                                        head_dim=ident.head_dim, dtype=getattr(torch, cfg.model.dtype),
-                                       block_size=bundle.block_size, device=device)
+                                       block_size=bundle.block_size, device=device,
+                                       return_lse=ident.joint_attention)
                 for g in groups:
                     g.update(res.groups[(g["bucket"], g["layer"])])
                 manifest["kernels"].update(res.info)
@@ -405,11 +408,12 @@ def cross_compile_configs(cfg: Config) -> CrossResult:
     t0 = time.perf_counter()
     bs = cfg.calibration.block_size
     reports = aot.cross_compile(target, dtype=getattr(torch, cfg.model.dtype), block_size=(bs, bs),
-                                head_dim=ident.head_dim)
+                                head_dim=ident.head_dim, return_lse=ident.joint_attention)
     return CrossResult(target, cfg.model.dtype, ident.head_dim, bs, reports, time.perf_counter() - t0)
 
 
-def prewarm(plan: SparsePlan, *, heads: int, head_dim: int, dtype: torch.dtype, device: str | torch.device) -> float:
+def prewarm(plan: SparsePlan, *, heads: int, head_dim: int, dtype: torch.dtype, device: str | torch.device,
+            return_lse: bool = False) -> float:
     """Launch every kernel config of the plan once on a one-block input of the model's heads, head dim and
     dtype (the same specialisation as the real calls), so that the binaries are loaded from the cache
     before sampling: the first denoising step then costs what the later ones do. Returns seconds."""
@@ -422,6 +426,6 @@ def prewarm(plan: SparsePlan, *, heads: int, head_dim: int, dtype: torch.dtype, 
     q, k, v = (t.transpose(1, 2) for t in x)
     one = ck.mask_to_index(torch.ones(heads, 1, 1, dtype=torch.bool, device=dev))
     for c in set(plan.configs.values()) or {None}:
-        ck.block_sparse_attention_indexed(q, k, v, one, block_size=bs, config=c)
+        ck.block_sparse_attention_indexed(q, k, v, one, block_size=bs, config=c, return_lse=return_lse)
     torch.cuda.synchronize(dev)
     return time.perf_counter() - t0

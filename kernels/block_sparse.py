@@ -52,9 +52,9 @@ class KernelConfig:
     # wgmma on Hopper) before the softmax and PV of tile j, so tensor cores and MUFU/ALU could overlap.
     # Measured no faster on an H200 with triton 3.6 (bench/NOTES.md, v3); kept for bench_kernel --configs.
     pipeline_qk: bool = False
-    # v4: the Gluon kernel (block_sparse_gluon.py: explicit async wgmma, softmax overlapping P @ V). Only sm_90,
-    # 128 x 128 blocks, 16-byte aligned rows, no lse; other calls run the `tl` kernel. num_stages: its K/V ring;
-    # with warp_specialize: v5, a loader warp and two consumer warpgroups.
+    # v5: the Gluon kernel (block_sparse_gluon.py: a loader warp and two consumer warpgroups, async wgmma).
+    # Only sm_90, 128 x 128 blocks, bf16/fp16, 16-byte aligned rows, no lse: other calls run the tl kernel's
+    # default. num_stages: its K/V ring; the other fields do not apply to it (warp_specialize marks it in labels).
     gluon: bool = False
 
 
@@ -73,7 +73,12 @@ def default_config(device: torch.device, block_size: tuple[int, int], head_dim: 
     if device.type != "cuda":
         return KernelConfig(num_warps=4, num_stages=1, persistent=False)
     if _gluon_candidate(torch.cuda.get_device_capability(device), block_size, head_dim):
-        return GLUON_WS  # a call it cannot take (fp32, misaligned rows, lse) runs the tl kernel below
+        return GLUON_WS  # a call it cannot take (fp32, misaligned rows, lse) runs the tl kernel's default
+    return _tl_default(block_size)
+
+
+def _tl_default(block_size: tuple[int, int]) -> KernelConfig:
+    """v2: the tl kernel's best config on an H200 (persistent LPT grid, 3 stages, TMA)."""
     return KernelConfig(num_warps=8 if block_size[0] >= 128 else 4)
 
 
@@ -360,9 +365,9 @@ def block_sparse_attention_triton(
         if block_sparse_gluon.supports(q, k, v, block_size, return_lse=return_lse):
             scale = 1.0 / math.sqrt(D) if scale is None else scale
             return block_sparse_gluon.block_sparse_attention_gluon(q, k, v, index, scale=scale,
-                                                                   stages=cfg.num_stages, out=out,
-                                                                   warp_specialize=cfg.warp_specialize)
+                                                                   stages=cfg.num_stages, out=out)
         _note_gluon_fallback()
+        cfg = _tl_default(block_size)  # the Gluon config's fields mean nothing to the tl kernel
     block_m = cfg.block_m or BM
     block_n = cfg.block_n or BN
     if BM % block_m or BN % block_n:
@@ -424,10 +429,11 @@ def _constexprs(cfg: KernelConfig, block_size: tuple[int, int], head_dim: int, *
 # `triton.compile(ASTSource(...), target=GPUTarget(...))` without a GPU.
 
 def candidate_configs(capability: tuple[int, int], block_size: tuple[int, int], head_dim: int,
-                      dtype: torch.dtype | None = None) -> list[KernelConfig]:
+                      dtype: torch.dtype | None = None, *, return_lse: bool = False) -> list[KernelConfig]:
     """The configs worth measuring on a GPU of this compute capability (bench/NOTES.md's sweep, trimmed to
     those that won or came within a few per cent somewhere). The default config comes first. `dtype`: the
-    model's, when known (the Gluon kernel takes bf16 and fp16 only)."""
+    model's, when known (the Gluon kernel takes bf16 and fp16 only); `return_lse`: the calls need the row
+    log-sum-exp (joint attention), which only the tl kernel returns."""
     BM, BN = block_size
     warps = 8 if BM >= 128 else 4
     cands = [
@@ -443,8 +449,9 @@ def candidate_configs(capability: tuple[int, int], block_size: tuple[int, int], 
         cands.append(KernelConfig(block_m=BM // 2, num_warps=4, num_stages=3, persistent=False))
     if capability[0] < 9:  # no TMA before Hopper; Ampere-class shared memory favours 2 stages
         cands = [KernelConfig(**{**c.__dict__, "use_tma": False}) for c in cands]
-    if _gluon_candidate(capability, block_size, head_dim) and dtype in (None, torch.bfloat16, torch.float16):
-        cands.insert(0, GLUON_WS)  # v4 (gluon without warp specialization) measured no faster than tl: not here
+    if (_gluon_candidate(capability, block_size, head_dim) and dtype in (None, torch.bfloat16, torch.float16)
+            and not return_lse):
+        cands.insert(0, GLUON_WS)
     return cands
 
 
@@ -455,7 +462,7 @@ def resolved_use_tma(cfg: KernelConfig, capability: tuple[int, int]) -> bool:
 
 
 def aot_source_args(cfg: KernelConfig, dtype: torch.dtype, block_size: tuple[int, int], head_dim: int,
-                    capability: tuple[int, int]) -> tuple[dict, dict, dict, dict]:
+                    capability: tuple[int, int], return_lse: bool = False) -> tuple[dict, dict, dict, dict]:
     """(signature, constexprs, attrs, options) of `_block_sparse_fwd` for `triton.compile(ASTSource(...))`.
 
     Pointers are 16-byte aligned (`tt.divisibility` 16) as torch allocations are; strides and sizes are
@@ -464,7 +471,7 @@ def aot_source_args(cfg: KernelConfig, dtype: torch.dtype, block_size: tuple[int
     names = _block_sparse_fwd.arg_names
     elem = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     consts = _constexprs(cfg, block_size, head_dim, use_tma=resolved_use_tma(cfg, capability), on_gpu=True,
-                         has_schedule=True)
+                         has_schedule=True, return_lse=return_lse)
     sig = {}
     for n in names:
         if n in consts:
@@ -495,5 +502,5 @@ def kernel_fns() -> list:
 
     fns = [_block_sparse_fwd]
     if block_sparse_gluon.HAVE_GLUON:
-        fns += [block_sparse_gluon.aot_kernel(False), block_sparse_gluon.aot_kernel(True)]
+        fns.append(block_sparse_gluon.kernel_fn())
     return fns

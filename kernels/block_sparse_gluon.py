@@ -1,27 +1,31 @@
-"""Block-sparse attention forward for Hopper in Gluon (v4): explicit asynchronous wgmma so that the softmax
-of key tile j runs while the tensor cores compute P(j-1) @ V(j-1) -- the overlap that Triton's `tl` compiler
-does not produce on sm_90 (bench/NOTES.md, v3).
+"""Block-sparse attention forward for Hopper in Gluon (v5): FA3's warp-specialized structure, so that the
+softmax of one warpgroup overlaps the tensor-core work of the other and of its own P @ V -- the overlap
+that Triton's `tl` compiler does not produce on sm_90 (bench/NOTES.md: 579-631 TFLOP/s on an H200 against
+447-489 for the tl kernel).
 
-Same contract as `block_sparse._block_sparse_fwd` for the cases it takes (the launcher checks them and the
-caller falls back to the `tl` kernel otherwise): sm_90, bf16/fp16, head dim 64 or 128, kernel tile =
-mask block = 128 x 128, 16-byte aligned rows (TMA), no log-sum-exp output. The index is the same compressed
-rows (counts, offsets, int16 block ids read as int32 words) and the same longest-first schedule.
+Same contract as `block_sparse._block_sparse_fwd` for the cases it takes (`supports`; the caller falls
+back to the tl kernel otherwise): sm_90, bf16/fp16, head dim 64 or 128, kernel tile = mask block =
+128 x 128, 16-byte aligned rows (TMA), no log-sum-exp output. The index is the same compressed rows
+(counts, offsets, int16 block ids read as int32 words) and the same longest-first schedule.
 
-Per program (one 128-row query tile, 8 warps = two warpgroups of 64 rows each):
+One program per 128-row query tile, `gl.warp_specialize` into
+- a loader warp: TMA loads of Q and of the row's listed K/V blocks into a ring of STAGES buffers, each
+  stage with a `ready` mbarrier (TMA bytes arrived) and an `empty` one (both consumers are done with it);
+- two consumer warpgroups, 64 query rows each, running
 
-    S = Q K0^T                                   (tensor cores)
-    P = softmax part of S                        (MUFU / ALU)
-    for j = 1 .. n-1:
-        issue S' = Q Kj^T        (async)
-        issue O += P V(j-1)      (async)
-        wait for S' only         -> softmax of S' overlaps P V(j-1) on the tensor cores
-        wait for O; O *= alpha
-        free stage j-1 and issue the TMA loads of tile j-1+STAGES
-    O += P V(n-1)
+      S = Q K0^T ;  P = softmax part of S
+      for j = 1 .. n-1:
+          issue S' = Q Kj^T (async) ; issue O += P V(j-1) (async)
+          wait for S' only          -> its softmax overlaps P V(j-1) on the tensor cores
+          wait for O ; free stage j-1 ; O *= alpha
+      O += P V(n-1) ; O /= l ; TMA store of the 64 rows
 
-K/V tiles come through a ring of STAGES shared-memory buffers filled by TMA, one mbarrier per stage.
-There is no interpreter for Gluon: this kernel is checked by compiling it for sm_90 on the CPU (CI) and
-against the PyTorch reference on a GPU (tests/test_kernels_gpu.py).
+No CTA-wide barrier is left in the loop, so the two warpgroups drift apart and one's softmax runs while the
+other's GEMMs do (FA3's ping-pong, left to the warp schedulers rather than forced with named barriers).
+The tile mapping mirrors the tl kernel's (`_block_sparse_tile`); Gluon functions cannot call `tl` ones.
+
+There is no interpreter for Gluon: CI compiles this kernel for sm_90 on the CPU, and
+tests/test_kernels_gpu.py checks it against the fp32 reference on a GPU.
 """
 
 from __future__ import annotations
@@ -44,7 +48,6 @@ try:  # Gluon ships with triton >= 3.5; older installs keep the `tl` kernel only
     # releases call them async_load / async_store (and make the old names raise). Same arguments.
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # renamed after 3.6
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the installed triton
     HAVE_GLUON = False
@@ -52,9 +55,8 @@ except ImportError:  # pragma: no cover - depends on the installed triton
 from .index import BlockIndex, index_words
 
 BLOCK = 128  # the one tile shape this kernel takes: mask block = kernel tile = 128 x 128
-NUM_WARPS = 8
-WS_CONSUMER_REGS = 232  # v5: registers per thread of the second consumer warpgroup (the loader gets 24)
-DEFAULT_STAGES = 2
+CONSUMER_REGS = 232  # registers per thread of the second consumer warpgroup (the loader warp gets 24)
+DEFAULT_STAGES = 3  # 2 stages measured 398-455 TFLOP/s: the loader cannot run ahead of the consumers
 
 
 if HAVE_GLUON:
@@ -83,123 +85,6 @@ if HAVE_GLUON:
         p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
         l_new = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_new
-
-    @gluon.jit(do_not_specialize=["N", "Mq", "stride_cz", "stride_ch"])
-    def _gl_block_sparse_fwd(
-        Q, K, V, Out, Counts, Offsets, Words, Schedule,
-        stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
-        stride_vz, stride_vh, stride_vn, stride_oz, stride_oh, stride_om,
-        stride_cz, stride_ch, H, N, Mq, REPS, qk_scale,
-        BM: gl.constexpr, BN: gl.constexpr, HEAD_DIM: gl.constexpr, HAS_SCHEDULE: gl.constexpr,
-        STAGES: gl.constexpr, num_warps: gl.constexpr,
-    ):
-        dtype: gl.constexpr = Q.dtype.element_ty
-        tile = gl.program_id(0)
-        pos = tile // REPS
-        rep = tile % REPS
-        if HAS_SCHEDULE:
-            row = gl.load(Schedule + pos)
-        else:
-            row = pos
-        m_blk = row % Mq
-        h = (row // Mq) % H
-        bi = row // (Mq * H)
-        b = bi + rep
-        start_m = m_blk * BM
-        row_off = bi * stride_cz + h * stride_ch + m_blk
-        cnt = gl.load(Counts + row_off)
-        e0 = gl.load(Offsets + row_off)
-
-        # wgmma layouts: the 128 rows split over the warps (two warpgroups of 64 rows)
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, BN, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, HEAD_DIM], dtype)
-
-        q_desc = tma.make_tensor_descriptor(Q + b.to(gl.int64) * stride_qz + h.to(gl.int64) * stride_qh,
-                                            shape=[N, HEAD_DIM], strides=[stride_qm, 1],
-                                            block_shape=[BM, HEAD_DIM], layout=smem_layout)
-        k_desc = tma.make_tensor_descriptor(K + b.to(gl.int64) * stride_kz + h.to(gl.int64) * stride_kh,
-                                            shape=[N, HEAD_DIM], strides=[stride_kn, 1],
-                                            block_shape=[BN, HEAD_DIM], layout=smem_layout)
-        v_desc = tma.make_tensor_descriptor(V + b.to(gl.int64) * stride_vz + h.to(gl.int64) * stride_vh,
-                                            shape=[N, HEAD_DIM], strides=[stride_vn, 1],
-                                            block_shape=[BN, HEAD_DIM], layout=smem_layout)
-        o_desc = tma.make_tensor_descriptor(Out + b.to(gl.int64) * stride_oz + h.to(gl.int64) * stride_oh,
-                                            shape=[N, HEAD_DIM], strides=[stride_om, 1],
-                                            block_shape=[BM, HEAD_DIM], layout=smem_layout)
-
-        q_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], smem_layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], smem_layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], smem_layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for st in gl.static_range(STAGES):
-            mbarrier.init(bars.index(st), count=1)
-
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        _tma_load(q_desc, [start_m, 0], q_bar, q_smem)
-        for st in gl.static_range(STAGES):
-            kn = _gl_block_id(Words, e0 + gl.minimum(st, gl.maximum(cnt - 1, 0))) * BN
-            _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, bars, st, kn, st < cnt)
-
-        m_i = gl.full([BM], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([BM], gl.float32, layout=gl.SliceLayout(1, s_layout))
-        acc = gl.zeros([BM, HEAD_DIM], gl.float32, layout=o_layout)
-        s_zero = gl.zeros([BM, BN], gl.float32, layout=s_layout)
-        mbarrier.wait(q_bar, 0)
-
-        if cnt > 0:
-            # tile 0 (masked: it may also be the last)
-            kn = _gl_block_id(Words, e0) * BN
-            mbarrier.wait(bars.index(0), 0)
-            qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
-            p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, True)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            for j in range(1, cnt):
-                stage = j % STAGES
-                prev = (j - 1) % STAGES
-                kn = _gl_block_id(Words, e0 + j) * BN
-                mbarrier.wait(bars.index(stage), (j // STAGES) & 1)
-                s_tok = warpgroup_mma(q_smem, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
-                                      is_async=True)
-                o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-                qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))  # S of tile j; P V(j-1) runs on
-                if j == cnt - 1:
-                    p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, True)
-                else:
-                    p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, False)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
-                # Stage `prev` (K and V of tile j-1) is read by no pending wgmma of this warpgroup; the
-                # barrier waits for the other warpgroup before TMA overwrites it with tile j-1+STAGES.
-                _cta_barrier()
-                nxt = j - 1 + STAGES
-                kn_next = _gl_block_id(Words, e0 + gl.minimum(nxt, cnt - 1)) * BN
-                _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, bars, prev, kn_next, nxt < cnt)
-            last = (cnt - 1) % STAGES
-            acc = warpgroup_mma(p_op, v_smem.index(last), acc)
-
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-        l_o = gl.where(l_o == 0.0, 1.0, l_o)  # an empty row: acc is 0, write 0
-        out = (acc / gl.expand_dims(l_o, 1)).to(dtype)
-        _cta_barrier()  # every warpgroup is done reading Q before its buffer takes the output
-        q_smem.store(out)
-        fence_async_shared()
-        _tma_store(o_desc, [start_m, 0], q_smem)  # rows >= N are clipped
-        tma.store_wait(0)
-        mbarrier.invalidate(q_bar)
-        for st in gl.static_range(STAGES):
-            mbarrier.invalidate(bars.index(st))
-
-    # ---- v5: warp-specialized (FA3's structure without its explicit ping-pong order) ----------------------
-    # One loader warp fills the K/V ring; two consumer warpgroups own 64 query rows each and run the v4 loop.
-    # No CTA-wide barrier inside the loop: each consumer frees a ring stage by arriving on its `empty`
-    # mbarrier (count 2), so the two warpgroups drift apart and one's softmax can overlap the other's GEMMs.
 
     @gluon.jit
     def _ws_loader(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m):
@@ -275,7 +160,7 @@ if HAVE_GLUON:
         _ws_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale, 0)
 
     @gluon.jit(do_not_specialize=["N", "Mq", "stride_cz", "stride_ch"])
-    def _gl_block_sparse_fwd_ws(
+    def _gl_block_sparse_fwd(
         Q, K, V, Out, Counts, Offsets, Words, Schedule,
         stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
         stride_vz, stride_vh, stride_vn, stride_oz, stride_oh, stride_om,
@@ -365,8 +250,8 @@ def _tma_allocator(size: int, alignment: int, stream):
 
 
 def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: BlockIndex, *,
-                                 scale: float, stages: int = DEFAULT_STAGES, out: torch.Tensor | None = None,
-                                 warp_specialize: bool = False) -> torch.Tensor:
+                                 scale: float, stages: int = DEFAULT_STAGES, out: torch.Tensor | None = None
+                                 ) -> torch.Tensor:
     """q, k, v [B, H, N, D] (any strides with a unit last one); index as `block_sparse_attention_triton`."""
     B, H, N, D = q.shape
     Mq = triton.cdiv(N, BLOCK)
@@ -383,33 +268,31 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     grid = (Bi * H * Mq * reps,)
     if grid[0] == 0:
         return out
-    triton.set_allocator(_tma_allocator)
-    kernel, extra = ((_gl_block_sparse_fwd_ws, dict(CONSUMER_REGS=WS_CONSUMER_REGS, num_warps=4)) if warp_specialize
-                     else (_gl_block_sparse_fwd, dict(num_warps=NUM_WARPS)))
-    kernel[grid](
+    triton.set_allocator(_tma_allocator)  # scratch for the device-side TMA descriptors
+    _gl_block_sparse_fwd[grid](
         q, k, v, out, counts, offsets, words, schedule if schedule is not None else counts,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         counts.stride(0), counts.stride(1), H, N, Mq, reps, scale * 1.4426950408889634,
-        BM=BLOCK, BN=BLOCK, HEAD_DIM=D, HAS_SCHEDULE=schedule is not None, STAGES=stages, **extra,
+        BM=BLOCK, BN=BLOCK, HEAD_DIM=D, HAS_SCHEDULE=schedule is not None, STAGES=stages,
+        CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
     )
     return out
 
 
-def aot_kernel(warp_specialize: bool = False):
-    return _gl_block_sparse_fwd_ws if warp_specialize else _gl_block_sparse_fwd
+def kernel_fn():
+    """The Gluon JIT function (for the ahead-of-time tools)."""
+    return _gl_block_sparse_fwd
 
 
-def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STAGES, warp_specialize: bool = False):
+def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STAGES):
     """(signature, constexprs, attrs, options) for `triton.compile(GluonASTSource(...))` without a GPU."""
     import inspect
 
-    names = list(inspect.signature(aot_kernel(warp_specialize).fn).parameters)
+    names = list(inspect.signature(_gl_block_sparse_fwd.fn).parameters)
     elem = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    warps = 4 if warp_specialize else NUM_WARPS
-    consts = dict(BM=BLOCK, BN=BLOCK, HEAD_DIM=head_dim, HAS_SCHEDULE=True, STAGES=stages, num_warps=warps)
-    if warp_specialize:
-        consts["CONSUMER_REGS"] = WS_CONSUMER_REGS
+    consts = dict(BM=BLOCK, BN=BLOCK, HEAD_DIM=head_dim, HAS_SCHEDULE=True, STAGES=stages,
+                  CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
     sig = {}
     for n in names:
         if n in consts:
@@ -422,4 +305,4 @@ def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STA
             sig[n] = "fp32" if n == "qk_scale" else "i32"
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("Q", "K", "V", "Out", "Counts", "Offsets",
                                                                       "Words", "Schedule")}
-    return sig, consts, attrs, {"num_warps": warps}
+    return sig, consts, attrs, {"num_warps": 4}

@@ -48,8 +48,6 @@ def _rel_err(out, q, k, v, mask, bs):
     ((128, 128), dict(persistent=False)),
     ((128, 128), dict(block_n=64)),
     ((128, 128), dict(use_tma=False)),
-    ((128, 128), dict(gluon=True, num_stages=2)),
-    ((128, 128), dict(gluon=True, num_stages=3)),
     ((128, 128), dict(gluon=True, num_stages=2, warp_specialize=True)),
     ((128, 128), dict(gluon=True, num_stages=3, warp_specialize=True)),
 ])
@@ -100,10 +98,9 @@ def test_block_mass_matches_reference(bs):
     assert rel <= 1e-2, f"rel={rel:.2e} max_diff={max_diff:.2e}"
 
 
-@pytest.mark.parametrize("ws", [False, True])
 @pytest.mark.parametrize("transposed", [True, False])
-def test_gluon_kernel_broadcast_index_and_layouts(transposed, ws):
-    """v4 (Gluon): one index row set broadcast over a batch of 2, both q/k/v memory layouts."""
+def test_gluon_kernel_broadcast_index_and_layouts(transposed):
+    """v5 (Gluon): one index row set broadcast over a batch of 2, both q/k/v memory layouts."""
     from calibatt_kernels import block_sparse_gluon
     from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
 
@@ -113,7 +110,7 @@ def test_gluon_kernel_broadcast_index_and_layouts(transposed, ws):
     mask = _random_mask(seed=6, density=0.25, bs=(128, 128), batch=1)
     out = torch.full_like(q, float("nan"))
     block_sparse_attention_triton(q, k, v, mask_to_index(mask), block_size=(128, 128), out=out,
-                                  config=KernelConfig(gluon=True, num_stages=2, warp_specialize=ws))
+                                  config=KernelConfig(gluon=True, num_stages=3, warp_specialize=True))
     torch.cuda.synchronize()
     assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements not written"
     for b in range(2):

@@ -39,6 +39,9 @@ SPARSE_CASES = {
                                       dict(pipeline_qk=True, block_n=32)),
     "fp32-pipelined-qk-persistent-tma": (1, 2, 700, 128, (64, 64), 1, torch.float32, True,
                                          dict(pipeline_qk=True, use_tma=True)),
+    # the Gluon config where Gluon cannot run (CPU, fp32): the tl kernel with its own default config
+    "fp32-gluon-config-falls-back": (1, 2, 300, 64, (128, 128), 1, torch.float32, True,
+                                     dict(gluon=True, warp_specialize=True, num_stages=3, num_warps=4)),
 }
 MASS_CASES = {
     # name: (B, H, N, D, block_size, dtype, transposed)

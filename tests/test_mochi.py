@@ -145,6 +145,13 @@ def test_real_mochi_token_grid():
         ident.check_video(160, 480, 848)
     with pytest.raises(ConfigError, match="multiple of 16"):
         ident.check_video(163, 480, 840)
+    # joint attention: compile must tune and cache the kernel variant that returns the row log-sum-exp,
+    # which only the tl kernel has (the Gluon kernel is no candidate for it)
+    assert ident.joint_attention
+    assert not model_identity(load_config(None)).joint_attention  # tiny (Wan)
+    from calibatt_kernels import block_sparse
+
+    assert not any(c.gluon for c in block_sparse.candidate_configs((9, 0), (128, 128), 128, return_lse=True))
 
 
 def test_presets_load():

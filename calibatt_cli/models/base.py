@@ -40,6 +40,9 @@ class ModelIdentity:
     head_dim: int
     vae_stride: tuple[int, int, int]  # (time, height, width) of the VAE
     patch: tuple[int, int, int]  # (time, height, width) of the transformer's patch embedding
+    # Joint attention (Mochi): the sparse kernel also returns each row's log-sum-exp, to merge the dense text
+    # keys in; compile then tunes and caches that kernel variant.
+    joint_attention: bool = False
 
     def token_grid(self, frames: int, height: int, width: int) -> list[int]:
         st, sh, sw = self.vae_stride
@@ -65,7 +68,8 @@ class ModelIdentity:
 
 
 def identity_from_config(family: str, model_cls, name: str, model_id: str, transformer_config: dict,
-                         weights_id: str, vae_stride: tuple[int, int, int], patch=None) -> ModelIdentity:
+                         weights_id: str, vae_stride: tuple[int, int, int], patch=None,
+                         joint_attention: bool = False) -> ModelIdentity:
     """Identity from configs alone. The transformer is instantiated on the meta device (no memory) so its
     config carries every default, whether or not config.json spelled it out: equal models hash equal.
     `patch` maps the full config to the (time, height, width) patch; default: its `patch_size`."""
@@ -84,6 +88,7 @@ def identity_from_config(family: str, model_cls, name: str, model_id: str, trans
         head_dim=tcfg["attention_head_dim"],
         vae_stride=tuple(vae_stride),
         patch=tuple(patch(tcfg) if patch else tcfg["patch_size"]),
+        joint_attention=joint_attention,
     )
 
 

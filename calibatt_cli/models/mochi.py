@@ -140,7 +140,7 @@ def mochi_identity(name: str, model_id: str, transformer_config: dict, weights_i
 
     # PatchEmbed patches each latent frame in 2-D
     return identity_from_config("mochi", MochiTransformer3DModel, name, model_id, transformer_config, weights_id,
-                                VAE_STRIDE, patch=lambda c: (1, c["patch_size"], c["patch_size"]))
+                                VAE_STRIDE, patch=lambda c: (1, c["patch_size"], c["patch_size"]), joint_attention=True)
 
 
 # --- mochi-tiny-random -------------------------------------------------------------------------------
