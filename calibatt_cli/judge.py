@@ -8,7 +8,9 @@ For each clip (uint8 [F, H, W, 3]):
    (blends at edges belong to none); the main object is the colour with
    the most pixels over the clip (for a two-object prompt, the judge looks for the named colour);
 4. shape: per frame, the mask's fill of its bounding box (square ~1, circle ~0.79, triangle ~0.5) and
-   its top/bottom asymmetry (triangles point up); the clip's shape is the majority over frames;
+   its top/bottom asymmetry (triangles point up), after filling the mask's interior holes (texture
+   pixels that miss the palette inside an object say nothing about its outline); the clip's shape is the
+   majority over frames;
 5. motion: the centroid track and the area track: growing / shrinking when the area changes by > 1.8x,
    bouncing when the vertical track
    leaves and comes back, else the net displacement's direction.
@@ -83,15 +85,35 @@ def colour_labels(frames: np.ndarray) -> np.ndarray:
     return np.where(fg & (d.min(-1) < PALETTE_DISTANCE), labels, -1)
 
 
-def classify_shape(mask: np.ndarray) -> str | None:
-    """One frame's binary mask -> circle, square or triangle (None if too small).
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """A bool mask with its holes filled: background pixels that no 4-connected path of background pixels
+    links to the mask's border become foreground."""
+    pad = np.pad(mask, 1)
+    outside = np.zeros_like(pad)
+    outside[0, :] = outside[-1, :] = outside[:, 0] = outside[:, -1] = True
+    while True:
+        grown = outside.copy()
+        grown[1:] |= outside[:-1]
+        grown[:-1] |= outside[1:]
+        grown[:, 1:] |= outside[:, :-1]
+        grown[:, :-1] |= outside[:, 1:]
+        grown &= ~pad
+        if np.array_equal(grown, outside):
+            return ~outside[1:-1, 1:-1]
+        outside = grown
+
+
+def classify_shape(mask: np.ndarray, *, fill: bool = True) -> str | None:
+    """One frame's binary mask -> circle, square or triangle (None if too small). `fill`: fill interior
+    holes first (fill_holes).
 
     Measured on rendered clips: a triangle (apex up) fills ~0.5 of its box and its bottom half holds
     ~0.5 more of the box than its top half; squares fill >= 0.92, circles 0.69-0.89, both symmetric."""
     ys, xs = np.nonzero(mask)
     if len(xs) < MIN_PIXELS:
         return None
-    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.float32)
+    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    box = (fill_holes(box) if fill else box).astype(np.float32)
     h = box.shape[0]
     if h < 2:
         return None
