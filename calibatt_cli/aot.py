@@ -233,8 +233,6 @@ def _aot_source(cfg, dtype: torch.dtype, block_size: tuple[int, int], head_dim: 
 
         from calibatt_kernels import block_sparse_gluon
 
-        if dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"the Gluon kernel takes bf16/fp16, not {dtype} (such calls run the tl kernel)")
         sig, consts, attrs, opts = block_sparse_gluon.aot_source_args(dtype, head_dim, cfg.num_stages)
         return GluonASTSource(block_sparse_gluon.kernel_fn(), sig, consts, attrs), opts
     sig, consts, attrs, opts = block_sparse.aot_source_args(cfg, dtype, block_size, head_dim, cap, return_lse)

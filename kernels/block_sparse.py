@@ -461,17 +461,12 @@ def resolved_use_tma(cfg: KernelConfig, capability: tuple[int, int]) -> bool:
     return capability[0] >= 9 if cfg.use_tma is None else bool(cfg.use_tma) and capability[0] >= 9
 
 
-def aot_source_args(cfg: KernelConfig, dtype: torch.dtype, block_size: tuple[int, int], head_dim: int,
-                    capability: tuple[int, int], return_lse: bool = False) -> tuple[dict, dict, dict, dict]:
-    """(signature, constexprs, attrs, options) of `_block_sparse_fwd` for `triton.compile(ASTSource(...))`.
-
-    Pointers are 16-byte aligned (`tt.divisibility` 16) as torch allocations are; strides and sizes are
-    plain i32. The binary's hash differs from the JIT's, so this checks that a config compiles; it does not
-    fill the JIT cache."""
-    names = _block_sparse_fwd.arg_names
+def aot_signature(names: list[str], consts: dict, dtype: torch.dtype, *, i32_pointers: tuple[str, ...]
+                  ) -> tuple[dict, dict]:
+    """The (signature, attrs) of a block-sparse kernel (tl or Gluon) for the ahead-of-time compiler: q, k, v
+    and the output in `dtype`, the index pointers int32, Lse float32, qk_scale fp32, other scalars i32.
+    Pointers are 16-byte aligned (`tt.divisibility` 16) as torch allocations are."""
     elem = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    consts = _constexprs(cfg, block_size, head_dim, use_tma=resolved_use_tma(cfg, capability), on_gpu=True,
-                         has_schedule=True, return_lse=return_lse)
     sig = {}
     for n in names:
         if n in consts:
@@ -480,14 +475,25 @@ def aot_source_args(cfg: KernelConfig, dtype: torch.dtype, block_size: tuple[int
             sig[n] = f"*{elem}"
         elif n == "Lse":
             sig[n] = "*fp32"
-        elif n == "Indices":
-            sig[n] = "*i32"  # mask_to_index's int16 block ids, two to a word (index_words)
-        elif n in ("Counts", "Offsets", "Schedule"):
+        elif n in i32_pointers:
             sig[n] = "*i32"
         else:
             sig[n] = "fp32" if n == "qk_scale" else "i32"
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("Q", "K", "V", "Out", "Counts", "Offsets",
-                                                                      "Indices", "Schedule")}
+    aligned = ("Q", "K", "V", "Out") + tuple(i32_pointers)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return sig, attrs
+
+
+def aot_source_args(cfg: KernelConfig, dtype: torch.dtype, block_size: tuple[int, int], head_dim: int,
+                    capability: tuple[int, int], return_lse: bool = False) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, attrs, options) of `_block_sparse_fwd` for `triton.compile(ASTSource(...))`.
+    The binary's hash differs from the JIT's, so this checks that a config compiles; it does not fill the
+    JIT cache."""
+    consts = _constexprs(cfg, block_size, head_dim, use_tma=resolved_use_tma(cfg, capability), on_gpu=True,
+                         has_schedule=True, return_lse=return_lse)
+    # Indices: mask_to_index's int16 block ids, two to an int32 word (index_words)
+    sig, attrs = aot_signature(_block_sparse_fwd.arg_names, consts, dtype, i32_pointers=("Counts", "Offsets",
+                                                                                         "Indices", "Schedule"))
     return sig, consts, attrs, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 

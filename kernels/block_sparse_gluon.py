@@ -75,6 +75,14 @@ if HAVE_GLUON:
         _tma_load(v_desc, [kn, 0], bar, v_smem.index(stage), pred=pred)
 
     @gluon.jit
+    def _gl_head_desc(T, b, h, stride_z, stride_h, stride_n, N, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr,
+                      layout: gl.constexpr):
+        """A TMA descriptor over the [N, HEAD_DIM] rows of batch b, head h, in tiles of ROWS rows."""
+        return tma.make_tensor_descriptor(T + b.to(gl.int64) * stride_z + h.to(gl.int64) * stride_h,
+                                          shape=[N, HEAD_DIM], strides=[stride_n, 1],
+                                          block_shape=[ROWS, HEAD_DIM], layout=layout)
+
+    @gluon.jit
     def _gl_softmax(s, m_i, l_i, kn, N, qk_scale, s_layout: gl.constexpr, BN: gl.constexpr, MASK: gl.constexpr):
         """Online-softmax update for scores s of the key tile at kn: (p, alpha, m_new, l_new), base 2."""
         if MASK:  # the last listed block may hold keys >= N (TMA filled them with zeros)
@@ -187,18 +195,10 @@ if HAVE_GLUON:
         cnt = gl.load(Counts + row_off)
         e0 = gl.load(Offsets + row_off)
         smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, HEAD_DIM], dtype)
-        q_desc = tma.make_tensor_descriptor(Q + b.to(gl.int64) * stride_qz + h.to(gl.int64) * stride_qh,
-                                            shape=[N, HEAD_DIM], strides=[stride_qm, 1],
-                                            block_shape=[BM, HEAD_DIM], layout=smem_layout)
-        k_desc = tma.make_tensor_descriptor(K + b.to(gl.int64) * stride_kz + h.to(gl.int64) * stride_kh,
-                                            shape=[N, HEAD_DIM], strides=[stride_kn, 1],
-                                            block_shape=[BN, HEAD_DIM], layout=smem_layout)
-        v_desc = tma.make_tensor_descriptor(V + b.to(gl.int64) * stride_vz + h.to(gl.int64) * stride_vh,
-                                            shape=[N, HEAD_DIM], strides=[stride_vn, 1],
-                                            block_shape=[BN, HEAD_DIM], layout=smem_layout)
-        o_desc = tma.make_tensor_descriptor(Out + b.to(gl.int64) * stride_oz + h.to(gl.int64) * stride_oh,
-                                            shape=[N, HEAD_DIM], strides=[stride_om, 1],
-                                            block_shape=[HALF, HEAD_DIM], layout=smem_layout)
+        q_desc = _gl_head_desc(Q, b, h, stride_qz, stride_qh, stride_qm, N, BM, HEAD_DIM, smem_layout)
+        k_desc = _gl_head_desc(K, b, h, stride_kz, stride_kh, stride_kn, N, BN, HEAD_DIM, smem_layout)
+        v_desc = _gl_head_desc(V, b, h, stride_vz, stride_vh, stride_vn, N, BN, HEAD_DIM, smem_layout)
+        o_desc = _gl_head_desc(Out, b, h, stride_oz, stride_oh, stride_om, N, HALF, HEAD_DIM, smem_layout)
         q_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], smem_layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], smem_layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], smem_layout)
@@ -289,20 +289,12 @@ def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STA
     """(signature, constexprs, attrs, options) for `triton.compile(GluonASTSource(...))` without a GPU."""
     import inspect
 
+    from .block_sparse import aot_signature
+
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the Gluon kernel takes bf16/fp16, not {dtype}")
     names = list(inspect.signature(_gl_block_sparse_fwd.fn).parameters)
-    elem = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     consts = dict(BM=BLOCK, BN=BLOCK, HEAD_DIM=head_dim, HAS_SCHEDULE=True, STAGES=stages,
                   CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
-    sig = {}
-    for n in names:
-        if n in consts:
-            sig[n] = "constexpr"
-        elif n in ("Q", "K", "V", "Out"):
-            sig[n] = f"*{elem}"
-        elif n in ("Counts", "Offsets", "Words", "Schedule"):
-            sig[n] = "*i32"
-        else:
-            sig[n] = "fp32" if n == "qk_scale" else "i32"
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("Q", "K", "V", "Out", "Counts", "Offsets",
-                                                                      "Words", "Schedule")}
+    sig, attrs = aot_signature(names, consts, dtype, i32_pointers=("Counts", "Offsets", "Words", "Schedule"))
     return sig, consts, attrs, {"num_warps": 4}
