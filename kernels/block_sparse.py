@@ -283,6 +283,7 @@ def _block_sparse_fwd(
 
 
 _GLUON_NOTED: list[bool] = []
+_GLUON_BROKEN: list[str] = []  # set when the installed triton failed to compile the Gluon kernel
 
 
 def _note_gluon_fallback() -> None:
@@ -290,6 +291,26 @@ def _note_gluon_fallback() -> None:
         _GLUON_NOTED.append(True)
         logging.getLogger("calibatt").info("the Gluon kernel does not take this call (it needs sm_90, 128x128 "
                                            "blocks, no lse); running the tl kernel, same results")
+
+
+def _run_gluon(q, k, v, index, scale, cfg, out):
+    """The Gluon kernel, or None (once its compilation failed: a triton whose Gluon API this file does not
+    know). Compilation fails before anything runs on the GPU, so the tl kernel can take the call instead."""
+    from triton.compiler.errors import CompilationError
+
+    from . import block_sparse_gluon
+
+    if _GLUON_BROKEN:
+        return None
+    try:
+        return block_sparse_gluon.block_sparse_attention_gluon(q, k, v, index, scale=scale, stages=cfg.num_stages,
+                                                               out=out)
+    except (CompilationError, RuntimeError) as e:
+        _GLUON_BROKEN.append(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
+        logging.getLogger("calibatt").warning("the Gluon kernel failed to compile with triton %s (%s); using the "
+                                              "tl kernel from now on, same results", triton.__version__,
+                                              _GLUON_BROKEN[0])
+        return None
 
 
 def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
@@ -363,10 +384,11 @@ def block_sparse_attention_triton(
         from . import block_sparse_gluon
 
         if block_sparse_gluon.supports(q, k, v, block_size, return_lse=return_lse):
-            scale = 1.0 / math.sqrt(D) if scale is None else scale
-            return block_sparse_gluon.block_sparse_attention_gluon(q, k, v, index, scale=scale,
-                                                                   stages=cfg.num_stages, out=out)
-        _note_gluon_fallback()
+            res = _run_gluon(q, k, v, index, 1.0 / math.sqrt(D) if scale is None else scale, cfg, out)
+            if res is not None:
+                return res
+        else:
+            _note_gluon_fallback()
         cfg = _tl_default(block_size)  # the Gluon config's fields mean nothing to the tl kernel
     block_m = cfg.block_m or BM
     block_n = cfg.block_n or BN

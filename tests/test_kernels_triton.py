@@ -117,6 +117,29 @@ def run_layout():
     return dict(_errors(out, ref), same_strides=out.stride() == q.stride(), int32_same=bool(torch.equal(out, out32)))
 
 
+def run_gluon_compile_failure():
+    """A triton whose Gluon API we do not know: the first call's compile error switches to the tl kernel for
+    good (same results), and the Gluon kernel is not tried again."""
+    from calibatt_kernels import block_sparse, block_sparse_gluon
+
+    tries = []
+
+    def failing(*a, **kw):
+        tries.append(1)
+        raise RuntimeError("PassManager::run failed")
+
+    block_sparse_gluon.supports, block_sparse_gluon.block_sparse_attention_gluon = (lambda *a, **kw: True), failing
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = _qkv(1, 2, 300, 64, torch.float32, gen, transposed=True)
+    mask = torch.rand(2, 3, 3, generator=gen) < 0.6
+    cfg = block_sparse.GLUON_WS
+    outs = [block_sparse.block_sparse_attention_triton(q, k, v, mask_to_index(mask), block_size=(128, 128),
+                                                       config=cfg) for _ in range(2)]
+    ref = block_sparse_attention_ref(q, k, v, mask, (128, 128))
+    return dict(_errors(outs[1], ref), tries=len(tries), broken=bool(block_sparse._GLUON_BROKEN),
+                same=bool(torch.equal(outs[0], outs[1])))
+
+
 def run_dense():
     gen = torch.Generator().manual_seed(2)
     q, k, v = _qkv(1, 2, 190, 128, torch.float32, gen)
@@ -141,6 +164,7 @@ def _all_cases():
     jobs.update({f"lse/{n}": (run_lse, n) for n in LSE_CASES})
     jobs["layout"] = (run_layout,)
     jobs["dense"] = (run_dense,)
+    jobs["gluon-compile-failure"] = (run_gluon_compile_failure,)  # last: it patches the Gluon module
     res = {}
     for key, (fn, *args) in jobs.items():
         try:
@@ -193,6 +217,12 @@ def test_output_keeps_q_layout_without_schedule(results):
 def test_public_api_dense_matches_sdpa(results):
     r = _get(results, "dense")
     assert r["rel"] < 1e-5, f"rel={r['rel']:.2e} max_diff={r['max_diff']:.2e}"
+
+
+def test_gluon_compile_failure_falls_back_to_tl(results):
+    r = _get(results, "gluon-compile-failure")
+    assert r["broken"] and r["tries"] == 1, r
+    assert r["same"] and r["rel"] < 1e-5, r
 
 
 @pytest.mark.parametrize("name", list(MASS_CASES))
