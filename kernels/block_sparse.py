@@ -293,6 +293,21 @@ def _note_gluon_fallback() -> None:
                                            "blocks, no lse); running the tl kernel, same results")
 
 
+def _device_index(index: BlockIndex, device: torch.device):
+    """The index as the kernels take it: (counts, offsets, ids, id_words, schedule or None). int16 ids
+    (mask_to_index, plans) go as int32 words holding two each (id_words); int32 ids as they are (twice the
+    memory; bench_kernel.py --index-ab times the two side by side)."""
+    counts = index.counts.to(device=device, dtype=torch.int32).contiguous()
+    offsets = index.offsets.to(device=device, dtype=torch.int32).contiguous()
+    ids = index.indices.to(device=device)
+    id_words = ids.dtype != torch.int32
+    ids = index_words(ids) if id_words else ids.contiguous()
+    schedule = index.schedule
+    if schedule is not None:
+        schedule = schedule.to(device=device, dtype=torch.int32)
+    return counts, offsets, ids, id_words, schedule
+
+
 def _run_gluon(q, k, v, index, scale, cfg, out):
     """The Gluon kernel, or None (once its compilation failed: a triton whose Gluon API this file does not
     know). Compilation fails before anything runs on the GPU, so the tl kernel can take the call instead."""
@@ -302,9 +317,11 @@ def _run_gluon(q, k, v, index, scale, cfg, out):
 
     if _GLUON_BROKEN:
         return None
+    counts, offsets, ids, id_words, schedule = _device_index(index, q.device)
+    words = ids if id_words else index_words(ids)  # the Gluon kernel reads int16 ids only
     try:
-        return block_sparse_gluon.block_sparse_attention_gluon(q, k, v, index, scale=scale, stages=cfg.num_stages,
-                                                               out=out)
+        return block_sparse_gluon.block_sparse_attention_gluon(q, k, v, out, counts, offsets, words, schedule,
+                                                               scale=scale, stages=cfg.num_stages)
     except (CompilationError, RuntimeError) as e:
         _GLUON_BROKEN.append(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
         logging.getLogger("calibatt").warning("the Gluon kernel failed to compile with triton %s (%s); using the "
@@ -402,16 +419,7 @@ def block_sparse_attention_triton(
     if use_tma:
         triton.set_allocator(_tma_allocator)
 
-    counts = index.counts.to(device=q.device, dtype=torch.int32).contiguous()
-    offsets = index.offsets.to(device=q.device, dtype=torch.int32).contiguous()
-    # int16 ids (mask_to_index, plans) go as int32 words holding two each; int32 ids as they are (twice the
-    # memory; bench_kernel.py --index-ab times the two side by side).
-    indices = index.indices.to(device=q.device)
-    id_words = indices.dtype != torch.int32
-    indices = index_words(indices) if id_words else indices.contiguous()
-    schedule = index.schedule
-    if schedule is not None:
-        schedule = schedule.to(device=q.device, dtype=torch.int32)
+    counts, offsets, indices, id_words, schedule = _device_index(index, q.device)
     reps = B // Bi
     num_tiles = Bi * H * Mq * reps * (BM // block_m)
     if cfg.persistent:  # (the interpreter gets 3 programs, to exercise the striding)

@@ -52,7 +52,6 @@ try:  # Gluon ships with triton >= 3.5; older installs keep the `tl` kernel only
 except ImportError:  # pragma: no cover - depends on the installed triton
     HAVE_GLUON = False
 
-from .index import BlockIndex, index_words
 
 BLOCK = 128  # the one tile shape this kernel takes: mask block = kernel tile = 128 x 128
 CONSUMER_REGS = 232  # registers per thread of the second consumer warpgroup (the loader warp gets 24)
@@ -239,33 +238,19 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: tupl
     return True
 
 
-def _empty_like_layout(x: torch.Tensor) -> torch.Tensor:
-    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
-    return torch.empty([x.shape[d] for d in order], dtype=x.dtype, device=x.device).permute(
-        *[order.index(d) for d in range(x.dim())])
-
-
-def _tma_allocator(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: BlockIndex, *,
-                                 scale: float, stages: int = DEFAULT_STAGES, out: torch.Tensor | None = None
+def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                                 counts: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor,
+                                 schedule: torch.Tensor | None, *, scale: float, stages: int = DEFAULT_STAGES
                                  ) -> torch.Tensor:
-    """q, k, v [B, H, N, D] (any strides with a unit last one); index as `block_sparse_attention_triton`."""
+    """Called by `block_sparse.block_sparse_attention_triton`, which validates the call, allocates `out` and
+    prepares the index (`_device_index`): q, k, v, out [B, H, N, D] with unit last strides; int32 counts and
+    offsets [Bi, H, Mq]; the int16 block ids as int32 words."""
+    from .block_sparse import LOG2E, _tma_allocator
+
     B, H, N, D = q.shape
     Mq = triton.cdiv(N, BLOCK)
-    Bi = index.counts.shape[0]
-    if out is None:
-        out = _empty_like_layout(q)
-    counts = index.counts.to(device=q.device, dtype=torch.int32).contiguous()
-    offsets = index.offsets.to(device=q.device, dtype=torch.int32).contiguous()
-    words = index_words(index.indices.to(device=q.device))
-    schedule = index.schedule
-    if schedule is not None:
-        schedule = schedule.to(device=q.device, dtype=torch.int32)
-    reps = B // Bi
-    grid = (Bi * H * Mq * reps,)
+    reps = B // counts.shape[0]
+    grid = (counts.shape[0] * H * Mq * reps,)
     if grid[0] == 0:
         return out
     triton.set_allocator(_tma_allocator)  # scratch for the device-side TMA descriptors
@@ -273,7 +258,7 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         q, k, v, out, counts, offsets, words, schedule if schedule is not None else counts,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        counts.stride(0), counts.stride(1), H, N, Mq, reps, scale * 1.4426950408889634,
+        counts.stride(0), counts.stride(1), H, N, Mq, reps, scale * LOG2E,
         BM=BLOCK, BN=BLOCK, HEAD_DIM=D, HAS_SCHEDULE=schedule is not None, STAGES=stages,
         CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
     )
