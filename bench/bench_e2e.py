@@ -95,6 +95,29 @@ def timed(fn, reps: int, sync) -> float:
     return times[len(times) // 2] * 1000
 
 
+def profile(step, label: str, layers: int) -> None:
+    """Where one step's GPU time goes: the costliest kernels, per layer call (a step is 2 forwards)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = torch.cuda.is_available()
+    with torch_profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = {}
+    for ev in prof.events():
+        if ev.device_type.name == ("CUDA" if cuda else "CPU") and (cuda or not ev.cpu_children):
+            name = ev.name[:90]
+            n, us = rows.get(name, (0, 0.0))
+            rows[name] = (n + 1, us + ev.time_range.elapsed_us())
+    total = sum(us for _, us in rows.values())
+    print(f"  profile {label}: {total / 1e3:.1f} ms of kernels in one step; per layer call (x {2 * layers}):")
+    for name, (n, us) in sorted(rows.items(), key=lambda kv: -kv[1][1])[:14]:
+        print(f"    {us / 1e3 / (2 * layers):8.3f} ms  {n / (2 * layers):5.1f} launches  {name}")
+    print(flush=True)
+
+
 def bench_shape(shape: dict, args, device, dtype) -> dict:
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
@@ -130,6 +153,8 @@ def bench_shape(shape: dict, args, device, dtype) -> dict:
         ms = timed(step, args.reps, sync) * scale
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
         print(f"  {shape['name']:<14} {label:<26} {ms:9.1f} ms/step  peak {peak:6.2f} GiB", flush=True)
+        if args.profile and ("compiled" in label or args.no_compile):
+            profile(step, f"{shape['name']} {label}", layers)
         return {"ms": ms, "peak_gib": peak}
 
     res = {"shape": shape["name"], "tokens": n, "grid": shape["grid"], "heads": heads, "layers_run": layers,
@@ -209,6 +234,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--shapes", nargs="*", default=None, help="subset of shape names")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also print each compiled variant's costliest kernels")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

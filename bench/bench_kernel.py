@@ -77,6 +77,20 @@ def local_mask(h, grid, n, density):
     return local_block_mask(h, grid, density, BLOCK).unsqueeze(0)
 
 
+class _Skip(Exception):
+    pass
+
+
+def schedule_variant(counts, name):
+    """The work order to time: "lpt" (what plans hold), "grouped<L>" (LPT over L count levels, rows in
+    natural order inside a level), "none" (natural order: batch, head, row)."""
+    if name == "none":
+        return None
+    if name == "lpt":
+        return ck.lpt_schedule(counts)
+    return ck.lpt_schedule(counts, levels=int(name.removeprefix("grouped")))
+
+
 def bench(ms_hint, fn, *args, **kwargs):
     """Median ms of fn(*args, **kwargs): ~20 timed runs, at least 100 ms of warm-up and 200 ms of timing."""
     return do_bench(lambda: fn(*args, **kwargs), warmup=max(100, 3 * ms_hint), rep=max(200, 20 * ms_hint),
@@ -152,16 +166,23 @@ def bench_shape(shape, configs, args, res):
             blocks = int(mask.sum())
             flops = 4 * B * blocks * BLOCK * BLOCK * D
             index = ck.mask_to_index(mask.cuda())
-            variants = [(name, cfg, index) for name, cfg in configs.items()]
+            variants = []
+            for sched in args.schedules:
+                ix = ck.BlockIndex(index.counts, index.offsets, index.indices, schedule_variant(index.counts, sched))
+                variants += [(name if sched == "lpt" else f"{name}/{sched}", cfg, ix) for name, cfg in configs.items()]
             if args.index_ab:  # the same masks with int32 block ids (the kernel's ID_WORDS=False path)
                 index32 = ck.BlockIndex(index.counts, index.offsets, index.indices.to(torch.int32), index.schedule)
                 variants += [(f"{name}/i32-ids", cfg, index32) for name, cfg in configs.items()]
             base = dict(shape=shape, N=N, mask=kind, density=dens)
             times = {}
             try:
+                if args.no_flex:
+                    raise _Skip
                 fl = flex_fn(mask, N)
                 fl(q, k, v)
                 times["flex"] = bench(dens * t_cudnn, fl, q, k, v)
+            except _Skip:
+                pass
             except Exception:
                 res["rows"].append(dict(base, kernel="flex", error=traceback.format_exc(limit=-2)[-600:]))
                 log("ERR flex", traceback.format_exc(limit=-2)[-600:])
@@ -205,6 +226,12 @@ def table(res):
     return "\n".join(lines)
 
 
+def _schedule_name(s):
+    if s in ("lpt", "none") or (s.startswith("grouped") and s.removeprefix("grouped").isdigit()):
+        return s
+    raise argparse.ArgumentTypeError(f"unknown schedule {s!r}: use lpt, none or grouped<levels>")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -215,6 +242,9 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="time every config in CONFIGS")
     ap.add_argument("--index-ab", action="store_true",
                     help="also time each config with int32 block ids (vs the int16 ids plans hold)")
+    ap.add_argument("--schedules", nargs="+", default=["lpt"], type=_schedule_name,
+                    help="work orders to time: lpt (plans' default), grouped<L> (e.g. grouped8), none")
+    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (for A/B runs of our kernels)")
     ap.add_argument("--layout", default="bhnd", choices=["bhnd", "bnhd"],
                     help="q/k/v memory: contiguous [B, H, N, D], or [B, N, H, D] viewed (what diffusers passes)")
     ap.add_argument("--tag", default="", help="results file suffix (kernel-<card>-<date>-<tag>.json)")

@@ -70,10 +70,21 @@ def index_words(indices: torch.Tensor) -> torch.Tensor:
     return indices.view(torch.int32)
 
 
-def lpt_schedule(counts: torch.Tensor) -> torch.Tensor:
-    """Flat row ids sorted by descending block count (ties by row id): longest-processing-time first."""
+def lpt_schedule(counts: torch.Tensor, levels: int = 0) -> torch.Tensor:
+    """Flat row ids, longest-processing-time first.
+
+    levels = 0: sorted by descending block count, ties by row id (exact LPT).
+    levels = L > 0: sorted by descending count *level* (count quantised to L levels of the widest row), then
+    by row id. Within a level rows keep their natural (batch, head, row) order, so the ~130 tiles running at
+    once mostly share a head and its K/V stays in L2; exact LPT interleaves heads whenever counts vary
+    (random or border-trimmed local masks) and every wave reads K/V from many heads. The tail stays balanced
+    to within 1/L of the widest row."""
     flat = counts.reshape(-1).to(torch.int64)
-    # Sort key: -count, then row id; a stable sort on -count keeps row-id order among ties.
+    if levels > 0 and flat.numel():
+        top = int(flat.max())
+        if top > 0:
+            flat = (flat * levels + top - 1) // top  # ceil(count / top * levels): 0 only for empty rows
+    # Sort key: -key, then row id; a stable sort on -key keeps row-id order among ties.
     return torch.argsort(-flat, stable=True).to(torch.int32)
 
 

@@ -145,3 +145,20 @@ def test_index_refuses_block_ids_beyond_int16():
     ck.mask_to_index(torch.ones(1, 1, 32767, dtype=torch.bool))
     with pytest.raises(ValueError, match="int16"):
         ck.mask_to_index(torch.ones(1, 1, 32768, dtype=torch.bool))
+
+
+def test_grouped_schedule_orders_levels_then_rows():
+    """levels=L: rows sorted by count level (ceil(count * L / widest)), natural row order inside a level."""
+    counts = torch.tensor([[[10, 3, 9, 0], [5, 10, 1, 6]]], dtype=torch.int32)  # [1, 2, 4]
+    sched = ck.lpt_schedule(counts, levels=2).tolist()
+    # levels: 10,9,6 -> 2 ; 3,5,1 -> 1 ; 0 -> 0
+    assert sched == [0, 2, 5, 7, 1, 4, 6, 3]
+    assert ck.lpt_schedule(counts).tolist() == [0, 5, 2, 7, 4, 1, 6, 3]  # exact LPT
+    big = torch.randint(0, 50, (2, 3, 40), dtype=torch.int32)
+    for levels in (1, 4, 8):
+        s = ck.lpt_schedule(big, levels=levels)
+        assert sorted(s.tolist()) == list(range(big.numel()))
+        c = big.flatten()[s.long()]
+        # never more than one level out of order: a later row is at most widest / levels longer
+        later_max = torch.flip(torch.cummax(torch.flip(c, [0]), 0).values, [0])
+        assert (later_max - c).max() <= -(-int(big.max()) // levels)
