@@ -166,7 +166,9 @@ if HAVE_GLUON:
     def _ws_consumer0(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale):
         _ws_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale, 0)
 
-    @gluon.jit(do_not_specialize=["N", "Mq", "stride_cz", "stride_ch"])
+    # (index pointers: no alignment specialisation, as for the tl kernel; see block_sparse.INDEX_POINTERS)
+    @gluon.jit(do_not_specialize=["N", "Mq", "stride_cz", "stride_ch"],
+               do_not_specialize_on_alignment=["Counts", "Offsets", "Words", "Schedule"])
     def _gl_block_sparse_fwd(
         Q, K, V, Out, Counts, Offsets, Words, Schedule,
         stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
