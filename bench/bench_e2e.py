@@ -4,6 +4,7 @@ One denoising step = two transformer forwards (CFG cond + uncond, batch 1 each),
 Variants, all measured in this one run:
   stock eager          diffusers' own processors (SDPA -> cuDNN)
   stock compiled       + transformer.compile_repeated_blocks(fullgraph=True)
+  stock+fused-norm     stock attention (SDPA) behind calibatt's fused q/k RMS-norm + RoPE kernel
   no-attn eager/comp.  self-attention replaced by `return v` (for the attention share)
   calibatt eager/comp. our processors with local spatio-temporal masks at each density, the kernel as a
                        registered custom op inside the compiled blocks
@@ -166,6 +167,11 @@ def bench_shape(shape: dict, args, device, dtype) -> dict:
         install(lambda i: WanAttnProcessor())
         V[f"stock {tag}"] = measure(f"stock {tag}")
         stock_out = step()[0].float()
+        # stock attention (SDPA, cuDNN) behind calibatt's fused q/k norm + RoPE: what that fusion alone gives,
+        # so the speed-up of the sparse kernel can be read apart from it
+        dense_ctl = AttentionController("dense")
+        install(lambda i: CalibattWanAttnProcessor(i, dense_ctl))
+        V[f"stock+fused-norm {tag}"] = measure(f"stock+fused-norm {tag}")
         install(lambda i: NoAttnProcessor())
         V[f"no-attn {tag}"] = measure(f"no-attn {tag}")
         plan = make_plan(torch.ones(heads, *masks_by_density[args.densities[0]].shape[1:], dtype=torch.bool),
@@ -211,14 +217,17 @@ SMOKE = [{"name": "smoke", "config": "transformer_1.3b.json", "grid": (2, 4, 6),
 
 def table(results: list[dict]) -> None:
     print()
-    print(f"{'shape':<14} {'variant':<30} {'ms/step':>9} {'x stock eager':>14} {'x stock comp.':>14} {'peak GiB':>9}")
+    print(f"{'shape':<14} {'variant':<30} {'ms/step':>9} {'x stock eager':>14} {'x stock comp.':>14} "
+          f"{'x comp.+fused':>14} {'peak GiB':>9}")
     for r in results:
         V = r["variants"]
         se = V["stock eager"]["ms"]
         sc = V.get("stock compiled", {}).get("ms")
+        sf = V.get("stock+fused-norm compiled", {}).get("ms")
         for name, v in V.items():
             vs_c = f"{sc / v['ms']:14.2f}" if sc else f"{'-':>14}"
-            print(f"{r['shape']:<14} {name:<30} {v['ms']:9.1f} {se / v['ms']:14.2f} {vs_c} {v['peak_gib']:9.2f}")
+            vs_f = f"{sf / v['ms']:14.2f}" if sf else f"{'-':>14}"
+            print(f"{r['shape']:<14} {name:<30} {v['ms']:9.1f} {se / v['ms']:14.2f} {vs_c} {vs_f} {v['peak_gib']:9.2f}")
         share = f"attention share: eager {r['attention_share_eager']:.0%}"
         if "attention_share_compiled" in r:
             share += f", compiled {r['attention_share_compiled']:.0%}"

@@ -114,7 +114,8 @@ def forget_compiled(fn) -> None:
 # The kernels a calibatt cache holds. Other Triton kernels that compile during generate (torch.compile's
 # inductor kernels under generate.compile=true: a JIT the user opted into, cached by torch itself) are
 # counted apart and never fail strict mode.
-OUR_KERNELS = frozenset({"_block_sparse_fwd", "_gl_block_sparse_fwd", "_row_lse", "_block_mass_fwd"})
+OUR_KERNELS = frozenset({"_block_sparse_fwd", "_gl_block_sparse_fwd", "_row_lse", "_block_mass_fwd",
+                         "_qk_norm_rope_fwd"})
 
 
 class CompileCounter:
@@ -198,29 +199,45 @@ class VariantReport:
 
 
 def cross_compile(target: str, *, dtype: torch.dtype, block_size: tuple[int, int], head_dim: int,
-                  return_lse: bool = False) -> list[VariantReport]:
+                  return_lse: bool = False, qk_norm_rope_heads: int = 0) -> list[VariantReport]:
     """Compile every candidate config for `target` on this machine (no GPU needed; ptxas ships in the
-    Triton wheel). Uses a throw-away cache folder so that every variant really compiles."""
+    Triton wheel), and the fused q/k norm + RoPE kernel for `qk_norm_rope_heads` heads if not 0 (a report
+    with config {"kernel": "qk_norm_rope"}). Uses a throw-away cache folder so that every variant really
+    compiles."""
     from triton.backends.compiler import GPUTarget
 
     cap = parse_target(target)
     arch = cap[0] * 10 + cap[1]
     reports = []
     with tempfile.TemporaryDirectory(prefix="calibatt-xc-") as tmp, kernel_cache(tmp):
-        for cfg in block_sparse.candidate_configs(cap, block_size, head_dim, dtype, return_lse=return_lse):
+        jobs = [(asdict(cfg), lambda cfg=cfg: _aot_source(cfg, dtype, block_size, head_dim, cap, return_lse))
+                for cfg in block_sparse.candidate_configs(cap, block_size, head_dim, dtype, return_lse=return_lse)]
+        if qk_norm_rope_heads:
+            jobs.append(({"kernel": "qk_norm_rope", "heads": qk_norm_rope_heads},
+                         lambda: _norm_rope_source(dtype, qk_norm_rope_heads, head_dim)))
+        for label, make_source in jobs:
             t0 = time.perf_counter()
             try:
-                source, opts = _aot_source(cfg, dtype, block_size, head_dim, cap, return_lse)
+                source, opts = make_source()
                 kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=opts)
             except Exception as e:  # the report names the variant and the compiler's message
                 msg = " ".join(str(e).split())[:300]
-                reports.append(VariantReport(asdict(cfg), "failed", time.perf_counter() - t0, None,
+                reports.append(VariantReport(label, "failed", time.perf_counter() - t0, None,
                                              f"{type(e).__name__}: {msg}"))
                 continue
             shared = int(getattr(kernel.metadata, "shared", 0) or 0)
             status = "ok" if shared <= SHARED_LIMIT[arch] else "no fit"
-            reports.append(VariantReport(asdict(cfg), status, time.perf_counter() - t0, shared / 1024))
+            reports.append(VariantReport(label, status, time.perf_counter() - t0, shared / 1024))
     return reports
+
+
+def _norm_rope_source(dtype: torch.dtype, heads: int, head_dim: int):
+    from triton.compiler import ASTSource
+
+    from calibatt_kernels import norm_rope
+
+    sig, consts, attrs, opts = norm_rope.aot_source_args(dtype, heads, head_dim)
+    return ASTSource(norm_rope.kernel_fn(), sig, consts, attrs), opts
 
 
 def _aot_source(cfg, dtype: torch.dtype, block_size: tuple[int, int], head_dim: int, cap: tuple[int, int],
@@ -240,7 +257,9 @@ def _aot_source(cfg, dtype: torch.dtype, block_size: tuple[int, int], head_dim: 
 
 
 def config_label(c: dict, block_size: tuple[int, int]) -> str:
-    """A short name for a KernelConfig's fields, e.g. '128x64 w8 s3 persistent'."""
+    """A short name for a KernelConfig's fields, e.g. '128x64 w8 s3 persistent' (or another kernel's)."""
+    if "kernel" in c:
+        return f"{c['kernel']} ({c['heads']} heads)"
     tma = {None: "", True: " tma", False: " ptr"}[c.get("use_tma")]
     if c.get("gluon"):
         return f"gluon {block_size[0]}x{block_size[1]} s{c['num_stages']} ws"

@@ -128,7 +128,7 @@ def compile_cmd(
     if cfg.compile.target is not None:
         xres = cross_compile_configs(cfg)
         bs = (xres.block_size, xres.block_size)
-        table = Table(title=f"kernel configs for {xres.target} ({xres.dtype}, head dim {xres.head_dim}, "
+        table = Table(title=f"kernels for {xres.target} ({xres.dtype}, head dim {xres.head_dim}, "
                             f"block {xres.block_size})")
         for col in ("config", "status", "shared KiB", "seconds", "error"):
             table.add_column(col)
@@ -137,10 +137,10 @@ def compile_cmd(
                           f"{r.seconds:.1f}", r.error or "")
         console.print(table)
         n_ok = sum(r.status == "ok" for r in xres.variants)
-        console.print(f"{n_ok} of {len(xres.variants)} configs compile and fit {xres.target}, "
+        console.print(f"{n_ok} of {len(xres.variants)} kernels compile and fit {xres.target}, "
                       f"{len(xres.failed)} failed, {xres.seconds:.1f} s")
         if xres.failed:
-            raise CalibattError(f"{len(xres.failed)} kernel config(s) failed to compile for {xres.target}: "
+            raise CalibattError(f"{len(xres.failed)} kernel(s) failed to compile for {xres.target}: "
                                 + "; ".join(f"{config_label(r.config, bs)}: {r.error}" for r in xres.failed))
         return
     res = compile_cache(cfg, recompile=recompile)

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import calibatt_kernels as ck
+from calibatt_kernels import norm_rope
 from calibatt_kernels.block_sparse import KernelConfig
 
 from . import __version__, aot
@@ -194,9 +195,10 @@ def write_cache(cache_dir: Path, build: Path, tensors: dict[str, torch.Tensor], 
     _swap_in(build, cache_dir)
 
 
-def kernel_class(cfg: Config, head_dim: int) -> dict:
+def kernel_class(cfg: Config, ident) -> dict:
     """What the compiled binaries depend on beyond device and versions."""
-    return {"dtype": cfg.model.dtype, "head_dim": head_dim, "batches": [1]}
+    return {"dtype": cfg.model.dtype, "head_dim": ident.head_dim, "batches": [1], "lse": ident.joint_attention,
+            "qk_norm_rope": ident.qk_norm_rope}
 
 
 def compile_cache(cfg: Config, *, bundle_path: str | None = None, cache_dir: str | None = None,
@@ -232,7 +234,7 @@ def compile_cache(cfg: Config, *, bundle_path: str | None = None, cache_dir: str
         "step_buckets": bundle.step_buckets,
         "device": device_info(cfg.model.device),
         "versions": software_versions(),
-        "kernel_class": kernel_class(cfg, ident.head_dim),
+        "kernel_class": kernel_class(cfg, ident),
         "kernels": {"backend": "triton" if ck.triton_usable(device) else "reference", "tuned": tuned},
     }
     with FileLock(str(cache_dir) + ".lock"):
@@ -249,6 +251,10 @@ def compile_cache(cfg: Config, *, bundle_path: str | None = None, cache_dir: str
                                        head_dim=ident.head_dim, dtype=getattr(torch, cfg.model.dtype),
                                        block_size=bundle.block_size, device=device,
                                        return_lse=ident.joint_attention)
+                    if ident.qk_norm_rope:
+                        aot.forget_compiled(norm_rope.kernel_fn())
+                        warm_qk_norm_rope(heads=ident.heads, head_dim=ident.head_dim,
+                                          dtype=getattr(torch, cfg.model.dtype), device=device)
                 for g in groups:
                     g.update(res.groups[(g["bucket"], g["layer"])])
                 manifest["kernels"].update(res.info)
@@ -408,19 +414,34 @@ def cross_compile_configs(cfg: Config) -> CrossResult:
     t0 = time.perf_counter()
     bs = cfg.calibration.block_size
     reports = aot.cross_compile(target, dtype=getattr(torch, cfg.model.dtype), block_size=(bs, bs),
-                                head_dim=ident.head_dim, return_lse=ident.joint_attention)
+                                head_dim=ident.head_dim, return_lse=ident.joint_attention,
+                                qk_norm_rope_heads=ident.heads if ident.qk_norm_rope else 0)
     return CrossResult(target, cfg.model.dtype, ident.head_dim, bs, reports, time.perf_counter() - t0)
 
 
+def warm_qk_norm_rope(*, heads: int, head_dim: int, dtype: torch.dtype, device: str | torch.device) -> None:
+    """Run the fused q/k norm + RoPE kernel once at the model's channel count and dtype: the binary every
+    call of the model runs (token count, strides and eps are not specialised on; weights and tables are
+    always fp32)."""
+    dev = torch.device(device)
+    x = torch.zeros(2, 1, 16, heads * head_dim, device=dev, dtype=dtype)
+    w = torch.ones(heads * head_dim, device=dev, dtype=dtype)
+    table = torch.zeros(16, head_dim, device=dev)
+    ck.qk_norm_rope(x[0], x[1], w, w, table, table, heads=heads, eps=1e-6)
+
+
 def prewarm(plan: SparsePlan, *, heads: int, head_dim: int, dtype: torch.dtype, device: str | torch.device,
-            return_lse: bool = False) -> float:
+            return_lse: bool = False, qk_norm_rope: bool = False) -> float:
     """Launch every kernel config of the plan once on a one-block input of the model's heads, head dim and
-    dtype (the same specialisation as the real calls), so that the binaries are loaded from the cache
-    before sampling: the first denoising step then costs what the later ones do. Returns seconds."""
+    dtype (the same specialisation as the real calls), and the fused q/k norm + RoPE kernel if the model
+    uses it, so that the binaries are loaded from the cache before sampling: the first denoising step then
+    costs what the later ones do. Returns seconds."""
     dev = torch.device(device)
     if dev.type != "cuda" or not ck.triton_usable(dev) or head_dim not in (64, 128):
         return 0.0
     t0 = time.perf_counter()
+    if qk_norm_rope:
+        warm_qk_norm_rope(heads=heads, head_dim=head_dim, dtype=dtype, device=dev)
     bs = (plan.block_size, plan.block_size)
     x = torch.zeros(3, 1, plan.block_size, heads, head_dim, device=dev, dtype=dtype)
     q, k, v = (t.transpose(1, 2) for t in x)

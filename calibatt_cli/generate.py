@@ -105,7 +105,7 @@ def generate(
             counter = stack.enter_context(aot.CompileCounter(strict=g.strict))
             ident = model_identity(cfg)
             prewarm(plan, heads=ident.heads, head_dim=ident.head_dim, dtype=getattr(torch, cfg.model.dtype),
-                    device=cfg.model.device, return_lse=ident.joint_attention)
+                    device=cfg.model.device, return_lse=ident.joint_attention, qk_norm_rope=ident.qk_norm_rope)
         res = _sample(cfg, prompts, paths, plan, write=write, on_step=on_step, measure_mass=measure_mass)
     res.compilations = None if counter is None else counter.count
     return res

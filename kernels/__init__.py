@@ -17,8 +17,9 @@ import torch
 # function `calibatt_kernels.block_mass` by the module on first use.
 from . import block_mass as _mass_kernels
 from . import block_sparse as _sparse_kernels
+from . import norm_rope as _qk_kernels
 from .index import BlockIndex, index_to_mask, lpt_schedule, mask_to_index
-from .reference import block_mass_ref, block_sparse_attention_ref, expand_block_mask, num_blocks
+from .reference import block_mass_ref, block_sparse_attention_ref, expand_block_mask, num_blocks, qk_norm_rope_ref
 
 __all__ = [
     "BlockIndex",
@@ -32,6 +33,8 @@ __all__ = [
     "lpt_schedule",
     "mask_to_index",
     "num_blocks",
+    "qk_norm_rope",
+    "qk_norm_rope_ref",
     "triton_usable",
 ]
 
@@ -108,3 +111,22 @@ def block_mass(
         return _mass_kernels.block_mass_triton(q, k, block_size=block_size, scale=scale)
     _warn_once(f"calibatt_kernels: Triton unavailable for {q.device.type}; using the PyTorch reference")
     return block_mass_ref(q, k, block_size, scale)
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    heads: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan's q/k preparation: RMS norm of q and k [B, N, C] over their C channels, then the interleaved
+    rotary embedding (cos, sin: [1, N, 1, D] or [N, D]). Returns contiguous [B, N, heads, D] tensors."""
+    if triton_usable(q.device):
+        return _qk_kernels.qk_norm_rope_triton(q, k, weight_q, weight_k, cos, sin, heads=heads, eps=eps)
+    _warn_once(f"calibatt_kernels: Triton unavailable for {q.device.type}; using the PyTorch reference")
+    return qk_norm_rope_ref(q, k, weight_q, weight_k, cos, sin, heads=heads, eps=eps)

@@ -1,4 +1,4 @@
-"""calibatt's block-sparse attention as a registered PyTorch custom op.
+"""calibatt's kernels as registered PyTorch custom ops.
 
 torch.compile (fullgraph, e.g. diffusers' compile_repeated_blocks) keeps an opaque custom op in the graph
 instead of breaking it, and the fake implementation tells it the output's shape and layout. The op
@@ -55,3 +55,25 @@ def block_sparse_attention_op(
 def _(q, k, v, counts, offsets, indices, schedule, block_m, block_n, config):
     # The launcher allocates its output in q's stride order, as empty_like does for a dense q.
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("calibatt::qk_norm_rope", mutates_args=())
+def qk_norm_rope_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import qk_norm_rope
+
+    return qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads=heads, eps=eps)
+
+
+@qk_norm_rope_op.register_fake
+def _(q, k, weight_q, weight_k, cos, sin, heads, eps):
+    b, n, c = q.shape
+    return q.new_empty(b, n, heads, c // heads), q.new_empty(b, n, heads, c // heads)

@@ -121,3 +121,23 @@ def _pad_to(x: torch.Tensor, n: int) -> torch.Tensor:
     if extra == 0:
         return x
     return torch.nn.functional.pad(x, (0, 0, 0, extra))
+
+
+def qk_norm_rope_ref(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, *, heads: int, eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan's q/k preparation (see norm_rope.py): RMS norm over the C = heads * D channels of q and k
+    [B, N, C], rounded to their dtype, then the interleaved rotary embedding with cos, sin ([1, N, 1, D] or
+    [N, D]) computed in fp32. Returns [B, N, heads, D] tensors in q's dtype."""
+    n = q.shape[1]
+
+    def one(x, w):
+        y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), w.float(), eps).to(x.dtype)
+        y = y.unflatten(-1, (heads, -1)).float()
+        d = y.shape[-1]
+        c = cos.reshape(1, n, 1, d).float()[..., 0::2]
+        s = sin.reshape(1, n, 1, d).float()[..., 1::2]
+        y0, y1 = y[..., 0::2], y[..., 1::2]
+        return torch.stack([y0 * c - y1 * s, y0 * s + y1 * c], -1).flatten(-2).to(x.dtype)
+
+    return one(q, weight_q), one(k, weight_k)

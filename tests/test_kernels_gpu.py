@@ -116,3 +116,28 @@ def test_gluon_kernel_broadcast_index_and_layouts(transposed):
     for b in range(2):
         rel, max_diff = _rel_err(out[b: b + 1], q[b: b + 1], k[b: b + 1], v[b: b + 1], mask, (128, 128))
         assert rel <= 1e-2, f"batch {b}: rel={rel:.2e} max_diff={max_diff:.2e}"
+
+
+@pytest.mark.parametrize("heads", [12, 40])  # Wan 1.3B and 14B: C = 1,536 and 5,120 channels
+def test_qk_norm_rope_at_wan_size(heads):
+    """The fused q/k norm + RoPE against its reference, on the projections' [B, N, C] output as diffusers
+    hands it over, with WanRotaryPosEmbed's own cos/sin tables."""
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    grid = (21, 30, 52) if heads == 12 else (4, 45, 80)
+    n, d = grid[0] * grid[1] * grid[2], 128
+    gen = torch.Generator(device="cuda").manual_seed(heads)
+    q, k = (torch.randn(2, 1, n, heads * d, device="cuda", generator=gen) * 2).to(torch.bfloat16)
+    wq, wk = (torch.rand(2, heads * d, device="cuda", generator=gen) + 0.5).to(torch.bfloat16)
+    rope = WanRotaryPosEmbed(d, (1, 2, 2), 1024).cuda()
+    cos, sin = rope(torch.empty(1, 16, grid[0], 2 * grid[1], 2 * grid[2], device="cuda"))
+    # the outputs are fresh torch.empty tensors: leave NaN in the allocator's pool so unwritten elements show
+    poison = torch.full((4, n, heads, d), float("nan"), device="cuda", dtype=torch.bfloat16)
+    del poison
+    got = ck.qk_norm_rope(q, k, wq, wk, cos, sin, heads=heads, eps=1e-6)
+    want = ck.qk_norm_rope_ref(q, k, wq, wk, cos, sin, heads=heads, eps=1e-6)
+    for g, w in zip(got, want):
+        assert not g.isnan().any(), "unwritten output elements"
+        assert g.shape == (1, n, heads, d) and g.dtype == torch.bfloat16
+        rel = ((g.float() - w.float()).norm() / w.float().norm()).item()
+        assert rel < 5e-3, f"rel={rel:.2e}"

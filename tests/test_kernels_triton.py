@@ -51,6 +51,13 @@ MASS_CASES = {
 }
 
 
+NORM_ROPE_CASES = {
+    # name: (B, N, heads, D, dtype, q/k row stride in units of C (>1: views into a wider buffer))
+    "fp32-3x64": (2, 37, 3, 64, torch.float32, 1),
+    "bf16-2x128-strided": (1, 50, 2, 128, torch.bfloat16, 3),
+}
+
+
 def _qkv(b, h, n, d, dtype, gen, transposed=False):
     """q, k, v [B, H, N, D]; `transposed` gives views of [B, N, H, D] buffers (the diffusers layout)."""
     if transposed:
@@ -158,10 +165,33 @@ def run_mass(name):
                 row_err=(mass.sum(-1) - 1).abs().max().item(), max_diff=(mass - ref).abs().max().item())
 
 
+def rope_tables(n, d, gen):
+    """diffusers' layout: [1, N, 1, D] float64 cos/sin, each angle repeated for its pair's two channels."""
+    ang = torch.rand(n, d // 2, generator=gen, dtype=torch.float64) * 6.3
+    return (ang.cos().repeat_interleave(2, -1).view(1, n, 1, d), ang.sin().repeat_interleave(2, -1).view(1, n, 1, d))
+
+
+def run_qk_norm_rope(name):
+    B, N, H, D, dtype, wide = NORM_ROPE_CASES[name]
+    gen = torch.Generator().manual_seed(N)
+    C = H * D
+    buf = (torch.randn(2, B, N, wide * C, generator=gen) * 3).to(dtype)
+    q, k = buf[0, ..., :C], buf[1, ..., :C]  # unit channel stride, row stride wide * C
+    wq, wk = (torch.rand(C, generator=gen) + 0.5).to(dtype), (torch.rand(C, generator=gen) + 0.5).to(dtype)
+    cos, sin = rope_tables(N, D, gen)
+    got = ck.qk_norm_rope(q, k, wq, wk, cos, sin, heads=H, eps=1e-6)
+    want = ck.qk_norm_rope_ref(q, k, wq, wk, cos, sin, heads=H, eps=1e-6)
+    errs = [_errors(g, w.float()) for g, w in zip(got, want)]
+    return dict(rel=max(e["rel"] for e in errs), max_diff=max(e["max_diff"] for e in errs),
+                nan=any(bool(g.isnan().any()) for g in got),
+                shape_ok=all(g.shape == (B, N, H, D) and g.dtype == dtype and g.is_contiguous() for g in got))
+
+
 def _all_cases():
     jobs = {f"sparse/{n}": (run_sparse, n) for n in SPARSE_CASES}
     jobs.update({f"mass/{n}": (run_mass, n) for n in MASS_CASES})
     jobs.update({f"lse/{n}": (run_lse, n) for n in LSE_CASES})
+    jobs.update({f"norm-rope/{n}": (run_qk_norm_rope, n) for n in NORM_ROPE_CASES})
     jobs["layout"] = (run_layout,)
     jobs["dense"] = (run_dense,)
     jobs["gluon-compile-failure"] = (run_gluon_compile_failure,)  # last: it patches the Gluon module
@@ -232,6 +262,15 @@ def test_block_mass_matches_reference(results, name):
     assert r["shape_ok"], "mass must be float32 [B, H, Mq, Mk]"
     assert r["row_err"] < 1e-4, f"rows must sum to 1: max |sum - 1| = {r['row_err']:.2e}"
     assert r["max_diff"] < tol, f"max_diff={r['max_diff']:.2e}"
+
+
+@pytest.mark.parametrize("name", list(NORM_ROPE_CASES))
+def test_qk_norm_rope_matches_reference(results, name):
+    r = _get(results, f"norm-rope/{name}")
+    assert r["shape_ok"], "outputs must be contiguous [B, N, heads, D] in the input dtype"
+    assert not r["nan"], "unwritten (NaN) output elements"
+    tol = 1e-6 if NORM_ROPE_CASES[name][4] == torch.float32 else 1e-2
+    assert r["rel"] < tol, f"rel={r['rel']:.2e} max_diff={r['max_diff']:.2e}"
 
 
 if __name__ == "__main__":

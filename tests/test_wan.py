@@ -94,3 +94,44 @@ def test_missing_and_incomplete_weights(checkpoints, tmp_path):
     (broken / "Wan2.1_VAE.pth").unlink()
     with pytest.raises(ModelError, match="incomplete original-format .* missing Wan2.1_VAE.pth"):
         model_identity(_cfg(tmp_path, broken))
+
+
+@pytest.mark.parametrize("mode", ["dense", "record", "sparse"])
+def test_processor_matches_diffusers_stock_processor(mode):
+    """Our attn1 processor (q/k norms and RoPE fused in one op; all-true masks when sparse) against
+    diffusers' own WanAttnProcessor on a small WanTransformer3DModel, fp32."""
+    from diffusers import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from calibatt_cli.attention import AttentionController, MassRecorder, SparsePlan
+    from calibatt_cli.models.wan import CalibattWanAttnProcessor
+    from calibatt_kernels import mask_to_index
+
+    torch.manual_seed(0)
+    tr = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=4,
+                               out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2).eval()
+    for blk in tr.blocks:  # non-trivial norm weights: a swapped or skipped norm must show
+        blk.attn1.norm_q.weight.data.uniform_(0.5, 1.5)
+        blk.attn1.norm_k.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(1, 4, 3, 8, 12)  # 3 x 4 x 6 = 72 tokens
+    args = dict(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 7, 32))
+    with torch.no_grad():
+        want = tr(**args).sample
+        blocks = 5  # ceil(72 / 16)
+        if mode == "sparse":
+            ix = mask_to_index(torch.ones(2, blocks, blocks, dtype=torch.bool))
+            plan = SparsePlan(16, [0], {(0, 0): ix, (0, 1): ix}, torch.ones(1, 2, 2))
+            ctl = AttentionController("sparse", plan=plan)
+        elif mode == "record":
+            ctl = AttentionController("record", recorder=MassRecorder([0], 16))
+        else:
+            ctl = AttentionController("dense")
+        for i, blk in enumerate(tr.blocks):
+            blk.attn1.set_processor(CalibattWanAttnProcessor(i, ctl))
+        got = tr(**args).sample
+        for blk in tr.blocks:
+            blk.attn1.set_processor(WanAttnProcessor())
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 1e-5, f"rel={rel:.2e}"
+    if mode == "record":
+        assert ctl.recorder.counts == {(0, 0): 1, (0, 1): 1}

@@ -43,6 +43,9 @@ class ModelIdentity:
     # Joint attention (Mochi): the sparse kernel also returns each row's log-sum-exp, to merge the dense text
     # keys in; compile then tunes and caches that kernel variant.
     joint_attention: bool = False
+    # The processor prepares q and k with calibatt's fused RMS-norm + RoPE kernel (Wan): compile caches it
+    # too, so that generate --strict compiles nothing.
+    qk_norm_rope: bool = False
 
     def token_grid(self, frames: int, height: int, width: int) -> list[int]:
         st, sh, sw = self.vae_stride
@@ -69,7 +72,7 @@ class ModelIdentity:
 
 def identity_from_config(family: str, model_cls, name: str, model_id: str, transformer_config: dict,
                          weights_id: str, vae_stride: tuple[int, int, int], patch=None,
-                         joint_attention: bool = False) -> ModelIdentity:
+                         joint_attention: bool = False, qk_norm_rope: bool = False) -> ModelIdentity:
     """Identity from configs alone. The transformer is instantiated on the meta device (no memory) so its
     config carries every default, whether or not config.json spelled it out: equal models hash equal.
     `patch` maps the full config to the (time, height, width) patch; default: its `patch_size`."""
@@ -89,6 +92,7 @@ def identity_from_config(family: str, model_cls, name: str, model_id: str, trans
         vae_stride=tuple(vae_stride),
         patch=tuple(patch(tcfg) if patch else tcfg["patch_size"]),
         joint_attention=joint_attention,
+        qk_norm_rope=qk_norm_rope,
     )
 
 

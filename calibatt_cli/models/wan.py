@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
+from calibatt_kernels import ops as ck_ops
+
 from ..attention import AttentionController, SparseLayer
 from ..config import Config
 from ..errors import ModelError
@@ -28,6 +30,13 @@ def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch
     return out.type_as(x)
 
 
+def _fusable_norms(attn) -> bool:
+    """Whether q and k get the RMS norms (with weights, one eps) that `qk_norm_rope` fuses with RoPE."""
+    nq, nk = attn.norm_q, attn.norm_k
+    return (isinstance(nq, torch.nn.RMSNorm) and isinstance(nk, torch.nn.RMSNorm) and nq.weight is not None
+            and nk.weight is not None and nq.eps == nk.eps)
+
+
 class CalibattWanAttnProcessor(WanAttnProcessor):
     """Self-attention of one Wan block, routed through the AttentionController."""
 
@@ -43,12 +52,18 @@ class CalibattWanAttnProcessor(WanAttnProcessor):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = _apply_rotary_emb(query, *rotary_emb)
-            key = _apply_rotary_emb(key, *rotary_emb)
+        if rotary_emb is not None and _fusable_norms(attn):
+            # both norms and rotations in one kernel (a registered op: compiled blocks keep it)
+            eps = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(query.dtype).eps
+            query, key = ck_ops.qk_norm_rope_op(query, key, attn.norm_q.weight, attn.norm_k.weight, *rotary_emb,
+                                                attn.heads, eps)
+        else:
+            query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+            key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+            if rotary_emb is not None:
+                query = _apply_rotary_emb(query, *rotary_emb)
+                key = _apply_rotary_emb(key, *rotary_emb)
         # [B, N, H, D] -> [B, H, N, D] views: the kernels take any strides, so nothing is copied.
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         if self.sparse is not None and self.controller.fast_sparse():
@@ -78,7 +93,7 @@ def wan_identity(name: str, model_id: str, transformer_config: dict, vae_config:
     st = vae_config.get("scale_factor_temporal") or 4
     ss = vae_config.get("scale_factor_spatial") or 8
     return identity_from_config("wan", WanTransformer3DModel, name, model_id, transformer_config, weights_id,
-                                (st, ss, ss))
+                                (st, ss, ss), qk_norm_rope=True)
 
 
 # --- real Wan 2.1 weights -------------------------------------------------------------------------------
