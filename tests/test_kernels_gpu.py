@@ -136,7 +136,7 @@ def test_qk_norm_rope_at_wan_size(heads):
     del poison
     got = ck.qk_norm_rope(q, k, wq, wk, cos, sin, heads=heads, eps=1e-6)
     want = ck.qk_norm_rope_ref(q, k, wq, wk, cos, sin, heads=heads, eps=1e-6)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert not g.isnan().any(), "unwritten output elements"
         assert g.shape == (1, n, heads, d) and g.dtype == torch.bfloat16
         rel = ((g.float() - w.float()).norm() / w.float().norm()).item()

@@ -181,7 +181,7 @@ def run_qk_norm_rope(name):
     cos, sin = rope_tables(N, D, gen)
     got = ck.qk_norm_rope(q, k, wq, wk, cos, sin, heads=H, eps=1e-6)
     want = ck.qk_norm_rope_ref(q, k, wq, wk, cos, sin, heads=H, eps=1e-6)
-    errs = [_errors(g, w.float()) for g, w in zip(got, want)]
+    errs = [_errors(g, w.float()) for g, w in zip(got, want, strict=True)]
     return dict(rel=max(e["rel"] for e in errs), max_diff=max(e["max_diff"] for e in errs),
                 nan=any(bool(g.isnan().any()) for g in got),
                 shape_ok=all(g.shape == (B, N, H, D) and g.dtype == dtype and g.is_contiguous() for g in got))
