@@ -44,8 +44,13 @@ DENSITIES = (1.0, 0.5, 0.25, 0.1)
 BLOCK = 128
 D = 128
 CONFIGS = {
-    # v5, the default on sm_90 (block_sparse.GLUON_WS): Gluon, a loader warp + two consumer warpgroups
+    # Gluon kernels: a loader warp + two consumer warpgroups (block_sparse_gluon.py)
+    # v6, the default on sm_90 (block_sparse.GLUON_WS): v5 made persistent (one program per SM walking the
+    # schedule; its loader fetches the next tile's Q, K and V while the consumers finish this one) with
+    # host-side TMA descriptors and the output stored from registers
     "gluon-ws-s3": KernelConfig(gluon=True, num_stages=3, warp_specialize=True),
+    # v5: one program per 128-row tile, device-side descriptors made per tile
+    "gluon-ws-s3-grid": KernelConfig(gluon=True, num_stages=3, warp_specialize=True, persistent=False),
     # v2, the tl kernel's default (and the fallback elsewhere): TMA, 128 x 128 tiles, 8 warps, 3 stages,
     # persistent LPT grid. Named "default" in results before v5.
     "tl": KernelConfig(),

@@ -329,7 +329,8 @@ def _run_gluon(q, k, v, index, scale, cfg, out):
     words = ids if id_words else index_words(ids)  # the Gluon kernel reads int16 ids only
     try:
         return block_sparse_gluon.block_sparse_attention_gluon(q, k, v, out, counts, offsets, words, schedule,
-                                                               scale=scale, stages=cfg.num_stages)
+                                                               scale=scale, stages=cfg.num_stages,
+                                                               persistent=cfg.persistent)
     except (CompilationError, RuntimeError) as e:
         _GLUON_BROKEN.append(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
         logging.getLogger("calibatt").warning("the Gluon kernel failed to compile with triton %s (%s); using the "
@@ -519,7 +520,7 @@ def aot_signature(names: list[str], consts: dict, dtype: torch.dtype, *, i32_poi
             sig[n] = "fp32" if n == "qk_scale" else "i32"
     # q, k, v and out are 16-byte aligned as torch allocations are; the index pointers are not specialised
     # on alignment (INDEX_POINTERS), so they get no divisibility attribute here either.
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("Q", "K", "V", "Out")}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("Q", "K", "V", "Out") if n in names}
     return sig, attrs
 
 
@@ -547,5 +548,5 @@ def kernel_fns() -> list:
 
     fns = [_block_sparse_fwd]
     if block_sparse_gluon.HAVE_GLUON:
-        fns.append(block_sparse_gluon.kernel_fn())
+        fns += [block_sparse_gluon.kernel_fn(True), block_sparse_gluon.kernel_fn(False)]
     return fns

@@ -98,21 +98,34 @@ def test_block_mass_matches_reference(bs):
     assert rel <= 1e-2, f"rel={rel:.2e} max_diff={max_diff:.2e}"
 
 
-@pytest.mark.parametrize("transposed", [True, False])
-def test_gluon_kernel_broadcast_index_and_layouts(transposed):
-    """v5 (Gluon): one index row set broadcast over a batch of 2, both q/k/v memory layouts."""
+@pytest.mark.parametrize("layout", ["bnhd", "bhnd", "packed-qkv"])
+@pytest.mark.parametrize("persistent", [True, False])
+def test_gluon_kernel_broadcast_index_and_layouts(layout, persistent):
+    """Gluon v6 (persistent, host-side descriptors over rows) and v5: one index row set broadcast over a
+    batch of 2; q, k, v in diffusers' layout, the contiguous one, and as views into one packed
+    [B, N, 3, H, D] buffer. Every head against the tl kernel, the first heads against the fp32 reference."""
     from calibatt_kernels import block_sparse_gluon
     from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
 
-    q, k, v = _wan_qkv(seed=5, transposed=transposed, batch=2)
+    if layout == "packed-qkv":
+        gen = torch.Generator(device="cuda").manual_seed(5)
+        buf = torch.randn(2, N, 3, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        q, k, v = (buf[:, :, i].transpose(1, 2) for i in range(3))
+    else:
+        q, k, v = _wan_qkv(seed=5, transposed=layout == "bnhd", batch=2)
     if not block_sparse_gluon.supports(q, k, v, (128, 128)):
         pytest.skip("the Gluon kernel needs sm_90 and triton with Gluon")
     mask = _random_mask(seed=6, density=0.25, bs=(128, 128), batch=1)
+    index = mask_to_index(mask)
     out = torch.full_like(q, float("nan"))
-    block_sparse_attention_triton(q, k, v, mask_to_index(mask), block_size=(128, 128), out=out,
-                                  config=KernelConfig(gluon=True, num_stages=3, warp_specialize=True))
+    block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), out=out,
+                                  config=KernelConfig(gluon=True, num_stages=3, warp_specialize=True,
+                                                      persistent=persistent))
     torch.cuda.synchronize()
     assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements not written"
+    tl_out = block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), config=KernelConfig())
+    rel_tl = ((out.float() - tl_out.float()).norm() / tl_out.float().norm()).item()
+    assert rel_tl <= 1e-2, f"all heads vs the tl kernel: rel={rel_tl:.2e}"
     for b in range(2):
         rel, max_diff = _rel_err(out[b: b + 1], q[b: b + 1], k[b: b + 1], v[b: b + 1], mask, (128, 128))
         assert rel <= 1e-2, f"batch {b}: rel={rel:.2e} max_diff={max_diff:.2e}"
