@@ -52,14 +52,18 @@ class KernelConfig:
     # wgmma on Hopper) before the softmax and PV of tile j, so tensor cores and MUFU/ALU could overlap.
     # Measured no faster on an H200 with triton 3.6 (bench/NOTES.md, v3); kept for bench_kernel --configs.
     pipeline_qk: bool = False
-    # v5: the Gluon kernel (block_sparse_gluon.py: a loader warp and two consumer warpgroups, async wgmma).
+    # The Gluon kernels (block_sparse_gluon.py: a loader warp and two consumer warpgroups, async wgmma).
     # Only sm_90, 128 x 128 blocks, bf16/fp16, 16-byte aligned rows, no lse: other calls run the tl kernel's
-    # default. num_stages: its K/V ring; the other fields do not apply to it (warp_specialize marks it in labels).
+    # default. num_stages: their K/V ring; persistent: v6 (one program per SM) rather than v5 (one per tile);
+    # the other fields do not apply to them (warp_specialize marks them in labels).
     gluon: bool = False
 
 
-# v5 (bench/NOTES.md): 579-631 TFLOP/s on an H200, against 447-489 for the best `tl` config.
-GLUON_WS = KernelConfig(gluon=True, warp_specialize=True, num_stages=3, num_warps=4)
+# v5 (bench/NOTES.md): 547-641 TFLOP/s on an H200, against 447-489 for the best `tl` config.
+GLUON_WS = KernelConfig(gluon=True, warp_specialize=True, num_stages=3, num_warps=4, persistent=False)
+# v6, v5 made persistent: as fast overall, faster on some masks and slower on others (bench/NOTES.md), so a
+# tuning candidate that compile picks per mask group, not the default.
+GLUON_WS_PERSISTENT = KernelConfig(gluon=True, warp_specialize=True, num_stages=3, num_warps=4, persistent=True)
 
 
 def _gluon_candidate(capability: tuple[int, int], block_size: tuple[int, int], head_dim: int) -> bool:
@@ -490,7 +494,7 @@ def candidate_configs(capability: tuple[int, int], block_size: tuple[int, int], 
         cands = [KernelConfig(**{**c.__dict__, "use_tma": False}) for c in cands]
     if (_gluon_candidate(capability, block_size, head_dim) and dtype in (None, torch.bfloat16, torch.float16)
             and not return_lse):
-        cands.insert(0, GLUON_WS)
+        cands[:0] = [GLUON_WS, GLUON_WS_PERSISTENT]
     return cands
 
 
