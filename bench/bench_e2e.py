@@ -63,7 +63,7 @@ def build(shape: dict, device, dtype):
     return tr
 
 
-def make_plan(masks: torch.Tensor, layers: int) -> SparsePlan:
+def make_plan(masks: torch.Tensor, layers: int, config=None) -> SparsePlan:
     """A one-bucket plan whose index tensors have room for a full mask, so every density has the same
     shapes (one compiled graph serves them all; densities are swapped by copying into the tensors)."""
     full = -(-masks.numel() // 8) * 8  # heads x Mq x Mk: every block listed (mask_to_index pads to 8 ids)
@@ -71,7 +71,8 @@ def make_plan(masks: torch.Tensor, layers: int) -> SparsePlan:
     ix.indices = torch.nn.functional.pad(ix.indices, (0, full - ix.indices.shape[0]))
     index = {(0, layer): ix for layer in range(layers)}  # SparsePlan.to stacks each layer into its own tensors
     density = masks.float().mean().view(1, 1, 1).expand(1, layers, 1)
-    return SparsePlan(BLOCK, [0], index, density)
+    configs = {(0, layer): config for layer in range(layers)} if config is not None else {}
+    return SparsePlan(BLOCK, [0], index, density, configs)
 
 
 def set_density(processors, masks: torch.Tensor) -> None:
@@ -81,6 +82,16 @@ def set_density(processors, masks: torch.Tensor) -> None:
         p.sparse.offsets[0].copy_(ix.offsets)
         p.sparse.indices[0, : ix.indices.shape[0]].copy_(ix.indices)
         p.sparse.schedules[0].copy_(ix.schedule)
+
+
+def kernel_config(name: str | None):
+    """A bench_kernel.py config by name (None: the processors' default, what `generate` runs untuned)."""
+    if name is None:
+        return None
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_kernel import CONFIGS
+
+    return CONFIGS[name]
 
 
 def timed(fn, reps: int, sync) -> float:
@@ -175,7 +186,7 @@ def bench_shape(shape: dict, args, device, dtype) -> dict:
         install(lambda i: NoAttnProcessor())
         V[f"no-attn {tag}"] = measure(f"no-attn {tag}")
         plan = make_plan(torch.ones(heads, *masks_by_density[args.densities[0]].shape[1:], dtype=torch.bool),
-                         layers)
+                         layers, kernel_config(args.kernel_config))
         ctl = AttentionController("sparse", plan=plan.to(device)).to(device)
         ctl.reset()
         procs = install(lambda i: CalibattWanAttnProcessor(i, ctl))
@@ -243,6 +254,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--shapes", nargs="*", default=None, help="subset of shape names")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--kernel-config", default=None,
+                    help="a bench_kernel.py config name for the sparse kernel (default: the library's default)")
     ap.add_argument("--profile", action="store_true", help="also print each compiled variant's costliest kernels")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -256,6 +269,7 @@ def main() -> None:
 
     meta = {"card": card, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
             "triton": triton.__version__, "diffusers": diffusers.__version__, "block": BLOCK,
+            "kernel_config": args.kernel_config or "default",
             "masks": "local spatio-temporal (nearest key blocks on the frame/row/col grid), same for every head",
             "step": "two forwards (CFG cond + uncond), batch 1", "results": results}
     table(results)

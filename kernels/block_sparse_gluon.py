@@ -248,13 +248,38 @@ if HAVE_GLUON:
         return (off // stride_n).to(gl.int32), (off % stride_n).to(gl.int32)
 
     @gluon.jit
+    def _p_load_kv(k_desc, v_desc, k_smem, v_smem, ready, empty, Words, e0, j, it, kr, kc, vr, vc):
+        """K and V of the tile's j-th listed block into ring slot it % STAGES (once both consumers freed it)."""
+        STAGES: gl.constexpr = k_smem.shape[0]
+        BN: gl.constexpr = k_smem.shape[1]
+        stage = it % STAGES
+        if it >= STAGES:  # both consumers are done with the block that last used this stage
+            mbarrier.wait(empty.index(stage), ((it // STAGES) - 1) & 1)
+        kn = _gl_block_id(Words, e0 + j) * BN
+        bar = ready.index(stage)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        _tma_load(k_desc, [kr + kn, kc], bar, k_smem.index(stage))
+        _tma_load(v_desc, [vr + kn, vc], bar, v_smem.index(stage))
+
+    @gluon.jit
+    def _p_load_q(q_desc, q_smem, q_ready, q_empty, t, row, col, WG: gl.constexpr):
+        """Warpgroup WG's 64 query rows of the t-th tile, once it is done with those of tile t-1."""
+        HALF: gl.constexpr = q_desc.block_type.shape[0]
+        if t > 0:
+            mbarrier.wait(q_empty.index(WG), (t - 1) & 1)
+        mbarrier.expect(q_ready.index(WG), q_desc.block_type.nbytes)
+        _tma_load(q_desc, [row + WG * HALF, col], q_ready.index(WG), q_smem.slice(WG * HALF, HALF))
+
+    @gluon.jit
     def _p_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
                   Words, Counts, Offsets, Schedule, H, Mq, REPS, stride_cz, stride_ch,
                   stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn, stride_vz, stride_vh, stride_vn,
                   first, num_tiles, step, HAS_SCHEDULE: gl.constexpr):
-        STAGES: gl.constexpr = k_smem.shape[0]
+        # Each warpgroup's Q half has its own barriers, and the tile's first K/V goes out between the two
+        # halves: the warpgroup ahead starts the next tile without waiting for the other to finish this one,
+        # so the two stay out of phase (one's softmax under the other's GEMMs) across tile boundaries instead
+        # of restarting in lockstep at every tile.
         BM: gl.constexpr = q_smem.shape[0]
-        BN: gl.constexpr = k_smem.shape[1]
         it = 0
         t = 0
         for tile in range(first, num_tiles, step):
@@ -263,20 +288,13 @@ if HAVE_GLUON:
             qr, qc = _p_origin(b, h, stride_qz, stride_qh, stride_qm)
             kr, kc = _p_origin(b, h, stride_kz, stride_kh, stride_kn)
             vr, vc = _p_origin(b, h, stride_vz, stride_vh, stride_vn)
-            if t > 0:  # both consumers are done with the previous tile's Q
-                mbarrier.wait(q_empty, (t - 1) & 1)
-            mbarrier.expect(q_ready, q_desc.block_type.nbytes)
-            _tma_load(q_desc, [qr + m_blk * BM, qc], q_ready, q_smem)
-            for j in range(cnt):
-                stage = it % STAGES
-                if it >= STAGES:  # both consumers are done with the tile that last used this stage
-                    mbarrier.wait(empty.index(stage), ((it // STAGES) - 1) & 1)
-                kn = _gl_block_id(Words, e0 + j) * BN
-                bar = ready.index(stage)
-                mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-                _tma_load(k_desc, [kr + kn, kc], bar, k_smem.index(stage))
-                _tma_load(v_desc, [vr + kn, vc], bar, v_smem.index(stage))
-                it += 1
+            _p_load_q(q_desc, q_smem, q_ready, q_empty, t, qr + m_blk * BM, qc, 0)
+            if cnt > 0:
+                _p_load_kv(k_desc, v_desc, k_smem, v_smem, ready, empty, Words, e0, 0, it, kr, kc, vr, vc)
+            _p_load_q(q_desc, q_smem, q_ready, q_empty, t, qr + m_blk * BM, qc, 1)
+            for j in range(1, cnt):
+                _p_load_kv(k_desc, v_desc, k_smem, v_smem, ready, empty, Words, e0, j, it + j, kr, kc, vr, vc)
+            it += cnt
             t += 1
 
     @gluon.jit
@@ -305,14 +323,14 @@ if HAVE_GLUON:
             m_i = gl.full([HALF], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
             l_i = gl.zeros([HALF], gl.float32, layout=gl.SliceLayout(1, s_layout))
             acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
-            mbarrier.wait(q_ready, t & 1)
+            mbarrier.wait(q_ready.index(WG), t & 1)
             if cnt > 0:
                 stage = it % STAGES
                 kn = _gl_block_id(Words, e0) * BN
                 mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
                 qk = warpgroup_mma(q_half, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False)
                 if cnt == 1:
-                    mbarrier.arrive(q_empty, count=1)  # this tile's last Q K^T is done: Q may be replaced
+                    mbarrier.arrive(q_empty.index(WG), count=1)  # its last Q K^T is done: Q may be replaced
                 p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, True)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 for j in range(1, cnt):
@@ -326,7 +344,7 @@ if HAVE_GLUON:
                     o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
                     qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
                     if j == cnt - 1:
-                        mbarrier.arrive(q_empty, count=1)
+                        mbarrier.arrive(q_empty.index(WG), count=1)
                         p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, True)
                     else:
                         p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, False)
@@ -339,7 +357,7 @@ if HAVE_GLUON:
                 mbarrier.arrive(empty.index(last), count=1)
                 it += cnt
             else:
-                mbarrier.arrive(q_empty, count=1)
+                mbarrier.arrive(q_empty.index(WG), count=1)
             # Straight from registers to global memory (rows past N masked): no shared staging buffer, so Q's
             # buffer is free for the next tile while this one's rows are written.
             l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
@@ -380,7 +398,7 @@ if HAVE_GLUON:
     ):
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         dtype: gl.constexpr = q_desc.dtype
-        BM: gl.constexpr = q_desc.block_type.shape[0]
+        BM: gl.constexpr = 2 * q_desc.block_type.shape[0]  # q_desc: one warpgroup's 64 rows
         HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
         BN: gl.constexpr = k_desc.block_type.shape[0]
         first = gl.program_id(0)
@@ -388,12 +406,13 @@ if HAVE_GLUON:
         q_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], v_desc.layout)
-        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # per warpgroup
+        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_ready, count=1)
-        mbarrier.init(q_empty, count=2)  # one arrival per consumer warpgroup
+        for wg in gl.static_range(2):
+            mbarrier.init(q_ready.index(wg), count=1)
+            mbarrier.init(q_empty.index(wg), count=1)
         for st in gl.static_range(STAGES):
             mbarrier.init(ready.index(st), count=1)
             mbarrier.init(empty.index(st), count=2)
@@ -408,8 +427,9 @@ if HAVE_GLUON:
                          stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn, stride_vz, stride_vh,
                          stride_vn, first, num_tiles, step, HAS_SCHEDULE)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
-        mbarrier.invalidate(q_ready)
-        mbarrier.invalidate(q_empty)
+        for wg in gl.static_range(2):
+            mbarrier.invalidate(q_ready.index(wg))
+            mbarrier.invalidate(q_empty.index(wg))
         for st in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(st))
             mbarrier.invalidate(empty.index(st))
@@ -467,7 +487,7 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     tiles = counts.shape[0] * H * Mq * reps
     if tiles == 0:
         return out
-    descs = [_row_view(t, BLOCK) for t in (q, k, v)] if persistent else [None]
+    descs = [_row_view(q, BLOCK // 2), _row_view(k, BLOCK), _row_view(v, BLOCK)] if persistent else [None]
     if all(d is not None for d in descs):
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
         _gl_block_sparse_persistent[(min(tiles, sms),)](
@@ -515,6 +535,6 @@ def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STA
     if persistent:  # q, k, v as host-side descriptors over [rows, stride_n] (see _row_view)
         elem = "bf16" if dtype == torch.bfloat16 else "fp16"
         layout = gl.NVMMASharedLayout.get_default_for([BLOCK, head_dim], gl.bfloat16 if elem == "bf16" else gl.float16)
-        for n in ("q_desc", "k_desc", "v_desc"):
-            sig[n] = f"tensordesc<{elem}[{BLOCK}, {head_dim}],{layout!r}>"
+        for n, rows in (("q_desc", BLOCK // 2), ("k_desc", BLOCK), ("v_desc", BLOCK)):  # q: per warpgroup
+            sig[n] = f"tensordesc<{elem}[{rows}, {head_dim}],{layout!r}>"
     return sig, consts, attrs, {"num_warps": 4}
