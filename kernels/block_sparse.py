@@ -52,18 +52,15 @@ class KernelConfig:
     # wgmma on Hopper) before the softmax and PV of tile j, so tensor cores and MUFU/ALU could overlap.
     # Measured no faster on an H200 with triton 3.6 (bench/NOTES.md, v3); kept for bench_kernel --configs.
     pipeline_qk: bool = False
-    # The Gluon kernels (block_sparse_gluon.py: a loader warp and two consumer warpgroups, async wgmma).
+    # v5: the Gluon kernel (block_sparse_gluon.py: a loader warp and two consumer warpgroups, async wgmma).
     # Only sm_90, 128 x 128 blocks, bf16/fp16, 16-byte aligned rows, no lse: other calls run the tl kernel's
-    # default. num_stages: their K/V ring; persistent: v6 (one program per SM) rather than v5 (one per tile);
-    # the other fields do not apply to them (warp_specialize marks them in labels).
+    # default. num_stages: its K/V ring; the other fields do not apply to it (warp_specialize marks it in labels).
     gluon: bool = False
 
 
-# v5 (bench/NOTES.md): 547-641 TFLOP/s on an H200, against 447-489 for the best `tl` config.
-GLUON_WS = KernelConfig(gluon=True, warp_specialize=True, num_stages=3, num_warps=4, persistent=False)
-# v6, v5 made persistent: as fast overall, faster on some masks and slower on others (bench/NOTES.md), so a
-# tuning candidate that compile picks per mask group, not the default.
-GLUON_WS_PERSISTENT = KernelConfig(gluon=True, warp_specialize=True, num_stages=3, num_warps=4, persistent=True)
+# v5 (bench/NOTES.md): 531-641 TFLOP/s on an H200 (the lower figures at density <= 0.25 on Wan 1.3B), against
+# 430-489 for the best `tl` config.
+GLUON_WS = KernelConfig(gluon=True, warp_specialize=True, num_stages=3, num_warps=4)
 
 
 def _gluon_candidate(capability: tuple[int, int], block_size: tuple[int, int], head_dim: int) -> bool:
@@ -333,8 +330,7 @@ def _run_gluon(q, k, v, index, scale, cfg, out):
     words = ids if id_words else index_words(ids)  # the Gluon kernel reads int16 ids only
     try:
         return block_sparse_gluon.block_sparse_attention_gluon(q, k, v, out, counts, offsets, words, schedule,
-                                                               scale=scale, stages=cfg.num_stages,
-                                                               persistent=cfg.persistent)
+                                                               scale=scale, stages=cfg.num_stages)
     except (CompilationError, RuntimeError) as e:
         _GLUON_BROKEN.append(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
         logging.getLogger("calibatt").warning("the Gluon kernel failed to compile with triton %s (%s); using the "
@@ -494,7 +490,7 @@ def candidate_configs(capability: tuple[int, int], block_size: tuple[int, int], 
         cands = [KernelConfig(**{**c.__dict__, "use_tma": False}) for c in cands]
     if (_gluon_candidate(capability, block_size, head_dim) and dtype in (None, torch.bfloat16, torch.float16)
             and not return_lse):
-        cands[:0] = [GLUON_WS, GLUON_WS_PERSISTENT]
+        cands.insert(0, GLUON_WS)
     return cands
 
 
@@ -524,7 +520,7 @@ def aot_signature(names: list[str], consts: dict, dtype: torch.dtype, *, i32_poi
             sig[n] = "fp32" if n == "qk_scale" else "i32"
     # q, k, v and out are 16-byte aligned as torch allocations are; the index pointers are not specialised
     # on alignment (INDEX_POINTERS), so they get no divisibility attribute here either.
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("Q", "K", "V", "Out") if n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("Q", "K", "V", "Out")}
     return sig, attrs
 
 
@@ -552,5 +548,5 @@ def kernel_fns() -> list:
 
     fns = [_block_sparse_fwd]
     if block_sparse_gluon.HAVE_GLUON:
-        fns += [block_sparse_gluon.kernel_fn(True), block_sparse_gluon.kernel_fn(False)]
+        fns.append(block_sparse_gluon.kernel_fn())
     return fns

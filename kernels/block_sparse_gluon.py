@@ -55,7 +55,6 @@ except ImportError:  # pragma: no cover - depends on the installed triton
 
 BLOCK = 128  # the one tile shape this kernel takes: mask block = kernel tile = 128 x 128
 CONSUMER_REGS = 232  # registers per thread of the second consumer warpgroup (the loader warp gets 24)
-LOADER_REGS = 40  # v6's loader also walks the schedule and works out each tile's head origins
 DEFAULT_STAGES = 3  # 2 stages measured 398-455 TFLOP/s: the loader cannot run ahead of the consumers
 
 
@@ -224,217 +223,6 @@ if HAVE_GLUON:
             mbarrier.invalidate(empty.index(st))
 
 
-    # ---- v6: persistent, host-side TMA descriptors, the next tile's loads overlapping this tile's end ----
-
-    @gluon.jit
-    def _p_tile(Schedule, Counts, Offsets, tile, H, Mq, REPS, stride_cz, stride_ch, HAS_SCHEDULE: gl.constexpr):
-        """Work item `tile` (a position in the schedule, times the batch repeats): (b, h, query block, count,
-        offset of its block ids)."""
-        pos = tile // REPS
-        if HAS_SCHEDULE:
-            row = gl.load(Schedule + pos)
-        else:
-            row = pos
-        m_blk = row % Mq
-        h = (row // Mq) % H
-        bi = row // (Mq * H)
-        row_off = bi * stride_cz + h * stride_ch + m_blk
-        return bi + tile % REPS, h, m_blk, gl.load(Counts + row_off), gl.load(Offsets + row_off)
-
-    @gluon.jit
-    def _p_origin(b, h, stride_z, stride_h, stride_n):
-        """Where head (b, h) starts in a descriptor over [rows, stride_n] (see `_row_view`): (row, column)."""
-        off = b.to(gl.int64) * stride_z + h.to(gl.int64) * stride_h
-        return (off // stride_n).to(gl.int32), (off % stride_n).to(gl.int32)
-
-    @gluon.jit
-    def _p_load_kv(k_desc, v_desc, k_smem, v_smem, ready, empty, Words, e0, j, it, kr, kc, vr, vc):
-        """K and V of the tile's j-th listed block into ring slot it % STAGES (once both consumers freed it)."""
-        STAGES: gl.constexpr = k_smem.shape[0]
-        BN: gl.constexpr = k_smem.shape[1]
-        stage = it % STAGES
-        if it >= STAGES:  # both consumers are done with the block that last used this stage
-            mbarrier.wait(empty.index(stage), ((it // STAGES) - 1) & 1)
-        kn = _gl_block_id(Words, e0 + j) * BN
-        bar = ready.index(stage)
-        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        _tma_load(k_desc, [kr + kn, kc], bar, k_smem.index(stage))
-        _tma_load(v_desc, [vr + kn, vc], bar, v_smem.index(stage))
-
-    @gluon.jit
-    def _p_load_q(q_desc, q_smem, q_ready, q_empty, t, row, col, WG: gl.constexpr):
-        """Warpgroup WG's 64 query rows of the t-th tile, once it is done with those of tile t-1."""
-        HALF: gl.constexpr = q_desc.block_type.shape[0]
-        if t > 0:
-            mbarrier.wait(q_empty.index(WG), (t - 1) & 1)
-        mbarrier.expect(q_ready.index(WG), q_desc.block_type.nbytes)
-        _tma_load(q_desc, [row + WG * HALF, col], q_ready.index(WG), q_smem.slice(WG * HALF, HALF))
-
-    @gluon.jit
-    def _p_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
-                  Words, Counts, Offsets, Schedule, H, Mq, REPS, stride_cz, stride_ch,
-                  stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn, stride_vz, stride_vh, stride_vn,
-                  first, num_tiles, step, HAS_SCHEDULE: gl.constexpr):
-        # Each warpgroup's Q half has its own barriers, and the tile's first K/V goes out between the two
-        # halves: the warpgroup ahead starts the next tile without waiting for the other to finish this one,
-        # so the two stay out of phase (one's softmax under the other's GEMMs) across tile boundaries instead
-        # of restarting in lockstep at every tile.
-        BM: gl.constexpr = q_smem.shape[0]
-        it = 0
-        t = 0
-        for tile in range(first, num_tiles, step):
-            b, h, m_blk, cnt, e0 = _p_tile(Schedule, Counts, Offsets, tile, H, Mq, REPS, stride_cz, stride_ch,
-                                           HAS_SCHEDULE)
-            qr, qc = _p_origin(b, h, stride_qz, stride_qh, stride_qm)
-            kr, kc = _p_origin(b, h, stride_kz, stride_kh, stride_kn)
-            vr, vc = _p_origin(b, h, stride_vz, stride_vh, stride_vn)
-            _p_load_q(q_desc, q_smem, q_ready, q_empty, t, qr + m_blk * BM, qc, 0)
-            if cnt > 0:
-                _p_load_kv(k_desc, v_desc, k_smem, v_smem, ready, empty, Words, e0, 0, it, kr, kc, vr, vc)
-            _p_load_q(q_desc, q_smem, q_ready, q_empty, t, qr + m_blk * BM, qc, 1)
-            for j in range(1, cnt):
-                _p_load_kv(k_desc, v_desc, k_smem, v_smem, ready, empty, Words, e0, j, it + j, kr, kc, vr, vc)
-            it += cnt
-            t += 1
-
-    @gluon.jit
-    def _p_consumer(Out, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, Words, Counts, Offsets, Schedule,
-                    H, Mq, REPS, stride_cz, stride_ch, stride_oz, stride_oh, stride_om, N, qk_scale,
-                    first, num_tiles, step, HAS_SCHEDULE: gl.constexpr, WG: gl.constexpr):
-        dtype: gl.constexpr = q_smem.dtype
-        HALF: gl.constexpr = q_smem.shape[0] // 2
-        HEAD_DIM: gl.constexpr = q_smem.shape[1]
-        STAGES: gl.constexpr = k_smem.shape[0]
-        BN: gl.constexpr = k_smem.shape[1]
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BN, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        q_half = q_smem.slice(WG * HALF, HALF)  # this warpgroup's 64 query rows
-        s_zero = gl.zeros([HALF, BN], gl.float32, layout=s_layout)
-        rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        it = 0
-        t = 0
-        for tile in range(first, num_tiles, step):
-            b, h, m_blk, cnt, e0 = _p_tile(Schedule, Counts, Offsets, tile, H, Mq, REPS, stride_cz, stride_ch,
-                                           HAS_SCHEDULE)
-            m_i = gl.full([HALF], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-            l_i = gl.zeros([HALF], gl.float32, layout=gl.SliceLayout(1, s_layout))
-            acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
-            mbarrier.wait(q_ready.index(WG), t & 1)
-            if cnt > 0:
-                stage = it % STAGES
-                kn = _gl_block_id(Words, e0) * BN
-                mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
-                qk = warpgroup_mma(q_half, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False)
-                if cnt == 1:
-                    mbarrier.arrive(q_empty.index(WG), count=1)  # its last Q K^T is done: Q may be replaced
-                p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, True)
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
-                for j in range(1, cnt):
-                    itj = it + j
-                    stage = itj % STAGES
-                    prev = (itj - 1) % STAGES
-                    kn = _gl_block_id(Words, e0 + j) * BN
-                    mbarrier.wait(ready.index(stage), (itj // STAGES) & 1)
-                    s_tok = warpgroup_mma(q_half, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
-                                          is_async=True)
-                    o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-                    qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-                    if j == cnt - 1:
-                        mbarrier.arrive(q_empty.index(WG), count=1)
-                        p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, True)
-                    else:
-                        p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, False)
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
-                    mbarrier.arrive(empty.index(prev), count=1)  # K and V of block j-1: this warpgroup is done
-                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-                    p_op = gl.convert_layout(p.to(dtype), p_layout)
-                last = (it + cnt - 1) % STAGES
-                acc = warpgroup_mma(p_op, v_smem.index(last), acc)
-                mbarrier.arrive(empty.index(last), count=1)
-                it += cnt
-            else:
-                mbarrier.arrive(q_empty.index(WG), count=1)
-            # Straight from registers to global memory (rows past N masked): no shared staging buffer, so Q's
-            # buffer is free for the next tile while this one's rows are written.
-            l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-            l_o = gl.where(l_o == 0.0, 1.0, l_o)
-            out = (acc / gl.expand_dims(l_o, 1)).to(dtype)
-            offs_m = m_blk * (2 * HALF) + WG * HALF + rows
-            base = Out + b.to(gl.int64) * stride_oz + h.to(gl.int64) * stride_oh
-            ptrs = base + gl.expand_dims(offs_m.to(gl.int64) * stride_om, 1) + gl.expand_dims(cols, 0)
-            gl.store(ptrs, out, mask=gl.expand_dims(offs_m < N, 1))
-            t += 1
-
-    @gluon.jit
-    def _p_consumer1(Out, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, Words, Counts, Offsets, Schedule,
-                     H, Mq, REPS, stride_cz, stride_ch, stride_oz, stride_oh, stride_om, N, qk_scale,
-                     first, num_tiles, step, HAS_SCHEDULE: gl.constexpr):
-        _p_consumer(Out, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, Words, Counts, Offsets, Schedule,
-                    H, Mq, REPS, stride_cz, stride_ch, stride_oz, stride_oh, stride_om, N, qk_scale,
-                    first, num_tiles, step, HAS_SCHEDULE, 1)
-
-    @gluon.jit
-    def _p_consumer0(Out, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, Words, Counts, Offsets, Schedule,
-                     H, Mq, REPS, stride_cz, stride_ch, stride_oz, stride_oh, stride_om, N, qk_scale,
-                     first, num_tiles, step, HAS_SCHEDULE: gl.constexpr):
-        _p_consumer(Out, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, Words, Counts, Offsets, Schedule,
-                    H, Mq, REPS, stride_cz, stride_ch, stride_oz, stride_oh, stride_om, N, qk_scale,
-                    first, num_tiles, step, HAS_SCHEDULE, 0)
-
-    @gluon.jit(do_not_specialize=["N", "Mq", "num_tiles", "stride_cz", "stride_ch", "stride_qz", "stride_qh",
-                                  "stride_kz", "stride_kh", "stride_vz", "stride_vh", "stride_oz", "stride_oh"],
-               do_not_specialize_on_alignment=["Counts", "Offsets", "Words", "Schedule"])
-    def _gl_block_sparse_persistent(
-        q_desc, k_desc, v_desc, Out, Counts, Offsets, Words, Schedule,
-        stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
-        stride_vz, stride_vh, stride_vn, stride_oz, stride_oh, stride_om,
-        stride_cz, stride_ch, H, N, Mq, REPS, num_tiles, qk_scale,
-        HAS_SCHEDULE: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
-        num_warps: gl.constexpr,
-    ):
-        gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
-        dtype: gl.constexpr = q_desc.dtype
-        BM: gl.constexpr = 2 * q_desc.block_type.shape[0]  # q_desc: one warpgroup's 64 rows
-        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
-        BN: gl.constexpr = k_desc.block_type.shape[0]
-        first = gl.program_id(0)
-        step = gl.num_programs(0)
-        q_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], v_desc.layout)
-        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # per warpgroup
-        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for wg in gl.static_range(2):
-            mbarrier.init(q_ready.index(wg), count=1)
-            mbarrier.init(q_empty.index(wg), count=1)
-        for st in gl.static_range(STAGES):
-            mbarrier.init(ready.index(st), count=1)
-            mbarrier.init(empty.index(st), count=2)
-        consumer_args = (Out, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, Words, Counts, Offsets,
-                         Schedule, H, Mq, REPS, stride_cz, stride_ch, stride_oz, stride_oh, stride_om, N, qk_scale,
-                         first, num_tiles, step, HAS_SCHEDULE)
-        gl.warp_specialize([
-            (_p_consumer0, consumer_args),
-            (_p_consumer1, consumer_args),
-            (_p_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
-                         Words, Counts, Offsets, Schedule, H, Mq, REPS, stride_cz, stride_ch,
-                         stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn, stride_vz, stride_vh,
-                         stride_vn, first, num_tiles, step, HAS_SCHEDULE)),
-        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
-        for wg in gl.static_range(2):
-            mbarrier.invalidate(q_ready.index(wg))
-            mbarrier.invalidate(q_empty.index(wg))
-        for st in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(st))
-            mbarrier.invalidate(empty.index(st))
-
-
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: tuple[int, int], *,
              return_lse: bool = False) -> bool:
     """Whether the Gluon kernel takes this call (else the caller uses the `tl` kernel)."""
@@ -452,55 +240,23 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: tupl
     return True
 
 
-def _row_view(t: torch.Tensor, rows_per_tile: int):
-    """A host-side TMA descriptor for v6 over t's memory as a 2-d [rows, t.stride(2)] array (t: [B, H, N, D]
-    with unit last stride). Head (b, h) then starts at row, column divmod(b * stride_b + h * stride_h,
-    stride_n) (`_p_origin`), for the contiguous layout ([B, H, N, D]: row (b H + h) N, column 0) and for
-    diffusers' ([B, N, H, D] viewed: row b N, column h D) alike. A tile that runs past N reads the next
-    head's or batch's rows (or TMA's zero fill past the end): the kernel masks keys >= N out of the softmax
-    and stores no output row >= N. None when the layout does not fit this scheme."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    B, H, N, D = t.shape
-    w = t.stride(2)
-    if w < D or t.stride(0) % w or not (t.stride(1) % w == 0 or (H - 1) * t.stride(1) + D <= w):
-        return None
-    rows = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) // w + 1
-    gl_dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([rows_per_tile, D], gl_dtype)
-    return TensorDescriptor(base=t, shape=[rows, w], strides=[w, 1], block_shape=[rows_per_tile, D], layout=layout)
-
-
 def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                                  counts: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor,
-                                 schedule: torch.Tensor | None, *, scale: float, stages: int = DEFAULT_STAGES,
-                                 persistent: bool = True) -> torch.Tensor:
+                                 schedule: torch.Tensor | None, *, scale: float, stages: int = DEFAULT_STAGES
+                                 ) -> torch.Tensor:
     """Called by `block_sparse.block_sparse_attention_triton`, which validates the call, allocates `out` and
     prepares the index (`_device_index`): q, k, v, out [B, H, N, D] with unit last strides; int32 counts and
-    offsets [Bi, H, Mq]; the int16 block ids as int32 words. `persistent`: v6 (one program per SM walking
-    the schedule, host-side descriptors) where the layout allows it, else v5 (one program per tile)."""
+    offsets [Bi, H, Mq]; the int16 block ids as int32 words."""
     from .block_sparse import LOG2E, _tma_allocator
 
     B, H, N, D = q.shape
     Mq = triton.cdiv(N, BLOCK)
     reps = B // counts.shape[0]
-    tiles = counts.shape[0] * H * Mq * reps
-    if tiles == 0:
-        return out
-    descs = [_row_view(q, BLOCK // 2), _row_view(k, BLOCK), _row_view(v, BLOCK)] if persistent else [None]
-    if all(d is not None for d in descs):
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        _gl_block_sparse_persistent[(min(tiles, sms),)](
-            *descs, out, counts, offsets, words, schedule if schedule is not None else counts,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            counts.stride(0), counts.stride(1), H, N, Mq, reps, tiles, scale * LOG2E,
-            HAS_SCHEDULE=schedule is not None, STAGES=stages, CONSUMER_REGS=CONSUMER_REGS,
-            LOADER_REGS=LOADER_REGS, num_warps=4,
-        )
+    grid = (counts.shape[0] * H * Mq * reps,)
+    if grid[0] == 0:
         return out
     triton.set_allocator(_tma_allocator)  # scratch for the device-side TMA descriptors
-    _gl_block_sparse_fwd[(tiles,)](
+    _gl_block_sparse_fwd[grid](
         q, k, v, out, counts, offsets, words, schedule if schedule is not None else counts,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -511,12 +267,12 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return out
 
 
-def kernel_fn(persistent: bool = True):
-    """The Gluon JIT function (for the ahead-of-time tools): v6, or v5 with persistent=False."""
-    return _gl_block_sparse_persistent if persistent else _gl_block_sparse_fwd
+def kernel_fn():
+    """The Gluon JIT function (for the ahead-of-time tools)."""
+    return _gl_block_sparse_fwd
 
 
-def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STAGES, persistent: bool = True):
+def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STAGES):
     """(signature, constexprs, attrs, options) for `triton.compile(GluonASTSource(...))` without a GPU."""
     import inspect
 
@@ -524,17 +280,8 @@ def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STA
 
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the Gluon kernel takes bf16/fp16, not {dtype}")
-    fn = kernel_fn(persistent)
-    names = list(inspect.signature(fn.fn).parameters)
-    consts = dict(HAS_SCHEDULE=True, STAGES=stages, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
-    if persistent:
-        consts["LOADER_REGS"] = LOADER_REGS
-    else:
-        consts.update(BM=BLOCK, BN=BLOCK, HEAD_DIM=head_dim)
+    names = list(inspect.signature(_gl_block_sparse_fwd.fn).parameters)
+    consts = dict(BM=BLOCK, BN=BLOCK, HEAD_DIM=head_dim, HAS_SCHEDULE=True, STAGES=stages,
+                  CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
     sig, attrs = aot_signature(names, consts, dtype, i32_pointers=("Counts", "Offsets", "Words", "Schedule"))
-    if persistent:  # q, k, v as host-side descriptors over [rows, stride_n] (see _row_view)
-        elem = "bf16" if dtype == torch.bfloat16 else "fp16"
-        layout = gl.NVMMASharedLayout.get_default_for([BLOCK, head_dim], gl.bfloat16 if elem == "bf16" else gl.float16)
-        for n, rows in (("q_desc", BLOCK // 2), ("k_desc", BLOCK), ("v_desc", BLOCK)):  # q: per warpgroup
-            sig[n] = f"tensordesc<{elem}[{rows}, {head_dim}],{layout!r}>"
     return sig, consts, attrs, {"num_warps": 4}
