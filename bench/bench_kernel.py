@@ -48,8 +48,6 @@ CONFIGS = {
     # v5, the default on sm_90 (block_sparse.GLUON_WS): one program per 128-row tile. (v6, a persistent
     # variant, measured no faster and was removed: bench/NOTES.md; "gluon-ws-s3-grid" in results is v5.)
     "gluon-ws-s3": KernelConfig(gluon=True, num_stages=3, warp_specialize=True),
-    # v7: v5 with the warpgroups' GEMM issues alternating under mbarriers (KernelConfig.pingpong)
-    "gluon-ws-s3-pingpong": KernelConfig(gluon=True, num_stages=3, warp_specialize=True, pingpong=True),
     # v2, the tl kernel's default (and the fallback elsewhere): TMA, 128 x 128 tiles, 8 warps, 3 stages,
     # persistent LPT grid. Named "default" in results before v5.
     "tl": KernelConfig(),

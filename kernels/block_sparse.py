@@ -56,9 +56,6 @@ class KernelConfig:
     # Only sm_90, 128 x 128 blocks, bf16/fp16, 16-byte aligned rows, no lse: other calls run the tl kernel's
     # default. num_stages: its K/V ring; the other fields do not apply to it (warp_specialize marks it in labels).
     gluon: bool = False
-    # Gluon only: the two consumer warpgroups take turns issuing their GEMMs (mbarrier-enforced ping-pong,
-    # FA3's scheduler barriers) instead of drifting into that order.
-    pingpong: bool = False
 
 
 # v5 (bench/NOTES.md): 531-641 TFLOP/s on an H200 (the lower figures at density <= 0.25 on Wan 1.3B), against
@@ -333,8 +330,7 @@ def _run_gluon(q, k, v, index, scale, cfg, out):
     words = ids if id_words else index_words(ids)  # the Gluon kernel reads int16 ids only
     try:
         return block_sparse_gluon.block_sparse_attention_gluon(q, k, v, out, counts, offsets, words, schedule,
-                                                               scale=scale, stages=cfg.num_stages,
-                                                               pingpong=cfg.pingpong)
+                                                               scale=scale, stages=cfg.num_stages)
     except (CompilationError, RuntimeError) as e:
         _GLUON_BROKEN.append(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
         logging.getLogger("calibatt").warning("the Gluon kernel failed to compile with triton %s (%s); using the "

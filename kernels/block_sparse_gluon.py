@@ -108,24 +108,7 @@ if HAVE_GLUON:
             _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, ready, stage, kn, True)
 
     @gluon.jit
-    def _turn_wait(pp, k, WG: gl.constexpr):
-        """Ping-pong (pp has two barriers): warpgroup WG's k-th GEMM issue waits for the other's previous one,
-        so the two alternate on the tensor cores from a tile's first block on (FA3's warp scheduler
-        barriers) instead of drifting into that order. One barrier: no ordering."""
-        if pp.shape[0] == 2:
-            if WG == 0:
-                if k > 0:
-                    mbarrier.wait(pp.index(0), (k - 1) & 1)
-            else:
-                mbarrier.wait(pp.index(1), k & 1)
-
-    @gluon.jit
-    def _turn_pass(pp, WG: gl.constexpr):
-        if pp.shape[0] == 2:
-            mbarrier.arrive(pp.index(1 - WG), count=1)
-
-    @gluon.jit
-    def _ws_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, pp, Words, e0, cnt, start_m, N, qk_scale,
+    def _ws_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale,
                      WG: gl.constexpr):
         dtype: gl.constexpr = q_smem.dtype
         HALF: gl.constexpr = q_smem.shape[0] // 2
@@ -146,10 +129,7 @@ if HAVE_GLUON:
         if cnt > 0:
             kn = _gl_block_id(Words, e0) * BN
             mbarrier.wait(ready.index(0), 0)
-            _turn_wait(pp, 0, WG)
-            s_tok = warpgroup_mma(q_half, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            _turn_pass(pp, WG)
-            qk = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
+            qk = warpgroup_mma(q_half, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
             p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, True)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             for j in range(1, cnt):
@@ -157,11 +137,9 @@ if HAVE_GLUON:
                 prev = (j - 1) % STAGES
                 kn = _gl_block_id(Words, e0 + j) * BN
                 mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
-                _turn_wait(pp, j, WG)
                 s_tok = warpgroup_mma(q_half, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
                                       is_async=True)
                 o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-                _turn_pass(pp, WG)
                 qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
                 if j == cnt - 1:
                     p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, True)
@@ -171,10 +149,7 @@ if HAVE_GLUON:
                 mbarrier.arrive(empty.index(prev), count=1)  # K and V of tile j-1: this warpgroup is done
                 acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
-            _turn_wait(pp, cnt, WG)
-            o_tok = warpgroup_mma(p_op, v_smem.index((cnt - 1) % STAGES), acc, is_async=True)
-            _turn_pass(pp, WG)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
+            acc = warpgroup_mma(p_op, v_smem.index((cnt - 1) % STAGES), acc)
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
         l_o = gl.where(l_o == 0.0, 1.0, l_o)
         out = (acc / gl.expand_dims(l_o, 1)).to(dtype)
@@ -184,16 +159,12 @@ if HAVE_GLUON:
         tma.store_wait(0)
 
     @gluon.jit
-    def _ws_consumer1(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, pp, Words, e0, cnt, start_m, N,
-                      qk_scale):
-        _ws_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, pp, Words, e0, cnt, start_m, N, qk_scale,
-                     1)
+    def _ws_consumer1(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale):
+        _ws_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale, 1)
 
     @gluon.jit
-    def _ws_consumer0(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, pp, Words, e0, cnt, start_m, N,
-                      qk_scale):
-        _ws_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, pp, Words, e0, cnt, start_m, N, qk_scale,
-                     0)
+    def _ws_consumer0(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale):
+        _ws_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale, 0)
 
     # (index pointers: no alignment specialisation, as for the tl kernel; see block_sparse.INDEX_POINTERS)
     @gluon.jit(do_not_specialize=["N", "Mq", "stride_cz", "stride_ch"],
@@ -204,7 +175,7 @@ if HAVE_GLUON:
         stride_vz, stride_vh, stride_vn, stride_oz, stride_oh, stride_om,
         stride_cz, stride_ch, H, N, Mq, REPS, qk_scale,
         BM: gl.constexpr, BN: gl.constexpr, HEAD_DIM: gl.constexpr, HAS_SCHEDULE: gl.constexpr,
-        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr,
+        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         dtype: gl.constexpr = Q.dtype.element_ty
@@ -235,23 +206,17 @@ if HAVE_GLUON:
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        pp = gl.allocate_shared_memory(gl.int64, [2 if PINGPONG else 1, 1], mbarrier.MBarrierLayout())
-        for wg in gl.static_range(2 if PINGPONG else 1):
-            mbarrier.init(pp.index(wg), count=1)
         mbarrier.init(q_bar, count=1)
         for st in gl.static_range(STAGES):
             mbarrier.init(ready.index(st), count=1)
             mbarrier.init(empty.index(st), count=2)  # one arrival per consumer warpgroup
-        consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, pp, Words, e0, cnt, start_m, N,
-                         qk_scale)
+        consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale)
         gl.warp_specialize([
             (_ws_consumer0, consumer_args),
             (_ws_consumer1, consumer_args),
             (_ws_loader, (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt,
                           start_m)),
         ], [4, 1], [CONSUMER_REGS, 24])
-        for wg in gl.static_range(2 if PINGPONG else 1):
-            mbarrier.invalidate(pp.index(wg))
         mbarrier.invalidate(q_bar)
         for st in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(st))
@@ -277,8 +242,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: tupl
 
 def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                                  counts: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor,
-                                 schedule: torch.Tensor | None, *, scale: float, stages: int = DEFAULT_STAGES,
-                                 pingpong: bool = False) -> torch.Tensor:
+                                 schedule: torch.Tensor | None, *, scale: float, stages: int = DEFAULT_STAGES
+                                 ) -> torch.Tensor:
     """Called by `block_sparse.block_sparse_attention_triton`, which validates the call, allocates `out` and
     prepares the index (`_device_index`): q, k, v, out [B, H, N, D] with unit last strides; int32 counts and
     offsets [Bi, H, Mq]; the int16 block ids as int32 words."""
@@ -297,7 +262,7 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         counts.stride(0), counts.stride(1), H, N, Mq, reps, scale * LOG2E,
         BM=BLOCK, BN=BLOCK, HEAD_DIM=D, HAS_SCHEDULE=schedule is not None, STAGES=stages,
-        CONSUMER_REGS=CONSUMER_REGS, PINGPONG=pingpong, num_warps=4,
+        CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
     )
     return out
 
@@ -307,7 +272,7 @@ def kernel_fn():
     return _gl_block_sparse_fwd
 
 
-def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STAGES, pingpong: bool = False):
+def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STAGES):
     """(signature, constexprs, attrs, options) for `triton.compile(GluonASTSource(...))` without a GPU."""
     import inspect
 
@@ -317,6 +282,6 @@ def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STA
         raise ValueError(f"the Gluon kernel takes bf16/fp16, not {dtype}")
     names = list(inspect.signature(_gl_block_sparse_fwd.fn).parameters)
     consts = dict(BM=BLOCK, BN=BLOCK, HEAD_DIM=head_dim, HAS_SCHEDULE=True, STAGES=stages,
-                  CONSUMER_REGS=CONSUMER_REGS, PINGPONG=pingpong, num_warps=4)
+                  CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
     sig, attrs = aot_signature(names, consts, dtype, i32_pointers=("Counts", "Offsets", "Words", "Schedule"))
     return sig, consts, attrs, {"num_warps": 4}

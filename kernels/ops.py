@@ -20,16 +20,16 @@ def config_to_ints(config: KernelConfig | None) -> list[int]:
         return []
     tma = -1 if config.use_tma is None else int(config.use_tma)
     return [config.block_m or 0, config.block_n or 0, config.num_warps, config.num_stages, int(config.persistent),
-            tma, int(config.warp_specialize), int(config.pipeline_qk), int(config.gluon), int(config.pingpong)]
+            tma, int(config.warp_specialize), int(config.pipeline_qk), int(config.gluon)]
 
 
 def config_from_ints(values: list[int]) -> KernelConfig | None:
     if not values:
         return None
-    bm, bn, warps, stages, persistent, tma, ws, pipe, gluon, pingpong = values
+    bm, bn, warps, stages, persistent, tma, ws, pipe, gluon = values
     return KernelConfig(block_m=bm or None, block_n=bn or None, num_warps=warps, num_stages=stages,
                         persistent=bool(persistent), use_tma=None if tma < 0 else bool(tma), warp_specialize=bool(ws),
-                        pipeline_qk=bool(pipe), gluon=bool(gluon), pingpong=bool(pingpong))
+                        pipeline_qk=bool(pipe), gluon=bool(gluon))
 
 
 @torch.library.custom_op("calibatt::block_sparse_attention", mutates_args=())
