@@ -26,6 +26,7 @@ def train(
     batch: Annotated[int, typer.Option(help="Clips per step.")] = 64,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 4e-4,
     lr_schedule: Annotated[str, typer.Option(help="constant, or cosine (anneal to 0 at --steps).")] = "constant",
+    fg_weight: Annotated[float, typer.Option(help="Extra loss weight on the objects' pixels (0: uniform).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of weights, data and noise.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
     max_seconds: Annotated[float | None, typer.Option(help="Stop (with a checkpoint) after this long.")] = None,
@@ -46,6 +47,7 @@ def train(
         if not torch.cuda.is_available():
             raise CalibattError(f"--device {device} but no CUDA GPU is visible; use --device cpu")
     cfg = TrainConfig(seed=seed, steps=steps, batch=batch, lr=lr, lr_schedule=lr_schedule, device=device,
+                      fg_weight=fg_weight,
                       max_seconds=max_seconds,
                       log_every=log_every, ckpt_every=ckpt_every,
                       init_from=None if init_from is None else str(init_from))

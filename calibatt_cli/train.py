@@ -14,6 +14,7 @@ JSON sidecar (step, config, loss log); nothing is pickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 
 from . import procedural as P
 from .errors import CalibattError
+from .latent import space_time_to_channel
 from .models import tiny
 from .util import atomic_path, sha256_hex, write_text_atomic
 
@@ -54,6 +56,10 @@ class TrainConfig:
     caption_dropout: float = 0.1  # share of empty prompts, for classifier-free guidance
     shift: float = 3.0  # timestep shift of the training sigmas (generate.flow_shift)
     two_objects_p: float = 0.2  # share of clips with a second object
+    # Extra loss weight on the pixels the objects cover (and a 1-pixel rim): an object is 1-10 % of a
+    # frame, so with a uniform loss the flat background dominates and shapes stay blurry (shape was the
+    # judge's weakest attribute). 0: uniform MSE, as the first 23,313 steps were trained.
+    fg_weight: float = 0.0
     device: str = "cpu"
     bf16: bool = True  # autocast the transformer to bfloat16 on CUDA (ignored on CPU)
     log_every: int = 50
@@ -74,6 +80,14 @@ class TrainResult:
     losses: list  # [step, mean loss since the previous log line]
     checkpoint: Path
     seconds: float
+
+
+def foreground(specs: list[P.ClipSpec], video: torch.Tensor) -> torch.Tensor:
+    """float [B, 1, F, H, W]: 1 where the clip differs from its background alone (the objects, antialiased
+    edges included), grown by one pixel so each shape's outline counts too."""
+    bare = P.render([dataclasses.replace(s, objects=()) for s in specs], video.device)
+    cover = ((video - bare).abs().amax(dim=1) > 1e-3).float()  # [B, F, H, W]
+    return F.max_pool2d(cover.flatten(0, 1).unsqueeze(1), 3, stride=1, padding=1).view_as(cover).unsqueeze(1)
 
 
 class Trainer:
@@ -104,16 +118,25 @@ class Trainer:
             lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
         return lr
 
-    def batch(self, i: int) -> tuple[torch.Tensor, list[str]]:
+    def batch(self, i: int) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+        """(latents, captions, per-element loss weights in latent layout, or None for a uniform loss)."""
         specs = P.training_batch(self.cfg.seed, i, self.cfg.batch, two_objects_p=self.cfg.two_objects_p)
         drop = np.random.default_rng([self.cfg.seed, i, 1]).random(len(specs)) < self.cfg.caption_dropout
         captions = ["" if d else P.caption(s) for s, d in zip(specs, drop, strict=True)]
         with torch.no_grad():
-            x0 = self.latent.encode(P.render(specs, self.device))
-        return x0, captions
+            video = P.render(specs, self.device)
+            x0 = self.latent.encode(video)
+            weight = None
+            if self.cfg.fg_weight > 0:
+                cover = foreground(specs, video)
+                weight = 1.0 + self.cfg.fg_weight * cover.expand_as(video)
+                # the latent is a fixed rearrangement of pixels: the weights rearrange the same way
+                weight = space_time_to_channel(weight, self.latent.config.scale_factor_temporal,
+                                               self.latent.config.scale_factor_spatial)
+        return x0, captions, weight
 
     def loss(self, i: int) -> torch.Tensor:
-        x0, captions = self.batch(i)
+        x0, captions, weight = self.batch(i)
         g = torch.Generator(device=self.device).manual_seed(int(sha256_hex(f"{self.cfg.seed}:{i}")[:12], 16))
         noise = torch.randn(x0.shape, generator=g, device=self.device)
         u = torch.rand(x0.shape[0], generator=g, device=self.device)
@@ -124,7 +147,9 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             emb = tiny.encode_text(self.tokenizer, self.text_encoder, captions)
             pred = self.transformer(xt, timestep=sigma * 1000, encoder_hidden_states=emb, return_dict=False)[0]
-        return F.mse_loss(pred.float(), noise - x0)
+        if weight is None:
+            return F.mse_loss(pred.float(), noise - x0)
+        return (weight * (pred.float() - (noise - x0)) ** 2).sum() / weight.sum()
 
     def step(self, i: int) -> torch.Tensor:
         for group in self.opt.param_groups:

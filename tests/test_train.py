@@ -88,3 +88,26 @@ def test_cosine_schedule_warms_up_then_anneals_to_zero():
 
     with pytest.raises(CalibattError, match="lr schedule 'linear' is not known; use constant or cosine"):
         TrainConfig(lr_schedule="linear")
+
+
+def test_foreground_weights_cover_the_objects_and_their_rim():
+    """fg_weight: the loss weight is 1 + w on the object's pixels (a 1-pixel rim included), 1 elsewhere, and
+    lands on the same latent elements as those pixels."""
+    from calibatt_cli import procedural as P
+    from calibatt_cli.train import Trainer, foreground
+
+    spec = P.ClipSpec((P.ObjectSpec("red", "square", "left", "large", (32.0, 32.0), 0.0),), "black", False)
+    video = P.render([spec])
+    cover = foreground([spec], video)[0, 0, 0]  # frame 0, [H, W]
+    half = P.trajectory(spec.objects[0], spec.frames)[0, 2]
+    inside = (torch.arange(64) + 0.5 - 32).abs() < half * 0.9 - 1  # the square's core along one axis
+    assert cover[inside][:, inside].min() == 1.0
+    far = (torch.arange(64) + 0.5 - 32).abs() > half * 0.9 + 2  # more than the rim away
+    assert cover[far].max() == 0.0 and cover[:, far].max() == 0.0
+
+    trainer = Trainer(TrainConfig(batch=3, transformer=dict(SMALL), fg_weight=4.0))
+    x0, _, weight = trainer.batch(0)
+    assert weight.shape == x0.shape
+    assert set(weight.unique().tolist()) == {1.0, 5.0}
+    assert 0.005 < (weight == 5.0).float().mean() < 0.5  # objects are a small share of the pixels
+    assert trainer.loss(0).isfinite()
