@@ -1,4 +1,4 @@
-"""calibatt_kernels: block-sparse attention and calibration block mass.
+"""calibatt_kernels: block-sparse attention, calibration block mass, and Wan's fused q/k norm + RoPE.
 
 Installed under the import name `calibatt_kernels` (never `kernels`: PyPI has an unrelated package of
 that name that diffusers probes for). Each kernel module holds its Triton kernel and launcher; the
