@@ -1,7 +1,7 @@
 """Block-sparse attention forward for Hopper in Gluon (v5): FA3's warp-specialized structure, so that the
 softmax of one warpgroup overlaps the tensor-core work of the other and of its own P @ V -- the overlap
-that Triton's `tl` compiler does not produce on sm_90 (bench/NOTES.md: 579-631 TFLOP/s on an H200 against
-447-489 for the tl kernel).
+that Triton's `tl` compiler does not produce on sm_90 (bench/NOTES.md: 531-641 TFLOP/s on an H200 over
+densities 0.1-1, against 430-489 for the tl kernel).
 
 Same contract as `block_sparse._block_sparse_fwd` for the cases it takes (`supports`; the caller falls
 back to the tl kernel otherwise): sm_90, bf16/fp16, head dim 64 or 128, kernel tile = mask block =
@@ -21,7 +21,8 @@ One program per 128-row query tile, `gl.warp_specialize` into
       O += P V(n-1) ; O /= l ; TMA store of the 64 rows
 
 No CTA-wide barrier is left in the loop, so the two warpgroups drift apart and one's softmax runs while the
-other's GEMMs do (FA3's ping-pong, left to the warp schedulers rather than forced with named barriers).
+other's GEMMs do (FA3's ping-pong, left to the warp schedulers: forcing the order with mbarriers, and a
+persistent variant, measured no faster; bench/NOTES.md, v6 and v7).
 The tile mapping mirrors the tl kernel's (`_block_sparse_tile`); Gluon functions cannot call `tl` ones.
 
 There is no interpreter for Gluon: CI compiles this kernel for sm_90 on the CPU, and
