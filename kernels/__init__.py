@@ -19,7 +19,14 @@ from . import block_mass as _mass_kernels
 from . import block_sparse as _sparse_kernels
 from . import norm_rope as _qk_kernels
 from .index import BlockIndex, index_to_mask, lpt_schedule, mask_to_index
-from .reference import block_mass_ref, block_sparse_attention_ref, expand_block_mask, num_blocks, qk_norm_rope_ref
+from .reference import (
+    block_mass_ref,
+    block_sparse_attention_ref,
+    expand_block_mask,
+    num_blocks,
+    qk_norm_rope_ref,
+    rope_interleaved_ref,
+)
 
 __all__ = [
     "BlockIndex",
@@ -35,6 +42,7 @@ __all__ = [
     "num_blocks",
     "qk_norm_rope",
     "qk_norm_rope_ref",
+    "rope_interleaved_ref",
     "triton_usable",
 ]
 

@@ -129,15 +129,19 @@ def qk_norm_rope_ref(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, w
     """Wan's q/k preparation (see norm_rope.py): RMS norm over the C = heads * D channels of q and k
     [B, N, C], rounded to their dtype, then the interleaved rotary embedding with cos, sin ([1, N, 1, D] or
     [N, D]) computed in fp32. Returns [B, N, heads, D] tensors in q's dtype."""
-    n = q.shape[1]
-
     def one(x, w):
         y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), w.float(), eps).to(x.dtype)
-        y = y.unflatten(-1, (heads, -1)).float()
-        d = y.shape[-1]
-        c = cos.reshape(1, n, 1, d).float()[..., 0::2]
-        s = sin.reshape(1, n, 1, d).float()[..., 1::2]
-        y0, y1 = y[..., 0::2], y[..., 1::2]
-        return torch.stack([y0 * c - y1 * s, y0 * s + y1 * c], -1).flatten(-2).to(x.dtype)
+        return rope_interleaved_ref(y.unflatten(-1, (heads, -1)), cos, sin)
 
     return one(q, weight_q), one(k, weight_k)
+
+
+def rope_interleaved_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved rotary embedding of x [B, N, H, D] (diffusers' WanAttnProcessor): channel pairs
+    (2i, 2i+1) rotated by the angle whose cos is cos[n, 2i] and sin is sin[n, 2i+1] (cos, sin: [1, N, 1, D]
+    or [N, D], each angle repeated over its pair). Computed in fp32, returned in x's dtype."""
+    n, d = x.shape[1], x.shape[-1]
+    c = cos.reshape(1, n, 1, d).float()[..., 0::2]
+    s = sin.reshape(1, n, 1, d).float()[..., 1::2]
+    x0, x1 = x.float()[..., 0::2], x.float()[..., 1::2]
+    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], -1).flatten(-2).to(x.dtype)

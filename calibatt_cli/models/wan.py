@@ -11,23 +11,13 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
+import calibatt_kernels as ck
 from calibatt_kernels import ops as ck_ops
 
 from ..attention import AttentionController, SparseLayer
 from ..config import Config
 from ..errors import ModelError
 from .base import LoadedModel, ModelIdentity, identity_from_config, refuse_context_parallel
-
-
-def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    # Wan's interleaved RoPE, as in diffusers' WanAttnProcessor (cos/sin are [1, N, 1, D]).
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos = freqs_cos[..., 0::2]
-    sin = freqs_sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
 
 
 def _fusable_norms(attn) -> bool:
@@ -62,8 +52,8 @@ class CalibattWanAttnProcessor(WanAttnProcessor):
             query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
             key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
             if rotary_emb is not None:
-                query = _apply_rotary_emb(query, *rotary_emb)
-                key = _apply_rotary_emb(key, *rotary_emb)
+                query = ck.rope_interleaved_ref(query, *rotary_emb)
+                key = ck.rope_interleaved_ref(key, *rotary_emb)
         # [B, N, H, D] -> [B, H, N, D] views: the kernels take any strides, so nothing is copied.
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         if self.sparse is not None and self.controller.fast_sparse():
