@@ -79,10 +79,6 @@ def local_mask(h, grid, n, density):
     return local_block_mask(h, grid, density, BLOCK).unsqueeze(0)
 
 
-class _Skip(Exception):
-    pass
-
-
 def schedule_variant(counts, name):
     """The work order to time: "lpt" (what plans hold), "grouped<L>" (LPT over L count levels, rows in
     natural order inside a level), "none" (natural order: batch, head, row)."""
@@ -177,17 +173,14 @@ def bench_shape(shape, configs, args, res):
                 variants += [(f"{name}/i32-ids", cfg, index32) for name, cfg in configs.items()]
             base = dict(shape=shape, N=N, mask=kind, density=dens)
             times = {}
-            try:
-                if args.no_flex:
-                    raise _Skip
-                fl = flex_fn(mask, N)
-                fl(q, k, v)
-                times["flex"] = bench(dens * t_cudnn, fl, q, k, v)
-            except _Skip:
-                pass
-            except Exception:
-                res["rows"].append(dict(base, kernel="flex", error=traceback.format_exc(limit=-2)[-600:]))
-                log("ERR flex", traceback.format_exc(limit=-2)[-600:])
+            if not args.no_flex:
+                try:
+                    fl = flex_fn(mask, N)
+                    fl(q, k, v)
+                    times["flex"] = bench(dens * t_cudnn, fl, q, k, v)
+                except Exception:
+                    res["rows"].append(dict(base, kernel="flex", error=traceback.format_exc(limit=-2)[-600:]))
+                    log("ERR flex", traceback.format_exc(limit=-2)[-600:])
             for name, cfg, index in variants:
                 try:
                     t0 = time.time()
