@@ -4,10 +4,12 @@ One denoising step = two transformer forwards (CFG cond + uncond, batch 1 each),
 Variants, all measured in this one run:
   stock eager          diffusers' own processors (SDPA -> cuDNN)
   stock compiled       + transformer.compile_repeated_blocks(fullgraph=True)
-  stock+fused-norm     stock attention (SDPA) behind calibatt's fused q/k RMS-norm + RoPE kernel
+  stock+fused          stock attention (SDPA) behind calibatt's non-attention fusions: the q/k RMS-norm +
+                       RoPE kernel and the FFN up-projection with bias + GELU in its GEMM's epilogue
   no-attn eager/comp.  self-attention replaced by `return v` (for the attention share)
   calibatt eager/comp. our processors with local spatio-temporal masks at each density, the kernel as a
-                       registered custom op inside the compiled blocks
+                       registered custom op inside the compiled blocks, with the same two fusions
+  calibatt ... unfused-ffn   (--ffn-ab) one density without the FFN fusion: what that fusion alone gives
 Wan 14B runs a subset of its 40 layers; step times are scaled to 40 layers (x 40 / layers run), said so.
 
     python bench/bench_e2e.py                     # both shapes (device machine)
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from calibatt_cli.attention import AttentionController, SparsePlan  # noqa: E402
 from calibatt_cli.masks import local_block_mask  # noqa: E402
-from calibatt_cli.models.wan import CalibattWanAttnProcessor  # noqa: E402
+from calibatt_cli.models.wan import CalibattWanAttnProcessor, fuse_ffn_gelu, restore_modules  # noqa: E402
 from calibatt_kernels import mask_to_index  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "wan2.1"
@@ -178,11 +180,13 @@ def bench_shape(shape: dict, args, device, dtype) -> dict:
         install(lambda i: WanAttnProcessor())
         V[f"stock {tag}"] = measure(f"stock {tag}")
         stock_out = step()[0].float()
-        # stock attention (SDPA, cuDNN) behind calibatt's fused q/k norm + RoPE: what that fusion alone gives,
-        # so the speed-up of the sparse kernel can be read apart from it
+        # stock attention (SDPA, cuDNN) behind calibatt's fused q/k norm + RoPE and fused FFN GELU: what those
+        # fusions alone give, so the speed-up of the sparse kernel can be read apart from them
+        swapped = fuse_ffn_gelu(tr)
         dense_ctl = AttentionController("dense")
         install(lambda i: CalibattWanAttnProcessor(i, dense_ctl))
-        V[f"stock+fused-norm {tag}"] = measure(f"stock+fused-norm {tag}")
+        V[f"stock+fused {tag}"] = measure(f"stock+fused {tag}")
+        restore_modules(swapped)
         install(lambda i: NoAttnProcessor())
         V[f"no-attn {tag}"] = measure(f"no-attn {tag}")
         plan = make_plan(torch.ones(heads, *masks_by_density[args.densities[0]].shape[1:], dtype=torch.bool),
@@ -190,6 +194,11 @@ def bench_shape(shape: dict, args, device, dtype) -> dict:
         ctl = AttentionController("sparse", plan=plan.to(device)).to(device)
         ctl.reset()
         procs = install(lambda i: CalibattWanAttnProcessor(i, ctl))
+        if args.ffn_ab:
+            set_density(procs, masks_by_density[args.ffn_ab])
+            V[f"calibatt {tag} d={args.ffn_ab} unfused-ffn"] = measure(f"calibatt {tag} d={args.ffn_ab} unfused-ffn")
+            set_density(procs, torch.ones_like(masks_by_density[args.ffn_ab]))
+        swapped = fuse_ffn_gelu(tr)  # as WanModel.install does
         ours = step()[0].float()
         rel = float((ours - stock_out).norm() / stock_out.norm())
         V[f"calibatt {tag} all-true"] = dict(measure(f"calibatt {tag} all-true"), rel_err_vs_stock=rel)
@@ -197,6 +206,7 @@ def bench_shape(shape: dict, args, device, dtype) -> dict:
         for d, m in masks_by_density.items():
             set_density(procs, m)
             V[f"calibatt {tag} d={d}"] = dict(measure(f"calibatt {tag} d={d}"), density=float(m.float().mean()))
+        restore_modules(swapped)
 
     run_all("eager")
     if not args.no_compile:
@@ -234,7 +244,7 @@ def table(results: list[dict]) -> None:
         V = r["variants"]
         se = V["stock eager"]["ms"]
         sc = V.get("stock compiled", {}).get("ms")
-        sf = V.get("stock+fused-norm compiled", {}).get("ms")
+        sf = V.get("stock+fused compiled", {}).get("ms")
         for name, v in V.items():
             vs_c = f"{sc / v['ms']:14.2f}" if sc else f"{'-':>14}"
             vs_f = f"{sf / v['ms']:14.2f}" if sf else f"{'-':>14}"
@@ -257,6 +267,8 @@ def main() -> None:
     ap.add_argument("--kernel-config", default=None,
                     help="a bench_kernel.py config name for the sparse kernel (default: the library's default)")
     ap.add_argument("--profile", action="store_true", help="also print each compiled variant's costliest kernels")
+    ap.add_argument("--ffn-ab", type=float, default=None, metavar="DENSITY",
+                    help="also time calibatt at this density (one of --densities) without the FFN fusion")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,4 +1,5 @@
-"""calibatt_kernels: block-sparse attention, calibration block mass, and Wan's fused q/k norm + RoPE.
+"""calibatt_kernels: block-sparse attention, calibration block mass, and Wan's fused q/k norm + RoPE and
+FFN up-projection + GELU.
 
 Installed under the import name `calibatt_kernels` (never `kernels`: PyPI has an unrelated package of
 that name that diffusers probes for). Each kernel module holds its Triton kernel and launcher; the
@@ -18,11 +19,13 @@ import torch
 from . import block_mass as _mass_kernels
 from . import block_sparse as _sparse_kernels
 from . import norm_rope as _qk_kernels
+from .linear_gelu import linear_gelu
 from .index import BlockIndex, index_to_mask, lpt_schedule, mask_to_index
 from .reference import (
     block_mass_ref,
     block_sparse_attention_ref,
     expand_block_mask,
+    linear_gelu_ref,
     num_blocks,
     qk_norm_rope_ref,
     rope_interleaved_ref,
@@ -37,6 +40,8 @@ __all__ = [
     "block_sparse_attention_ref",
     "expand_block_mask",
     "index_to_mask",
+    "linear_gelu",
+    "linear_gelu_ref",
     "lpt_schedule",
     "mask_to_index",
     "num_blocks",

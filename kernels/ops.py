@@ -77,3 +77,18 @@ def qk_norm_rope_op(
 def _(q, k, weight_q, weight_k, cos, sin, heads, eps):
     b, n, c = q.shape
     return q.new_empty(b, n, heads, c // heads), q.new_empty(b, n, heads, c // heads)
+
+
+@torch.library.custom_op("calibatt::linear_gelu", mutates_args=())
+def linear_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # An op, not a plain call, so that compiled blocks keep the single cuBLASLt call whatever a torch
+    # version's inductor does with aten._addmm_activation: torch._decomp carries a decomposition of it
+    # into a GEMM and a pointwise GELU (the very split this avoids), which inductor does not use today.
+    from .linear_gelu import linear_gelu
+
+    return linear_gelu(x, weight, bias)
+
+
+@linear_gelu_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])

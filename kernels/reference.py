@@ -145,3 +145,8 @@ def rope_interleaved_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     s = sin.reshape(1, n, 1, d).float()[..., 1::2]
     x0, x1 = x.float()[..., 0::2], x.float()[..., 1::2]
     return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], -1).flatten(-2).to(x.dtype)
+
+
+def linear_gelu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """diffusers' GELU(approximate="tanh") module: the projection, then the tanh-approximate GELU."""
+    return torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias), approximate="tanh")

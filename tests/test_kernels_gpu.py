@@ -152,3 +152,29 @@ def test_qk_norm_rope_at_wan_size(heads):
         assert g.shape == (1, n, heads, d) and g.dtype == torch.bfloat16
         rel = ((g.float() - w.float()).norm() / w.float().norm()).item()
         assert rel < 5e-3, f"rel={rel:.2e}"
+
+
+@pytest.mark.parametrize("dim,ffn", [(1536, 8960), (5120, 13824)])  # Wan 1.3B and 14B FFNs
+def test_linear_gelu_at_wan_size(dim, ffn):
+    """The FFN up-projection with bias + tanh-GELU in cuBLASLt's epilogue, against diffusers' own GELU
+    module in fp32, at Wan's widths (a slice of the 480p token count)."""
+    from diffusers.models.activations import GELU
+
+    from calibatt_kernels.linear_gelu import fusable
+
+    torch.manual_seed(dim)
+    mod = GELU(dim, ffn, approximate="tanh").cuda()
+    x = torch.randn(1, 4096 + 37, dim, device="cuda")
+    with torch.no_grad():
+        want = mod(x)
+        mod = mod.to(torch.bfloat16)
+        xb = x.to(torch.bfloat16)
+        assert fusable(xb, mod.proj.weight, mod.proj.bias)
+        poison = torch.full((1, 4096 + 37, ffn), float("nan"), device="cuda", dtype=torch.bfloat16)
+        del poison
+        got = ck.linear_gelu(xb, mod.proj.weight, mod.proj.bias)
+        stock = mod(xb)
+    assert got.shape == want.shape and got.dtype == torch.bfloat16 and not got.isnan().any()
+    rel = ((got.float() - want).norm() / want.norm()).item()
+    rel_stock = ((stock.float() - want).norm() / want.norm()).item()
+    assert rel < 1e-2 and rel <= 1.5 * rel_stock, f"rel={rel:.2e}, stock bf16 rel={rel_stock:.2e}"

@@ -61,3 +61,24 @@ def test_transformer_compiles_fullgraph_with_the_op(small_config):
     assert (got - eager).abs().max() < 1e-5
     assert (got2 - eager2).abs().max() < 1e-5
     assert (eager2 - eager).abs().max() > 1e-4, "the buckets' masks differ, so must the outputs"
+
+
+def test_linear_gelu_op_matches_diffusers_gelu_module_and_its_fake():
+    from diffusers.models.activations import GELU
+
+    from calibatt_kernels.linear_gelu import fusable
+    from calibatt_kernels.ops import linear_gelu_op
+
+    torch.manual_seed(0)
+    mod = GELU(48, 80, approximate="tanh")
+    x = torch.randn(2, 7, 48) * 3  # wide enough that tanh-GELU and erf-GELU differ visibly
+    with torch.no_grad():
+        want = mod(x)
+        got = linear_gelu_op(x, mod.proj.weight, mod.proj.bias)
+        erf = torch.nn.functional.gelu(mod.proj(x))
+    assert got.shape == (2, 7, 80)
+    assert (got - want).abs().max() < 1e-6
+    assert (erf - want).abs().max() > 1e-4, "the reference must be the tanh GELU"
+    assert not fusable(x, mod.proj.weight, mod.proj.bias)  # the CPU takes the reference
+    torch.library.opcheck(linear_gelu_op, (x, mod.proj.weight.detach(), mod.proj.bias.detach()),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

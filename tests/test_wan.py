@@ -135,3 +135,28 @@ def test_processor_matches_diffusers_stock_processor(mode):
     assert rel < 1e-5, f"rel={rel:.2e}"
     if mode == "record":
         assert ctl.recorder.counts == {(0, 0): 1, (0, 1): 1}
+
+
+def test_ffn_fusion_swaps_keeps_outputs_and_restores():
+    """fuse_ffn_gelu puts the fused up-projection + GELU in every block's FFN without changing the
+    transformer's output or its state_dict keys; restore_modules puts diffusers' own modules back."""
+    from diffusers import WanTransformer3DModel
+
+    from calibatt_cli.models.wan import FusedGELUProjection, fuse_ffn_gelu, restore_modules
+
+    torch.manual_seed(0)
+    tr = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4,
+                               out_channels=4, text_dim=32, freq_dim=32, ffn_dim=96, num_layers=2).eval()
+    originals = [blk.ffn.net[0] for blk in tr.blocks]
+    keys = list(tr.state_dict())
+    args = dict(hidden_states=torch.randn(1, 4, 3, 8, 8), timestep=torch.tensor([300.0]),
+                encoder_hidden_states=torch.randn(1, 5, 32))
+    with torch.no_grad():
+        want = tr(**args).sample
+        swapped = fuse_ffn_gelu(tr)
+        assert len(swapped) == 2 and all(isinstance(b.ffn.net[0], FusedGELUProjection) for b in tr.blocks)
+        assert list(tr.state_dict()) == keys
+        got = tr(**args).sample
+        restore_modules(swapped)
+    assert [blk.ffn.net[0] for blk in tr.blocks] == originals and not swapped
+    assert ((got - want).norm() / want.norm()).item() < 1e-6

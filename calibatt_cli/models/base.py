@@ -101,7 +101,8 @@ class LoadedModel:
     ident: ModelIdentity
     pipe: Any
     call_defaults: dict = field(default_factory=dict)  # extra pipeline kwargs (e.g. max_sequence_length)
-    _installed: list = field(default_factory=list)
+    _installed: list = field(default_factory=list)  # (attention module, its original processor)
+    _swapped: list = field(default_factory=list)  # (parent, name, original module) of swapped submodules
 
     @property
     def device(self) -> torch.device:

@@ -67,6 +67,41 @@ class CalibattWanAttnProcessor(WanAttnProcessor):
         return attn.to_out[1](out)
 
 
+class FusedGELUProjection(torch.nn.Module):
+    """diffusers' `GELU(approximate="tanh")` (the first layer of Wan's FFN) as one GEMM whose epilogue adds
+    the bias and applies the GELU (`calibatt::linear_gelu`). It holds the original module's Linear: the same
+    parameters under the same state_dict keys."""
+
+    def __init__(self, gelu: torch.nn.Module):
+        super().__init__()
+        self.proj = gelu.proj
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return ck_ops.linear_gelu_op(hidden_states, self.proj.weight, self.proj.bias)
+
+
+def fuse_ffn_gelu(transformer) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """Swap each block's FFN up-projection + tanh-GELU for `FusedGELUProjection`. Returns (parent, name,
+    original) for each swap, which `restore_modules` puts back. Blocks whose FFN is not a tanh-GELU with a
+    bias are left alone."""
+    from diffusers.models.activations import GELU
+
+    swapped = []
+    for block in transformer.blocks:
+        net = block.ffn.net
+        first = net[0]
+        if isinstance(first, GELU) and first.approximate == "tanh" and first.proj.bias is not None:
+            net[0] = FusedGELUProjection(first)
+            swapped.append((net, "0", first))
+    return swapped
+
+
+def restore_modules(swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]]) -> None:
+    for parent, name, original in reversed(swapped):
+        setattr(parent, name, original)
+    swapped.clear()
+
+
 class WanModel(LoadedModel):
     def install(self, controller: AttentionController) -> None:
         self.uninstall()
@@ -74,6 +109,12 @@ class WanModel(LoadedModel):
         for i, block in enumerate(self.pipe.transformer.blocks):
             self._installed.append((block.attn1, block.attn1.processor))
             block.attn1.set_processor(CalibattWanAttnProcessor(i, controller))
+        # not attention, but on the same path: the FFN's GELU in its GEMM's epilogue (linear_gelu.py)
+        self._swapped.extend(fuse_ffn_gelu(self.pipe.transformer))
+
+    def uninstall(self) -> None:
+        super().uninstall()
+        restore_modules(self._swapped)
 
 
 def wan_identity(name: str, model_id: str, transformer_config: dict, vae_config: dict,
