@@ -19,8 +19,8 @@ import torch
 from . import block_mass as _mass_kernels
 from . import block_sparse as _sparse_kernels
 from . import norm_rope as _qk_kernels
-from .linear_gelu import linear_gelu
 from .index import BlockIndex, index_to_mask, lpt_schedule, mask_to_index
+from .linear_gelu import linear_gelu
 from .reference import (
     block_mass_ref,
     block_sparse_attention_ref,

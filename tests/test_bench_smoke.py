@@ -13,8 +13,8 @@ REPO = Path(__file__).resolve().parent.parent
 def test_bench_e2e_smoke(tmp_path):
     out = tmp_path / "e2e.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "bench_e2e.py"), "--smoke", "--reps", "1", "--ffn-ab", "0.2", "--out",
-                        str(out)], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "bench_e2e.py"), "--smoke", "--reps", "1",
+                        "--ffn-ab", "0.2", "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())["results"][0]
     names = set(res["variants"])
