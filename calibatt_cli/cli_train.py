@@ -36,6 +36,9 @@ def train(
                                                      "calibatt_cli/weights/tiny.safetensors).")] = None,
     init_from: Annotated[Path | None, typer.Option(help="Warm start (when --out has no checkpoint) from exported "
                                                         "weights, e.g. calibatt_cli/weights/tiny.safetensors.")] = None,
+    layers: Annotated[int | None, typer.Option(help="Transformer blocks (default: the tiny model's). With "
+                                                    "--init-from weights of fewer blocks, the extra blocks are "
+                                                    "added on top, starting as the identity.")] = None,
 ) -> None:
     """Train the tiny text-to-video model on procedural clips (resumable)."""
     from .train import TrainConfig, export_weights
@@ -46,11 +49,15 @@ def train(
 
         if not torch.cuda.is_available():
             raise CalibattError(f"--device {device} but no CUDA GPU is visible; use --device cpu")
+    if layers is not None and layers < 1:
+        raise CalibattError(f"--layers {layers}: give at least 1")
     cfg = TrainConfig(seed=seed, steps=steps, batch=batch, lr=lr, lr_schedule=lr_schedule, device=device,
                       fg_weight=fg_weight,
                       max_seconds=max_seconds,
                       log_every=log_every, ckpt_every=ckpt_every,
                       init_from=None if init_from is None else str(init_from))
+    if layers is not None:
+        cfg.transformer["num_layers"] = layers
     res = run_train(cfg, out_dir, on_log=lambda s, loss, t: console.print(
         f"step {s:6d}  loss {loss:.5f}  {t:7.1f} s", highlight=False))
     console.print(f"step {res.step}/{steps}, {res.seconds:.1f} s, checkpoint {res.checkpoint}", highlight=False)

@@ -208,18 +208,38 @@ class Trainer:
 
         weights = Path(weights)
         t = load_file(str(weights), device=str(self.device))
-        missing = [n for n, _ in self.named if n not in t and not n.endswith("encoder.embed_tokens.weight")]
+        grown = self._grown_blocks(t)
+        missing = [n for n, _ in self.named
+                   if n not in t and not n.endswith("encoder.embed_tokens.weight") and _block_of(n) not in grown]
         if missing:
             raise CalibattError(f"{weights} does not fit this architecture (missing {missing[:3]}); "
                                 f"train from scratch or pass matching weights")
         with torch.no_grad():
             for n, p in self.named:
+                if _block_of(n) in grown:
+                    # A block added on top of the trained ones starts as the identity: its residual
+                    # branches (self-attention, cross-attention, FFN) end in zeroed projections, so the
+                    # grown model computes exactly what the trained one did, and gradients still reach
+                    # those projections (their inputs are not zero) to grow the block from there.
+                    if any(n.endswith(f"{branch}.{w}") for branch in GROWN_ZERO for w in ("weight", "bias")):
+                        p.zero_()
+                    self.ema[n].copy_(p)
+                    continue
                 src = t[n] if n in t else t["text_encoder.shared.weight"]  # the tied T5 embedding
                 p.copy_(src)
                 self.ema[n].copy_(src)
         info = weights.with_suffix(".json")
         step = json.loads(info.read_text()).get("step", 0) if info.is_file() else 0
         self.step_done = self.start_step = int(step)
+
+    def _grown_blocks(self, t: dict) -> set[int]:
+        """Indices of our transformer blocks that weights `t` (with fewer blocks) do not have."""
+        theirs = {_block_of(n) for n in t} - {None}
+        ours = {_block_of(n) for n, _ in self.named} - {None}
+        if theirs and not theirs <= ours:
+            raise CalibattError(f"the weights have {len(theirs)} transformer blocks, this model {len(ours)}; "
+                                f"a warm start can add blocks, not remove them (--layers {len(theirs)} or more)")
+        return ours - theirs if theirs else set()
 
     def load(self, folder: Path) -> None:
         from safetensors.torch import load_file
@@ -248,6 +268,18 @@ class Trainer:
         self.step_done = int(info["step"])
         self.start_step = int(info.get("start_step", 0))
         self.losses = info["losses"]
+
+
+# The last projection of each residual branch of a Wan block: zero in a block grown onto trained weights.
+GROWN_ZERO = ("attn1.to_out.0", "attn2.to_out.0", "ffn.net.2")
+
+
+def _block_of(name: str) -> int | None:
+    """The transformer block index of a parameter name ("transformer.blocks.3.ffn..." -> 3), else None."""
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "transformer" and parts[1] == "blocks":
+        return int(parts[2])
+    return None
 
 
 def _arch(cfg: dict) -> dict:

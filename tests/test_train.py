@@ -111,3 +111,45 @@ def test_foreground_weights_cover_the_objects_and_their_rim():
     assert set(weight.unique().tolist()) == {1.0, 5.0}
     assert 0.005 < (weight == 5.0).float().mean() < 0.5  # objects are a small share of the pixels
     assert trainer.loss(0).isfinite()
+
+
+def test_warm_start_grows_blocks_that_start_as_the_identity(tmp_path):
+    """Weights of a 1-block model warm-start a 2-block one: the grown model computes exactly what the small
+    one did, its new block's residual projections are zero, and one step moves them (gradients reach them).
+    The other way round is refused."""
+    import pytest
+
+    from calibatt_cli.errors import CalibattError
+    from calibatt_cli.train import GROWN_ZERO, Trainer
+
+    train(_cfg(1), tmp_path / "small")
+    export_weights(tmp_path / "small", tmp_path / "small.safetensors")
+    small = Trainer(_cfg(1))
+    small.warm_start(tmp_path / "small.safetensors")
+    big_cfg = TrainConfig(steps=3, batch=2, transformer=dict(SMALL, num_layers=2), log_every=1, ckpt_every=100,
+                          warmup=1, init_from=str(tmp_path / "small.safetensors"))
+    big = Trainer(big_cfg)
+    big.warm_start(tmp_path / "small.safetensors")
+    zeroed = [n for n, p in big.named if n.startswith("transformer.blocks.1.")
+              and any(f".{z}." in n for z in GROWN_ZERO)]
+    assert len(zeroed) == 6 and all(not dict(big.named)[n].any() for n in zeroed)
+    x = torch.randn(1, 24, 3, 8, 8)
+    t = torch.tensor([400.0])
+    text = torch.randn(1, 5, 64)
+    with torch.no_grad():
+        want = small.transformer(hidden_states=x, timestep=t, encoder_hidden_states=text).sample
+        got = big.transformer(hidden_states=x, timestep=t, encoder_hidden_states=text).sample
+    assert torch.equal(got, want)
+    res = train(big_cfg, tmp_path / "big")
+    assert res.step == 3
+    state = _state(tmp_path / "big")
+    assert all(state[f"model.{n}"].abs().max() > 0 for n in zeroed), "the grown block must train"
+
+    with pytest.raises(CalibattError, match="can add blocks, not remove them"):
+        Trainer(_cfg(1)).warm_start(_export(tmp_path / "big"))
+
+
+def _export(folder):
+    dest = folder.parent / f"{folder.name}.safetensors"
+    export_weights(folder, dest)
+    return dest
