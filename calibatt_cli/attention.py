@@ -78,15 +78,24 @@ class MassRecorder:
     sums: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # float64 [H, Mq, Mk]
     counts: dict[tuple[int, int], int] = field(default_factory=dict)
 
-    def add(self, bucket: int, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+    def add(self, bucket: int, layer: int, q: torch.Tensor, k: torch.Tensor,
+            v: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Record one call's block mass. With `v`, also return the call's dense attention output (on the CPU
+        both come from one softmax: attention_with_block_mass)."""
         bs = (self.block_size, self.block_size)
-        mass = ck.block_mass(q, k, block_size=bs).to(torch.float64).sum(0).cpu()  # over the batch
+        out = None
+        if v is None:
+            mass = ck.block_mass(q, k, block_size=bs)
+        else:
+            out, mass = ck.attention_with_block_mass(q, k, v, block_size=bs)
+        mass = mass.to(torch.float64).sum(0).cpu()  # over the batch
         key = (bucket, layer)
         if key in self.sums:
             self.sums[key] += mass
         else:
             self.sums[key] = mass
         self.counts[key] = self.counts.get(key, 0) + q.shape[0]
+        return out
 
     def mean(self, bucket: int, layer: int) -> torch.Tensor:
         return self.sums[(bucket, layer)] / self.counts[(bucket, layer)]
@@ -166,7 +175,7 @@ class AttentionController:
         elif self.mode == "record":
             bucket = self._bucket(self.recorder.step_buckets)
             if bucket >= 0:
-                self.recorder.add(bucket, layer, q, k)
+                return self.recorder.add(bucket, layer, q, k, v)
         return F.scaled_dot_product_attention(q, k, v)
 
     def attend_joint(

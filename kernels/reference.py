@@ -92,9 +92,11 @@ def block_mass_ref(
     block_size: tuple[int, int] = (128, 128),
     scale: float | None = None,
     rows_per_chunk: int | None = None,
-) -> torch.Tensor:
+    v: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """mass[b, h, i, j] = mean over the valid queries of block i of the softmax weight on key block j.
-    Query blocks are processed in chunks (default: ~16M probabilities at a time), never all N x N."""
+    Query blocks are processed in chunks (default: ~16M probabilities at a time), never all N x N.
+    With `v`, returns (mass, attention output like q's layout) from the same probabilities."""
     B, H, N, D = q.shape
     bm, bn = block_size
     mq, mk = num_blocks(N, bm), num_blocks(N, bn)
@@ -103,16 +105,19 @@ def block_mass_ref(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     kt = (k.float() * scale).transpose(-1, -2)  # scale folded into the keys once
     out = torch.empty(B, H, mq, mk, dtype=torch.float32, device=q.device)
+    att = None if v is None else torch.empty_like(q)
     for r0 in range(0, mq, rows_per_chunk):
         r1 = min(r0 + rows_per_chunk, mq)
         p = torch.softmax(q[:, :, r0 * bm : min(r1 * bm, N)].float() @ kt, dim=-1)  # [B, H, rows, N]
+        if att is not None:
+            att[:, :, r0 * bm : min(r1 * bm, N)] = p @ v.float()
         if mk * bn != N:
             p = torch.nn.functional.pad(p, (0, mk * bn - N))  # missing keys hold no weight
         per_block = p.view(B, H, p.shape[2], mk, bn).sum(-1)  # [B, H, rows, Mk]
         per_block = _pad_to(per_block, (r1 - r0) * bm).view(B, H, r1 - r0, bm, mk)
         n_valid = (torch.clamp(N - torch.arange(r0, r1, device=q.device) * bm, max=bm)).float()
         out[:, :, r0:r1] = per_block.sum(3) / n_valid[:, None]
-    return out
+    return out if att is None else (out, att)
 
 
 def _pad_to(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -55,6 +55,12 @@ def test_block_mass_ref_against_token_softmax(n, block_size):
     err = (mass.double() - want).abs().max().item()
     assert err < 1e-5, f"max_diff={err}"
     assert (mass.sum(-1) - 1).abs().max() < 1e-5
+    # the one-pass form calibration uses on the CPU: the same mass, and SDPA's output (in q's layout)
+    v = torch.randn(2, n, 2, 32, generator=g).transpose(1, 2)
+    out, mass2 = ck.attention_with_block_mass(q, k, v, block_size=block_size)
+    assert torch.equal(mass2, mass)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert (out - sdpa).abs().max() < 1e-5
 
 
 def test_index_round_trip_and_schedule():
