@@ -18,6 +18,7 @@ import torch
 # function `calibatt_kernels.block_mass` by the module on first use.
 from . import block_mass as _mass_kernels
 from . import block_sparse as _sparse_kernels
+from . import cpu as _cpu_kernels
 from . import norm_rope as _qk_kernels
 from .index import BlockIndex, index_to_mask, lpt_schedule, mask_to_index
 from .linear_gelu import linear_gelu
@@ -93,6 +94,10 @@ def block_sparse_attention_indexed(
     if triton_usable(q.device) and q.shape[-1] in (64, 128):
         return _sparse_kernels.block_sparse_attention_triton(q, k, v, index, block_size=block_size, scale=scale,
                                                              config=config, return_lse=return_lse)
+    if q.device.type == "cpu" and not return_lse:
+        # exact like the reference, about twice as fast (SDPA's fused CPU kernel per query block)
+        _warn_once("calibatt_kernels: Triton unavailable for cpu; using the PyTorch path (kernels/cpu.py)")
+        return _cpu_kernels.block_sparse_attention_rows(q, k, v, index, block_size=block_size, scale=scale)
     _warn_once(f"calibatt_kernels: Triton unavailable for {q.device.type}; using the PyTorch reference")
     mask = index_to_mask(index, num_blocks(k.shape[2], block_size[1]))
     return block_sparse_attention_ref(q, k, v, mask, block_size, scale, return_lse=return_lse)

@@ -95,13 +95,14 @@ def block_mass_ref(
     v: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """mass[b, h, i, j] = mean over the valid queries of block i of the softmax weight on key block j.
-    Query blocks are processed in chunks (default: ~16M probabilities at a time), never all N x N.
+    Query blocks are processed in chunks (default: ~1M probabilities, 4 MB, at a time: cache-sized chunks
+    made the CPU pass 1.9x faster than 16M-probability ones at the tiny model's shape), never all N x N.
     With `v`, returns (mass, attention output like q's layout) from the same probabilities."""
     B, H, N, D = q.shape
     bm, bn = block_size
     mq, mk = num_blocks(N, bm), num_blocks(N, bn)
     if rows_per_chunk is None:
-        rows_per_chunk = max(1, (1 << 24) // (B * H * bm * mk * bn))
+        rows_per_chunk = max(1, (1 << 20) // (B * H * bm * mk * bn))
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     kt = (k.float() * scale).transpose(-1, -2)  # scale folded into the keys once
     out = torch.empty(B, H, mq, mk, dtype=torch.float32, device=q.device)
