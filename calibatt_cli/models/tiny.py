@@ -39,7 +39,7 @@ TRANSFORMER = dict(
     text_dim=64,
     freq_dim=64,
     ffn_dim=768,
-    num_layers=4,
+    num_layers=6,
     rope_max_seq_len=64,
 )
 LATENT = dict(scale_factor_temporal=2, scale_factor_spatial=2, in_channels=3, z_dim=24)
