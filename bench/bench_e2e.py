@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from calibatt_cli.attention import AttentionController, SparsePlan  # noqa: E402
 from calibatt_cli.masks import local_block_mask  # noqa: E402
-from calibatt_cli.models.wan import CalibattWanAttnProcessor, fuse_ffn_gelu, restore_modules  # noqa: E402
+from calibatt_cli.models.base import restore_modules  # noqa: E402
+from calibatt_cli.models.wan import CalibattWanAttnProcessor, fuse_ffn_gelu  # noqa: E402
 from calibatt_kernels import mask_to_index  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "wan2.1"

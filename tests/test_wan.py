@@ -142,7 +142,8 @@ def test_ffn_fusion_swaps_keeps_outputs_and_restores():
     transformer's output or its state_dict keys; restore_modules puts diffusers' own modules back."""
     from diffusers import WanTransformer3DModel
 
-    from calibatt_cli.models.wan import FusedGELUProjection, fuse_ffn_gelu, restore_modules
+    from calibatt_cli.models.base import restore_modules
+    from calibatt_cli.models.wan import FusedGELUProjection, fuse_ffn_gelu
 
     torch.manual_seed(0)
     tr = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4,

@@ -96,6 +96,13 @@ def identity_from_config(family: str, model_cls, name: str, model_id: str, trans
     )
 
 
+def restore_modules(swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]]) -> None:
+    """Undo submodule swaps: (parent, name, original) back in place, last swap first; empties the list."""
+    for parent, name, original in reversed(swapped):
+        setattr(parent, name, original)
+    swapped.clear()
+
+
 @dataclass
 class LoadedModel:
     ident: ModelIdentity
@@ -127,9 +134,15 @@ class LoadedModel:
         self.pipe.transformer.compile_repeated_blocks(fullgraph=True, backend=backend)
 
     def uninstall(self) -> None:
+        """Put back every original processor and swapped submodule (install is undone in full)."""
         for module, processor in self._installed:
-            module.set_processor(processor)
+            self._set_processor(module, processor)
         self._installed.clear()
+        restore_modules(self._swapped)
+
+    @staticmethod
+    def _set_processor(module, processor) -> None:
+        module.set_processor(processor)
 
     def run(
         self,

@@ -128,11 +128,9 @@ class MochiModel(LoadedModel):
             self._installed.append((block.attn1, block.attn1.processor))
             block.attn1.processor = CalibattMochiAttnProcessor(i, controller)
 
-    def uninstall(self) -> None:
-        # MochiAttention has no set_processor: assign the attribute back.
-        for module, processor in self._installed:
-            module.processor = processor
-        self._installed.clear()
+    @staticmethod
+    def _set_processor(module, processor) -> None:
+        module.processor = processor  # MochiAttention has no set_processor
 
 
 def mochi_identity(name: str, model_id: str, transformer_config: dict, weights_id: str) -> ModelIdentity:

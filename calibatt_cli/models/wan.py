@@ -82,7 +82,7 @@ class FusedGELUProjection(torch.nn.Module):
 
 def fuse_ffn_gelu(transformer) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
     """Swap each block's FFN up-projection + tanh-GELU for `FusedGELUProjection`. Returns (parent, name,
-    original) for each swap, which `restore_modules` puts back. Blocks whose FFN is not a tanh-GELU with a
+    original) for each swap, which `base.restore_modules` puts back. Blocks whose FFN is not a tanh-GELU with a
     bias are left alone."""
     from diffusers.models.activations import GELU
 
@@ -96,12 +96,6 @@ def fuse_ffn_gelu(transformer) -> list[tuple[torch.nn.Module, str, torch.nn.Modu
     return swapped
 
 
-def restore_modules(swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]]) -> None:
-    for parent, name, original in reversed(swapped):
-        setattr(parent, name, original)
-    swapped.clear()
-
-
 class WanModel(LoadedModel):
     def install(self, controller: AttentionController) -> None:
         self.uninstall()
@@ -110,11 +104,7 @@ class WanModel(LoadedModel):
             self._installed.append((block.attn1, block.attn1.processor))
             block.attn1.set_processor(CalibattWanAttnProcessor(i, controller))
         # not attention, but on the same path: the FFN's GELU in its GEMM's epilogue (linear_gelu.py)
-        self._swapped.extend(fuse_ffn_gelu(self.pipe.transformer))
-
-    def uninstall(self) -> None:
-        super().uninstall()
-        restore_modules(self._swapped)
+        self._swapped.extend(fuse_ffn_gelu(self.pipe.transformer))  # LoadedModel.uninstall puts them back
 
 
 def wan_identity(name: str, model_id: str, transformer_config: dict, vae_config: dict,
