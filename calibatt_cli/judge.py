@@ -8,9 +8,11 @@ For each clip (uint8 [F, H, W, 3]):
    (blends at edges belong to none); the main object is the colour with
    the most pixels over the clip (for a two-object prompt, the judge looks for the named colour);
 4. shape: per frame, the mask's fill of its bounding box (square ~1, circle ~0.79, triangle ~0.5) and
-   its top/bottom asymmetry (triangles point up), after filling the mask's interior holes (texture
-   pixels that miss the palette inside an object say nothing about its outline); the clip's shape is the
-   majority over frames;
+   its top/bottom asymmetry (triangles point up), measured on the object's solid body: interior holes
+   filled (texture pixels that miss the palette inside an object say nothing about its outline), then
+   parts thinner than 3 pixels and all but the largest piece removed (a ragged, half-lit pixel row along
+   one edge, or a speck elsewhere, would stretch the bounding box); the clip's shape is the majority
+   over frames;
 5. motion: the centroid track and the area track: growing / shrinking when the area changes by > 1.8x,
    bouncing when the vertical track
    leaves and comes back, else the net displacement's direction.
@@ -85,35 +87,80 @@ def colour_labels(frames: np.ndarray) -> np.ndarray:
     return np.where(fg & (d.min(-1) < PALETTE_DISTANCE), labels, -1)
 
 
+def _neighbourhood(mask: np.ndarray, op) -> np.ndarray:
+    """`op` (np.logical_and: erosion, np.logical_or: dilation) of each pixel's 3 x 3 neighbourhood; outside
+    the frame counts as background."""
+    h, w = mask.shape
+    p = np.pad(mask, 1)
+    out = mask.copy()
+    for dy in range(3):
+        for dx in range(3):
+            out = op(out, p[dy:dy + h, dx:dx + w])
+    return out
+
+
+def _flood(seed: np.ndarray, allowed: np.ndarray, *, diagonal: bool) -> np.ndarray:
+    """The pixels of `allowed` connected to `seed` (4-connected, or 8-connected with `diagonal`)."""
+    region = seed & allowed
+    while True:
+        if diagonal:
+            grown = _neighbourhood(region, np.logical_or)
+        else:
+            grown = region.copy()
+            grown[1:] |= region[:-1]
+            grown[:-1] |= region[1:]
+            grown[:, 1:] |= region[:, :-1]
+            grown[:, :-1] |= region[:, 1:]
+        grown &= allowed
+        if np.array_equal(grown, region):
+            return region
+        region = grown
+
+
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """A bool mask with its holes filled: background pixels that no 4-connected path of background pixels
     links to the mask's border become foreground."""
     pad = np.pad(mask, 1)
-    outside = np.zeros_like(pad)
-    outside[0, :] = outside[-1, :] = outside[:, 0] = outside[:, -1] = True
-    while True:
-        grown = outside.copy()
-        grown[1:] |= outside[:-1]
-        grown[:-1] |= outside[1:]
-        grown[:, 1:] |= outside[:, :-1]
-        grown[:, :-1] |= outside[:, 1:]
-        grown &= ~pad
-        if np.array_equal(grown, outside):
-            return ~outside[1:-1, 1:-1]
-        outside = grown
+    border = np.zeros_like(pad)
+    border[0, :] = border[-1, :] = border[:, 0] = border[:, -1] = True
+    return ~_flood(border, ~pad, diagonal=False)[1:-1, 1:-1]
 
 
-def classify_shape(mask: np.ndarray, *, fill: bool = True) -> str | None:
-    """One frame's binary mask -> circle, square or triangle (None if too small). `fill`: fill interior
-    holes first (fill_holes).
+def outline_clean(mask: np.ndarray) -> np.ndarray:
+    """The object's solid body: holes filled, then a 3 x 3 opening (erode, dilate) that removes whatever is
+    thinner than 3 pixels (ragged fringes along an edge, isolated stray pixels), then the largest
+    8-connected piece. The bounding-box fill of a shape is only as good as its extreme pixels: a
+    half-lit pixel row along one side of a generated square, or a speck elsewhere, stretches the box and
+    reads as a circle. An object too small to survive the opening is kept as it was."""
+    mask = fill_holes(mask)
+    body = _neighbourhood(_neighbourhood(mask, np.logical_and), np.logical_or)
+    if body.sum() < MIN_PIXELS:
+        return mask
+    best = np.zeros_like(body)
+    left = body.copy()
+    while left.sum() > best.sum():  # a piece larger than the best so far may remain
+        ys, xs = np.nonzero(left)
+        seed = np.zeros_like(body)
+        seed[ys[0], xs[0]] = True
+        piece = _flood(seed, body, diagonal=True)
+        if piece.sum() > best.sum():
+            best = piece
+        left &= ~piece
+    return best
+
+
+def classify_shape(mask: np.ndarray, *, clean: bool = True) -> str | None:
+    """One frame's binary mask -> circle, square or triangle (None if too small). `clean`: classify the
+    object's solid body (outline_clean: holes filled, fringes and specks removed) rather than the raw mask.
 
     Measured on rendered clips: a triangle (apex up) fills ~0.5 of its box and its bottom half holds
     ~0.5 more of the box than its top half; squares fill >= 0.92, circles 0.69-0.89, both symmetric."""
+    if clean:
+        mask = outline_clean(mask)
     ys, xs = np.nonzero(mask)
     if len(xs) < MIN_PIXELS:
         return None
-    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
-    box = (fill_holes(box) if fill else box).astype(np.float32)
+    box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.float32)
     h = box.shape[0]
     if h < 2:
         return None
