@@ -24,12 +24,12 @@ probe() {  # name, extra options
   shift
   rm -rf "/tmp/probe-$name"
   python3 -m calibatt_cli train --device "${DEVICE:-cuda}" --out "/tmp/probe-$name" --init-from "$init" \
-    --steps $((step0 + probe_steps)) --log-every $((probe_steps - probe_skip)) --ckpt-every 1000000 "$@" \
+    --steps $((step0 + probe_steps)) --log-every 50 --ckpt-every 1000000 "$@" \
     2> "$out/probe-$name.log"
-  python3 - "$out/probe-$name.log" <<'EOF'
+  python3 - "$out/probe-$name.log" $((step0 + probe_skip)) <<'EOF'
 import re, sys
 rows = [(int(m[1]), float(m[2])) for m in re.finditer(r"step\s+(\d+)\s+loss\s+\S+\s+([\d.]+) s", open(sys.argv[1]).read())]
-(s0, t0), (s1, t1) = rows[-2], rows[-1]
+(s0, t0), (s1, t1) = next(r for r in rows if r[0] >= int(sys.argv[2])), rows[-1]
 print(f"{(s1 - s0) / (t1 - t0):.3f}")
 EOF
 }
