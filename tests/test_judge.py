@@ -65,21 +65,32 @@ def test_fill_holes():
     assert filled[3, 3] and not filled[1, 3] and filled.sum() == m.sum() + 1
 
 
+def _ground_truth(seed: int, n: int = 60):
+    """(rng, specs, writable uint8 frames) of n rendered single-object clips."""
+    rng = np.random.default_rng(seed)
+    specs = [P.sample_spec(rng, two_objects_p=0.0) for _ in range(n)]
+    return rng, specs, [P.to_frames(v).copy() for v in P.render(specs)]
+
+
+def _with_four_neighbours(obj: np.ndarray, op) -> np.ndarray:
+    """op (np.logical_and: interior, np.logical_or: grown) of each pixel and its 4 neighbours in [F, H, W]."""
+    out = obj.copy()
+    out[:, 1:] = op(out[:, 1:], obj[:, :-1])
+    out[:, :-1] = op(out[:, :-1], obj[:, 1:])
+    out[:, :, 1:] = op(out[:, :, 1:], obj[:, :, :-1])
+    out[:, :, :-1] = op(out[:, :, :-1], obj[:, :, 1:])
+    return out
+
+
 def test_shapes_survive_interior_texture_holes():
     """Generated objects carry texture: interior pixels that miss the palette. Ground-truth clips with 20 %
     of each object's interior pixels set to the background must still be judged right; without filling the
     holes, squares would read as circles."""
-    rng = np.random.default_rng(14)
-    specs = [P.sample_spec(rng, two_objects_p=0.0) for _ in range(60)]
-    frames = [P.to_frames(v).copy() for v in P.render(specs)]
+    rng, specs, frames = _ground_truth(14)
     raw_wrong = 0
     for s, f in zip(specs, frames, strict=True):
         obj = colour_labels(f) >= 0
-        interior = obj.copy()
-        interior[:, 1:] &= obj[:, :-1]
-        interior[:, :-1] &= obj[:, 1:]
-        interior[:, :, 1:] &= obj[:, :, :-1]
-        interior[:, :, :-1] &= obj[:, :, 1:]
+        interior = _with_four_neighbours(obj, np.logical_and)
         punch = interior & (rng.random(interior.shape) < 0.2)
         bg = np.broadcast_to(background(f)[:, :, None, :], f.shape)
         f[punch] = bg[punch].round().astype(np.uint8)
@@ -111,18 +122,11 @@ def test_shapes_survive_ragged_rims_and_specks():
     decided) and stray specks. Ground-truth clips with 40 % of the pixels just outside each object, and a
     2 x 2 speck elsewhere, painted in the object's colour must still be judged right; the raw mask's
     bounding box would read most squares as circles."""
-    rng = np.random.default_rng(15)
-    specs = [P.sample_spec(rng, two_objects_p=0.0) for _ in range(60)]
-    frames = [P.to_frames(v).copy() for v in P.render(specs)]
+    rng, specs, frames = _ground_truth(15)
     raw_wrong = 0
     for s, f in zip(specs, frames, strict=True):
         obj = colour_labels(f) >= 0
-        ring = obj.copy()
-        ring[:, 1:] |= obj[:, :-1]
-        ring[:, :-1] |= obj[:, 1:]
-        ring[:, :, 1:] |= obj[:, :, :-1]
-        ring[:, :, :-1] |= obj[:, :, 1:]
-        ring &= ~obj
+        ring = _with_four_neighbours(obj, np.logical_or) & ~obj
         paint = ring & (rng.random(ring.shape) < 0.4)
         for t in range(len(f)):  # a speck in the corner farthest from the object
             ys, xs = np.nonzero(obj[t])
