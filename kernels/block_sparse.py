@@ -60,7 +60,11 @@ class KernelConfig:
 
 # v5 (bench/NOTES.md): 531-641 TFLOP/s on an H200 (the lower figures at density <= 0.25 on Wan 1.3B), against
 # 430-489 for the best `tl` config.
-GLUON_WS = KernelConfig(gluon=True, warp_specialize=True, num_stages=3, num_warps=4)
+GLUON_WS = KernelConfig(gluon=True, warp_specialize=True, num_stages=3, num_warps=4, persistent=False)
+# v8 (bench/NOTES.md, eighth session): v5 made persistent, each tile's record read a tile ahead. Faster than v5
+# where rows are short (Wan 1.3B at density 0.1: +6 %), slower by a few per cent on some longer rows, so a
+# tuning candidate that `calibatt compile` picks per mask group, not the default.
+GLUON_PS = KernelConfig(gluon=True, warp_specialize=True, num_stages=3, num_warps=4, persistent=True)
 
 
 def _gluon_candidate(capability: tuple[int, int], block_size: tuple[int, int], head_dim: int) -> bool:
@@ -317,6 +321,18 @@ def _device_index(index: BlockIndex, device: torch.device):
     return counts, offsets, ids, id_words, schedule
 
 
+def _tile_records(index: BlockIndex, counts, offsets, schedule) -> torch.Tensor:
+    """The persistent Gluon kernel's work list (`block_sparse_gluon.tile_records`), made once per index and
+    device: plans reuse one index for every step, and the records are a few torch ops to rebuild."""
+    from . import block_sparse_gluon
+
+    cache = index.__dict__.setdefault("_tile_records", {})
+    key = counts.device
+    if key not in cache:
+        cache[key] = block_sparse_gluon.tile_records(counts, offsets, schedule)
+    return cache[key]
+
+
 def _run_gluon(q, k, v, index, scale, cfg, out):
     """The Gluon kernel, or None (once its compilation failed: a triton whose Gluon API this file does not
     know). Compilation fails before anything runs on the GPU, so the tl kernel can take the call instead."""
@@ -329,8 +345,10 @@ def _run_gluon(q, k, v, index, scale, cfg, out):
     counts, offsets, ids, id_words, schedule = _device_index(index, q.device)
     words = ids if id_words else index_words(ids)  # the Gluon kernel reads int16 ids only
     try:
+        tiles = _tile_records(index, counts, offsets, schedule) if cfg.persistent else None
         return block_sparse_gluon.block_sparse_attention_gluon(q, k, v, out, counts, offsets, words, schedule,
-                                                               scale=scale, stages=cfg.num_stages)
+                                                               scale=scale, stages=cfg.num_stages,
+                                                               persistent=cfg.persistent, tiles=tiles)
     except (CompilationError, RuntimeError) as e:
         _GLUON_BROKEN.append(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
         logging.getLogger("calibatt").warning("the Gluon kernel failed to compile with triton %s (%s); using the "
@@ -490,7 +508,7 @@ def candidate_configs(capability: tuple[int, int], block_size: tuple[int, int], 
         cands = [KernelConfig(**{**c.__dict__, "use_tma": False}) for c in cands]
     if (_gluon_candidate(capability, block_size, head_dim) and dtype in (None, torch.bfloat16, torch.float16)
             and not return_lse):
-        cands.insert(0, GLUON_WS)
+        cands[:0] = [GLUON_WS, GLUON_PS]
     return cands
 
 
@@ -520,7 +538,7 @@ def aot_signature(names: list[str], consts: dict, dtype: torch.dtype, *, i32_poi
             sig[n] = "fp32" if n == "qk_scale" else "i32"
     # q, k, v and out are 16-byte aligned as torch allocations are; the index pointers are not specialised
     # on alignment (INDEX_POINTERS), so they get no divisibility attribute here either.
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("Q", "K", "V", "Out")}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ("Q", "K", "V", "Out") if n in names}
     return sig, attrs
 
 
@@ -548,5 +566,5 @@ def kernel_fns() -> list:
 
     fns = [_block_sparse_fwd]
     if block_sparse_gluon.HAVE_GLUON:
-        fns.append(block_sparse_gluon.kernel_fn())
+        fns += [block_sparse_gluon.kernel_fn(False), block_sparse_gluon.kernel_fn(True)]
     return fns

@@ -48,8 +48,9 @@ def _rel_err(out, q, k, v, mask, bs):
     ((128, 128), dict(persistent=False)),
     ((128, 128), dict(block_n=64)),
     ((128, 128), dict(use_tma=False)),
-    ((128, 128), dict(gluon=True, num_stages=2, warp_specialize=True)),
-    ((128, 128), dict(gluon=True, num_stages=3, warp_specialize=True)),
+    ((128, 128), dict(gluon=True, num_stages=2, warp_specialize=True, persistent=False)),
+    ((128, 128), dict(gluon=True, num_stages=3, warp_specialize=True, persistent=False)),
+    ((128, 128), dict(gluon=True, num_stages=3, warp_specialize=True, persistent=True)),
 ])
 def test_block_sparse_wan_size(bs, cfg):
     from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
@@ -98,11 +99,14 @@ def test_block_mass_matches_reference(bs):
     assert rel <= 1e-2, f"rel={rel:.2e} max_diff={max_diff:.2e}"
 
 
+@pytest.mark.parametrize("persistent", [False, True], ids=["v5", "v8"])
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd", "packed-qkv"])
-def test_gluon_kernel_broadcast_index_and_layouts(layout):
-    """v5 (Gluon): one index row set broadcast over a batch of 2; q, k, v in diffusers' layout, the
-    contiguous one, and as views into one packed [B, N, 3, H, D] buffer. Every head against the tl kernel,
-    the first heads against the fp32 reference."""
+def test_gluon_kernel_broadcast_index_and_layouts(layout, persistent):
+    """The Gluon kernels (v5, v8): one index row set broadcast over a batch of 2; q, k, v in diffusers'
+    layout, the contiguous one, and as views into one packed [B, N, 3, H, D] buffer (v8's row-view
+    descriptors read past a head's N into the next head's rows there). Every head against the tl kernel, the
+    first heads against the fp32 reference. Rows listing only the partial last key block, only block 0, or
+    both, check where the kernels mask keys >= N."""
     from calibatt_kernels import block_sparse_gluon
     from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
 
@@ -115,10 +119,17 @@ def test_gluon_kernel_broadcast_index_and_layouts(layout):
     if not block_sparse_gluon.supports(q, k, v, (128, 128)):
         pytest.skip("the Gluon kernel needs sm_90 and triton with Gluon")
     mask = _random_mask(seed=6, density=0.25, bs=(128, 128), batch=1)
+    mask[..., 5, :] = False
+    mask[..., 5, -1] = True  # only the partial last block
+    mask[..., 6, :] = False
+    mask[..., 6, 0] = True  # only the first block
+    mask[..., 7, :] = False
+    mask[..., 7, [0, -1]] = True
     index = mask_to_index(mask)
     out = torch.full_like(q, float("nan"))
     block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), out=out,
-                                  config=KernelConfig(gluon=True, num_stages=3, warp_specialize=True))
+                                  config=KernelConfig(gluon=True, num_stages=3, warp_specialize=True,
+                                                      persistent=persistent))
     torch.cuda.synchronize()
     assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements not written"
     tl_out = block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), config=KernelConfig())
