@@ -45,11 +45,10 @@ BLOCK = 128
 D = 128
 CONFIGS = {
     # Gluon kernels: a loader warp + two consumer warpgroups (block_sparse_gluon.py)
-    # v5, the default on sm_90 (block_sparse.GLUON_WS): one program per 128-row tile. (v6, a persistent
-    # variant, measured no faster and was removed: bench/NOTES.md; "gluon-ws-s3-grid" in results is v5.)
-    "gluon-ws-s3": KernelConfig(gluon=True, num_stages=3, warp_specialize=True, persistent=False),
-    # v8: v5 made persistent, each tile's record read a tile ahead, host-side descriptors (bench/NOTES.md)
-    "gluon-ps-s3": KernelConfig(gluon=True, num_stages=3, warp_specialize=True, persistent=True),
+    # v5, the default on sm_90 (block_sparse.GLUON_WS): one program per 128-row tile. (v6 and v8, persistent
+    # variants, measured no faster and were removed: bench/NOTES.md; "gluon-ws-s3-grid" in results is v5,
+    # "gluon-ps-s3" v8.)
+    "gluon-ws-s3": KernelConfig(gluon=True, num_stages=3, warp_specialize=True),
     # v2, the tl kernel's default (and the fallback elsewhere): TMA, 128 x 128 tiles, 8 warps, 3 stages,
     # persistent LPT grid. Named "default" in results before v5.
     "tl": KernelConfig(),
@@ -59,7 +58,7 @@ CONFIGS = {
     "ptr-s3": KernelConfig(persistent=False, use_tma=False),
     "m64-n64-w4-s4": KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=4, persistent=False),
     "pipelined-qk": KernelConfig(pipeline_qk=True),  # v3: won no group in compile's tuning (bench/NOTES.md)
-    "gluon-ws-s2": KernelConfig(gluon=True, num_stages=2, warp_specialize=True, persistent=False),  # v5, 2 stages
+    "gluon-ws-s2": KernelConfig(gluon=True, num_stages=2, warp_specialize=True),  # v5 with a 2-stage ring
 }
 
 

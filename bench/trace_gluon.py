@@ -5,14 +5,14 @@ same number of key blocks, so the per-tile fixed cost and the per-block rate can
     python bench/trace_gluon.py                       # Wan 1.3B shape, 13..256 blocks per row, three patterns
     python bench/trace_gluon.py --shape wan14b --counts 30 59 148 591
 
-Each row also times v8 (the persistent kernel, untraced) on the same mask, for the A/B.
-
 Patterns: "random" (each row its own uniformly drawn blocks, as bench_kernel.py's random masks), "shared"
 (every row of a head the same drawn blocks: concurrent programs read the same K/V), "prefix" (the first k
 blocks, in order). Per pattern and count: ms and TFLOP/s (do_bench median, untraced), then from one traced
 run the medians over programs of
 - launch gap: cycles from the previous program's end on the same SM to this program's start;
-- to first K/V: start -> both Q and the first K/V block in shared memory (descriptors, index, TMA latency);
+- the prologue, from the program's start: its index entries read (schedule, then count and offset), its
+  four TMA descriptors made, the loader warp started, the first K/V requested (after reading its block id),
+  and both Q and the first K/V in shared memory (to first K/V);
 - per block: the loop's time / (count - 1);
 - tail: the loop's end -> warpgroup 0's rows stored (the last P V, the normalisation, the store);
 - fixed: the program's span plus the launch gap before it, minus count x per block, in block-times;
@@ -58,10 +58,9 @@ def pattern_mask(kind: str, h: int, mb: int, count: int, gen: torch.Generator) -
     return mask
 
 
-def launch(q, k, v, out, ix, trace=None, persistent=False):
-    counts, offsets, words, sched, tiles = ix
-    return g.block_sparse_attention_gluon(q, k, v, out, counts, offsets, words, sched, scale=D ** -0.5,
-                                          trace=trace, persistent=persistent, tiles=tiles)
+def launch(q, k, v, out, ix, trace=None):
+    counts, offsets, words, sched = ix
+    return g.block_sparse_attention_gluon(q, k, v, out, counts, offsets, words, sched, scale=D ** -0.5, trace=trace)
 
 
 def analyse(tr: torch.Tensor) -> dict:
@@ -98,6 +97,9 @@ def analyse(tr: torch.Tensor) -> dict:
     return dict(ghz=ghz, per_block_us=per_block / ghz / 1e3, launch_gap_us=gap / ghz / 1e3,
                 to_first_kv_us=med(span("start", "first_kv_ready")) / ghz / 1e3,
                 loader_issued_us=med(span("start", "loader_issued")) / ghz / 1e3,
+                index_read_us=med(span("start", "index_read")) / ghz / 1e3,
+                descriptors_made_us=med(span("start", "descriptors_made")) / ghz / 1e3,
+                loader_start_us=med(span("start", "loader_start")) / ghz / 1e3,
                 tail_us=med(span("loop_done", "stored_wg0")) / ghz / 1e3,
                 wg1_after_wg0_us=med((t["stored_wg1"] - t["stored_wg0"] + (1 << 31)) % (1 << 32) - (1 << 31))
                 / ghz / 1e3,
@@ -131,16 +133,8 @@ def main():
             words = ids  # int16 ids as words (mask_to_index gives int16)
             sched = ck.lpt_schedule(index.counts).to(device="cuda", dtype=torch.int32)
 
-            run = functools.partial(launch, q, k, v, out, (counts, offsets, words, sched,
-                                                           g.tile_records(counts, offsets, sched)))
-            run_v8 = functools.partial(run, persistent=True)
-            run()
-            ref = out.clone()
-            out.fill_(float("nan"))
-            run_v8()
-            v8_vs_v5 = float((out.float() - ref.float()).norm() / ref.float().norm())  # same math: ~0
+            run = functools.partial(launch, q, k, v, out, (counts, offsets, words, sched))
             ms = do_bench(run, warmup=100, rep=200, return_mode="median")
-            ms_v8 = do_bench(run_v8, warmup=100, rep=200, return_mode="median")
             flops = 4 * B * int(mask.sum()) * BLOCK * BLOCK * D
             trace = torch.zeros(B * H * mb, len(g.TRACE_SLOTS), dtype=torch.int32, device="cuda")
             run(trace)
@@ -149,11 +143,12 @@ def main():
             run(trace)
             torch.cuda.synchronize()
             row = dict(shape=args.shape, pattern=kind, count=min(count, mb), ms=ms, tflops=flops / ms / 1e9,
-                       ms_v8=ms_v8, tflops_v8=flops / ms_v8 / 1e9, v8_vs_v5=v8_vs_v5, **analyse(trace.cpu()))
+                       **analyse(trace.cpu()))
             rows.append(row)
             print("ROW", json.dumps(row), flush=True)
-    hdr = ("pattern", "count", "ms", "tflops", "tflops_v8", "v8_vs_v5", "per_block_us", "launch_gap_us",
-           "to_first_kv_us", "tail_us", "wg1_after_wg0_us", "fixed_blocks", "busy")
+    hdr = ("pattern", "count", "ms", "tflops", "per_block_us", "launch_gap_us",
+           "index_read_us", "descriptors_made_us", "loader_start_us", "loader_issued_us", "to_first_kv_us", "tail_us",
+           "wg1_after_wg0_us", "fixed_blocks", "busy")
     print(" | ".join(hdr))
     for r in rows:
         print(" | ".join(f"{r[h]:.3f}" if isinstance(r[h], float) else str(r[h]) for h in hdr))

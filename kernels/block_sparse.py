@@ -60,11 +60,7 @@ class KernelConfig:
 
 # v5 (bench/NOTES.md): 531-641 TFLOP/s on an H200 (the lower figures at density <= 0.25 on Wan 1.3B), against
 # 430-489 for the best `tl` config.
-GLUON_WS = KernelConfig(gluon=True, warp_specialize=True, num_stages=3, num_warps=4, persistent=False)
-# v8 (bench/NOTES.md, eighth session): v5 made persistent, each tile's record read a tile ahead. Faster than v5
-# where rows are short (Wan 1.3B at density 0.1: +6 %), slower by a few per cent on some longer rows, so a
-# tuning candidate that `calibatt compile` picks per mask group, not the default.
-GLUON_PS = KernelConfig(gluon=True, warp_specialize=True, num_stages=3, num_warps=4, persistent=True)
+GLUON_WS = KernelConfig(gluon=True, warp_specialize=True, num_stages=3, num_warps=4)
 
 
 def _gluon_candidate(capability: tuple[int, int], block_size: tuple[int, int], head_dim: int) -> bool:
@@ -303,7 +299,8 @@ def _note_gluon_fallback() -> None:
     if not _GLUON_NOTED:
         _GLUON_NOTED.append(True)
         logging.getLogger("calibatt").info("the Gluon kernel does not take this call (it needs sm_90, 128x128 "
-                                           "blocks, no lse); running the tl kernel, same results")
+                                           "blocks, bf16/fp16, no lse, heads that start on rows of q/k/v's memory); "
+                                           "running the tl kernel, same results")
 
 
 def _device_index(index: BlockIndex, device: torch.device):
@@ -321,18 +318,6 @@ def _device_index(index: BlockIndex, device: torch.device):
     return counts, offsets, ids, id_words, schedule
 
 
-def _tile_records(index: BlockIndex, counts, offsets, schedule) -> torch.Tensor:
-    """The persistent Gluon kernel's work list (`block_sparse_gluon.tile_records`), made once per index and
-    device: plans reuse one index for every step, and the records are a few torch ops to rebuild."""
-    from . import block_sparse_gluon
-
-    cache = index.__dict__.setdefault("_tile_records", {})
-    key = counts.device
-    if key not in cache:
-        cache[key] = block_sparse_gluon.tile_records(counts, offsets, schedule)
-    return cache[key]
-
-
 def _run_gluon(q, k, v, index, scale, cfg, out):
     """The Gluon kernel, or None (once its compilation failed: a triton whose Gluon API this file does not
     know). Compilation fails before anything runs on the GPU, so the tl kernel can take the call instead."""
@@ -345,10 +330,8 @@ def _run_gluon(q, k, v, index, scale, cfg, out):
     counts, offsets, ids, id_words, schedule = _device_index(index, q.device)
     words = ids if id_words else index_words(ids)  # the Gluon kernel reads int16 ids only
     try:
-        tiles = _tile_records(index, counts, offsets, schedule) if cfg.persistent else None
         return block_sparse_gluon.block_sparse_attention_gluon(q, k, v, out, counts, offsets, words, schedule,
-                                                               scale=scale, stages=cfg.num_stages,
-                                                               persistent=cfg.persistent, tiles=tiles)
+                                                               scale=scale, stages=cfg.num_stages)
     except (CompilationError, RuntimeError) as e:
         _GLUON_BROKEN.append(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
         logging.getLogger("calibatt").warning("the Gluon kernel failed to compile with triton %s (%s); using the "
@@ -508,7 +491,7 @@ def candidate_configs(capability: tuple[int, int], block_size: tuple[int, int], 
         cands = [KernelConfig(**{**c.__dict__, "use_tma": False}) for c in cands]
     if (_gluon_candidate(capability, block_size, head_dim) and dtype in (None, torch.bfloat16, torch.float16)
             and not return_lse):
-        cands[:0] = [GLUON_WS, GLUON_PS]
+        cands.insert(0, GLUON_WS)
     return cands
 
 
@@ -566,5 +549,5 @@ def kernel_fns() -> list:
 
     fns = [_block_sparse_fwd]
     if block_sparse_gluon.HAVE_GLUON:
-        fns += [block_sparse_gluon.kernel_fn(False), block_sparse_gluon.kernel_fn(True)]
+        fns.append(block_sparse_gluon.kernel_fn())
     return fns

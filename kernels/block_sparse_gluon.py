@@ -1,12 +1,15 @@
 """Block-sparse attention forward for Hopper in Gluon (v5): FA3's warp-specialized structure, so that the
 softmax of one warpgroup overlaps the tensor-core work of the other and of its own P @ V -- the overlap
-that Triton's `tl` compiler does not produce on sm_90 (bench/NOTES.md: 531-641 TFLOP/s on an H200 over
-densities 0.1-1, against 430-489 for the tl kernel).
+that Triton's `tl` compiler does not produce on sm_90 (bench/NOTES.md: 562-635 TFLOP/s on an H200 over
+densities 0.1-1 at Wan 1.3B's shape, 577-634 at 14B's, against 430-489 for the tl kernel).
 
 Same contract as `block_sparse._block_sparse_fwd` for the cases it takes (`supports`; the caller falls
 back to the tl kernel otherwise): sm_90, bf16/fp16, head dim 64 or 128, kernel tile = mask block =
-128 x 128, 16-byte aligned rows (TMA), no log-sum-exp output. The index is the same compressed rows
-(counts, offsets, int16 block ids read as int32 words) and the same longest-first schedule.
+128 x 128, 16-byte aligned rows (TMA), heads that start on rows of the tensors' memory (`_row_view_ok`:
+the contiguous layout, diffusers' and packed q/k/v views), no log-sum-exp output. The index is the same
+compressed rows (counts, offsets, int16 block ids read as int32 words) and the same longest-first schedule.
+Q, K and V arrive as TMA descriptors made on the host over [rows, stride_n] views (`_row_view`): making
+them in each program cost 2.8 us of its ~5 us prologue (bench/trace_gluon.py, seventh session).
 
 One program per 128-row query tile, `gl.warp_specialize` into
 - a loader warp: TMA loads of Q and of the row's listed K/V blocks into a ring of STAGES buffers, each
@@ -18,11 +21,13 @@ One program per 128-row query tile, `gl.warp_specialize` into
           issue S' = Q Kj^T (async) ; issue O += P V(j-1) (async)
           wait for S' only          -> its softmax overlaps P V(j-1) on the tensor cores
           wait for O ; free stage j-1 ; O *= alpha
-      O += P V(n-1) ; O /= l ; TMA store of the 64 rows
+      O += P V(n-1) ; O /= l ; store the 64 rows (rows >= N masked)
 
 No CTA-wide barrier is left in the loop, so the two warpgroups drift apart and one's softmax runs while the
-other's GEMMs do (FA3's ping-pong, left to the warp schedulers: forcing the order with mbarriers, and a
-persistent variant, measured no faster; bench/NOTES.md, v6 and v7).
+other's GEMMs do (FA3's ping-pong, left to the warp schedulers: forcing the order with mbarriers, and two
+persistent variants, measured no faster; bench/NOTES.md, v6, v7 and v8).
+`TRACE=True` builds a profiling variant that stamps each program's SM clock at points of its prologue,
+loop and epilogue (`TRACE_SLOTS`; bench/trace_gluon.py reads them).
 The tile mapping mirrors the tl kernel's (`_block_sparse_tile`); Gluon functions cannot call `tl` ones.
 
 There is no interpreter for Gluon: CI compiles this kernel for sm_90 on the CPU, and
@@ -38,17 +43,15 @@ try:  # Gluon ships with triton >= 3.5; older installs keep the `tl` kernel only
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
         mbarrier,
         tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
 
-    # triton 3.6 names the TMA copies async_copy_global_to_shared / async_copy_shared_to_global; later
-    # releases call them async_load / async_store (and make the old names raise). Same arguments.
+    # triton 3.6 names the TMA load async_copy_global_to_shared; later releases call it async_load (and make
+    # the old name raise). Same arguments.
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the installed triton
     HAVE_GLUON = False
@@ -56,11 +59,11 @@ except ImportError:  # pragma: no cover - depends on the installed triton
 
 BLOCK = 128  # the one tile shape this kernel takes: mask block = kernel tile = 128 x 128
 CONSUMER_REGS = 232  # registers per thread of the second consumer warpgroup (the loader warp gets 24)
-LOADER_REGS = 40  # v8's loader also walks the schedule and works out each tile's head origins
 # TRACE's per-program record (bench/trace_gluon.py): the SM, its cycle counter at six points, the program's
-# block count, and the global ns timer at its start and at warpgroup 0's end (to convert cycles to time)
+# block count, the global ns timer at its start and at warpgroup 0's end (to convert cycles to time), and the
+# cycle counter at three more points of the prologue
 TRACE_SLOTS = ("smid", "start", "loader_issued", "first_kv_ready", "loop_done", "stored_wg0", "stored_wg1", "count",
-               "start_ns", "stored_wg0_ns")
+               "start_ns", "stored_wg0_ns", "index_read", "descriptors_made", "loader_start")
 DEFAULT_STAGES = 3  # 2 stages measured 398-455 TFLOP/s: the loader cannot run ahead of the consumers
 
 
@@ -73,19 +76,10 @@ if HAVE_GLUON:
         return (w >> ((e & 1) * 16)) & 0xFFFF
 
     @gluon.jit
-    def _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, bars, stage, kn, pred):
-        bar = bars.index(stage)
-        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
-        _tma_load(k_desc, [kn, 0], bar, k_smem.index(stage), pred=pred)
-        _tma_load(v_desc, [kn, 0], bar, v_smem.index(stage), pred=pred)
-
-    @gluon.jit
-    def _gl_head_desc(T, b, h, stride_z, stride_h, stride_n, N, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr,
-                      layout: gl.constexpr):
-        """A TMA descriptor over the [N, HEAD_DIM] rows of batch b, head h, in tiles of ROWS rows."""
-        return tma.make_tensor_descriptor(T + b.to(gl.int64) * stride_z + h.to(gl.int64) * stride_h,
-                                          shape=[N, HEAD_DIM], strides=[stride_n, 1],
-                                          block_shape=[ROWS, HEAD_DIM], layout=layout)
+    def _gl_origin(b, h, stride_z, stride_h, stride_n):
+        """Where head (b, h) starts in a descriptor over [rows, stride_n] (see `_row_view`): (row, column)."""
+        off = b.to(gl.int64) * stride_z + h.to(gl.int64) * stride_h
+        return (off // stride_n).to(gl.int32), (off % stride_n).to(gl.int32)
 
     @gluon.jit
     def _gl_softmax(s, m_i, l_i, kn, N, qk_scale, s_layout: gl.constexpr, BN: gl.constexpr, MASK: gl.constexpr):
@@ -120,26 +114,31 @@ if HAVE_GLUON:
         gl.store(Trace + slot + offs, t, mask=offs == 0)
 
     @gluon.jit
-    def _ws_load(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m,
-                 Trace, trace_at, TRACE: gl.constexpr):
+    def _ws_load(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, q_row, qc,
+                 kr, kc, vr, vc, Trace, trace_at, TRACE: gl.constexpr):
         # (partition arguments are runtime values: the tile constants come from the buffers' shapes)
         STAGES: gl.constexpr = k_smem.shape[0]
         BN: gl.constexpr = k_smem.shape[1]
+        if TRACE:
+            _gl_stamp(Trace, trace_at + 12, 1, 0, 0)  # the loader warp starts
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        _tma_load(q_desc, [start_m, 0], q_bar, q_smem)
+        _tma_load(q_desc, [q_row, qc], q_bar, q_smem)
         for j in range(cnt):
             stage = j % STAGES
             if j >= STAGES:  # wait until both consumers are done with the tile that last used this stage
                 mbarrier.wait(empty.index(stage), ((j // STAGES) - 1) & 1)
             kn = _gl_block_id(Words, e0 + j) * BN
-            _gl_issue_kv(k_desc, v_desc, k_smem, v_smem, ready, stage, kn, True)
+            bar = ready.index(stage)
+            mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            _tma_load(k_desc, [kr + kn, kc], bar, k_smem.index(stage))
+            _tma_load(v_desc, [vr + kn, vc], bar, v_smem.index(stage))
             if TRACE:
                 if j == 0:
                     _gl_stamp(Trace, trace_at + 2, 1, 0, 0)  # Q and the first K/V requested
 
     @gluon.jit
-    def _ws_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale,
-                     Trace, trace_at, TRACE: gl.constexpr, WG: gl.constexpr):
+    def _ws_consumer(o_base, stride_om, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N,
+                     qk_scale, Trace, trace_at, TRACE: gl.constexpr, WG: gl.constexpr):
         dtype: gl.constexpr = q_smem.dtype
         HALF: gl.constexpr = q_smem.shape[0] // 2
         HEAD_DIM: gl.constexpr = q_smem.shape[1]
@@ -189,10 +188,12 @@ if HAVE_GLUON:
         l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
         l_o = gl.where(l_o == 0.0, 1.0, l_o)
         out = (acc / gl.expand_dims(l_o, 1)).to(dtype)
-        q_half.store(out)  # only this warpgroup reads these Q rows, and its last wgmma has completed
-        fence_async_shared()
-        _tma_store(o_desc, [start_m + WG * HALF, 0], q_half)
-        tma.store_wait(0)
+        # Straight from registers (rows >= N masked): the descriptors are the host's row views (see
+        # `_row_view`), which would let a TMA store run past N into the next head's rows.
+        offs_m = start_m + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        ptrs = o_base + gl.expand_dims(offs_m.to(gl.int64) * stride_om, 1) + gl.expand_dims(cols, 0)
+        gl.store(ptrs, out, mask=gl.expand_dims(offs_m < N, 1))
         if TRACE:
             _gl_stamp(Trace, trace_at + 5 + WG, 4, 0, 0)  # this warpgroup's rows are stored
             if WG == 0:
@@ -201,57 +202,59 @@ if HAVE_GLUON:
     # The partitions: constexpr arguments reach a partition as runtime values on triton 3.6, so the warpgroup
     # number and TRACE are bound here, one wrapper per combination.
     @gluon.jit
-    def _ws_loader(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m,
-                   Trace, trace_at):
-        _ws_load(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m,
-                 Trace, trace_at, False)
+    def _ws_loader(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, q_row, qc,
+                   kr, kc, vr, vc, Trace, trace_at):
+        _ws_load(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, q_row, qc,
+                 kr, kc, vr, vc, Trace, trace_at, False)
 
     @gluon.jit
     def _ws_loader_traced(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt,
-                          start_m, Trace, trace_at):
-        _ws_load(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m,
-                 Trace, trace_at, True)
+                          q_row, qc, kr, kc, vr, vc, Trace, trace_at):
+        _ws_load(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, q_row, qc,
+                 kr, kc, vr, vc, Trace, trace_at, True)
 
     @gluon.jit
-    def _ws_consumer0(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale,
-                      Trace, trace_at):
-        _ws_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale,
-                     Trace, trace_at, False, 0)
+    def _ws_consumer0(o_base, stride_om, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N,
+                     qk_scale, Trace, trace_at):
+        _ws_consumer(o_base, stride_om, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N,
+                     qk_scale, Trace, trace_at, False, 0)
 
     @gluon.jit
-    def _ws_consumer1(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale,
-                      Trace, trace_at):
-        _ws_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale,
-                     Trace, trace_at, False, 1)
+    def _ws_consumer1(o_base, stride_om, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N,
+                     qk_scale, Trace, trace_at):
+        _ws_consumer(o_base, stride_om, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N,
+                     qk_scale, Trace, trace_at, False, 1)
 
     @gluon.jit
-    def _ws_consumer0_traced(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N,
-                             qk_scale, Trace, trace_at):
-        _ws_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale,
-                     Trace, trace_at, True, 0)
+    def _ws_consumer0_traced(o_base, stride_om, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt,
+                             start_m, N, qk_scale, Trace, trace_at):
+        _ws_consumer(o_base, stride_om, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N,
+                     qk_scale, Trace, trace_at, True, 0)
 
     @gluon.jit
-    def _ws_consumer1_traced(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N,
-                             qk_scale, Trace, trace_at):
-        _ws_consumer(o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale,
-                     Trace, trace_at, True, 1)
+    def _ws_consumer1_traced(o_base, stride_om, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt,
+                             start_m, N, qk_scale, Trace, trace_at):
+        _ws_consumer(o_base, stride_om, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N,
+                     qk_scale, Trace, trace_at, True, 1)
 
     # (index pointers: no alignment specialisation, as for the tl kernel; see block_sparse.INDEX_POINTERS)
     @gluon.jit(do_not_specialize=["N", "Mq", "stride_cz", "stride_ch"],
                do_not_specialize_on_alignment=["Counts", "Offsets", "Words", "Schedule", "Trace"])
     def _gl_block_sparse_fwd(
-        Q, K, V, Out, Counts, Offsets, Words, Schedule, Trace,
+        q_desc, k_desc, v_desc, Out, Counts, Offsets, Words, Schedule, Trace,
         stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
         stride_vz, stride_vh, stride_vn, stride_oz, stride_oh, stride_om,
         stride_cz, stride_ch, H, N, Mq, REPS, qk_scale,
-        BM: gl.constexpr, BN: gl.constexpr, HEAD_DIM: gl.constexpr, HAS_SCHEDULE: gl.constexpr,
-        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, TRACE: gl.constexpr, num_warps: gl.constexpr,
+        HAS_SCHEDULE: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, TRACE: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
-        dtype: gl.constexpr = Q.dtype.element_ty
-        HALF: gl.constexpr = BM // 2
+        dtype: gl.constexpr = q_desc.dtype
+        BM: gl.constexpr = q_desc.block_type.shape[0]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+        BN: gl.constexpr = k_desc.block_type.shape[0]
         tile = gl.program_id(0)
-        trace_at = tile * 10  # TRACE: 10 int32 per program, TRACE_SLOTS
+        trace_at = tile * 13  # TRACE: 13 int32 per program, TRACE_SLOTS
         if TRACE:
             _gl_stamp(Trace, trace_at, 4, 2, 0)
             _gl_stamp(Trace, trace_at + 1, 4, 0, 0)  # the program starts
@@ -272,14 +275,16 @@ if HAVE_GLUON:
         e0 = gl.load(Offsets + row_off)
         if TRACE:
             _gl_stamp(Trace, trace_at + 7, 4, 3, cnt)
-        smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, HEAD_DIM], dtype)
-        q_desc = _gl_head_desc(Q, b, h, stride_qz, stride_qh, stride_qm, N, BM, HEAD_DIM, smem_layout)
-        k_desc = _gl_head_desc(K, b, h, stride_kz, stride_kh, stride_kn, N, BN, HEAD_DIM, smem_layout)
-        v_desc = _gl_head_desc(V, b, h, stride_vz, stride_vh, stride_vn, N, BN, HEAD_DIM, smem_layout)
-        o_desc = _gl_head_desc(Out, b, h, stride_oz, stride_oh, stride_om, N, HALF, HEAD_DIM, smem_layout)
-        q_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], smem_layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], smem_layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], smem_layout)
+            _gl_stamp(Trace, trace_at + 10, 4, 0, 0)  # the index entries have arrived
+        # q, k and v come as the host's descriptors over [rows, stride_n] views (`_row_view`): making four
+        # descriptors here took 2.8 us of each program's ~5 us prologue (bench/trace_gluon.py, seventh session)
+        qr, qc = _gl_origin(b, h, stride_qz, stride_qh, stride_qm)
+        kr, kc = _gl_origin(b, h, stride_kz, stride_kh, stride_kn)
+        vr, vc = _gl_origin(b, h, stride_vz, stride_vh, stride_vn)
+        o_base = Out + b.to(gl.int64) * stride_oz + h.to(gl.int64) * stride_oh
+        q_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], v_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -287,10 +292,12 @@ if HAVE_GLUON:
         for st in gl.static_range(STAGES):
             mbarrier.init(ready.index(st), count=1)
             mbarrier.init(empty.index(st), count=2)  # one arrival per consumer warpgroup
-        consumer_args = (o_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m, N, qk_scale,
-                         Trace, trace_at)
-        loader_args = (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m,
-                       Trace, trace_at)
+        if TRACE:
+            _gl_stamp(Trace, trace_at + 11, 4, 0, 0)  # barriers set up (and, before v5 took host descriptors, 4 made)
+        consumer_args = (o_base, stride_om, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, start_m,
+                         N, qk_scale, Trace, trace_at)
+        loader_args = (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt,
+                       qr + start_m, qc, kr, kc, vr, vc, Trace, trace_at)
         if TRACE:
             gl.warp_specialize([(_ws_consumer0_traced, consumer_args), (_ws_consumer1_traced, consumer_args),
                                 (_ws_loader_traced, loader_args)], [4, 1], [CONSUMER_REGS, 24])
@@ -302,194 +309,6 @@ if HAVE_GLUON:
             mbarrier.invalidate(ready.index(st))
             mbarrier.invalidate(empty.index(st))
 
-
-    # ---- v8: persistent, with every tile's metadata read a tile ahead (bench/NOTES.md, eighth session) ----
-    # v5's trace (bench/trace_gluon.py) put ~4.8 us between a program's start and its first K/V in shared
-    # memory, ~2.9 block-times: the schedule -> counts/offsets -> block id chain of dependent global loads,
-    # four device-side descriptors and the TMA latency, none of it overlapped (one program fills an SM's
-    # shared memory). v6 made the kernel persistent but its consumers still walked that load chain at each
-    # tile's start, so it gained nothing. Here a tile's record (head, query block, count, id offset; packed
-    # on the host, `tile_records`) is loaded one tile ahead by every partition, the consumers never read a
-    # block id on their critical path (only the row's last block can hold keys >= N: ids ascend), the
-    # descriptors are made on the host, and the loader fetches the next tile's Q and K/V while the consumers
-    # finish this one.
-
-    @gluon.jit
-    def _p_tile(Tiles, tile, REPS, H):
-        """Work item `tile` (a schedule position times the batch repeats): (b, h, query block, count, offset of
-        its block ids), from its 4-int32 record."""
-        rec = Tiles + (tile // REPS) * 4
-        bh = gl.load(rec)
-        return bh // H + tile % REPS, bh % H, gl.load(rec + 1), gl.load(rec + 2), gl.load(rec + 3)
-
-    @gluon.jit
-    def _p_origin(b, h, stride_z, stride_h, stride_n):
-        """Where head (b, h) starts in a descriptor over [rows, stride_n] (see `_row_view`): (row, column)."""
-        off = b.to(gl.int64) * stride_z + h.to(gl.int64) * stride_h
-        return (off // stride_n).to(gl.int32), (off % stride_n).to(gl.int32)
-
-    @gluon.jit
-    def _p_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, Words, Tiles,
-                  H, REPS, stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
-                  stride_vz, stride_vh, stride_vn, first, num_tiles, step):
-        STAGES: gl.constexpr = k_smem.shape[0]
-        BM: gl.constexpr = q_smem.shape[0]
-        BN: gl.constexpr = k_smem.shape[1]
-        it = 0
-        t = 0
-        for tile in range(first, num_tiles, step):
-            # (read here, not a tile ahead as the consumers do: the loader runs up to STAGES blocks ahead of
-            # them, and triton 3.6 dropped a record carried across this loop, used only as a loop bound)
-            b, h, m_blk, cnt, e0 = _p_tile(Tiles, tile, REPS, H)
-            qr, qc = _p_origin(b, h, stride_qz, stride_qh, stride_qm)
-            kr, kc = _p_origin(b, h, stride_kz, stride_kh, stride_kn)
-            vr, vc = _p_origin(b, h, stride_vz, stride_vh, stride_vn)
-            if t > 0:  # both consumers are done with the previous tile's Q
-                mbarrier.wait(q_empty, (t - 1) & 1)
-            mbarrier.expect(q_ready, q_desc.block_type.nbytes)
-            _tma_load(q_desc, [qr + m_blk * BM, qc], q_ready, q_smem)
-            for j in range(cnt):
-                stage = it % STAGES
-                if it >= STAGES:  # both consumers are done with the tile that last used this stage
-                    mbarrier.wait(empty.index(stage), ((it // STAGES) - 1) & 1)
-                kn = _gl_block_id(Words, e0 + j) * BN
-                bar = ready.index(stage)
-                mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-                _tma_load(k_desc, [kr + kn, kc], bar, k_smem.index(stage))
-                _tma_load(v_desc, [vr + kn, vc], bar, v_smem.index(stage))
-                it += 1
-            t += 1
-
-    @gluon.jit
-    def _p_consumer(Out, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, Words, Tiles, H, REPS,
-                    stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step, WG: gl.constexpr):
-        dtype: gl.constexpr = q_smem.dtype
-        HALF: gl.constexpr = q_smem.shape[0] // 2
-        HEAD_DIM: gl.constexpr = q_smem.shape[1]
-        STAGES: gl.constexpr = k_smem.shape[0]
-        BN: gl.constexpr = k_smem.shape[1]
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BN, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        q_half = q_smem.slice(WG * HALF, HALF)  # this warpgroup's 64 query rows
-        s_zero = gl.zeros([HALF, BN], gl.float32, layout=s_layout)
-        rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        it = 0
-        t = 0
-        b, h, m_blk, cnt, e0 = _p_tile(Tiles, first, REPS, H)
-        for tile in range(first, num_tiles, step):
-            nb, nh, nm, ncnt, ne0 = _p_tile(Tiles, gl.minimum(tile + step, num_tiles - 1), REPS, H)
-            # The row's last block is the only one that can hold keys >= N (ids ascend); its id is read now and
-            # used at the tile's end.
-            kn_last = _gl_block_id(Words, e0 + gl.maximum(cnt - 1, 0)) * BN
-            m_i = gl.full([HALF], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-            l_i = gl.zeros([HALF], gl.float32, layout=gl.SliceLayout(1, s_layout))
-            acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
-            mbarrier.wait(q_ready, t & 1)
-            if cnt > 0:
-                stage = it % STAGES
-                mbarrier.wait(ready.index(stage), (it // STAGES) & 1)
-                qk = warpgroup_mma(q_half, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False)
-                if cnt == 1:
-                    mbarrier.arrive(q_empty, count=1)  # this tile's last Q K^T is done: Q may be replaced
-                    p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn_last, N, qk_scale, s_layout, BN, True)
-                else:
-                    p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn_last, N, qk_scale, s_layout, BN, False)
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
-                for j in range(1, cnt):
-                    itj = it + j
-                    stage = itj % STAGES
-                    prev = (itj - 1) % STAGES
-                    mbarrier.wait(ready.index(stage), (itj // STAGES) & 1)
-                    s_tok = warpgroup_mma(q_half, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False,
-                                          is_async=True)
-                    o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-                    qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-                    if j == cnt - 1:
-                        mbarrier.arrive(q_empty, count=1)
-                        p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn_last, N, qk_scale, s_layout, BN, True)
-                    else:
-                        p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn_last, N, qk_scale, s_layout, BN, False)
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
-                    mbarrier.arrive(empty.index(prev), count=1)  # K and V of block j-1: this warpgroup is done
-                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-                    p_op = gl.convert_layout(p.to(dtype), p_layout)
-                last = (it + cnt - 1) % STAGES
-                acc = warpgroup_mma(p_op, v_smem.index(last), acc)
-                mbarrier.arrive(empty.index(last), count=1)
-                it += cnt
-            else:
-                mbarrier.arrive(q_empty, count=1)
-            # Straight from registers to global memory (rows >= N masked): Q's buffer, v5's staging area, is
-            # already the next tile's.
-            l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-            l_o = gl.where(l_o == 0.0, 1.0, l_o)
-            out = (acc / gl.expand_dims(l_o, 1)).to(dtype)
-            offs_m = m_blk * (2 * HALF) + WG * HALF + rows
-            base = Out + b.to(gl.int64) * stride_oz + h.to(gl.int64) * stride_oh
-            ptrs = base + gl.expand_dims(offs_m.to(gl.int64) * stride_om, 1) + gl.expand_dims(cols, 0)
-            gl.store(ptrs, out, mask=gl.expand_dims(offs_m < N, 1))
-            b, h, m_blk, cnt, e0 = nb, nh, nm, ncnt, ne0
-            t += 1
-
-    @gluon.jit
-    def _p_consumer0(Out, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, Words, Tiles, H, REPS,
-                     stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step):
-        _p_consumer(Out, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, Words, Tiles, H, REPS,
-                    stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step, 0)
-
-    @gluon.jit
-    def _p_consumer1(Out, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, Words, Tiles, H, REPS,
-                     stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step):
-        _p_consumer(Out, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, Words, Tiles, H, REPS,
-                    stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step, 1)
-
-    @gluon.jit(do_not_specialize=["N", "num_tiles", "stride_qz", "stride_qh", "stride_kz", "stride_kh",
-                                  "stride_vz", "stride_vh", "stride_oz", "stride_oh"],
-               do_not_specialize_on_alignment=["Words", "Tiles"])
-    def _gl_block_sparse_persistent(
-        q_desc, k_desc, v_desc, Out, Words, Tiles,
-        stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
-        stride_vz, stride_vh, stride_vn, stride_oz, stride_oh, stride_om,
-        H, N, REPS, num_tiles, qk_scale,
-        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
-    ):
-        gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
-        dtype: gl.constexpr = q_desc.dtype
-        BM: gl.constexpr = q_desc.block_type.shape[0]
-        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
-        BN: gl.constexpr = k_desc.block_type.shape[0]
-        first = gl.program_id(0)
-        step = gl.num_programs(0)
-        q_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], v_desc.layout)
-        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_ready, count=1)
-        mbarrier.init(q_empty, count=2)  # one arrival per consumer warpgroup
-        for st in gl.static_range(STAGES):
-            mbarrier.init(ready.index(st), count=1)
-            mbarrier.init(empty.index(st), count=2)
-        consumer_args = (Out, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, Words, Tiles, H, REPS,
-                         stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step)
-        gl.warp_specialize([
-            (_p_consumer0, consumer_args),
-            (_p_consumer1, consumer_args),
-            (_p_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, Words,
-                         Tiles, H, REPS, stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
-                         stride_vz, stride_vh, stride_vn, first, num_tiles, step)),
-        ], [4, 1], [CONSUMER_REGS, LOADER_REGS])
-        mbarrier.invalidate(q_ready)
-        mbarrier.invalidate(q_empty)
-        for st in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(st))
-            mbarrier.invalidate(empty.index(st))
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: tuple[int, int], *,
@@ -506,51 +325,46 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: tupl
     for t in (q, k, v):
         if t.stride(-1) != 1 or (t.stride(2) * t.element_size()) % 16 or t.data_ptr() % 16:
             return False
+        if not _row_view_ok(t):  # host-side descriptors over a [rows, stride_n] view
+            return False
     return True
 
 
+def _row_view_ok(t: torch.Tensor) -> bool:
+    """Whether `_row_view` can describe t: each head's rows start a row of the [rows, stride_n] view (or sit
+    side by side within one, as diffusers' [B, N, H, D] heads do)."""
+    B, H, N, D = t.shape
+    w = t.stride(2)
+    return w >= D and t.stride(0) % w == 0 and (t.stride(1) % w == 0 or (H - 1) * t.stride(1) + D <= w)
+
+
 def _row_view(t: torch.Tensor, rows_per_tile: int):
-    """A host-side TMA descriptor for v8 over t's memory as a 2-d [rows, t.stride(2)] array (t: [B, H, N, D]
+    """A host-side TMA descriptor over t's memory as a 2-d [rows, t.stride(2)] array (t: [B, H, N, D]
     with unit last stride). Head (b, h) then starts at row, column divmod(b * stride_b + h * stride_h,
-    stride_n) (`_p_origin`), for the contiguous layout ([B, H, N, D]: row (b H + h) N, column 0) and for
+    stride_n) (`_gl_origin`), for the contiguous layout ([B, H, N, D]: row (b H + h) N, column 0) and for
     diffusers' ([B, N, H, D] viewed: row b N, column h D) alike. A tile that runs past N reads the next
     head's or batch's rows (or TMA's zero fill past the end): the kernel masks keys >= N out of the softmax
-    and stores no output row >= N. None when the layout does not fit this scheme (v5 takes the call)."""
+    and stores no output row >= N. The layout must pass `_row_view_ok` (`supports` checks it)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     B, H, N, D = t.shape
     w = t.stride(2)
-    if w < D or t.stride(0) % w or not (t.stride(1) % w == 0 or (H - 1) * t.stride(1) + D <= w):
-        return None
     rows = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) // w + 1
     layout = gl.NVMMASharedLayout.get_default_for([rows_per_tile, D],
                                                   gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16)
     return TensorDescriptor(base=t, shape=[rows, w], strides=[w, 1], block_shape=[rows_per_tile, D], layout=layout)
 
 
-def tile_records(counts: torch.Tensor, offsets: torch.Tensor, schedule: torch.Tensor | None) -> torch.Tensor:
-    """v8's work list: int32 [rows, 4] in schedule order, each (b * H + h, query block, count, offset of the
-    row's block ids), so a program reads one record per tile instead of a chain of dependent loads."""
-    Bi, H, Mq = counts.shape
-    rows = (schedule.long() if schedule is not None
-            else torch.arange(Bi * H * Mq, device=counts.device))
-    return torch.stack([rows // Mq, rows % Mq, counts.reshape(-1)[rows].long(), offsets.reshape(-1)[rows].long()],
-                       dim=1).to(torch.int32).contiguous()
-
-
 def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                                  counts: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor,
                                  schedule: torch.Tensor | None, *, scale: float, stages: int = DEFAULT_STAGES,
-                                 persistent: bool = False, tiles: torch.Tensor | None = None,
                                  trace: torch.Tensor | None = None) -> torch.Tensor:
     """Called by `block_sparse.block_sparse_attention_triton`, which validates the call, allocates `out` and
     prepares the index (`_device_index`): q, k, v, out [B, H, N, D] with unit last strides; int32 counts and
-    offsets [Bi, H, Mq]; the int16 block ids as int32 words. `persistent`: v8 (one program per SM walking
-    `tiles`, the `tile_records` of counts, offsets and schedule, made here when not given) where the layout
-    allows host-side descriptors, else v5 (one program per tile). `trace` (v5 only, profiling,
-    bench/trace_gluon.py): int32 [programs, 10], filled with each program's SM, time stamps and block count
+    offsets [Bi, H, Mq]; the int16 block ids as int32 words; layouts `supports` accepts. `trace` (profiling,
+    bench/trace_gluon.py): int32 [programs, 13], filled with each program's SM, time stamps and block count
     (`TRACE_SLOTS`)."""
-    from .block_sparse import LOG2E, _tma_allocator
+    from .block_sparse import LOG2E
 
     B, H, N, D = q.shape
     Mq = triton.cdiv(N, BLOCK)
@@ -558,38 +372,25 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     num_tiles = counts.shape[0] * H * Mq * reps
     if num_tiles == 0:
         return out
-    descs = [_row_view(t, BLOCK) for t in (q, k, v)] if persistent and trace is None else [None]
-    if all(d is not None for d in descs):
-        if tiles is None:
-            tiles = tile_records(counts, offsets, schedule)
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        _gl_block_sparse_persistent[(min(num_tiles, sms),)](
-            *descs, out, words, tiles,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            H, N, reps, num_tiles, scale * LOG2E,
-            STAGES=stages, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4,
-        )
-        return out
-    triton.set_allocator(_tma_allocator)  # scratch for the device-side TMA descriptors
+    descs = [_row_view(t, BLOCK) for t in (q, k, v)]  # (`supports` checked that the layouts allow them)
     _gl_block_sparse_fwd[(num_tiles,)](
-        q, k, v, out, counts, offsets, words, schedule if schedule is not None else counts,
+        *descs, out, counts, offsets, words, schedule if schedule is not None else counts,
         trace if trace is not None else counts,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         counts.stride(0), counts.stride(1), H, N, Mq, reps, scale * LOG2E,
-        BM=BLOCK, BN=BLOCK, HEAD_DIM=D, HAS_SCHEDULE=schedule is not None, STAGES=stages,
-        CONSUMER_REGS=CONSUMER_REGS, TRACE=trace is not None, num_warps=4,
+        HAS_SCHEDULE=schedule is not None, STAGES=stages, CONSUMER_REGS=CONSUMER_REGS, TRACE=trace is not None,
+        num_warps=4,
     )
     return out
 
 
-def kernel_fn(persistent: bool = False):
-    """The Gluon JIT function (for the ahead-of-time tools): v8, or v5 with persistent=False."""
-    return _gl_block_sparse_persistent if persistent else _gl_block_sparse_fwd
+def kernel_fn():
+    """The Gluon JIT function (for the ahead-of-time tools)."""
+    return _gl_block_sparse_fwd
 
 
-def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STAGES, persistent: bool = False):
+def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STAGES):
     """(signature, constexprs, attrs, options) for `triton.compile(GluonASTSource(...))` without a GPU."""
     import inspect
 
@@ -597,17 +398,12 @@ def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STA
 
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the Gluon kernel takes bf16/fp16, not {dtype}")
-    names = list(inspect.signature(kernel_fn(persistent).fn).parameters)
-    if persistent:
-        consts = dict(STAGES=stages, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4)
-    else:
-        consts = dict(BM=BLOCK, BN=BLOCK, HEAD_DIM=head_dim, HAS_SCHEDULE=True, STAGES=stages,
-                      CONSUMER_REGS=CONSUMER_REGS, TRACE=False, num_warps=4)
-    sig, attrs = aot_signature(names, consts, dtype,
-                               i32_pointers=("Counts", "Offsets", "Words", "Schedule", "Trace", "Tiles"))
-    if persistent:  # q, k, v as host-side descriptors over [rows, stride_n] (see _row_view)
-        elem, gdt = ("bf16", gl.bfloat16) if dtype == torch.bfloat16 else ("fp16", gl.float16)
-        layout = gl.NVMMASharedLayout.get_default_for([BLOCK, head_dim], gdt)
-        for n in ("q_desc", "k_desc", "v_desc"):
-            sig[n] = f"tensordesc<{elem}[{BLOCK}, {head_dim}],{layout!r}>"
+    names = list(inspect.signature(_gl_block_sparse_fwd.fn).parameters)
+    consts = dict(HAS_SCHEDULE=True, STAGES=stages, CONSUMER_REGS=CONSUMER_REGS, TRACE=False, num_warps=4)
+    sig, attrs = aot_signature(names, consts, dtype, i32_pointers=("Counts", "Offsets", "Words", "Schedule", "Trace"))
+    # q, k, v as host-side descriptors over [rows, stride_n] (see _row_view)
+    elem, gdt = ("bf16", gl.bfloat16) if dtype == torch.bfloat16 else ("fp16", gl.float16)
+    layout = gl.NVMMASharedLayout.get_default_for([BLOCK, head_dim], gdt)
+    for n in ("q_desc", "k_desc", "v_desc"):
+        sig[n] = f"tensordesc<{elem}[{BLOCK}, {head_dim}],{layout!r}>"
     return sig, consts, attrs, {"num_warps": 4}
