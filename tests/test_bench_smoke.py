@@ -25,3 +25,68 @@ def test_bench_e2e_smoke(tmp_path):
         err = res["variants"][f"calibatt {tag} all-true"]["rel_err_vs_stock"]
         assert err < 1e-5, f"all-true masks must reproduce stock attention ({tag}): rel err {err}"
     assert "x stock eager" in r.stdout
+
+
+def test_trace_analysis_reads_known_intervals():
+    """bench/trace_gluon.py's analysis on a synthetic trace with known intervals (cycle counters that wrap
+    past 2^32 included): 2 SMs, 3 programs each, 1 cycle per ns."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import trace_gluon
+    from calibatt_kernels.block_sparse_gluon import TRACE_SLOTS
+
+    slot = {n: i for i, n in enumerate(TRACE_SLOTS)}
+    rows = []
+    for sm in range(2):
+        t = (1 << 32) - 5000 if sm == 0 else 1000  # SM 0's counter wraps during its second program
+        for _ in range(3):
+            r = [0] * len(TRACE_SLOTS)
+            cnt, per_block = 10, 1500
+            r[slot["smid"]], r[slot["count"]] = sm, cnt
+            r[slot["start"]] = t
+            r[slot["index_read"]] = t + 500
+            r[slot["descriptors_made"]] = t + 1100
+            r[slot["loader_start"]] = t + 1300
+            r[slot["loader_issued"]] = t + 1900
+            r[slot["first_kv_ready"]] = t + 2600
+            r[slot["loop_done"]] = t + 2600 + (cnt - 1) * per_block
+            r[slot["stored_wg0"]] = r[slot["loop_done"]] + 1300
+            r[slot["stored_wg1"]] = r[slot["stored_wg0"]] + 200
+            r[slot["start_ns"]], r[slot["stored_wg0_ns"]] = r[slot["start"]], r[slot["stored_wg0"]]
+            rows.append(r)
+            t = r[slot["stored_wg1"]] + 800  # the next program starts 800 cycles after this one ends
+    raw = torch.tensor([[x % (1 << 32) for x in r] for r in rows], dtype=torch.int64)
+    a = trace_gluon.analyse(((raw + (1 << 31)) % (1 << 32) - (1 << 31)).to(torch.int32))  # as the kernel's int32
+    assert abs(a["ghz"] - 1.0) < 1e-9
+    us = {k: round(a[k] * 1e3) for k in ("per_block_us", "launch_gap_us", "index_read_us", "descriptors_made_us",
+                                          "loader_start_us", "loader_issued_us", "to_first_kv_us", "tail_us",
+                                          "wg1_after_wg0_us")}
+    assert us == dict(per_block_us=1500, launch_gap_us=800, index_read_us=500, descriptors_made_us=1100,
+                      loader_start_us=1300, loader_issued_us=1900, to_first_kv_us=2600, tail_us=1300,
+                      wg1_after_wg0_us=200), us
+    # fixed cost: span (2600 + 9 x 1500 + 1500) + gap 800 - 10 x 1500, in blocks of 1500
+    assert abs(a["fixed_blocks"] - (2600 + 1500 + 800 - 1500) / 1500) < 1e-9
+    assert a["sms"] == 2
+
+
+def test_traced_gluon_kernel_compiles_for_sm90():
+    """The profiling build (TRACE=True) that bench/trace_gluon.py runs compiles for sm_90 on this CPU, on the
+    installed triton, so a device session does not find it broken."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from calibatt_kernels import block_sparse_gluon as g
+
+    if not g.HAVE_GLUON:
+        import pytest
+
+        pytest.skip("this triton has no Gluon")
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    sig, consts, attrs, opts = g.aot_source_args(torch.bfloat16, 128)
+    consts["TRACE"] = True
+    kernel = triton.compile(GluonASTSource(g.kernel_fn(), sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                            options=opts)
+    assert "globaltimer" in kernel.asm["ptx"] and "%clock" in kernel.asm["ptx"]
