@@ -34,6 +34,7 @@ def test_trace_analysis_reads_known_intervals():
 
     sys.path.insert(0, str(REPO / "bench"))
     import trace_gluon
+
     from calibatt_kernels.block_sparse_gluon import TRACE_SLOTS
 
     slot = {n: i for i, n in enumerate(TRACE_SLOTS)}
