@@ -58,7 +58,7 @@ class KernelConfig:
     gluon: bool = False
 
 
-# v5 (bench/NOTES.md): 531-641 TFLOP/s on an H200 (the lower figures at density <= 0.25 on Wan 1.3B), against
+# v5 (bench/NOTES.md, seventh session): 562-635 TFLOP/s on an H200 (the lower figures at density 0.1), against
 # 430-489 for the best `tl` config.
 GLUON_WS = KernelConfig(gluon=True, warp_specialize=True, num_stages=3, num_warps=4)
 
