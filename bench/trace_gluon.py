@@ -59,8 +59,9 @@ def pattern_mask(kind: str, h: int, mb: int, count: int, gen: torch.Generator) -
 
 
 def launch(q, k, v, out, ix, trace=None):
-    counts, offsets, words, sched = ix
-    return g.block_sparse_attention_gluon(q, k, v, out, counts, offsets, words, sched, scale=D ** -0.5, trace=trace)
+    counts, offsets, words, sched, records = ix
+    return g.block_sparse_attention_gluon(q, k, v, out, counts, offsets, words, sched, scale=D ** -0.5,
+                                          records=records, trace=trace)
 
 
 def analyse(tr: torch.Tensor) -> dict:
@@ -133,7 +134,8 @@ def main():
             words = ids  # int16 ids as words (mask_to_index gives int16)
             sched = ck.lpt_schedule(index.counts).to(device="cuda", dtype=torch.int32)
 
-            run = functools.partial(launch, q, k, v, out, (counts, offsets, words, sched))
+            records = g.tile_records(counts, offsets, words, sched)  # made once, as block_sparse keeps them
+            run = functools.partial(launch, q, k, v, out, (counts, offsets, words, sched, records))
             ms = do_bench(run, warmup=100, rep=200, return_mode="median")
             flops = 4 * B * int(mask.sum()) * BLOCK * BLOCK * D
             trace = torch.zeros(B * H * mb, len(g.TRACE_SLOTS), dtype=torch.int32, device="cuda")

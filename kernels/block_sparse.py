@@ -329,9 +329,13 @@ def _run_gluon(q, k, v, index, scale, cfg, out):
         return None
     counts, offsets, ids, id_words, schedule = _device_index(index, q.device)
     words = ids if id_words else index_words(ids)  # the Gluon kernel reads int16 ids only
+    key = ("gluon_tile_records", str(q.device))
+    if key not in index.derived:
+        index.derived[key] = block_sparse_gluon.tile_records(counts, offsets, words, schedule)
     try:
         return block_sparse_gluon.block_sparse_attention_gluon(q, k, v, out, counts, offsets, words, schedule,
-                                                               scale=scale, stages=cfg.num_stages)
+                                                               scale=scale, stages=cfg.num_stages,
+                                                               records=index.derived[key])
     except (CompilationError, RuntimeError) as e:
         _GLUON_BROKEN.append(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
         logging.getLogger("calibatt").warning("the Gluon kernel failed to compile with triton %s (%s); using the "

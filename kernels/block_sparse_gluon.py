@@ -78,12 +78,6 @@ if HAVE_GLUON:
         return (w >> ((e & 1) * 16)) & 0xFFFF
 
     @gluon.jit
-    def _gl_origin(b, h, stride_z, stride_h, stride_n):
-        """Where head (b, h) starts in a descriptor over [rows, stride_n] (see `_row_view`): (row, column)."""
-        off = b.to(gl.int64) * stride_z + h.to(gl.int64) * stride_h
-        return (off // stride_n).to(gl.int32), (off % stride_n).to(gl.int32)
-
-    @gluon.jit
     def _gl_softmax(s, m_i, l_i, kn, N, qk_scale, s_layout: gl.constexpr, BN: gl.constexpr, MASK: gl.constexpr):
         """Online-softmax update for scores s of the key tile at kn: (p, alpha, m_new, l_new), base 2."""
         if MASK:  # the last listed block may hold keys >= N (TMA filled them with zeros)
@@ -116,8 +110,8 @@ if HAVE_GLUON:
         gl.store(Trace + slot + offs, t, mask=offs == 0)
 
     @gluon.jit
-    def _ws_load(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, q_row, qc,
-                 kr, kc, vr, vc, Trace, trace_at, TRACE: gl.constexpr):
+    def _ws_load(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, first, q_row,
+                 qc, kr, kc, vr, vc, Trace, trace_at, TRACE: gl.constexpr):
         # (partition arguments are runtime values: the tile constants come from the buffers' shapes)
         STAGES: gl.constexpr = k_smem.shape[0]
         BN: gl.constexpr = k_smem.shape[1]
@@ -125,7 +119,14 @@ if HAVE_GLUON:
             _gl_stamp(Trace, trace_at + 12, 1, 0, 0)  # the loader warp starts
         mbarrier.expect(q_bar, q_desc.block_type.nbytes)
         _tma_load(q_desc, [q_row, qc], q_bar, q_smem)
-        for j in range(cnt):
+        if cnt > 0:  # the first block's id came with the tile's record: no dependent load before its TMA
+            bar = ready.index(0)
+            mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            _tma_load(k_desc, [kr + first * BN, kc], bar, k_smem.index(0))
+            _tma_load(v_desc, [vr + first * BN, vc], bar, v_smem.index(0))
+            if TRACE:
+                _gl_stamp(Trace, trace_at + 2, 1, 0, 0)  # Q and the first K/V requested
+        for j in range(1, cnt):
             stage = j % STAGES
             if j >= STAGES:  # wait until both consumers are done with the tile that last used this stage
                 mbarrier.wait(empty.index(stage), ((j // STAGES) - 1) & 1)
@@ -134,13 +135,10 @@ if HAVE_GLUON:
             mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
             _tma_load(k_desc, [kr + kn, kc], bar, k_smem.index(stage))
             _tma_load(v_desc, [vr + kn, vc], bar, v_smem.index(stage))
-            if TRACE:
-                if j == 0:
-                    _gl_stamp(Trace, trace_at + 2, 1, 0, 0)  # Q and the first K/V requested
 
     @gluon.jit
     def _ws_consumer(o_base, stride_om, o_desc, o_row, oc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0,
-                     cnt, start_m, N, qk_scale, Trace, trace_at, TRACE: gl.constexpr, WG: gl.constexpr):
+                     cnt, first, start_m, N, qk_scale, Trace, trace_at, TRACE: gl.constexpr, WG: gl.constexpr):
         dtype: gl.constexpr = q_smem.dtype
         HALF: gl.constexpr = q_smem.shape[0] // 2
         HEAD_DIM: gl.constexpr = q_smem.shape[1]
@@ -158,7 +156,7 @@ if HAVE_GLUON:
         s_zero = gl.zeros([HALF, BN], gl.float32, layout=s_layout)
         mbarrier.wait(q_bar, 0)
         if cnt > 0:
-            kn = _gl_block_id(Words, e0) * BN
+            kn = first * BN
             mbarrier.wait(ready.index(0), 0)
             if TRACE:
                 if WG == 0:
@@ -212,51 +210,48 @@ if HAVE_GLUON:
     # The partitions: constexpr arguments reach a partition as runtime values on triton 3.6, so the warpgroup
     # number and TRACE are bound here, one wrapper per combination.
     @gluon.jit
-    def _ws_loader(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, q_row, qc,
-                   kr, kc, vr, vc, Trace, trace_at):
-        _ws_load(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, q_row, qc,
-                 kr, kc, vr, vc, Trace, trace_at, False)
+    def _ws_loader(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, first,
+                   q_row, qc, kr, kc, vr, vc, Trace, trace_at):
+        _ws_load(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, first,
+                 q_row, qc, kr, kc, vr, vc, Trace, trace_at, False)
 
     @gluon.jit
     def _ws_loader_traced(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt,
-                          q_row, qc, kr, kc, vr, vc, Trace, trace_at):
-        _ws_load(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, q_row, qc,
-                 kr, kc, vr, vc, Trace, trace_at, True)
+                          first, q_row, qc, kr, kc, vr, vc, Trace, trace_at):
+        _ws_load(k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, first,
+                 q_row, qc, kr, kc, vr, vc, Trace, trace_at, True)
 
     @gluon.jit
     def _ws_consumer0(o_base, stride_om, o_desc, o_row, oc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0,
-                      cnt, start_m, N, qk_scale, Trace, trace_at):
+                      cnt, first, start_m, N, qk_scale, Trace, trace_at):
         _ws_consumer(o_base, stride_om, o_desc, o_row, oc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words,
-                     e0, cnt, start_m, N, qk_scale, Trace, trace_at, False, 0)
+                     e0, cnt, first, start_m, N, qk_scale, Trace, trace_at, False, 0)
 
     @gluon.jit
     def _ws_consumer1(o_base, stride_om, o_desc, o_row, oc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0,
-                      cnt, start_m, N, qk_scale, Trace, trace_at):
+                      cnt, first, start_m, N, qk_scale, Trace, trace_at):
         _ws_consumer(o_base, stride_om, o_desc, o_row, oc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words,
-                     e0, cnt, start_m, N, qk_scale, Trace, trace_at, False, 1)
+                     e0, cnt, first, start_m, N, qk_scale, Trace, trace_at, False, 1)
 
     @gluon.jit
     def _ws_consumer0_traced(o_base, stride_om, o_desc, o_row, oc, q_smem, k_smem, v_smem, q_bar, ready, empty,
-                             Words, e0, cnt, start_m, N, qk_scale, Trace, trace_at):
+                             Words, e0, cnt, first, start_m, N, qk_scale, Trace, trace_at):
         _ws_consumer(o_base, stride_om, o_desc, o_row, oc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words,
-                     e0, cnt, start_m, N, qk_scale, Trace, trace_at, True, 0)
+                     e0, cnt, first, start_m, N, qk_scale, Trace, trace_at, True, 0)
 
     @gluon.jit
     def _ws_consumer1_traced(o_base, stride_om, o_desc, o_row, oc, q_smem, k_smem, v_smem, q_bar, ready, empty,
-                             Words, e0, cnt, start_m, N, qk_scale, Trace, trace_at):
+                             Words, e0, cnt, first, start_m, N, qk_scale, Trace, trace_at):
         _ws_consumer(o_base, stride_om, o_desc, o_row, oc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words,
-                     e0, cnt, start_m, N, qk_scale, Trace, trace_at, True, 1)
+                     e0, cnt, first, start_m, N, qk_scale, Trace, trace_at, True, 1)
 
     # (index pointers: no alignment specialisation, as for the tl kernel; see block_sparse.INDEX_POINTERS)
-    @gluon.jit(do_not_specialize=["N", "Mq", "stride_cz", "stride_ch"],
-               do_not_specialize_on_alignment=["Counts", "Offsets", "Words", "Schedule", "Trace"])
+    @gluon.jit(do_not_specialize=["N", "Mq"], do_not_specialize_on_alignment=["Records", "Words", "Trace"])
     def _gl_block_sparse_fwd(
-        q_desc, k_desc, v_desc, o_desc, Out, Counts, Offsets, Words, Schedule, Trace,
-        stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
-        stride_vz, stride_vh, stride_vn, stride_oz, stride_oh, stride_om,
-        stride_cz, stride_ch, H, N, Mq, REPS, qk_scale,
-        HAS_SCHEDULE: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, TRACE: gl.constexpr,
-        num_warps: gl.constexpr,
+        q_desc, k_desc, v_desc, o_desc, Out, Records, Words, Trace,
+        q_zr, q_hr, q_hc, k_zr, k_hr, k_hc, v_zr, v_hr, v_hc, o_zr, o_hr, o_hc,
+        stride_oz, stride_oh, stride_om, H, N, Mq, REPS, qk_scale,
+        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, TRACE: gl.constexpr, num_warps: gl.constexpr,
     ):
         gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
         dtype: gl.constexpr = q_desc.dtype
@@ -271,27 +266,27 @@ if HAVE_GLUON:
             _gl_stamp(Trace, trace_at + 8, 4, 1, 0)
         pos = tile // REPS
         rep = tile % REPS
-        if HAS_SCHEDULE:
-            row = gl.load(Schedule + pos)
-        else:
-            row = pos
+        # The tile's record (`tile_records`): its row, block count, list offset and first block id, four
+        # independent loads of one 16-byte record. Reading the schedule, then the count and offset, then the
+        # first id was three dependent round trips to memory before the first K/V could be requested.
+        rec = Records + pos * 4
+        row = gl.load(rec)
+        cnt = gl.load(rec + 1)
+        e0 = gl.load(rec + 2)
+        first = gl.load(rec + 3)
         m_blk = row % Mq
         h = (row // Mq) % H
-        bi = row // (Mq * H)
-        b = bi + rep
+        b = row // (Mq * H) + rep
         start_m = m_blk * BM
-        row_off = bi * stride_cz + h * stride_ch + m_blk
-        cnt = gl.load(Counts + row_off)
-        e0 = gl.load(Offsets + row_off)
         if TRACE:
             _gl_stamp(Trace, trace_at + 7, 4, 3, cnt)
             _gl_stamp(Trace, trace_at + 10, 4, 0, 0)  # the index entries have arrived
-        # q, k and v come as the host's descriptors over [rows, stride_n] views (`_row_view`): making four
-        # descriptors here took 2.8 us of each program's ~5 us prologue (bench/trace_gluon.py, seventh session)
-        qr, qc = _gl_origin(b, h, stride_qz, stride_qh, stride_qm)
-        kr, kc = _gl_origin(b, h, stride_kz, stride_kh, stride_kn)
-        vr, vc = _gl_origin(b, h, stride_vz, stride_vh, stride_vn)
-        o_row, oc = _gl_origin(b, h, stride_oz, stride_oh, stride_om)
+        # Where head (b, h) starts in each host-side row view (`_row_view`, `_row_terms`): int32 multiply-adds
+        # of terms the host divided out (the 64-bit divisions here took ~0.6 us of each program's prologue).
+        qr = b * q_zr + h * q_hr
+        kr = b * k_zr + h * k_hr
+        vr = b * v_zr + h * v_hr
+        o_row = b * o_zr + h * o_hr
         o_base = Out + b.to(gl.int64) * stride_oz + h.to(gl.int64) * stride_oh
         q_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], k_desc.layout)
@@ -305,10 +300,10 @@ if HAVE_GLUON:
             mbarrier.init(empty.index(st), count=2)  # one arrival per consumer warpgroup
         if TRACE:
             _gl_stamp(Trace, trace_at + 11, 4, 0, 0)  # barriers set up (and, before v5 took host descriptors, 4 made)
-        consumer_args = (o_base, stride_om, o_desc, o_row, oc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words,
-                         e0, cnt, start_m, N, qk_scale, Trace, trace_at)
-        loader_args = (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt,
-                       qr + start_m, qc, kr, kc, vr, vc, Trace, trace_at)
+        consumer_args = (o_base, stride_om, o_desc, o_row, h * o_hc, q_smem, k_smem, v_smem, q_bar, ready, empty,
+                         Words, e0, cnt, first, start_m, N, qk_scale, Trace, trace_at)
+        loader_args = (k_desc, v_desc, q_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, Words, e0, cnt, first,
+                       qr + start_m, h * q_hc, kr, h * k_hc, vr, h * v_hc, Trace, trace_at)
         if TRACE:
             gl.warp_specialize([(_ws_consumer0_traced, consumer_args), (_ws_consumer1_traced, consumer_args),
                                 (_ws_loader_traced, loader_args)], [4, 1], [CONSUMER_REGS, 24])
@@ -351,11 +346,11 @@ def _row_view_ok(t: torch.Tensor) -> bool:
 
 def _row_view(t: torch.Tensor, rows_per_tile: int):
     """A host-side TMA descriptor over t's memory as a 2-d [rows, t.stride(2)] array (t: [B, H, N, D]
-    with unit last stride). Head (b, h) then starts at row, column divmod(b * stride_b + h * stride_h,
-    stride_n) (`_gl_origin`), for the contiguous layout ([B, H, N, D]: row (b H + h) N, column 0) and for
-    diffusers' ([B, N, H, D] viewed: row b N, column h D) alike. A tile that runs past N reads the next
-    head's or batch's rows (or TMA's zero fill past the end): the kernel masks keys >= N out of the softmax
-    and stores no output row >= N. The layout must pass `_row_view_ok` (`supports` checks it)."""
+    with unit last stride). Head (b, h) then starts at row b zr + h hr, column h hc (`_row_terms`): for the
+    contiguous layout ([B, H, N, D]) row (b H + h) N, column 0; for diffusers' ([B, N, H, D] viewed) row b N,
+    column h D. A tile that runs past N reads the next head's or batch's rows (or TMA's zero fill past the
+    end): the kernel masks keys >= N out of the softmax and stores no output row >= N through it. The layout
+    must pass `_row_view_ok` (`supports` checks it)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     B, H, N, D = t.shape
@@ -367,13 +362,39 @@ def _row_view(t: torch.Tensor, rows_per_tile: int):
     return TensorDescriptor(base=t, shape=[rows, w], strides=[w, 1], block_shape=[rows_per_tile, D], layout=layout)
 
 
+def _row_terms(t: torch.Tensor) -> tuple[int, int, int]:
+    """(zr, hr, hc): head (b, h) of t starts at row b zr + h hr, column h hc of `_row_view(t)`. `_row_view_ok`
+    guarantees that a batch starts a row (stride_b % stride_n == 0) and that a head either starts a row or
+    sits within one beside the others ((H - 1) stride_h + D <= stride_n), so no carry crosses a row."""
+    w = t.stride(2)
+    hr, hc = divmod(t.stride(1), w) if t.stride(1) % w == 0 else (0, t.stride(1))
+    return t.stride(0) // w, hr, hc
+
+
+def tile_records(counts: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor,
+                 schedule: torch.Tensor | None) -> torch.Tensor:
+    """int32 [rows, 4], one record per program in launch order: (flat row id, block count, list offset,
+    first block id; 0 for an empty row). A program reads its record in one round trip and requests its first
+    K/V at once; through the schedule, then the counts and offsets, then the ids, that took three
+    (bench/NOTES.md, eighth session). Made on the device in a few small ops; `block_sparse` keeps it with the
+    index it came from, so a plan pays for it once."""
+    rows = schedule.to(torch.int64) if schedule is not None else torch.arange(counts.numel(), device=counts.device)
+    cnt = counts.reshape(-1)[rows]
+    e0 = offsets.reshape(-1)[rows]
+    ids = words.view(torch.int16)
+    first = torch.where(cnt > 0, ids[e0.to(torch.int64).clamp(max=ids.numel() - 1)].to(torch.int32) & 0xFFFF, 0)
+    return torch.stack([rows.to(torch.int32), cnt, e0, first.to(torch.int32)], 1).contiguous()
+
+
 def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                                  counts: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor,
                                  schedule: torch.Tensor | None, *, scale: float, stages: int = DEFAULT_STAGES,
+                                 records: torch.Tensor | None = None,
                                  trace: torch.Tensor | None = None) -> torch.Tensor:
     """Called by `block_sparse.block_sparse_attention_triton`, which validates the call, allocates `out` and
     prepares the index (`_device_index`): q, k, v, out [B, H, N, D] with unit last strides; int32 counts and
-    offsets [Bi, H, Mq]; the int16 block ids as int32 words; layouts `supports` accepts. `trace` (profiling,
+    offsets [Bi, H, Mq] (contiguous); the int16 block ids as int32 words; layouts `supports` accepts.
+    `records`: `tile_records` of this index, if the caller keeps them (else made here). `trace` (profiling,
     bench/trace_gluon.py): int32 [programs, 13], filled with each program's SM, time stamps and block count
     (`TRACE_SLOTS`)."""
     from .block_sparse import LOG2E
@@ -387,18 +408,17 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if not _row_view_ok(out):  # a caller's own output buffer of another layout: compute into q's, then copy
         tmp = torch.empty_like(q)
         block_sparse_attention_gluon(q, k, v, tmp, counts, offsets, words, schedule, scale=scale, stages=stages,
-                                     trace=trace)
+                                     records=records, trace=trace)
         return out.copy_(tmp)
+    if records is None:
+        records = tile_records(counts, offsets, words, schedule)
     # (`supports` checked that q, k and v allow row views)
     descs = [_row_view(t, BLOCK) for t in (q, k, v)] + [_row_view(out, BLOCK // 2)]
     _gl_block_sparse_fwd[(num_tiles,)](
-        *descs, out, counts, offsets, words, schedule if schedule is not None else counts,
-        trace if trace is not None else counts,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        counts.stride(0), counts.stride(1), H, N, Mq, reps, scale * LOG2E,
-        HAS_SCHEDULE=schedule is not None, STAGES=stages, CONSUMER_REGS=CONSUMER_REGS, TRACE=trace is not None,
-        num_warps=4,
+        *descs, out, records, words, trace if trace is not None else records,
+        *_row_terms(q), *_row_terms(k), *_row_terms(v), *_row_terms(out),
+        out.stride(0), out.stride(1), out.stride(2), H, N, Mq, reps, scale * LOG2E,
+        STAGES=stages, CONSUMER_REGS=CONSUMER_REGS, TRACE=trace is not None, num_warps=4,
     )
     return out
 
@@ -417,8 +437,8 @@ def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STA
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the Gluon kernel takes bf16/fp16, not {dtype}")
     names = list(inspect.signature(_gl_block_sparse_fwd.fn).parameters)
-    consts = dict(HAS_SCHEDULE=True, STAGES=stages, CONSUMER_REGS=CONSUMER_REGS, TRACE=False, num_warps=4)
-    sig, attrs = aot_signature(names, consts, dtype, i32_pointers=("Counts", "Offsets", "Words", "Schedule", "Trace"))
+    consts = dict(STAGES=stages, CONSUMER_REGS=CONSUMER_REGS, TRACE=False, num_warps=4)
+    sig, attrs = aot_signature(names, consts, dtype, i32_pointers=("Records", "Words", "Trace"))
     # q, k, v as host-side descriptors over [rows, stride_n] (see _row_view)
     elem, gdt = ("bf16", gl.bfloat16) if dtype == torch.bfloat16 else ("fp16", gl.float16)
     layout = gl.NVMMASharedLayout.get_default_for([BLOCK, head_dim], gdt)

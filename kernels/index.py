@@ -7,7 +7,7 @@ The schedule orders rows longest-first (LPT) for a persistent grid that assigns 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,9 @@ class BlockIndex:
     offsets: torch.Tensor  # int32 [B, H, Mq]: where each row's list starts in `indices`
     indices: torch.Tensor  # int16 [L], L >= sum(counts): the rows' lists back to back (then any padding)
     schedule: torch.Tensor | None = None  # int32 [B*H*Mq]: flat row ids, most blocks first
+    # What a kernel derives from this index once and reuses while the index lives (the Gluon kernel's tile
+    # records, per device): a plan's index serves every step, so it pays for them once.
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def max_blocks_per_row(self) -> int:

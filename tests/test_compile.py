@@ -59,18 +59,48 @@ def test_wan_kernel_class_fits_hopper_shared_memory():
 def test_gluon_row_views_take_model_layouts():
     """The Gluon kernel's host-side descriptors view q, k, v as [rows, stride_n] and find each head at
     divmod(b stride_b + h stride_h, stride_n): true of the contiguous layout, diffusers' [B, N, H, D] and
-    views into a packed [B, N, 3, H, D] projection; a layout whose heads do not start on rows falls back."""
-    from calibatt_kernels.block_sparse_gluon import _row_view_ok
+    views into a packed [B, N, 3, H, D] projection; a layout whose heads do not start on rows falls back.
+    The kernel gets each origin as int32 terms the host divided out (`_row_terms`): they must agree with
+    the division for every (b, h)."""
+    from calibatt_kernels.block_sparse_gluon import _row_terms, _row_view_ok
 
     B, H, N, D = 2, 3, 40, 64
     bhnd = torch.empty(B, H, N, D)
     bnhd = torch.empty(B, N, H, D).transpose(1, 2)
     packed = torch.empty(B, N, 3, H, D)[:, :, 1].transpose(1, 2)
     assert all(_row_view_ok(t) for t in (bhnd, bnhd, packed))
+    for t in (bhnd, bnhd, packed):
+        zr, hr, hc = _row_terms(t)
+        for b in range(B):
+            for h in range(H):
+                assert (b * zr + h * hr, h * hc) == divmod(b * t.stride(0) + h * t.stride(1), t.stride(2))
     # heads 40.5 rows apart (a [B, H, N + 0.5, D] slab): head 1 would start half-way along a row
     odd = torch.empty(B * H * N * D + B * H * D // 2).as_strided((B, H, N, D), (H * (N * D + D // 2), N * D + D // 2,
                                                                                   D, 1))
     assert not _row_view_ok(odd)
+
+
+def test_gluon_tile_records_against_the_mask():
+    """Each Gluon program reads one record (row, block count, list offset, first block id) in launch order:
+    checked against the mask itself, for the LPT schedule, no schedule, empty rows and a batch of masks."""
+    import calibatt_kernels as ck
+    from calibatt_kernels.block_sparse_gluon import tile_records
+    from calibatt_kernels.index import index_words
+
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand(2, 3, 5, 7, generator=gen) < 0.4
+    mask[0, 1, 2] = False  # an empty row
+    mask[1, 2, 4] = True  # a full one
+    for with_schedule in (True, False):
+        ix = ck.mask_to_index(mask, with_schedule=with_schedule)
+        rec = tile_records(ix.counts, ix.offsets, index_words(ix.indices), ix.schedule)
+        order = ix.schedule.tolist() if with_schedule else list(range(mask[..., 0].numel()))
+        assert rec.dtype == torch.int32 and rec.shape == (len(order), 4) and rec[:, 0].tolist() == order
+        rows = mask.reshape(-1, mask.shape[-1])
+        for (row, cnt, e0, first), r in zip(rec.tolist(), order, strict=True):
+            cols = rows[r].nonzero().flatten().tolist()
+            assert cnt == len(cols) and first == (cols[0] if cols else 0)
+            assert ix.indices[e0:e0 + cnt].tolist() == cols
 
 
 def test_candidates_per_architecture():

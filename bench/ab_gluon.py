@@ -1,0 +1,60 @@
+"""Temporary A/B of Gluon kernel versions in one process: `python bench/ab_gluon.py prev tma` times
+bench/ab_prev.py, bench/ab_tma.py (copies of earlier block_sparse_gluon.py with absolute imports) and the
+current calibatt_kernels.block_sparse_gluon ("new") on the same masks, interleaved, best of two medians."""
+import importlib
+import inspect
+import json
+import os
+import sys
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, "bench")
+from bench_kernel import BLOCK, D, SHAPES, local_mask, random_mask  # noqa: E402
+
+import calibatt_kernels as ck  # noqa: E402
+from calibatt_kernels import block_sparse_gluon as g  # noqa: E402
+from calibatt_kernels.block_sparse import _device_index  # noqa: E402
+
+mods = {n: importlib.import_module(f"ab_{n}") for n in sys.argv[1:]}
+mods["new"] = g
+print("card", torch.cuda.get_device_name(), "triton", triton.__version__, flush=True)
+rows = []
+for shape in ("wan1.3b", "wan14b"):
+    B, H, grid = SHAPES[shape]
+    N = grid[0] * grid[1] * grid[2]
+    mb = triton.cdiv(N, BLOCK)
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    gen = torch.Generator().manual_seed(0)
+    for kind, dens in (("random", 1.0), ("random", 0.25), ("random", 0.1), ("local", 0.25), ("local", 0.1)):
+        mask = random_mask(H, mb, mb, dens, gen) if kind == "random" else local_mask(H, grid, N, dens)
+        ix = ck.mask_to_index(mask.cuda())
+        c, o, w, _, _ = _device_index(ix, q.device)
+        sch = ix.schedule.to(device="cuda", dtype=torch.int32)
+        flops = 4 * int(mask.sum()) * BLOCK * BLOCK * D
+        calls = {}
+        for n, m in mods.items():
+            kw = dict(scale=D ** -0.5)
+            if "records" in inspect.signature(m.block_sparse_attention_gluon).parameters:
+                kw["records"] = m.tile_records(c, o, w, sch)
+            calls[n] = (m, kw)
+        outs = {n: torch.full_like(q, float("nan")) for n in mods}
+        res = dict(shape=shape, mask=kind, density=dens)
+        for n, (m, kw) in calls.items():
+            m.block_sparse_attention_gluon(q, k, v, outs[n], c, o, w, sch, **kw)
+        for _ in range(2):
+            for n, (m, kw) in calls.items():
+                t = do_bench(lambda m=m, n=n, kw=kw: m.block_sparse_attention_gluon(q, k, v, outs[n], c, o, w, sch,
+                                                                                   **kw),
+                             warmup=100, rep=200, return_mode="median")
+                res[n] = round(max(res.get(n, 0), flops / t / 1e9), 1)
+        ref = outs[next(iter(mods))].float()
+        for n in mods:
+            res[f"rel_{n}"] = float((outs[n].float() - ref).norm() / ref.norm())
+            res[f"nan_{n}"] = int(outs[n].isnan().sum())
+        rows.append(res)
+        print(json.dumps(res), flush=True)
+if os.environ.get("OUT"):
+    json.dump(rows, open(os.environ["OUT"] + "/ab-gluon.json", "w"), indent=1)
