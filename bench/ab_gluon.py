@@ -18,8 +18,11 @@ import calibatt_kernels as ck  # noqa: E402
 from calibatt_kernels import block_sparse_gluon as g  # noqa: E402
 from calibatt_kernels.block_sparse import _device_index  # noqa: E402
 
-mods = {n: importlib.import_module(f"ab_{n}") for n in sys.argv[1:]}
+# "new" is the current module; "new-p" the same with persistent=True (v9)
+mods = {n: importlib.import_module(f"ab_{n}") for n in sys.argv[1:] if not n.startswith("new")}
 mods["new"] = g
+if "new-p" in sys.argv[1:]:
+    mods["new-p"] = g
 print("card", torch.cuda.get_device_name(), "triton", triton.__version__, flush=True)
 rows = []
 for shape in ("wan1.3b", "wan14b"):
@@ -39,6 +42,8 @@ for shape in ("wan1.3b", "wan14b"):
             kw = dict(scale=D ** -0.5)
             if "records" in inspect.signature(m.block_sparse_attention_gluon).parameters:
                 kw["records"] = m.tile_records(c, o, w, sch)
+            if n == "new-p":
+                kw["persistent"] = True
             calls[n] = (m, kw)
         outs = {n: torch.full_like(q, float("nan")) for n in mods}
         res = dict(shape=shape, mask=kind, density=dens)

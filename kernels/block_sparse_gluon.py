@@ -61,6 +61,7 @@ except ImportError:  # pragma: no cover - depends on the installed triton
 
 BLOCK = 128  # the one tile shape this kernel takes: mask block = kernel tile = 128 x 128
 CONSUMER_REGS = 232  # registers per thread of the second consumer warpgroup (the loader warp gets 24)
+LOADER_REGS = 40  # v9's loader also walks its tiles' records and works out their head origins
 # TRACE's per-program record (bench/trace_gluon.py): the SM, its cycle counter at six points, the program's
 # block count, the global ns timer at its start and at warpgroup 0's end (to convert cycles to time), and the
 # cycle counter at three more points of the prologue
@@ -315,6 +316,200 @@ if HAVE_GLUON:
             mbarrier.invalidate(ready.index(st))
             mbarrier.invalidate(empty.index(st))
 
+    # ---- v9: persistent, Q double-buffered, K and V in separate rings (bench/NOTES.md, eighth session) ----
+    # v5's trace puts ~2 block-times per tile outside the key loop (first K/V's latency, the last P V, the
+    # output store, the next program's launch), none of it overlapped: one program fills an SM's shared
+    # memory. Here one program per SM walks its tiles while the loader already fetches the next tile's Q and
+    # K/V. Q needs two buffers for that (v8 had one, and its reload landed on the tile boundary); they fit
+    # beside K and V rings of 3 + 2 stages (224 KiB) because a K stage is freed right after its Q K^T and a V
+    # stage after its P V, so the shallower V ring still runs a block ahead (a joint ring of 2 did not).
+
+    @gluon.jit
+    def _p_record(Records, tile, REPS, Mq, H):
+        """Work item `tile` (a schedule position times the batch repeats) from its record: (b, h, query
+        block, block count, offset of its block ids)."""
+        rec = Records + (tile // REPS) * 4
+        row = gl.load(rec)
+        return row // (Mq * H) + tile % REPS, (row // Mq) % H, row % Mq, gl.load(rec + 1), gl.load(rec + 2)
+
+    @gluon.jit
+    def _p_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+                  v_empty, Words, Records, H, Mq, REPS, q_zr, q_hr, q_hc, k_zr, k_hr, k_hc, v_zr, v_hr, v_hc,
+                  first, num_tiles, step):
+        KS: gl.constexpr = k_smem.shape[0]
+        VS: gl.constexpr = v_smem.shape[0]
+        BM: gl.constexpr = q_smem.shape[1]
+        BN: gl.constexpr = k_smem.shape[1]
+        it = 0
+        t = 0
+        for tile in range(first, num_tiles, step):
+            # (the record is read here, not carried from the previous iteration: triton 3.6 dropped a value
+            # carried across this loop and used only as the inner loop's bound; v8 hung on it)
+            b, h, m_blk, cnt, e0 = _p_record(Records, tile, REPS, Mq, H)
+            qb = t % 2
+            if t >= 2:  # both consumers are done with the Q of two tiles ago
+                mbarrier.wait(q_empty.index(qb), ((t // 2) - 1) & 1)
+            mbarrier.expect(q_ready.index(qb), q_desc.block_type.nbytes)
+            _tma_load(q_desc, [b * q_zr + h * q_hr + m_blk * BM, h * q_hc], q_ready.index(qb), q_smem.index(qb))
+            kr = b * k_zr + h * k_hr
+            vr = b * v_zr + h * v_hr
+            for j in range(cnt):
+                kn = _gl_block_id(Words, e0 + j) * BN
+                ks = it % KS
+                if it >= KS:
+                    mbarrier.wait(k_empty.index(ks), ((it // KS) - 1) & 1)
+                mbarrier.expect(k_ready.index(ks), k_desc.block_type.nbytes)
+                _tma_load(k_desc, [kr + kn, h * k_hc], k_ready.index(ks), k_smem.index(ks))
+                vs = it % VS
+                if it >= VS:
+                    mbarrier.wait(v_empty.index(vs), ((it // VS) - 1) & 1)
+                mbarrier.expect(v_ready.index(vs), v_desc.block_type.nbytes)
+                _tma_load(v_desc, [vr + kn, h * v_hc], v_ready.index(vs), v_smem.index(vs))
+                it += 1
+            t += 1
+
+    @gluon.jit
+    def _p_consumer(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
+                    Records, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step,
+                    WG: gl.constexpr):
+        dtype: gl.constexpr = q_smem.dtype
+        HALF: gl.constexpr = q_smem.shape[1] // 2
+        HEAD_DIM: gl.constexpr = q_smem.shape[2]
+        KS: gl.constexpr = k_smem.shape[0]
+        VS: gl.constexpr = v_smem.shape[0]
+        BN: gl.constexpr = k_smem.shape[1]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BN, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        s_zero = gl.zeros([HALF, BN], gl.float32, layout=s_layout)
+        rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        it = 0
+        t = 0
+        b, h, m_blk, cnt, e0 = _p_record(Records, first, REPS, Mq, H)
+        for tile in range(first, num_tiles, step):
+            # the next tile's record now, so that its latency hides behind this tile
+            nb, nh, nm, ncnt, ne0 = _p_record(Records, gl.minimum(tile + step, num_tiles - 1), REPS, Mq, H)
+            # only the row's last block can hold keys >= N (ids ascend): its id, read now, is used at the end
+            kn_last = _gl_block_id(Words, gl.where(cnt > 0, e0 + cnt - 1, 0)) * BN
+            qb = t % 2
+            q_half = q_smem.index(qb).slice(WG * HALF, HALF)  # this warpgroup's 64 query rows
+            m_i = gl.full([HALF], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+            l_i = gl.zeros([HALF], gl.float32, layout=gl.SliceLayout(1, s_layout))
+            acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
+            mbarrier.wait(q_ready.index(qb), (t // 2) & 1)
+            if cnt > 0:
+                ks = it % KS
+                mbarrier.wait(k_ready.index(ks), (it // KS) & 1)
+                qk = warpgroup_mma(q_half, k_smem.index(ks).permute((1, 0)), s_zero, use_acc=False)
+                mbarrier.arrive(k_empty.index(ks), count=1)
+                if cnt == 1:
+                    mbarrier.arrive(q_empty.index(qb), count=1)  # this tile's last Q K^T is done
+                    p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn_last, N, qk_scale, s_layout, BN, True)
+                else:
+                    p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn_last, N, qk_scale, s_layout, BN, False)
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                for j in range(1, cnt):
+                    itj = it + j
+                    ks = itj % KS
+                    vs = (itj - 1) % VS
+                    mbarrier.wait(k_ready.index(ks), (itj // KS) & 1)
+                    mbarrier.wait(v_ready.index(vs), ((itj - 1) // VS) & 1)
+                    s_tok = warpgroup_mma(q_half, k_smem.index(ks).permute((1, 0)), s_zero, use_acc=False,
+                                          is_async=True)
+                    o_tok = warpgroup_mma(p_op, v_smem.index(vs), acc, is_async=True)
+                    qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+                    mbarrier.arrive(k_empty.index(ks), count=1)  # K of block j: this warpgroup is done
+                    if j == cnt - 1:
+                        mbarrier.arrive(q_empty.index(qb), count=1)
+                        p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn_last, N, qk_scale, s_layout, BN, True)
+                    else:
+                        p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn_last, N, qk_scale, s_layout, BN, False)
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
+                    mbarrier.arrive(v_empty.index(vs), count=1)  # V of block j-1
+                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+                    p_op = gl.convert_layout(p.to(dtype), p_layout)
+                vs = (it + cnt - 1) % VS
+                mbarrier.wait(v_ready.index(vs), ((it + cnt - 1) // VS) & 1)
+                acc = warpgroup_mma(p_op, v_smem.index(vs), acc)
+                mbarrier.arrive(v_empty.index(vs), count=1)
+                it += cnt
+            else:
+                mbarrier.arrive(q_empty.index(qb), count=1)
+            # from registers, rows >= N masked: no shared memory is free to stage a TMA store in
+            l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+            l_o = gl.where(l_o == 0.0, 1.0, l_o)
+            out = (acc / gl.expand_dims(l_o, 1)).to(dtype)
+            offs_m = m_blk * (2 * HALF) + WG * HALF + rows
+            base = Out + b.to(gl.int64) * stride_oz + h.to(gl.int64) * stride_oh
+            ptrs = base + gl.expand_dims(offs_m.to(gl.int64) * stride_om, 1) + gl.expand_dims(cols, 0)
+            gl.store(ptrs, out, mask=gl.expand_dims(offs_m < N, 1))
+            b, h, m_blk, cnt, e0 = nb, nh, nm, ncnt, ne0
+            t += 1
+
+    @gluon.jit
+    def _p_consumer0(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
+                     Records, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step):
+        _p_consumer(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
+                    Records, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step, 0)
+
+    @gluon.jit
+    def _p_consumer1(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
+                     Records, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step):
+        _p_consumer(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
+                    Records, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step, 1)
+
+    @gluon.jit(do_not_specialize=["N", "Mq", "num_tiles"], do_not_specialize_on_alignment=["Records", "Words"])
+    def _gl_block_sparse_persistent(
+        q_desc, k_desc, v_desc, Out, Records, Words,
+        q_zr, q_hr, q_hc, k_zr, k_hr, k_hc, v_zr, v_hr, v_hc,
+        stride_oz, stride_oh, stride_om, H, N, Mq, REPS, num_tiles, qk_scale,
+        K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+        dtype: gl.constexpr = q_desc.dtype
+        BM: gl.constexpr = q_desc.block_type.shape[0]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+        BN: gl.constexpr = k_desc.block_type.shape[0]
+        first = gl.program_id(0)
+        step = gl.num_programs(0)
+        q_smem = gl.allocate_shared_memory(dtype, [2, BM, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BN, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BN, HEAD_DIM], v_desc.layout)
+        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(q_ready.index(i), count=1)
+            mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer warpgroup
+        for i in gl.static_range(K_STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+        for i in gl.static_range(V_STAGES):
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(v_empty.index(i), count=2)
+        consumer_args = (Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
+                         Records, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step)
+        loader_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+                       v_empty, Words, Records, H, Mq, REPS, q_zr, q_hr, q_hc, k_zr, k_hr, k_hc, v_zr, v_hr, v_hc,
+                       first, num_tiles, step)
+        gl.warp_specialize([(_p_consumer0, consumer_args), (_p_consumer1, consumer_args), (_p_loader, loader_args)],
+                           [4, 1], [CONSUMER_REGS, LOADER_REGS])
+        for i in gl.static_range(2):
+            mbarrier.invalidate(q_ready.index(i))
+            mbarrier.invalidate(q_empty.index(i))
+        for i in gl.static_range(K_STAGES):
+            mbarrier.invalidate(k_ready.index(i))
+            mbarrier.invalidate(k_empty.index(i))
+        for i in gl.static_range(V_STAGES):
+            mbarrier.invalidate(v_ready.index(i))
+            mbarrier.invalidate(v_empty.index(i))
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: tuple[int, int], *,
@@ -389,7 +584,7 @@ def tile_records(counts: torch.Tensor, offsets: torch.Tensor, words: torch.Tenso
 def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                                  counts: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor,
                                  schedule: torch.Tensor | None, *, scale: float, stages: int = DEFAULT_STAGES,
-                                 records: torch.Tensor | None = None,
+                                 records: torch.Tensor | None = None, persistent: bool = False,
                                  trace: torch.Tensor | None = None) -> torch.Tensor:
     """Called by `block_sparse.block_sparse_attention_triton`, which validates the call, allocates `out` and
     prepares the index (`_device_index`): q, k, v, out [B, H, N, D] with unit last strides; int32 counts and
@@ -412,6 +607,15 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         return out.copy_(tmp)
     if records is None:
         records = tile_records(counts, offsets, words, schedule)
+    if persistent:
+        descs = [_row_view(t, BLOCK) for t in (q, k, v)]
+        grid = min(num_tiles, torch.cuda.get_device_properties(q.device).multi_processor_count)
+        _gl_block_sparse_persistent[(grid,)](
+            *descs, out, records, words, *_row_terms(q), *_row_terms(k), *_row_terms(v),
+            out.stride(0), out.stride(1), out.stride(2), H, N, Mq, reps, num_tiles, scale * LOG2E,
+            K_STAGES=3, V_STAGES=2, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4,
+        )
+        return out
     # (`supports` checked that q, k and v allow row views)
     descs = [_row_view(t, BLOCK) for t in (q, k, v)] + [_row_view(out, BLOCK // 2)]
     _gl_block_sparse_fwd[(num_tiles,)](
