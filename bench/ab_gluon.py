@@ -21,8 +21,18 @@ from calibatt_kernels.block_sparse import _device_index  # noqa: E402
 # "new" is the current module; "new-p" the same with persistent=True (v9)
 mods = {n: importlib.import_module(f"ab_{n}") for n in sys.argv[1:] if not n.startswith("new")}
 mods["new"] = g
-if "new-p" in sys.argv[1:]:
-    mods["new-p"] = g
+for n in sys.argv[1:]:
+    if n.startswith("new-p"):  # new-p32: v9 with K and V rings of 3 and 2 stages
+        mods[n] = g
+
+
+def launch(m, q, k, v, out, c, o, w, sch, kw):
+    kw = dict(kw)
+    if "p_stages" in kw:
+        m.P_STAGES = kw.pop("p_stages")
+    return m.block_sparse_attention_gluon(q, k, v, out, c, o, w, sch, **kw)
+
+
 print("card", torch.cuda.get_device_name(), "triton", triton.__version__, flush=True)
 rows = []
 for shape in ("wan1.3b", "wan14b"):
@@ -42,17 +52,17 @@ for shape in ("wan1.3b", "wan14b"):
             kw = dict(scale=D ** -0.5)
             if "records" in inspect.signature(m.block_sparse_attention_gluon).parameters:
                 kw["records"] = m.tile_records(c, o, w, sch)
-            if n == "new-p":
+            if n.startswith("new-p"):
                 kw["persistent"] = True
+                kw["p_stages"] = (int(n[5]), int(n[6]))
             calls[n] = (m, kw)
         outs = {n: torch.full_like(q, float("nan")) for n in mods}
         res = dict(shape=shape, mask=kind, density=dens)
         for n, (m, kw) in calls.items():
-            m.block_sparse_attention_gluon(q, k, v, outs[n], c, o, w, sch, **kw)
+            launch(m, q, k, v, outs[n], c, o, w, sch, kw)
         for _ in range(2):
             for n, (m, kw) in calls.items():
-                t = do_bench(lambda m=m, n=n, kw=kw: m.block_sparse_attention_gluon(q, k, v, outs[n], c, o, w, sch,
-                                                                                   **kw),
+                t = do_bench(lambda m=m, n=n, kw=kw: launch(m, q, k, v, outs[n], c, o, w, sch, kw),
                              warmup=100, rep=200, return_mode="median")
                 res[n] = round(max(res.get(n, 0), flops / t / 1e9), 1)
         ref = outs[next(iter(mods))].float()

@@ -61,6 +61,7 @@ except ImportError:  # pragma: no cover - depends on the installed triton
 
 BLOCK = 128  # the one tile shape this kernel takes: mask block = kernel tile = 128 x 128
 CONSUMER_REGS = 232  # registers per thread of the second consumer warpgroup (the loader warp gets 24)
+P_STAGES = (3, 2)  # v9's K and V ring depths
 LOADER_REGS = 40  # v9's loader also walks its tiles' records and works out their head origins
 # TRACE's per-program record (bench/trace_gluon.py): the SM, its cycle counter at six points, the program's
 # block count, the global ns timer at its start and at warpgroup 0's end (to convert cycles to time), and the
@@ -613,7 +614,7 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         _gl_block_sparse_persistent[(grid,)](
             *descs, out, records, words, *_row_terms(q), *_row_terms(k), *_row_terms(v),
             out.stride(0), out.stride(1), out.stride(2), H, N, Mq, reps, num_tiles, scale * LOG2E,
-            K_STAGES=3, V_STAGES=2, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4,
+            K_STAGES=P_STAGES[0], V_STAGES=P_STAGES[1], CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4,
         )
         return out
     # (`supports` checked that q, k and v allow row views)
