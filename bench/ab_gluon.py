@@ -1,6 +1,6 @@
 """Temporary A/B of Gluon kernel versions in one process: `python bench/ab_gluon.py prev tma` times
 bench/ab_prev.py, bench/ab_tma.py (copies of earlier block_sparse_gluon.py with absolute imports) and the
-current calibatt_kernels.block_sparse_gluon ("new") on the same masks, interleaved, best of two medians."""
+current calibatt_kernels.block_sparse_gluon ("new") on the same masks, interleaved, best of three medians."""
 import importlib
 import inspect
 import json
@@ -60,7 +60,7 @@ for shape in ("wan1.3b", "wan14b"):
         res = dict(shape=shape, mask=kind, density=dens)
         for n, (m, kw) in calls.items():
             launch(m, q, k, v, outs[n], c, o, w, sch, kw)
-        for _ in range(2):
+        for _ in range(3):
             for n, (m, kw) in calls.items():
                 t = do_bench(lambda m=m, n=n, kw=kw: launch(m, q, k, v, outs[n], c, o, w, sch, kw),
                              warmup=100, rep=200, return_mode="median")

@@ -371,7 +371,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _p_consumer(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
-                    Records, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step,
+                    Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step,
                     WG: gl.constexpr):
         dtype: gl.constexpr = q_smem.dtype
         HALF: gl.constexpr = q_smem.shape[1] // 2
@@ -407,7 +407,6 @@ if HAVE_GLUON:
                 qk = warpgroup_mma(q_half, k_smem.index(ks).permute((1, 0)), s_zero, use_acc=False)
                 mbarrier.arrive(k_empty.index(ks), count=1)
                 if cnt == 1:
-                    mbarrier.arrive(q_empty.index(qb), count=1)  # this tile's last Q K^T is done
                     p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn_last, N, qk_scale, s_layout, BN, True)
                 else:
                     p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn_last, N, qk_scale, s_layout, BN, False)
@@ -424,7 +423,6 @@ if HAVE_GLUON:
                     qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
                     mbarrier.arrive(k_empty.index(ks), count=1)  # K of block j: this warpgroup is done
                     if j == cnt - 1:
-                        mbarrier.arrive(q_empty.index(qb), count=1)
                         p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn_last, N, qk_scale, s_layout, BN, True)
                     else:
                         p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn_last, N, qk_scale, s_layout, BN, False)
@@ -437,35 +435,42 @@ if HAVE_GLUON:
                 acc = warpgroup_mma(p_op, v_smem.index(vs), acc)
                 mbarrier.arrive(v_empty.index(vs), count=1)
                 it += cnt
-            else:
-                mbarrier.arrive(q_empty.index(qb), count=1)
-            # from registers, rows >= N masked: no shared memory is free to stage a TMA store in
             l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
             l_o = gl.where(l_o == 0.0, 1.0, l_o)
             out = (acc / gl.expand_dims(l_o, 1)).to(dtype)
-            offs_m = m_blk * (2 * HALF) + WG * HALF + rows
-            base = Out + b.to(gl.int64) * stride_oz + h.to(gl.int64) * stride_oh
-            ptrs = base + gl.expand_dims(offs_m.to(gl.int64) * stride_om, 1) + gl.expand_dims(cols, 0)
-            gl.store(ptrs, out, mask=gl.expand_dims(offs_m < N, 1))
+            start = m_blk * (2 * HALF) + WG * HALF
+            if start + HALF <= N:
+                # staged in this warpgroup's half of the tile's Q buffer (its Q K^T are done), then a TMA store;
+                # the buffer goes back to the loader only after that, two tiles before it is needed again
+                q_half.store(out)
+                fence_async_shared()
+                _tma_store(o_desc, [b * o_zr + h * o_hr + start, h * o_hc], q_half)
+                tma.store_wait(0)
+            else:  # the head's last rows: through the row view a TMA store would run into the next head's
+                offs_m = start + rows
+                base = Out + b.to(gl.int64) * stride_oz + h.to(gl.int64) * stride_oh
+                ptrs = base + gl.expand_dims(offs_m.to(gl.int64) * stride_om, 1) + gl.expand_dims(cols, 0)
+                gl.store(ptrs, out, mask=gl.expand_dims(offs_m < N, 1))
+            mbarrier.arrive(q_empty.index(qb), count=1)
             b, h, m_blk, cnt, e0 = nb, nh, nm, ncnt, ne0
             t += 1
 
     @gluon.jit
     def _p_consumer0(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
-                     Records, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step):
+                     Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step):
         _p_consumer(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
-                    Records, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step, 0)
+                    Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step, 0)
 
     @gluon.jit
     def _p_consumer1(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
-                     Records, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step):
+                     Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step):
         _p_consumer(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
-                    Records, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step, 1)
+                    Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step, 1)
 
     @gluon.jit(do_not_specialize=["N", "Mq", "num_tiles"], do_not_specialize_on_alignment=["Records", "Words"])
     def _gl_block_sparse_persistent(
-        q_desc, k_desc, v_desc, Out, Records, Words,
-        q_zr, q_hr, q_hc, k_zr, k_hr, k_hc, v_zr, v_hr, v_hc,
+        q_desc, k_desc, v_desc, o_desc, Out, Records, Words,
+        q_zr, q_hr, q_hc, k_zr, k_hr, k_hc, v_zr, v_hr, v_hc, o_zr, o_hr, o_hc,
         stride_oz, stride_oh, stride_om, H, N, Mq, REPS, num_tiles, qk_scale,
         K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
         num_warps: gl.constexpr,
@@ -496,7 +501,7 @@ if HAVE_GLUON:
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(v_empty.index(i), count=2)
         consumer_args = (Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
-                         Records, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step)
+                         Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step)
         loader_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                        v_empty, Words, Records, H, Mq, REPS, q_zr, q_hr, q_hc, k_zr, k_hr, k_hc, v_zr, v_hr, v_hc,
                        first, num_tiles, step)
@@ -609,10 +614,10 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if records is None:
         records = tile_records(counts, offsets, words, schedule)
     if persistent:
-        descs = [_row_view(t, BLOCK) for t in (q, k, v)]
+        descs = [_row_view(t, BLOCK) for t in (q, k, v)] + [_row_view(out, BLOCK // 2)]
         grid = min(num_tiles, torch.cuda.get_device_properties(q.device).multi_processor_count)
         _gl_block_sparse_persistent[(grid,)](
-            *descs, out, records, words, *_row_terms(q), *_row_terms(k), *_row_terms(v),
+            *descs, out, records, words, *_row_terms(q), *_row_terms(k), *_row_terms(v), *_row_terms(out),
             out.stride(0), out.stride(1), out.stride(2), H, N, Mq, reps, num_tiles, scale * LOG2E,
             K_STAGES=P_STAGES[0], V_STAGES=P_STAGES[1], CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4,
         )
