@@ -1,6 +1,7 @@
-"""Temporary A/B of Gluon kernel versions in one process: `python bench/ab_gluon.py prev tma` times
-bench/ab_prev.py, bench/ab_tma.py (copies of earlier block_sparse_gluon.py with absolute imports) and the
-current calibatt_kernels.block_sparse_gluon ("new") on the same masks, interleaved, best of three medians."""
+"""A/B of Gluon kernel versions in one process, interleaved on the same masks, best of three medians:
+`python bench/ab_gluon.py prev` times bench/ab_prev.py (a copy of an earlier block_sparse_gluon.py with
+absolute imports; not kept in git) against the current module's v9 (persistent) and v5 (per tile).
+Writes $OUT/ab-gluon.json when $OUT is set (the eighth session's are in bench/results/ab-gluon-*)."""
 import importlib
 import inspect
 import json
@@ -18,18 +19,12 @@ import calibatt_kernels as ck  # noqa: E402
 from calibatt_kernels import block_sparse_gluon as g  # noqa: E402
 from calibatt_kernels.block_sparse import _device_index  # noqa: E402
 
-# "new" is the current module; "new-p" the same with persistent=True (v9)
-mods = {n: importlib.import_module(f"ab_{n}") for n in sys.argv[1:] if not n.startswith("new")}
-mods["new"] = g
-for n in sys.argv[1:]:
-    if n.startswith("new-p"):  # new-p32: v9 with K and V rings of 3 and 2 stages
-        mods[n] = g
+mods = {n: importlib.import_module(f"ab_{n}") for n in sys.argv[1:]}
+mods["v9"] = g
+mods["v5"] = g
 
 
 def launch(m, q, k, v, out, c, o, w, sch, kw):
-    kw = dict(kw)
-    if "p_stages" in kw:
-        m.P_STAGES = kw.pop("p_stages")
     return m.block_sparse_attention_gluon(q, k, v, out, c, o, w, sch, **kw)
 
 
@@ -52,9 +47,8 @@ for shape in ("wan1.3b", "wan14b"):
             kw = dict(scale=D ** -0.5)
             if "records" in inspect.signature(m.block_sparse_attention_gluon).parameters:
                 kw["records"] = m.tile_records(c, o, w, sch)
-            if n.startswith("new-p"):
-                kw["persistent"] = True
-                kw["p_stages"] = (int(n[5]), int(n[6]))
+            if m is g:
+                kw["persistent"] = n == "v9"
             calls[n] = (m, kw)
         outs = {n: torch.full_like(q, float("nan")) for n in mods}
         res = dict(shape=shape, mask=kind, density=dens)

@@ -45,10 +45,13 @@ BLOCK = 128
 D = 128
 CONFIGS = {
     # Gluon kernels: a loader warp + two consumer warpgroups (block_sparse_gluon.py)
-    # v5, the default on sm_90 (block_sparse.GLUON_WS): one program per 128-row tile. (v6 and v8, persistent
-    # variants, measured no faster and were removed: bench/NOTES.md; "gluon-ws-s3-grid" in results is v5,
-    # "gluon-ps-s3" v8.)
-    "gluon-ws-s3": KernelConfig(gluon=True, num_stages=3, warp_specialize=True),
+    # v9, the default on sm_90 (block_sparse.GLUON_WS): persistent, Q double-buffered, K/V rings of 3 and 2
+    # stages. Until the eighth session "gluon-ws-s3" in results meant v5, now "gluon-tile-s3". (v6 and v8,
+    # earlier persistent variants, measured no faster and were removed: bench/NOTES.md; "gluon-ws-s3-grid"
+    # in results is v5, "gluon-ps-s3" v8.)
+    "gluon-ws-s3": KernelConfig(gluon=True, num_stages=3, warp_specialize=True, persistent=True),
+    # v5: one program per 128-row tile, a joint K/V ring of 3 stages (block_sparse.GLUON_WS_TILE)
+    "gluon-tile-s3": KernelConfig(gluon=True, num_stages=3, warp_specialize=True, persistent=False),
     # v2, the tl kernel's default (and the fallback elsewhere): TMA, 128 x 128 tiles, 8 warps, 3 stages,
     # persistent LPT grid. Named "default" in results before v5.
     "tl": KernelConfig(),
@@ -58,7 +61,7 @@ CONFIGS = {
     "ptr-s3": KernelConfig(persistent=False, use_tma=False),
     "m64-n64-w4-s4": KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=4, persistent=False),
     "pipelined-qk": KernelConfig(pipeline_qk=True),  # v3: won no group in compile's tuning (bench/NOTES.md)
-    "gluon-ws-s2": KernelConfig(gluon=True, num_stages=2, warp_specialize=True),  # v5 with a 2-stage ring
+    "gluon-tile-s2": KernelConfig(gluon=True, num_stages=2, warp_specialize=True, persistent=False),  # v5, 2 stages
 }
 
 
@@ -233,7 +236,7 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--masks", nargs="+", default=["random", "local"], choices=["random", "local"])
     ap.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
-    ap.add_argument("--configs", nargs="+", default=["gluon-ws-s3", "tl"], choices=list(CONFIGS),
+    ap.add_argument("--configs", nargs="+", default=["gluon-ws-s3", "gluon-tile-s3", "tl"], choices=list(CONFIGS),
                     help="kernel configs to time")
     ap.add_argument("--sweep", action="store_true", help="time every config in CONFIGS")
     ap.add_argument("--index-ab", action="store_true",

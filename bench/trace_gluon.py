@@ -60,8 +60,9 @@ def pattern_mask(kind: str, h: int, mb: int, count: int, gen: torch.Generator) -
 
 def launch(q, k, v, out, ix, trace=None):
     counts, offsets, words, sched, records = ix
+    # (the per-tile kernel, v5: the persistent v9 has no TRACE build)
     return g.block_sparse_attention_gluon(q, k, v, out, counts, offsets, words, sched, scale=D ** -0.5,
-                                          records=records, trace=trace)
+                                          persistent=False, records=records, trace=trace)
 
 
 def analyse(tr: torch.Tensor) -> dict:

@@ -250,8 +250,8 @@ def _aot_source(cfg, dtype: torch.dtype, block_size: tuple[int, int], head_dim: 
 
         from calibatt_kernels import block_sparse_gluon
 
-        sig, consts, attrs, opts = block_sparse_gluon.aot_source_args(dtype, head_dim, cfg.num_stages)
-        return GluonASTSource(block_sparse_gluon.kernel_fn(), sig, consts, attrs), opts
+        sig, consts, attrs, opts = block_sparse_gluon.aot_source_args(dtype, head_dim, cfg.num_stages, cfg.persistent)
+        return GluonASTSource(block_sparse_gluon.kernel_fn(cfg.persistent), sig, consts, attrs), opts
     sig, consts, attrs, opts = block_sparse.aot_source_args(cfg, dtype, block_size, head_dim, cap, return_lse)
     return ASTSource(block_sparse.kernel_fn(), sig, consts, attrs), opts
 
@@ -262,7 +262,7 @@ def config_label(c: dict, block_size: tuple[int, int]) -> str:
         return f"{c['kernel']} ({c['heads']} heads)"
     tma = {None: "", True: " tma", False: " ptr"}[c.get("use_tma")]
     if c.get("gluon"):
-        return f"gluon {block_size[0]}x{block_size[1]} s{c['num_stages']} ws"
+        return f"gluon {block_size[0]}x{block_size[1]} s{c['num_stages']} ws {'persistent' if c['persistent'] else 'grid'}"
     return (f"{c.get('block_m') or block_size[0]}x{c.get('block_n') or block_size[1]} w{c['num_warps']} "
             f"s{c['num_stages']} {'persistent' if c['persistent'] else 'grid'}{tma}"
             f"{' ws' if c.get('warp_specialize') else ''}{' pipelined-qk' if c.get('pipeline_qk') else ''}")

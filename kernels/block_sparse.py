@@ -52,15 +52,18 @@ class KernelConfig:
     # wgmma on Hopper) before the softmax and PV of tile j, so tensor cores and MUFU/ALU could overlap.
     # Measured no faster on an H200 with triton 3.6 (bench/NOTES.md, v3); kept for bench_kernel --configs.
     pipeline_qk: bool = False
-    # v5: the Gluon kernel (block_sparse_gluon.py: a loader warp and two consumer warpgroups, async wgmma).
-    # Only sm_90, 128 x 128 blocks, bf16/fp16, 16-byte aligned rows, no lse: other calls run the tl kernel's
-    # default. num_stages: its K/V ring; the other fields do not apply to it (warp_specialize marks it in labels).
+    # The Gluon kernels (block_sparse_gluon.py: a loader warp and two consumer warpgroups, async wgmma): v9
+    # with persistent=True, v5 (one program per tile) without. Only sm_90, 128 x 128 blocks, bf16/fp16,
+    # 16-byte aligned rows, no lse: other calls run the tl kernel's default. num_stages: v5's K/V ring, v9's K
+    # ring (its V ring has one stage less); the other fields do not apply (warp_specialize marks it in labels).
     gluon: bool = False
 
 
-# v5 (bench/NOTES.md, seventh session): 562-635 TFLOP/s on an H200 (the lower figures at density 0.1), against
-# 430-489 for the best `tl` config.
-GLUON_WS = KernelConfig(gluon=True, warp_specialize=True, num_stages=3, num_warps=4)
+# The Gluon kernels (bench/NOTES.md): v9, persistent (K/V rings of 3 and 2 stages), the default, and v5, one
+# program per tile (a 3-stage K/V ring); both 560-655 TFLOP/s on an H200 against 430-489 for the best `tl`
+# config, v9 ahead where rows are short (density <= 0.25) and v5 on some dense rows, so compile measures both.
+GLUON_WS = KernelConfig(gluon=True, warp_specialize=True, num_stages=3, num_warps=4, persistent=True)
+GLUON_WS_TILE = KernelConfig(gluon=True, warp_specialize=True, num_stages=3, num_warps=4, persistent=False)
 
 
 def _gluon_candidate(capability: tuple[int, int], block_size: tuple[int, int], head_dim: int) -> bool:
@@ -335,7 +338,7 @@ def _run_gluon(q, k, v, index, scale, cfg, out):
     try:
         return block_sparse_gluon.block_sparse_attention_gluon(q, k, v, out, counts, offsets, words, schedule,
                                                                scale=scale, stages=cfg.num_stages,
-                                                               records=index.derived[key])
+                                                               persistent=cfg.persistent, records=index.derived[key])
     except (CompilationError, RuntimeError) as e:
         _GLUON_BROKEN.append(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
         logging.getLogger("calibatt").warning("the Gluon kernel failed to compile with triton %s (%s); using the "
@@ -495,7 +498,7 @@ def candidate_configs(capability: tuple[int, int], block_size: tuple[int, int], 
         cands = [KernelConfig(**{**c.__dict__, "use_tma": False}) for c in cands]
     if (_gluon_candidate(capability, block_size, head_dim) and dtype in (None, torch.bfloat16, torch.float16)
             and not return_lse):
-        cands.insert(0, GLUON_WS)
+        cands[:0] = [GLUON_WS, GLUON_WS_TILE]
     return cands
 
 

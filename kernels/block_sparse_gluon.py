@@ -61,7 +61,6 @@ except ImportError:  # pragma: no cover - depends on the installed triton
 
 BLOCK = 128  # the one tile shape this kernel takes: mask block = kernel tile = 128 x 128
 CONSUMER_REGS = 232  # registers per thread of the second consumer warpgroup (the loader warp gets 24)
-P_STAGES = (3, 2)  # v9's K and V ring depths
 LOADER_REGS = 40  # v9's loader also walks its tiles' records and works out their head origins
 # TRACE's per-program record (bench/trace_gluon.py): the SM, its cycle counter at six points, the program's
 # block count, the global ns timer at its start and at warpgroup 0's end (to convert cycles to time), and the
@@ -590,7 +589,7 @@ def tile_records(counts: torch.Tensor, offsets: torch.Tensor, words: torch.Tenso
 def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                                  counts: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor,
                                  schedule: torch.Tensor | None, *, scale: float, stages: int = DEFAULT_STAGES,
-                                 records: torch.Tensor | None = None, persistent: bool = False,
+                                 persistent: bool = True, records: torch.Tensor | None = None,
                                  trace: torch.Tensor | None = None) -> torch.Tensor:
     """Called by `block_sparse.block_sparse_attention_triton`, which validates the call, allocates `out` and
     prepares the index (`_device_index`): q, k, v, out [B, H, N, D] with unit last strides; int32 counts and
@@ -609,17 +608,20 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if not _row_view_ok(out):  # a caller's own output buffer of another layout: compute into q's, then copy
         tmp = torch.empty_like(q)
         block_sparse_attention_gluon(q, k, v, tmp, counts, offsets, words, schedule, scale=scale, stages=stages,
-                                     records=records, trace=trace)
+                                     persistent=persistent, records=records, trace=trace)
         return out.copy_(tmp)
     if records is None:
         records = tile_records(counts, offsets, words, schedule)
     if persistent:
+        if trace is not None:
+            raise ValueError("the TRACE build is the per-tile kernel's (v5): pass persistent=False")
         descs = [_row_view(t, BLOCK) for t in (q, k, v)] + [_row_view(out, BLOCK // 2)]
         grid = min(num_tiles, torch.cuda.get_device_properties(q.device).multi_processor_count)
         _gl_block_sparse_persistent[(grid,)](
             *descs, out, records, words, *_row_terms(q), *_row_terms(k), *_row_terms(v), *_row_terms(out),
             out.stride(0), out.stride(1), out.stride(2), H, N, Mq, reps, num_tiles, scale * LOG2E,
-            K_STAGES=P_STAGES[0], V_STAGES=P_STAGES[1], CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS, num_warps=4,
+            K_STAGES=stages, V_STAGES=stages - 1, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS,
+            num_warps=4,
         )
         return out
     # (`supports` checked that q, k and v allow row views)
@@ -633,23 +635,28 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return out
 
 
-def kernel_fn():
-    """The Gluon JIT function (for the ahead-of-time tools)."""
-    return _gl_block_sparse_fwd
+def kernel_fn(persistent: bool = True):
+    """The Gluon JIT function (for the ahead-of-time tools): v9 (persistent) or v5 (one program per tile)."""
+    return _gl_block_sparse_persistent if persistent else _gl_block_sparse_fwd
 
 
-def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STAGES):
-    """(signature, constexprs, attrs, options) for `triton.compile(GluonASTSource(...))` without a GPU."""
+def aot_source_args(dtype: torch.dtype, head_dim: int, stages: int = DEFAULT_STAGES, persistent: bool = True):
+    """(signature, constexprs, attrs, options) of `kernel_fn(persistent)` for `triton.compile(GluonASTSource(...))`
+    without a GPU."""
     import inspect
 
     from .block_sparse import aot_signature
 
     if dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the Gluon kernel takes bf16/fp16, not {dtype}")
-    names = list(inspect.signature(_gl_block_sparse_fwd.fn).parameters)
-    consts = dict(STAGES=stages, CONSUMER_REGS=CONSUMER_REGS, TRACE=False, num_warps=4)
+    names = list(inspect.signature(kernel_fn(persistent).fn).parameters)
+    if persistent:
+        consts = dict(K_STAGES=stages, V_STAGES=stages - 1, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS,
+                      num_warps=4)
+    else:
+        consts = dict(STAGES=stages, CONSUMER_REGS=CONSUMER_REGS, TRACE=False, num_warps=4)
     sig, attrs = aot_signature(names, consts, dtype, i32_pointers=("Records", "Words", "Trace"))
-    # q, k, v as host-side descriptors over [rows, stride_n] (see _row_view)
+    # q, k, v and out as host-side descriptors over [rows, stride_n] (see _row_view)
     elem, gdt = ("bf16", gl.bfloat16) if dtype == torch.bfloat16 else ("fp16", gl.float16)
     layout = gl.NVMMASharedLayout.get_default_for([BLOCK, head_dim], gdt)
     for n in ("q_desc", "k_desc", "v_desc"):

@@ -86,8 +86,8 @@ def test_traced_gluon_kernel_compiles_for_sm90():
         pytest.skip("this triton has no Gluon")
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    sig, consts, attrs, opts = g.aot_source_args(torch.bfloat16, 128)
+    sig, consts, attrs, opts = g.aot_source_args(torch.bfloat16, 128, persistent=False)
     consts["TRACE"] = True
-    kernel = triton.compile(GluonASTSource(g.kernel_fn(), sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+    kernel = triton.compile(GluonASTSource(g.kernel_fn(persistent=False), sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                             options=opts)
     assert "globaltimer" in kernel.asm["ptx"] and "%clock" in kernel.asm["ptx"]

@@ -106,13 +106,15 @@ def test_gluon_tile_records_against_the_mask():
 def test_candidates_per_architecture():
     hopper = block_sparse.candidate_configs((9, 0), (128, 128), 128)
     ampere = block_sparse.candidate_configs((8, 0), (128, 128), 128)
-    # the measured best first: the warp-specialized Gluon kernel (v5), then the tl default
-    assert hopper[0] == block_sparse.GLUON_WS and hopper[1] == KernelConfig(num_warps=8, num_stages=3, persistent=True)
+    # the measured best first: the Gluon kernels (v9 persistent, v5 per tile), then the tl default
+    assert hopper[:2] == [block_sparse.GLUON_WS, block_sparse.GLUON_WS_TILE]
+    assert hopper[0].persistent and not hopper[1].persistent
+    assert hopper[2] == KernelConfig(num_warps=8, num_stages=3, persistent=True)
     assert not any(c.gluon for c in ampere)
     assert not any(c.gluon for c in block_sparse.candidate_configs((9, 0), (128, 128), 128, torch.float32))
     assert not any(c.gluon for c in block_sparse.candidate_configs((9, 0), (64, 64), 64))
     assert all(c.use_tma is None for c in hopper) and all(c.use_tma is False for c in ampere)
-    hopper = hopper[1:]
+    hopper = hopper[2:]
     assert all(c.block_m in (None, 64) and c.block_n in (None, 64) for c in hopper)
     assert all(c.block_m is None and c.block_n is None for c in block_sparse.candidate_configs((9, 0), (64, 64), 64))
 

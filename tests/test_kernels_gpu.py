@@ -48,8 +48,9 @@ def _rel_err(out, q, k, v, mask, bs):
     ((128, 128), dict(persistent=False)),
     ((128, 128), dict(block_n=64)),
     ((128, 128), dict(use_tma=False)),
-    ((128, 128), dict(gluon=True, num_stages=2, warp_specialize=True)),
-    ((128, 128), dict(gluon=True, num_stages=3, warp_specialize=True)),
+    ((128, 128), dict(gluon=True, num_stages=2, warp_specialize=True, persistent=False)),
+    ((128, 128), dict(gluon=True, num_stages=3, warp_specialize=True, persistent=False)),
+    ((128, 128), dict(gluon=True, num_stages=3, warp_specialize=True, persistent=True)),
 ])
 def test_block_sparse_wan_size(bs, cfg):
     from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
@@ -98,9 +99,10 @@ def test_block_mass_matches_reference(bs):
     assert rel <= 1e-2, f"rel={rel:.2e} max_diff={max_diff:.2e}"
 
 
+@pytest.mark.parametrize("persistent", [True, False], ids=["v9", "v5"])
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd", "packed-qkv"])
-def test_gluon_kernel_broadcast_index_and_layouts(layout):
-    """v5 (Gluon): one index row set broadcast over a batch of 2; q, k, v in diffusers' layout, the contiguous
+def test_gluon_kernel_broadcast_index_and_layouts(layout, persistent):
+    """The Gluon kernels (v9 persistent, v5 per tile): one index row set broadcast over a batch of 2; q, k, v in diffusers' layout, the contiguous
     one, and as views into one packed [B, N, 3, H, D] buffer. Its row-view descriptors read past a head's N
     into the next head's (or batch's) rows, so rows listing only the partial last key block, only block 0,
     or both, check that keys >= N are masked and no output row >= N is written. Every head against the tl
@@ -126,7 +128,8 @@ def test_gluon_kernel_broadcast_index_and_layouts(layout):
     index = mask_to_index(mask)
     out = torch.full_like(q, float("nan"))
     block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), out=out,
-                                  config=KernelConfig(gluon=True, num_stages=3, warp_specialize=True))
+                                  config=KernelConfig(gluon=True, num_stages=3, warp_specialize=True,
+                                                      persistent=persistent))
     torch.cuda.synchronize()
     assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements not written"
     tl_out = block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), config=KernelConfig())
