@@ -13,7 +13,7 @@ import triton
 from triton.testing import do_bench
 
 sys.path.insert(0, "bench")
-from bench_kernel import BLOCK, D, SHAPES, local_mask, random_mask  # noqa: E402
+from bench_kernel import BLOCK, SHAPES, D, local_mask, random_mask  # noqa: E402
 
 import calibatt_kernels as ck  # noqa: E402
 from calibatt_kernels import block_sparse_gluon as g  # noqa: E402
@@ -56,7 +56,7 @@ for shape in ("wan1.3b", "wan14b"):
             launch(m, q, k, v, outs[n], c, o, w, sch, kw)
         for _ in range(3):
             for n, (m, kw) in calls.items():
-                t = do_bench(lambda m=m, n=n, kw=kw: launch(m, q, k, v, outs[n], c, o, w, sch, kw),
+                t = do_bench(lambda m=m, n=n, kw=kw, a=(q, k, v): launch(m, *a, outs[n], c, o, w, sch, kw),  # noqa: B023
                              warmup=100, rep=200, return_mode="median")
                 res[n] = round(max(res.get(n, 0), flops / t / 1e9), 1)
         ref = outs[next(iter(mods))].float()

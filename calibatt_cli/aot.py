@@ -262,7 +262,8 @@ def config_label(c: dict, block_size: tuple[int, int]) -> str:
         return f"{c['kernel']} ({c['heads']} heads)"
     tma = {None: "", True: " tma", False: " ptr"}[c.get("use_tma")]
     if c.get("gluon"):
-        return f"gluon {block_size[0]}x{block_size[1]} s{c['num_stages']} ws {'persistent' if c['persistent'] else 'grid'}"
+        kind = "persistent" if c["persistent"] else "grid"
+        return f"gluon {block_size[0]}x{block_size[1]} s{c['num_stages']} ws {kind}"
     return (f"{c.get('block_m') or block_size[0]}x{c.get('block_n') or block_size[1]} w{c['num_warps']} "
             f"s{c['num_stages']} {'persistent' if c['persistent'] else 'grid'}{tma}"
             f"{' ws' if c.get('warp_specialize') else ''}{' pipelined-qk' if c.get('pipeline_qk') else ''}")

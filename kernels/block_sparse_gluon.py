@@ -70,6 +70,11 @@ TRACE_SLOTS = ("smid", "start", "loader_issued", "first_kv_ready", "loop_done", 
 DEFAULT_STAGES = 3  # 2 stages measured 398-455 TFLOP/s: the loader cannot run ahead of the consumers
 
 
+# The head origins' terms and the output's strides are only multiplied: specialising on their values (1, or
+# divisible by 16) gains nothing and would make the contiguous and diffusers' layouts (q_hr = N vs 0, say)
+# separate compilations, which `generate --strict` after `compile` must not meet.
+_ROW_TERMS = [f"{t}_{p}" for t in "qkvo" for p in ("zr", "hr", "hc")] + ["stride_oz", "stride_oh", "stride_om"]
+
 if HAVE_GLUON:
 
     @gluon.jit
@@ -247,7 +252,7 @@ if HAVE_GLUON:
                      e0, cnt, first, start_m, N, qk_scale, Trace, trace_at, True, 1)
 
     # (index pointers: no alignment specialisation, as for the tl kernel; see block_sparse.INDEX_POINTERS)
-    @gluon.jit(do_not_specialize=["N", "Mq"], do_not_specialize_on_alignment=["Records", "Words", "Trace"])
+    @gluon.jit(do_not_specialize=["N", "Mq", *_ROW_TERMS], do_not_specialize_on_alignment=["Records", "Words", "Trace"])
     def _gl_block_sparse_fwd(
         q_desc, k_desc, v_desc, o_desc, Out, Records, Words, Trace,
         q_zr, q_hr, q_hc, k_zr, k_hr, k_hc, v_zr, v_hr, v_hc, o_zr, o_hr, o_hc,
@@ -370,7 +375,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _p_consumer(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
-                    Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step,
+                    Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale,
+                    first, num_tiles, step,
                     WG: gl.constexpr):
         dtype: gl.constexpr = q_smem.dtype
         HALF: gl.constexpr = q_smem.shape[1] // 2
@@ -456,17 +462,22 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _p_consumer0(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
-                     Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step):
+                     Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale,
+                     first, num_tiles, step):
         _p_consumer(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
-                    Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step, 0)
+                    Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale,
+                    first, num_tiles, step, 0)
 
     @gluon.jit
     def _p_consumer1(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
-                     Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step):
+                     Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale,
+                     first, num_tiles, step):
         _p_consumer(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
-                    Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step, 1)
+                    Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale,
+                    first, num_tiles, step, 1)
 
-    @gluon.jit(do_not_specialize=["N", "Mq", "num_tiles"], do_not_specialize_on_alignment=["Records", "Words"])
+    @gluon.jit(do_not_specialize=["N", "Mq", "num_tiles", *_ROW_TERMS],
+               do_not_specialize_on_alignment=["Records", "Words"])
     def _gl_block_sparse_persistent(
         q_desc, k_desc, v_desc, o_desc, Out, Records, Words,
         q_zr, q_hr, q_hc, k_zr, k_hr, k_hc, v_zr, v_hr, v_hc, o_zr, o_hr, o_hc,
@@ -500,7 +511,8 @@ if HAVE_GLUON:
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(v_empty.index(i), count=2)
         consumer_args = (Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
-                         Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale, first, num_tiles, step)
+                         Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale,
+                         first, num_tiles, step)
         loader_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                        v_empty, Words, Records, H, Mq, REPS, q_zr, q_hr, q_hc, k_zr, k_hr, k_hc, v_zr, v_hr, v_hc,
                        first, num_tiles, step)

@@ -88,6 +88,7 @@ def test_traced_gluon_kernel_compiles_for_sm90():
 
     sig, consts, attrs, opts = g.aot_source_args(torch.bfloat16, 128, persistent=False)
     consts["TRACE"] = True
-    kernel = triton.compile(GluonASTSource(g.kernel_fn(persistent=False), sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+    kernel = triton.compile(GluonASTSource(g.kernel_fn(persistent=False), sig, consts, attrs),
+                            target=GPUTarget("cuda", 90, 32),
                             options=opts)
     assert "globaltimer" in kernel.asm["ptx"] and "%clock" in kernel.asm["ptx"]

@@ -97,7 +97,7 @@ def test_gluon_tile_records_against_the_mask():
         order = ix.schedule.tolist() if with_schedule else list(range(mask[..., 0].numel()))
         assert rec.dtype == torch.int32 and rec.shape == (len(order), 4) and rec[:, 0].tolist() == order
         rows = mask.reshape(-1, mask.shape[-1])
-        for (row, cnt, e0, first), r in zip(rec.tolist(), order, strict=True):
+        for (_row, cnt, e0, first), r in zip(rec.tolist(), order, strict=True):
             cols = rows[r].nonzero().flatten().tolist()
             assert cnt == len(cols) and first == (cols[0] if cols else 0)
             assert ix.indices[e0:e0 + cnt].tolist() == cols
