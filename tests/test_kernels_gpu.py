@@ -105,8 +105,8 @@ def test_gluon_kernel_broadcast_index_and_layouts(layout, persistent):
     """The Gluon kernels (v9 persistent, v5 per tile): one index row set broadcast over a batch of 2; q, k, v
     in diffusers' layout, the contiguous one, and as views into one packed [B, N, 3, H, D] buffer. Their
     row-view descriptors read past a head's N into the next head's (or batch's) rows, so rows listing only
-    the partial last key block, only block 0, or both, check that keys >= N are masked and no output row >= N is written. Every head against the tl
-    kernel, the first heads against the fp32 reference."""
+    the partial last key block, only block 0, or both, check that keys >= N are masked and no output row
+    >= N is written. Every head against the tl kernel, the first heads against the fp32 reference."""
     from calibatt_kernels import block_sparse_gluon
     from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
 
