@@ -556,5 +556,5 @@ def kernel_fns() -> list:
 
     fns = [_block_sparse_fwd]
     if block_sparse_gluon.HAVE_GLUON:
-        fns.append(block_sparse_gluon.kernel_fn())
+        fns += [block_sparse_gluon.kernel_fn(persistent=True), block_sparse_gluon.kernel_fn(persistent=False)]
     return fns

@@ -103,6 +103,16 @@ def test_gluon_tile_records_against_the_mask():
             assert ix.indices[e0:e0 + cnt].tolist() == cols
 
 
+def test_every_block_sparse_kernel_is_counted_as_ours():
+    """Strict generate and bench_compile count compilations of calibatt's kernels by name: a kernel missing
+    from aot.OUR_KERNELS would compile during generate unnoticed (v9 did, until this test)."""
+    from calibatt_cli import aot
+
+    names = {fn.fn.__name__ if hasattr(fn, "fn") else fn.__name__ for fn in block_sparse.kernel_fns()}
+    assert names <= aot.OUR_KERNELS, names - aot.OUR_KERNELS
+    assert len(names) == (3 if any("_gl_" in n for n in names) else 1)
+
+
 def test_candidates_per_architecture():
     hopper = block_sparse.candidate_configs((9, 0), (128, 128), 128)
     ampere = block_sparse.candidate_configs((8, 0), (128, 128), 128)
