@@ -1,19 +1,26 @@
-"""Block-sparse attention forward for Hopper in Gluon (v5): FA3's warp-specialized structure, so that the
+"""Block-sparse attention forward for Hopper in Gluon: FA3's warp-specialized structure, so that the
 softmax of one warpgroup overlaps the tensor-core work of the other and of its own P @ V -- the overlap
-that Triton's `tl` compiler does not produce on sm_90 (bench/NOTES.md: 562-635 TFLOP/s on an H200 over
-densities 0.1-1 at Wan 1.3B's shape, 577-634 at 14B's, against 430-489 for the tl kernel).
+that Triton's `tl` compiler does not produce on sm_90. Two kernels share that structure (bench/NOTES.md,
+eighth session; on an H200 at Wan 1.3B's and 14B's shapes, densities 0.1-1):
+- v9 (`_gl_block_sparse_persistent`, the default): one program per SM walks its tiles of the schedule; Q
+  is double-buffered and K and V have rings of their own (3 and 2 stages), so the loader fetches the next
+  tile's Q and K/V while the consumers finish this one. 589-641 TFLOP/s.
+- v5 (`_gl_block_sparse_fwd`): one program per 128-row query tile, a joint K/V ring of 3 stages; also the
+  profiling build (`TRACE=True`: each program's SM clock at points of its prologue, loop and epilogue,
+  `TRACE_SLOTS`, read by bench/trace_gluon.py). 571-636 TFLOP/s. `calibatt compile` measures both.
 
-Same contract as `block_sparse._block_sparse_fwd` for the cases it takes (`supports`; the caller falls
+Same contract as `block_sparse._block_sparse_fwd` for the cases they take (`supports`; the caller falls
 back to the tl kernel otherwise): sm_90, bf16/fp16, head dim 64 or 128, kernel tile = mask block =
 128 x 128, 16-byte aligned rows (TMA), heads that start on rows of the tensors' memory (`_row_view_ok`:
 the contiguous layout, diffusers' and packed q/k/v views), no log-sum-exp output. The index is the same
-compressed rows (counts, offsets, int16 block ids read as int32 words) and the same longest-first schedule.
-Q, K and V arrive as TMA descriptors made on the host over [rows, stride_n] views (`_row_view`): making
-them in each program cost 2.8 us of its ~5 us prologue (bench/trace_gluon.py, seventh session).
+compressed rows (counts, offsets, int16 block ids read as int32 words) and the same longest-first
+schedule, read through one record per tile (`tile_records`). Q, K, V and the output are TMA descriptors
+made on the host over [rows, stride_n] views (`_row_view`); each head's origin in them comes as int32
+terms (`_row_terms`).
 
-One program per 128-row query tile, `gl.warp_specialize` into
-- a loader warp: TMA loads of Q and of the row's listed K/V blocks into a ring of STAGES buffers, each
-  stage with a `ready` mbarrier (TMA bytes arrived) and an `empty` one (both consumers are done with it);
+`gl.warp_specialize` into
+- a loader warp: TMA loads of Q and of the row's listed K/V blocks into rings of buffers, each stage with
+  a `ready` mbarrier (TMA bytes arrived) and an `empty` one (both consumers are done with it);
 - two consumer warpgroups, 64 query rows each, running
 
       S = Q K0^T ;  P = softmax part of S
@@ -21,17 +28,18 @@ One program per 128-row query tile, `gl.warp_specialize` into
           issue S' = Q Kj^T (async) ; issue O += P V(j-1) (async)
           wait for S' only          -> its softmax overlaps P V(j-1) on the tensor cores
           wait for O ; free stage j-1 ; O *= alpha
-      O += P V(n-1) ; O /= l ; store the 64 rows (rows >= N masked)
+      O += P V(n-1) ; O /= l ; store the 64 rows
+
+  The rows go out by a TMA store staged in the warpgroup's half of Q's buffer, except a head's last rows
+  (rows >= N masked, from registers: through the row view a TMA store would run into the next head).
 
 No CTA-wide barrier is left in the loop, so the two warpgroups drift apart and one's softmax runs while the
-other's GEMMs do (FA3's ping-pong, left to the warp schedulers: forcing the order with mbarriers, and two
-persistent variants, measured no faster; bench/NOTES.md, v6, v7 and v8).
-`TRACE=True` builds a profiling variant that stamps each program's SM clock at points of its prologue,
-loop and epilogue (`TRACE_SLOTS`; bench/trace_gluon.py reads them).
-The tile mapping mirrors the tl kernel's (`_block_sparse_tile`); Gluon functions cannot call `tl` ones.
+other's GEMMs do (FA3's ping-pong, left to the warp schedulers: forcing the order with mbarriers measured
+no faster; bench/NOTES.md, v7). The tile mapping mirrors the tl kernel's (`_block_sparse_tile`); Gluon
+functions cannot call `tl` ones.
 
-There is no interpreter for Gluon: CI compiles this kernel for sm_90 on the CPU, and
-tests/test_kernels_gpu.py checks it against the fp32 reference on a GPU.
+There is no interpreter for Gluon: CI compiles both kernels for sm_90 on the CPU, and
+tests/test_kernels_gpu.py checks them against the fp32 reference on a GPU.
 """
 
 from __future__ import annotations
