@@ -104,6 +104,29 @@ if HAVE_GLUON:
         return p, alpha, m_new, l_new
 
     @gluon.jit
+    def _gl_store_rows(acc, l_i, q_half, o_desc, o_row, oc, o_base, stride_om, start, N, o_layout: gl.constexpr):
+        """A consumer's epilogue: its 64 rows O / l, from `start` of the head at (o_row, oc) of the output's row
+        view. By TMA store, staged in the warpgroup's half of Q's buffer (only it reads those rows, and its
+        last wgmma has completed; registers -> global memory measured ~1.3 us slower per tile), except the
+        head's last rows: a TMA store through the row view would run past N into the next head's rows, so
+        these go from registers with rows >= N masked (o_base: the head's first output element)."""
+        HALF: gl.constexpr = q_half.shape[0]
+        HEAD_DIM: gl.constexpr = q_half.shape[1]
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        l_o = gl.where(l_o == 0.0, 1.0, l_o)
+        out = (acc / gl.expand_dims(l_o, 1)).to(q_half.dtype)
+        if start + HALF <= N:
+            q_half.store(out)
+            fence_async_shared()
+            _tma_store(o_desc, [o_row + start, oc], q_half)
+            tma.store_wait(0)
+        else:
+            offs_m = start + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
+            cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+            ptrs = o_base + gl.expand_dims(offs_m.to(gl.int64) * stride_om, 1) + gl.expand_dims(cols, 0)
+            gl.store(ptrs, out, mask=gl.expand_dims(offs_m < N, 1))
+
+    @gluon.jit
     def _gl_stamp(Trace, slot, WARPS: gl.constexpr, WHAT: gl.constexpr, value):
         """Profiling (TRACE, bench/trace_gluon.py): Trace[slot] = the SM's cycle counter (WHAT 0; the global
         ns timer ticks too coarsely on some parts), the low word of %globaltimer in ns (1), the SM's id (2) or
@@ -199,23 +222,7 @@ if HAVE_GLUON:
                 if WG == 0:
                     _gl_stamp(Trace, trace_at + 4, 4, 0, 0)  # the loop is done: the last P V and the epilogue remain
             acc = warpgroup_mma(p_op, v_smem.index((cnt - 1) % STAGES), acc)
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-        l_o = gl.where(l_o == 0.0, 1.0, l_o)
-        out = (acc / gl.expand_dims(l_o, 1)).to(dtype)
-        if start_m + (WG + 1) * HALF <= N:
-            # TMA store through this warpgroup's half of Q's buffer (only it reads those rows, and its last
-            # wgmma has completed): registers -> global memory measured ~1.3 us slower per tile.
-            q_half.store(out)
-            fence_async_shared()
-            _tma_store(o_desc, [o_row + start_m + WG * HALF, oc], q_half)
-            tma.store_wait(0)
-        else:
-            # The head's last rows: a TMA store through the row view would run past N into the next head's
-            # rows, so these go from registers with rows >= N masked.
-            offs_m = start_m + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
-            cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-            ptrs = o_base + gl.expand_dims(offs_m.to(gl.int64) * stride_om, 1) + gl.expand_dims(cols, 0)
-            gl.store(ptrs, out, mask=gl.expand_dims(offs_m < N, 1))
+        _gl_store_rows(acc, l_i, q_half, o_desc, o_row, oc, o_base, stride_om, start_m + WG * HALF, N, o_layout)
         if TRACE:
             _gl_stamp(Trace, trace_at + 5 + WG, 4, 0, 0)  # this warpgroup's rows are stored
             if WG == 0:
@@ -398,8 +405,6 @@ if HAVE_GLUON:
                                                            instr_shape=[16, HEAD_DIM, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         s_zero = gl.zeros([HALF, BN], gl.float32, layout=s_layout)
-        rows = gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
         it = 0
         t = 0
         b, h, m_blk, cnt, e0 = _p_record(Records, first, REPS, Mq, H)
@@ -448,22 +453,11 @@ if HAVE_GLUON:
                 acc = warpgroup_mma(p_op, v_smem.index(vs), acc)
                 mbarrier.arrive(v_empty.index(vs), count=1)
                 it += cnt
-            l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-            l_o = gl.where(l_o == 0.0, 1.0, l_o)
-            out = (acc / gl.expand_dims(l_o, 1)).to(dtype)
-            start = m_blk * (2 * HALF) + WG * HALF
-            if start + HALF <= N:
-                # staged in this warpgroup's half of the tile's Q buffer (its Q K^T are done), then a TMA store;
-                # the buffer goes back to the loader only after that, two tiles before it is needed again
-                q_half.store(out)
-                fence_async_shared()
-                _tma_store(o_desc, [b * o_zr + h * o_hr + start, h * o_hc], q_half)
-                tma.store_wait(0)
-            else:  # the head's last rows: through the row view a TMA store would run into the next head's
-                offs_m = start + rows
-                base = Out + b.to(gl.int64) * stride_oz + h.to(gl.int64) * stride_oh
-                ptrs = base + gl.expand_dims(offs_m.to(gl.int64) * stride_om, 1) + gl.expand_dims(cols, 0)
-                gl.store(ptrs, out, mask=gl.expand_dims(offs_m < N, 1))
+            # (staged in the tile's own Q buffer, which goes back to the loader only after the store: two tiles
+            # before it is needed again)
+            _gl_store_rows(acc, l_i, q_half, o_desc, b * o_zr + h * o_hr, h * o_hc,
+                           Out + b.to(gl.int64) * stride_oz + h.to(gl.int64) * stride_oh, stride_om,
+                           m_blk * (2 * HALF) + WG * HALF, N, o_layout)
             mbarrier.arrive(q_empty.index(qb), count=1)
             b, h, m_blk, cnt, e0 = nb, nh, nm, ncnt, ne0
             t += 1
