@@ -92,6 +92,15 @@ if HAVE_GLUON:
         return (w >> ((e & 1) * 16)) & 0xFFFF
 
     @gluon.jit
+    def _gl_record(Records, tile, REPS, Mq, H):
+        """Work item `tile` (a schedule position times the batch repeats) from its record (`tile_records`):
+        (b, h, query block, block count, offset of its block ids). The record's loads are independent: one
+        round trip, where schedule -> count and offset -> block id were three."""
+        rec = Records + (tile // REPS) * 4
+        row = gl.load(rec)
+        return row // (Mq * H) + tile % REPS, (row // Mq) % H, row % Mq, gl.load(rec + 1), gl.load(rec + 2)
+
+    @gluon.jit
     def _gl_softmax(s, m_i, l_i, kn, N, qk_scale, s_layout: gl.constexpr, BN: gl.constexpr, MASK: gl.constexpr):
         """Online-softmax update for scores s of the key tile at kn: (p, alpha, m_new, l_new), base 2."""
         if MASK:  # the last listed block may hold keys >= N (TMA filled them with zeros)
@@ -285,19 +294,8 @@ if HAVE_GLUON:
             _gl_stamp(Trace, trace_at, 4, 2, 0)
             _gl_stamp(Trace, trace_at + 1, 4, 0, 0)  # the program starts
             _gl_stamp(Trace, trace_at + 8, 4, 1, 0)
-        pos = tile // REPS
-        rep = tile % REPS
-        # The tile's record (`tile_records`): its row, block count, list offset and first block id, four
-        # independent loads of one 16-byte record. Reading the schedule, then the count and offset, then the
-        # first id was three dependent round trips to memory before the first K/V could be requested.
-        rec = Records + pos * 4
-        row = gl.load(rec)
-        cnt = gl.load(rec + 1)
-        e0 = gl.load(rec + 2)
-        first = gl.load(rec + 3)
-        m_blk = row % Mq
-        h = (row // Mq) % H
-        b = row // (Mq * H) + rep
+        b, h, m_blk, cnt, e0 = _gl_record(Records, tile, REPS, Mq, H)
+        first = gl.load(Records + (tile // REPS) * 4 + 3)  # the first block id: its K/V is requested at once
         start_m = m_blk * BM
         if TRACE:
             _gl_stamp(Trace, trace_at + 7, 4, 3, cnt)
@@ -345,14 +343,6 @@ if HAVE_GLUON:
     # stage after its P V, so the shallower V ring still runs a block ahead (a joint ring of 2 did not).
 
     @gluon.jit
-    def _p_record(Records, tile, REPS, Mq, H):
-        """Work item `tile` (a schedule position times the batch repeats) from its record: (b, h, query
-        block, block count, offset of its block ids)."""
-        rec = Records + (tile // REPS) * 4
-        row = gl.load(rec)
-        return row // (Mq * H) + tile % REPS, (row // Mq) % H, row % Mq, gl.load(rec + 1), gl.load(rec + 2)
-
-    @gluon.jit
     def _p_loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                   v_empty, Words, Records, H, Mq, REPS, q_zr, q_hr, q_hc, k_zr, k_hr, k_hc, v_zr, v_hr, v_hc,
                   first, num_tiles, step):
@@ -365,7 +355,7 @@ if HAVE_GLUON:
         for tile in range(first, num_tiles, step):
             # (the record is read here, not carried from the previous iteration: triton 3.6 dropped a value
             # carried across this loop and used only as the inner loop's bound; v8 hung on it)
-            b, h, m_blk, cnt, e0 = _p_record(Records, tile, REPS, Mq, H)
+            b, h, m_blk, cnt, e0 = _gl_record(Records, tile, REPS, Mq, H)
             qb = t % 2
             if t >= 2:  # both consumers are done with the Q of two tiles ago
                 mbarrier.wait(q_empty.index(qb), ((t // 2) - 1) & 1)
@@ -407,10 +397,10 @@ if HAVE_GLUON:
         s_zero = gl.zeros([HALF, BN], gl.float32, layout=s_layout)
         it = 0
         t = 0
-        b, h, m_blk, cnt, e0 = _p_record(Records, first, REPS, Mq, H)
+        b, h, m_blk, cnt, e0 = _gl_record(Records, first, REPS, Mq, H)
         for tile in range(first, num_tiles, step):
             # the next tile's record now, so that its latency hides behind this tile
-            nb, nh, nm, ncnt, ne0 = _p_record(Records, gl.minimum(tile + step, num_tiles - 1), REPS, Mq, H)
+            nb, nh, nm, ncnt, ne0 = _gl_record(Records, gl.minimum(tile + step, num_tiles - 1), REPS, Mq, H)
             # only the row's last block can hold keys >= N (ids ascend): its id, read now, is used at the end
             kn_last = _gl_block_id(Words, gl.where(cnt > 0, e0 + cnt - 1, 0)) * BN
             qb = t % 2
@@ -626,23 +616,21 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         return out.copy_(tmp)
     if records is None:
         records = tile_records(counts, offsets, words, schedule)
+    # (`supports` checked that q, k and v allow row views)
+    descs = [_row_view(t, BLOCK) for t in (q, k, v)] + [_row_view(out, BLOCK // 2)]
+    terms = [x for t in (q, k, v, out) for x in _row_terms(t)]
     if persistent:
         if trace is not None:
             raise ValueError("the TRACE build is the per-tile kernel's (v5): pass persistent=False")
-        descs = [_row_view(t, BLOCK) for t in (q, k, v)] + [_row_view(out, BLOCK // 2)]
         grid = min(num_tiles, torch.cuda.get_device_properties(q.device).multi_processor_count)
         _gl_block_sparse_persistent[(grid,)](
-            *descs, out, records, words, *_row_terms(q), *_row_terms(k), *_row_terms(v), *_row_terms(out),
-            out.stride(0), out.stride(1), out.stride(2), H, N, Mq, reps, num_tiles, scale * LOG2E,
-            K_STAGES=stages, V_STAGES=stages - 1, CONSUMER_REGS=CONSUMER_REGS, LOADER_REGS=LOADER_REGS,
-            num_warps=4,
+            *descs, out, records, words, *terms, out.stride(0), out.stride(1), out.stride(2), H, N, Mq, reps,
+            num_tiles, scale * LOG2E, K_STAGES=stages, V_STAGES=stages - 1, CONSUMER_REGS=CONSUMER_REGS,
+            LOADER_REGS=LOADER_REGS, num_warps=4,
         )
         return out
-    # (`supports` checked that q, k and v allow row views)
-    descs = [_row_view(t, BLOCK) for t in (q, k, v)] + [_row_view(out, BLOCK // 2)]
     _gl_block_sparse_fwd[(num_tiles,)](
-        *descs, out, records, words, trace if trace is not None else records,
-        *_row_terms(q), *_row_terms(k), *_row_terms(v), *_row_terms(out),
+        *descs, out, records, words, trace if trace is not None else records, *terms,
         out.stride(0), out.stride(1), out.stride(2), H, N, Mq, reps, scale * LOG2E,
         STAGES=stages, CONSUMER_REGS=CONSUMER_REGS, TRACE=trace is not None, num_warps=4,
     )
