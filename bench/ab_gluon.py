@@ -1,6 +1,7 @@
 """A/B of Gluon kernel versions in one process, interleaved on the same masks, best of three medians:
-`python bench/ab_gluon.py prev` times bench/ab_prev.py (a copy of an earlier block_sparse_gluon.py with
-absolute imports; not kept in git) against the current module's v9 (persistent) and v5 (per tile).
+`python bench/ab_gluon.py prev [--patterns]` times bench/ab_prev.py (a copy of an earlier block_sparse_gluon.py with
+absolute imports; not kept in git) against the current module's v9 (persistent; "v9" with its last wave
+split where the rows allow, "v9-whole" without) and v5 (per tile).
 Writes $OUT/ab-gluon.json when $OUT is set (the eighth session's are in bench/results/ab-gluon-*)."""
 import importlib
 import inspect
@@ -14,13 +15,18 @@ from triton.testing import do_bench
 
 sys.path.insert(0, "bench")
 from bench_kernel import BLOCK, SHAPES, D, local_mask, random_mask  # noqa: E402
+from trace_gluon import pattern_mask  # noqa: E402
 
 import calibatt_kernels as ck  # noqa: E402
 from calibatt_kernels import block_sparse_gluon as g  # noqa: E402
 from calibatt_kernels.block_sparse import _device_index  # noqa: E402
 
-mods = {n: importlib.import_module(f"ab_{n}") for n in sys.argv[1:]}
-mods["v9"] = g
+# --patterns: masks whose rows all list the same number of blocks (trace_gluon.py's random / shared / prefix),
+# to read the per-tile cost apart from K/V locality
+PATTERNS = "--patterns" in sys.argv
+mods = {n: importlib.import_module(f"ab_{n}") for n in sys.argv[1:] if not n.startswith("--")}
+mods["v9"] = g  # with its last wave split (split_merge) where the rows allow
+mods["v9-whole"] = g  # the same kernel, every tile whole
 mods["v5"] = g
 
 
@@ -36,22 +42,31 @@ for shape in ("wan1.3b", "wan14b"):
     mb = triton.cdiv(N, BLOCK)
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     gen = torch.Generator().manual_seed(0)
-    for kind, dens in (("random", 1.0), ("random", 0.25), ("random", 0.1), ("local", 0.25), ("local", 0.1)):
-        mask = random_mask(H, mb, mb, dens, gen) if kind == "random" else local_mask(H, grid, N, dens)
+    cases = (("random", 1.0), ("random", 0.25), ("random", 0.1), ("local", 0.25), ("local", 0.1))
+    if PATTERNS:
+        cases = [(p, c) for c in (26, 59) for p in ("random", "shared", "prefix")]
+    for kind, dens in cases:
+        if PATTERNS:
+            mask = pattern_mask(kind, H, mb, dens, gen)
+        else:
+            mask = random_mask(H, mb, mb, dens, gen) if kind == "random" else local_mask(H, grid, N, dens)
         ix = ck.mask_to_index(mask.cuda())
         c, o, w, _, _ = _device_index(ix, q.device)
         sch = ix.schedule.to(device="cuda", dtype=torch.int32)
         flops = 4 * int(mask.sum()) * BLOCK * BLOCK * D
         calls = {}
+        res = dict(shape=shape, mask=kind, density=dens)
         for n, m in mods.items():
             kw = dict(scale=D ** -0.5)
             if "records" in inspect.signature(m.block_sparse_attention_gluon).parameters:
                 kw["records"] = m.tile_records(c, o, w, sch)
             if m is g:
-                kw["persistent"] = n == "v9"
+                kw["persistent"] = n != "v5"
+                if n == "v9":
+                    kw["records"], kw["splits"] = g.persistent_records(c, o, w, sch, 1, q.device)
+                    res["split"] = 0 if kw["splits"] is None else int(kw["splits"][0].numel())
             calls[n] = (m, kw)
         outs = {n: torch.full_like(q, float("nan")) for n in mods}
-        res = dict(shape=shape, mask=kind, density=dens)
         for n, (m, kw) in calls.items():
             launch(m, q, k, v, outs[n], c, o, w, sch, kw)
         for _ in range(3):

@@ -115,7 +115,7 @@ def forget_compiled(fn) -> None:
 # inductor kernels under generate.compile=true: a JIT the user opted into, cached by torch itself) are
 # counted apart and never fail strict mode.
 OUR_KERNELS = frozenset({"_block_sparse_fwd", "_gl_block_sparse_fwd", "_gl_block_sparse_persistent", "_row_lse",
-                         "_block_mass_fwd", "_qk_norm_rope_fwd"})
+                         "_block_mass_fwd", "_qk_norm_rope_fwd", "_merge_splits"})
 
 
 class CompileCounter:

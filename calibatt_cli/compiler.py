@@ -177,6 +177,12 @@ def tune_kernels(index: dict[tuple[int, int], ck.BlockIndex], *, heads: int, tok
             ob = torch.empty_like(qb)
             for c in winners:
                 run(first, c, qb, kb, vb, ob)
+        if any(c.gluon and c.persistent for c in winners) and not return_lse:
+            # v9's merge of split last-wave rows: into the cache whether or not these masks split (prewarm
+            # launches it; generate's masks may split where these did not)
+            from calibatt_kernels import split_merge
+
+            split_merge.warm(dev, dtype, head_dim)
         torch.cuda.synchronize(dev)
     info = {"dense_ms": round(dense_ms, 4), "candidates": [asdict(c) for c in usable], "rejected": rejected,
             "winners": [asdict(c) for c in winners], "batches": list(batches), "tune_seconds":
@@ -448,5 +454,15 @@ def prewarm(plan: SparsePlan, *, heads: int, head_dim: int, dtype: torch.dtype, 
     one = ck.mask_to_index(torch.ones(heads, 1, 1, dtype=torch.bool, device=dev))
     for c in set(plan.configs.values()) or {None}:
         ck.block_sparse_attention_indexed(q, k, v, one, block_size=bs, config=c, return_lse=return_lse)
+    if any(c is not None and c.gluon and c.persistent for c in plan.configs.values()) and not return_lse:
+        # v9's records (its last wave split, made once per index) and the merge of split rows: else the first
+        # step pays for them
+        from calibatt_kernels import block_sparse, block_sparse_gluon, split_merge
+
+        if block_sparse_gluon.supports(q, k, v, bs):
+            for key, c in plan.configs.items():
+                if c is not None and c.gluon and c.persistent and key in plan.index:
+                    block_sparse.gluon_records(plan.index[key], q.device, True)  # (the calls' key: "cuda:0")
+            split_merge.warm(dev, dtype, head_dim)
     torch.cuda.synchronize(dev)
     return time.perf_counter() - t0

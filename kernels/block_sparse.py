@@ -321,6 +321,24 @@ def _device_index(index: BlockIndex, device: torch.device):
     return counts, offsets, ids, id_words, schedule
 
 
+def gluon_records(index: BlockIndex, device: torch.device, persistent: bool, reps: int = 1):
+    """The Gluon kernel's records for this index (one per tile; v9's with its last wave split, `split_merge`)
+    and the splits, made once per index, device, kernel and batch repeats and kept in `index.derived`
+    (calibatt's prewarm makes them before the first step)."""
+    from . import block_sparse_gluon
+
+    key = ("gluon_tile_records", str(device), persistent, reps)
+    if key not in index.derived:
+        counts, offsets, ids, id_words, schedule = _device_index(index, device)
+        words = ids if id_words else index_words(ids)
+        if persistent:
+            index.derived[key] = block_sparse_gluon.persistent_records(counts, offsets, words, schedule, reps,
+                                                                       device)
+        else:
+            index.derived[key] = (block_sparse_gluon.tile_records(counts, offsets, words, schedule), None)
+    return index.derived[key]
+
+
 def _run_gluon(q, k, v, index, scale, cfg, out):
     """The Gluon kernel, or None (once its compilation failed: a triton whose Gluon API this file does not
     know). Compilation fails before anything runs on the GPU, so the tl kernel can take the call instead."""
@@ -332,13 +350,12 @@ def _run_gluon(q, k, v, index, scale, cfg, out):
         return None
     counts, offsets, ids, id_words, schedule = _device_index(index, q.device)
     words = ids if id_words else index_words(ids)  # the Gluon kernel reads int16 ids only
-    key = ("gluon_tile_records", str(q.device))
-    if key not in index.derived:
-        index.derived[key] = block_sparse_gluon.tile_records(counts, offsets, words, schedule)
+    records, splits = gluon_records(index, q.device, cfg.persistent, q.shape[0] // counts.shape[0])
     try:
         return block_sparse_gluon.block_sparse_attention_gluon(q, k, v, out, counts, offsets, words, schedule,
                                                                scale=scale, stages=cfg.num_stages,
-                                                               persistent=cfg.persistent, records=index.derived[key])
+                                                               persistent=cfg.persistent, records=records,
+                                                               splits=splits)
     except (CompilationError, RuntimeError) as e:
         _GLUON_BROKEN.append(f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
         logging.getLogger("calibatt").warning("the Gluon kernel failed to compile with triton %s (%s); using the "
@@ -520,7 +537,7 @@ def aot_signature(names: list[str], consts: dict, dtype: torch.dtype, *, i32_poi
             sig[n] = "constexpr"
         elif n in ("Q", "K", "V", "Out"):
             sig[n] = f"*{elem}"
-        elif n == "Lse":
+        elif n in ("Lse", "WsO", "WsML"):
             sig[n] = "*fp32"
         elif n in i32_pointers:
             sig[n] = "*i32"

@@ -4,7 +4,9 @@ that Triton's `tl` compiler does not produce on sm_90. Two kernels share that st
 eighth session; on an H200 at Wan 1.3B's and 14B's shapes, densities 0.1-1):
 - v9 (`_gl_block_sparse_persistent`, the default): one program per SM walks its tiles of the schedule; Q
   is double-buffered and K and V have rings of their own (3 and 2 stages), so the loader fetches the next
-  tile's Q and K/V while the consumers finish this one. 589-641 TFLOP/s.
+  tile's Q and K/V while the consumers finish this one. 589-641 TFLOP/s. When the tiles are of about equal
+  length and make few waves, the last wave's tiles run as pieces on the idle SMs and `split_merge` merges
+  them (ninth session: +0.5-1.8 % on Wan 1.3B).
 - v5 (`_gl_block_sparse_fwd`): one program per 128-row query tile, a joint K/V ring of 3 stages; also the
   profiling build (`TRACE=True`: each program's SM clock at points of its prologue, loop and epilogue,
   `TRACE_SLOTS`, read by bench/trace_gluon.py). 571-636 TFLOP/s. `calibatt compile` measures both.
@@ -46,6 +48,8 @@ from __future__ import annotations
 
 import torch
 import triton
+
+from . import split_merge
 
 try:  # Gluon ships with triton >= 3.5; older installs keep the `tl` kernel only
     from triton.experimental import gluon
@@ -99,6 +103,25 @@ if HAVE_GLUON:
         rec = Records + (tile // REPS) * 4
         row = gl.load(rec)
         return row // (Mq * H) + tile % REPS, (row // Mq) % H, row % Mq, gl.load(rec + 1), gl.load(rec + 2)
+
+    @gluon.jit
+    def _gl_slot(Records, tile, REPS):
+        """The workspace slot of a piece of a split tile (split_merge.split_last_wave), -1 for a whole tile."""
+        return (gl.load(Records + (tile // REPS) * 4 + 3) >> 16) - 1
+
+    @gluon.jit
+    def _gl_store_partial(acc, m_i, l_i, WsO, WsML, slot, WG: gl.constexpr, o_layout: gl.constexpr,
+                          s_layout: gl.constexpr):
+        """A piece's epilogue (split_merge): its 64 rows unnormalised, fp32, and their max and sum (base 2),
+        for `split_merge._merge_splits`. Registers -> global memory: only the last wave's pieces come here."""
+        HALF: gl.constexpr = acc.shape[0]
+        HEAD_DIM: gl.constexpr = acc.shape[1]
+        rows = slot * (2 * HALF) + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        gl.store(WsO + gl.expand_dims(rows * HEAD_DIM, 1) + gl.expand_dims(cols, 0), acc)
+        ml = WsML + slot * (4 * HALF) + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
+        gl.store(ml, m_i)
+        gl.store(ml + 2 * HALF, l_i)
 
     @gluon.jit
     def _gl_softmax(s, m_i, l_i, kn, N, qk_scale, s_layout: gl.constexpr, BN: gl.constexpr, MASK: gl.constexpr):
@@ -295,7 +318,7 @@ if HAVE_GLUON:
             _gl_stamp(Trace, trace_at + 1, 4, 0, 0)  # the program starts
             _gl_stamp(Trace, trace_at + 8, 4, 1, 0)
         b, h, m_blk, cnt, e0 = _gl_record(Records, tile, REPS, Mq, H)
-        first = gl.load(Records + (tile // REPS) * 4 + 3)  # the first block id: its K/V is requested at once
+        first = gl.load(Records + (tile // REPS) * 4 + 3) & 0xFFFF  # the first block id: its K/V goes out at once
         start_m = m_blk * BM
         if TRACE:
             _gl_stamp(Trace, trace_at + 7, 4, 3, cnt)
@@ -381,7 +404,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _p_consumer(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
                     Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale,
-                    first, num_tiles, step,
+                    first, num_tiles, step, WsO, WsML,
                     WG: gl.constexpr):
         dtype: gl.constexpr = q_smem.dtype
         HALF: gl.constexpr = q_smem.shape[1] // 2
@@ -398,9 +421,11 @@ if HAVE_GLUON:
         it = 0
         t = 0
         b, h, m_blk, cnt, e0 = _gl_record(Records, first, REPS, Mq, H)
+        slot = _gl_slot(Records, first, REPS)
         for tile in range(first, num_tiles, step):
             # the next tile's record now, so that its latency hides behind this tile
             nb, nh, nm, ncnt, ne0 = _gl_record(Records, gl.minimum(tile + step, num_tiles - 1), REPS, Mq, H)
+            nslot = _gl_slot(Records, gl.minimum(tile + step, num_tiles - 1), REPS)
             # only the row's last block can hold keys >= N (ids ascend): its id, read now, is used at the end
             kn_last = _gl_block_id(Words, gl.where(cnt > 0, e0 + cnt - 1, 0)) * BN
             qb = t % 2
@@ -443,35 +468,38 @@ if HAVE_GLUON:
                 acc = warpgroup_mma(p_op, v_smem.index(vs), acc)
                 mbarrier.arrive(v_empty.index(vs), count=1)
                 it += cnt
-            # (staged in the tile's own Q buffer, which goes back to the loader only after the store: two tiles
-            # before it is needed again)
-            _gl_store_rows(acc, l_i, q_half, o_desc, b * o_zr + h * o_hr, h * o_hc,
-                           Out + b.to(gl.int64) * stride_oz + h.to(gl.int64) * stride_oh, stride_om,
-                           m_blk * (2 * HALF) + WG * HALF, N, o_layout)
+            if slot >= 0:  # a piece of a split tile: split_merge._merge_splits finishes its rows
+                _gl_store_partial(acc, m_i, l_i, WsO, WsML, slot, WG, o_layout, s_layout)
+            else:
+                # (staged in the tile's own Q buffer, which goes back to the loader only after the store: two
+                # tiles before it is needed again)
+                _gl_store_rows(acc, l_i, q_half, o_desc, b * o_zr + h * o_hr, h * o_hc,
+                               Out + b.to(gl.int64) * stride_oz + h.to(gl.int64) * stride_oh, stride_om,
+                               m_blk * (2 * HALF) + WG * HALF, N, o_layout)
             mbarrier.arrive(q_empty.index(qb), count=1)
-            b, h, m_blk, cnt, e0 = nb, nh, nm, ncnt, ne0
+            b, h, m_blk, cnt, e0, slot = nb, nh, nm, ncnt, ne0, nslot
             t += 1
 
     @gluon.jit
     def _p_consumer0(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
                      Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale,
-                     first, num_tiles, step):
+                     first, num_tiles, step, WsO, WsML):
         _p_consumer(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
                     Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale,
-                    first, num_tiles, step, 0)
+                    first, num_tiles, step, WsO, WsML, 0)
 
     @gluon.jit
     def _p_consumer1(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
                      Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale,
-                     first, num_tiles, step):
+                     first, num_tiles, step, WsO, WsML):
         _p_consumer(Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
                     Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale,
-                    first, num_tiles, step, 1)
+                    first, num_tiles, step, WsO, WsML, 1)
 
     @gluon.jit(do_not_specialize=["N", "Mq", "num_tiles", *_ROW_TERMS],
-               do_not_specialize_on_alignment=["Records", "Words"])
+               do_not_specialize_on_alignment=["Records", "Words", "WsO", "WsML"])
     def _gl_block_sparse_persistent(
-        q_desc, k_desc, v_desc, o_desc, Out, Records, Words,
+        q_desc, k_desc, v_desc, o_desc, Out, Records, Words, WsO, WsML,
         q_zr, q_hr, q_hc, k_zr, k_hr, k_hc, v_zr, v_hr, v_hc, o_zr, o_hr, o_hc,
         stride_oz, stride_oh, stride_om, H, N, Mq, REPS, num_tiles, qk_scale,
         K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LOADER_REGS: gl.constexpr,
@@ -504,7 +532,7 @@ if HAVE_GLUON:
             mbarrier.init(v_empty.index(i), count=2)
         consumer_args = (Out, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, Words,
                          Records, o_desc, o_zr, o_hr, o_hc, H, Mq, REPS, stride_oz, stride_oh, stride_om, N, qk_scale,
-                         first, num_tiles, step)
+                         first, num_tiles, step, WsO, WsML)
         loader_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                        v_empty, Words, Records, H, Mq, REPS, q_zr, q_hr, q_hc, k_zr, k_hr, k_hc, v_zr, v_hr, v_hc,
                        first, num_tiles, step)
@@ -590,15 +618,35 @@ def tile_records(counts: torch.Tensor, offsets: torch.Tensor, words: torch.Tenso
     return torch.stack([rows.to(torch.int32), cnt, e0, first.to(torch.int32)], 1).contiguous()
 
 
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def persistent_records(counts: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor,
+                       schedule: torch.Tensor | None, reps: int, device: torch.device
+                       ) -> tuple[torch.Tensor, tuple[torch.Tensor, int] | None]:
+    """v9's records: `tile_records` with the last wave split over the idle SMs (`split_merge`), and the
+    split rows and pieces per row (None when nothing is split: an index broadcast over `reps` > 1 batches is
+    not, nor are rows of very different lengths)."""
+    records = tile_records(counts, offsets, words, schedule)
+    if reps != 1 or torch.device(device).type != "cuda":
+        return records, None
+    records, split_rows, s = split_merge.split_last_wave(records, words, _sm_count(device))
+    return records, (split_rows, s) if split_rows is not None else None
+
+
 def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                                  counts: torch.Tensor, offsets: torch.Tensor, words: torch.Tensor,
                                  schedule: torch.Tensor | None, *, scale: float, stages: int = DEFAULT_STAGES,
                                  persistent: bool = True, records: torch.Tensor | None = None,
+                                 splits: tuple[torch.Tensor, int] | None = None,
                                  trace: torch.Tensor | None = None) -> torch.Tensor:
     """Called by `block_sparse.block_sparse_attention_triton`, which validates the call, allocates `out` and
     prepares the index (`_device_index`): q, k, v, out [B, H, N, D] with unit last strides; int32 counts and
     offsets [Bi, H, Mq] (contiguous); the int16 block ids as int32 words; layouts `supports` accepts.
-    `records`: `tile_records` of this index, if the caller keeps them (else made here). `trace` (profiling,
+    `records`: `tile_records` of this index, if the caller keeps them (else made here); for v9, with its last
+    wave split (`persistent_records`, which also gives `splits`: the split rows and pieces per row, None
+    when nothing is split). `trace` (profiling,
     bench/trace_gluon.py): int32 [programs, 13], filled with each program's SM, time stamps and block count
     (`TRACE_SLOTS`)."""
     from .block_sparse import LOG2E
@@ -612,22 +660,33 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if not _row_view_ok(out):  # a caller's own output buffer of another layout: compute into q's, then copy
         tmp = torch.empty_like(q)
         block_sparse_attention_gluon(q, k, v, tmp, counts, offsets, words, schedule, scale=scale, stages=stages,
-                                     persistent=persistent, records=records, trace=trace)
+                                     persistent=persistent, records=records, splits=splits, trace=trace)
         return out.copy_(tmp)
     if records is None:
-        records = tile_records(counts, offsets, words, schedule)
+        if persistent:
+            records, splits = persistent_records(counts, offsets, words, schedule, reps, q.device)
+        else:
+            records = tile_records(counts, offsets, words, schedule)
     # (`supports` checked that q, k and v allow row views)
     descs = [_row_view(t, BLOCK) for t in (q, k, v)] + [_row_view(out, BLOCK // 2)]
     terms = [x for t in (q, k, v, out) for x in _row_terms(t)]
     if persistent:
         if trace is not None:
             raise ValueError("the TRACE build is the per-tile kernel's (v5): pass persistent=False")
-        grid = min(num_tiles, torch.cuda.get_device_properties(q.device).multi_processor_count)
+        num_tiles = records.shape[0] * reps  # (pieces of split tiles included)
+        grid = min(num_tiles, _sm_count(q.device))
+        ws_o = ws_ml = records  # (not read when nothing is split)
+        if splits is not None:
+            n_pieces = splits[0].numel() * splits[1]
+            ws_o = torch.empty(n_pieces * BLOCK, D, device=q.device, dtype=torch.float32)
+            ws_ml = torch.empty(n_pieces, 2, BLOCK, device=q.device, dtype=torch.float32)
         _gl_block_sparse_persistent[(grid,)](
-            *descs, out, records, words, *terms, out.stride(0), out.stride(1), out.stride(2), H, N, Mq, reps,
-            num_tiles, scale * LOG2E, K_STAGES=stages, V_STAGES=stages - 1, CONSUMER_REGS=CONSUMER_REGS,
+            *descs, out, records, words, ws_o, ws_ml, *terms, out.stride(0), out.stride(1), out.stride(2), H, N, Mq,
+            reps, num_tiles, scale * LOG2E, K_STAGES=stages, V_STAGES=stages - 1, CONSUMER_REGS=CONSUMER_REGS,
             LOADER_REGS=LOADER_REGS, num_warps=4,
         )
+        if splits is not None:
+            split_merge.merge_splits(ws_o, ws_ml, splits[0], splits[1], out, H, Mq)
         return out
     _gl_block_sparse_fwd[(num_tiles,)](
         *descs, out, records, words, trace if trace is not None else records, *terms,

@@ -106,6 +106,52 @@ def test_gluon_tile_records_against_the_mask():
             assert ix.indices[e0:e0 + cnt].tolist() == cols
 
 
+def test_split_last_wave_pieces_cover_the_rows():
+    """v9's last wave: the last T mod P tiles each become s = P // (T mod P) pieces of consecutive blocks whose
+    records cover the row's list exactly, in consecutive workspace slots; the tiles before are untouched;
+    nothing is split when the wave is full, when s < 2, or when the rows differ much in length."""
+    import calibatt_kernels as ck
+    from calibatt_kernels.block_sparse_gluon import tile_records
+    from calibatt_kernels.index import index_words
+    from calibatt_kernels.split_merge import split_last_wave
+
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.argsort(torch.rand(1, 4, 10, 40, generator=gen), -1)[..., :9]  # 40 rows of 9 blocks
+    mask = torch.zeros(1, 4, 10, 40, dtype=torch.bool).scatter_(-1, idx, True)
+    ix = ck.mask_to_index(mask)
+    words = index_words(ix.indices)
+    base = tile_records(ix.counts, ix.offsets, words, ix.schedule)
+    rec, rows, s = split_last_wave(base, words, 12)  # 40 = 3 x 12 + 4: 4 rows in 3 pieces
+    assert s == 3 and rows.tolist() == base[-4:, 0].tolist() and rec.shape == (36 + 12, 4)
+    assert torch.equal(rec[:36], base[:36])
+    for j, row in enumerate(rows.tolist()):
+        pieces = rec[36 + 3 * j: 39 + 3 * j].tolist()
+        assert [p[0] for p in pieces] == [row] * 3
+        assert [(p[3] >> 16) - 1 for p in pieces] == [3 * j, 3 * j + 1, 3 * j + 2]  # workspace slots
+        got = [b for _, cnt, e0, _ in pieces for b in ix.indices[e0:e0 + cnt].tolist()]
+        assert got == mask.reshape(-1, 40)[row].nonzero().flatten().tolist()
+        assert [p[3] & 0xFFFF for p in pieces] == [ix.indices[p[2]].item() for p in pieces]
+        assert all(p[1] >= 3 for p in pieces)
+    assert split_last_wave(base, words, 40)[1] is None  # one full wave
+    assert split_last_wave(base, words, 8)[1] is None  # 40 = 5 x 8: no partial wave
+    assert split_last_wave(base, words, 30)[2] == 3  # 10 left on 30 programs
+    assert split_last_wave(base, words, 22)[1] is None  # 18 left on 22: s = 1
+    from calibatt_kernels import split_merge
+
+    waves, split_merge.MAX_WAVES = split_merge.MAX_WAVES, 2
+    try:  # 3 whole waves: the last is too small a share of the call to be worth a merge
+        assert split_last_wave(base, words, 12)[1] is None
+    finally:
+        split_merge.MAX_WAVES = waves
+    for short in (6, 0):  # the last row (longest-first) 6 blocks of the others' 9, or empty: left whole
+        uneven = mask.clone()
+        uneven[0, 3, 9, :] = False
+        uneven[0, 3, 9, :short] = True
+        ix2 = ck.mask_to_index(uneven)
+        w2 = index_words(ix2.indices)
+        assert split_last_wave(tile_records(ix2.counts, ix2.offsets, w2, ix2.schedule), w2, 12)[1] is None
+
+
 def test_every_block_sparse_kernel_is_counted_as_ours():
     """Strict generate and bench_compile count compilations of calibatt's kernels by name: a kernel missing
     from aot.OUR_KERNELS would compile during generate unnoticed (v9 did, until this test)."""
@@ -114,6 +160,9 @@ def test_every_block_sparse_kernel_is_counted_as_ours():
     names = {fn.fn.__name__ if hasattr(fn, "fn") else fn.__name__ for fn in block_sparse.kernel_fns()}
     assert names <= aot.OUR_KERNELS, names - aot.OUR_KERNELS
     assert len(names) == (3 if any("_gl_" in n for n in names) else 1)
+    from calibatt_kernels import split_merge
+
+    assert split_merge.kernel_fn().fn.__name__ in aot.OUR_KERNELS  # v9's last-wave merge
 
 
 def test_candidates_per_architecture():

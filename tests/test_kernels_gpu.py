@@ -189,3 +189,83 @@ def test_linear_gelu_at_wan_size(dim, ffn):
     rel = ((got.float() - want).norm() / want.norm()).item()
     rel_stock = ((stock.float() - want).norm() / want.norm()).item()
     assert rel < 1e-2 and rel <= 1.5 * rel_stock, f"rel={rel:.2e}, stock bf16 rel={rel_stock:.2e}"
+
+
+@pytest.mark.parametrize("with_schedule", [False, True], ids=["natural-order", "lpt"])
+@pytest.mark.parametrize("persistent", [True, False], ids=["v9", "v5"])
+def test_gluon_kernel_tile_sequences(persistent, with_schedule):
+    """v9 carries work from one tile to the next (the next tile's first Q K^T is issued with this tile's last
+    P V, and the output's store is waited for a softmax later), so every kind of neighbour in a program's walk
+    must come out right: rows of many blocks, of one block (the first block is also the masked last), and
+    empty rows (zeros), in random order (natural order: program i takes rows i, i + #SMs, ...) and
+    longest-first. Every head against the tl kernel, the first heads against the fp32 reference."""
+    from calibatt_kernels import block_sparse_gluon
+    from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
+
+    q, k, v = _wan_qkv(seed=7)
+    if not block_sparse_gluon.supports(q, k, v, (128, 128)):
+        pytest.skip("the Gluon kernel needs sm_90 and triton with Gluon")
+    nb = num_blocks(N, 128)
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    mask = torch.rand(1, H, nb, nb, device="cuda", generator=gen) < 0.1
+    kind = torch.randint(0, 4, (1, H, nb, 1), device="cuda", generator=gen)
+    one = torch.zeros_like(mask)
+    one[..., 0] = True
+    last = torch.zeros_like(mask)
+    last[..., -1] = True
+    mask = torch.where(kind == 0, False, torch.where(kind == 1, one, torch.where(kind == 2, last, mask)))
+    index = mask_to_index(mask, with_schedule=with_schedule)
+    out = torch.full_like(q, float("nan"))
+    block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), out=out,
+                                  config=KernelConfig(gluon=True, num_stages=3, warp_specialize=True,
+                                                      persistent=persistent))
+    torch.cuda.synchronize()
+    assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements not written"
+    empty = (~mask[0]).all(-1)  # [H, nb]
+    rows = out[0, :, : (nb - 1) * 128].reshape(H, nb - 1, 128, D)  # the whole query blocks
+    assert (rows[empty[:, : nb - 1]] == 0).all(), "an empty mask row must give zeros"
+    tl_out = block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), config=KernelConfig())
+    rel_tl = ((out.float() - tl_out.float()).norm() / tl_out.float().norm()).item()
+    assert rel_tl <= 1e-2, f"all heads vs the tl kernel: rel={rel_tl:.2e}"
+    rel, max_diff = _rel_err(out, q, k, v, mask, (128, 128))
+    assert rel <= 1e-2, f"rel={rel:.2e} max_diff={max_diff:.2e}"
+
+
+def test_gluon_persistent_splits_its_last_wave():
+    """v9 with rows of (nearly) equal length: the last wave's tiles run as pieces on the idle SMs and
+    split_merge's kernel merges them. The split rows (the schedule's last) against the fp32 reference, every
+    head against the tl kernel, nothing left unwritten."""
+    from calibatt_kernels import block_sparse_gluon
+    from calibatt_kernels.block_sparse import GLUON_WS, KernelConfig, _device_index, block_sparse_attention_triton
+    from calibatt_kernels.index import index_words
+
+    q, k, v = _wan_qkv(seed=9)
+    if not block_sparse_gluon.supports(q, k, v, (128, 128)):
+        pytest.skip("the Gluon kernel needs sm_90 and triton with Gluon")
+    nb = num_blocks(N, 128)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    if H * nb % sms == 0 or sms // (H * nb % sms) < 2:
+        pytest.skip(f"{H * nb} tiles on {sms} SMs leave no last wave to split")
+    gen = torch.Generator(device="cuda").manual_seed(10)
+    idx = torch.argsort(torch.rand(1, H, nb, nb, device="cuda", generator=gen), -1)[..., :26]
+    mask = torch.zeros(1, H, nb, nb, dtype=torch.bool, device="cuda").scatter_(-1, idx, True)
+    mask[..., -1] = True  # the partial last key block: rows of 26 and 27 blocks
+    index = mask_to_index(mask)
+    counts, offsets, ids, _, schedule = _device_index(index, q.device)
+    _, splits = block_sparse_gluon.persistent_records(counts, offsets, index_words(ids), schedule, 1, q.device)
+    assert splits is not None and splits[1] >= 2
+    out = torch.full_like(q, float("nan"))
+    block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), out=out, config=GLUON_WS)
+    torch.cuda.synchronize()
+    assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements not written"
+    tl_out = block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), config=KernelConfig())
+    rel_tl = ((out.float() - tl_out.float()).norm() / tl_out.float().norm()).item()
+    assert rel_tl <= 1e-2, f"all heads vs the tl kernel: rel={rel_tl:.2e}"
+    heads = sorted({(r // nb) % H for r in splits[0].tolist()})
+    ref = block_sparse_attention_ref(q[:, heads].float(), k[:, heads].float(), v[:, heads].float(),
+                                     mask[:, heads], (128, 128), rows_per_chunk=4)
+    for r in splits[0].tolist():
+        h, blk = heads.index((r // nb) % H), r % nb
+        got, want = out[:, heads][0, h, blk * 128: (blk + 1) * 128].float(), ref[0, h, blk * 128: (blk + 1) * 128]
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel <= 1e-2, f"split row {r}: rel={rel:.2e}"

@@ -187,6 +187,56 @@ def run_qk_norm_rope(name):
                 shape_ok=all(g.shape == (B, N, H, D) and g.dtype == dtype and g.is_contiguous() for g in got))
 
 
+def run_split_merge():
+    """v9's last wave split (split_merge): each piece's partial output and statistics made here in PyTorch from
+    the pieces' records (what the Gluon kernel leaves in its workspace), merged by `_merge_splits` under the
+    interpreter: the split rows against the fp32 reference, every other row left alone (still the poison)."""
+    from calibatt_kernels.block_sparse import LOG2E
+    from calibatt_kernels.block_sparse_gluon import tile_records
+    from calibatt_kernels.index import index_words
+    from calibatt_kernels.split_merge import SPLIT_ROWS, merge_splits, merge_splits_ref, split_last_wave
+
+    gen = torch.Generator().manual_seed(11)
+    B, H, N, D = 1, 2, 300, 64
+    q, k, v = _qkv(B, H, N, D, torch.float32, gen, transposed=True)
+    mb = num_blocks(N, SPLIT_ROWS)
+    mask = torch.ones(1, H, mb, mb, dtype=torch.bool)
+    ix = mask_to_index(mask)
+    words = index_words(ix.indices)
+    ref = block_sparse_attention_ref(q, k, v, mask, (SPLIT_ROWS, SPLIT_ROWS))
+    res = {}
+    for programs in (4, 5):  # 6 tiles of 3 blocks: the last 2 in 2 pieces each (1 and 2 blocks), or the last in 3
+        rec, split_rows, s = split_last_wave(tile_records(ix.counts, ix.offsets, words, ix.schedule), words, programs)
+        pieces = rec[rec[:, 3] >> 16 > 0]
+        ws_o = torch.zeros(pieces.shape[0] * SPLIT_ROWS, D)
+        ws_ml = torch.zeros(pieces.shape[0], 2, SPLIT_ROWS)
+        ids = ix.indices.long()
+        for row, cnt, e0, w3 in pieces.tolist():
+            slot = (w3 >> 16) - 1
+            h, blk = (row // mb) % H, row % mb
+            qr = torch.zeros(SPLIT_ROWS, D)
+            n = min(SPLIT_ROWS, N - blk * SPLIT_ROWS)
+            qr[:n] = q[0, h, blk * SPLIT_ROWS: blk * SPLIT_ROWS + n]
+            keys = torch.cat([torch.arange(j * SPLIT_ROWS, min(N, (j + 1) * SPLIT_ROWS)) for j in ids[e0:e0 + cnt]])
+            sc = qr @ k[0, h, keys].T * (D ** -0.5 * LOG2E)
+            m = sc.max(-1).values
+            p = torch.exp2(sc - m[:, None])
+            ws_o[slot * SPLIT_ROWS: (slot + 1) * SPLIT_ROWS] = p @ v[0, h, keys]
+            ws_ml[slot, 0], ws_ml[slot, 1] = m, p.sum(-1)
+        out = torch.full_like(q, float("nan"))
+        merge_splits(ws_o, ws_ml, split_rows, s, out, H, mb)
+        want = merge_splits_ref(ws_o, ws_ml, split_rows, s, torch.full_like(q, float("nan")), H, mb)
+        done = torch.zeros(H, N, dtype=torch.bool)
+        for row in split_rows.tolist():
+            h, blk = (row // mb) % H, row % mb
+            done[h, blk * SPLIT_ROWS: (blk + 1) * SPLIT_ROWS] = True
+        res[f"p{programs}"] = dict(
+            _errors(out[0][done], ref[0][done]), s=s, split=len(split_rows), pieces=pieces.shape[0],
+            same_as_ref_merge=bool(torch.allclose(out[0][done], want[0][done], atol=1e-5)),
+            rest_untouched=bool(out[0][~done].isnan().all()) and bool(want[0][~done].isnan().all()))
+    return res
+
+
 def _all_cases():
     jobs = {f"sparse/{n}": (run_sparse, n) for n in SPARSE_CASES}
     jobs.update({f"mass/{n}": (run_mass, n) for n in MASS_CASES})
@@ -194,6 +244,7 @@ def _all_cases():
     jobs.update({f"norm-rope/{n}": (run_qk_norm_rope, n) for n in NORM_ROPE_CASES})
     jobs["layout"] = (run_layout,)
     jobs["dense"] = (run_dense,)
+    jobs["split-merge"] = (run_split_merge,)
     jobs["gluon-compile-failure"] = (run_gluon_compile_failure,)  # last: it patches the Gluon module
     res = {}
     for key, (fn, *args) in jobs.items():
@@ -275,3 +326,12 @@ def test_qk_norm_rope_matches_reference(results, name):
 
 if __name__ == "__main__":
     print(json.dumps(_all_cases()))
+
+
+def test_split_last_wave_merges_to_the_reference(results):
+    r = _get(results, "split-merge")
+    assert (r["p4"]["split"], r["p4"]["s"], r["p4"]["pieces"]) == (2, 2, 4)
+    assert (r["p5"]["split"], r["p5"]["s"], r["p5"]["pieces"]) == (1, 3, 3)
+    for case in r.values():
+        assert case["rel"] <= 1e-5, case
+        assert case["same_as_ref_merge"] and case["rest_untouched"], case
