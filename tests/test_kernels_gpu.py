@@ -41,6 +41,21 @@ def _rel_err(out, q, k, v, mask, bs):
     return ((o - ref).norm() / ref.norm()).item(), (o - ref).abs().max().item()
 
 
+def _gluon_against_tl(q, k, v, index, config):
+    """Run a Gluon config into a poisoned output, check that every element was written and that every head
+    agrees with the tl kernel (itself checked against the reference above); returns the output."""
+    from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
+
+    out = torch.full_like(q, float("nan"))
+    block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), out=out, config=config)
+    torch.cuda.synchronize()
+    assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements not written"
+    tl_out = block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), config=KernelConfig())
+    rel_tl = ((out.float() - tl_out.float()).norm() / tl_out.float().norm()).item()
+    assert rel_tl <= 1e-2, f"all heads vs the tl kernel: rel={rel_tl:.2e}"
+    return out
+
+
 @pytest.mark.parametrize("bs,cfg", [
     ((128, 128), None),
     ((128, 64), None),
@@ -108,7 +123,7 @@ def test_gluon_kernel_broadcast_index_and_layouts(layout, persistent):
     the partial last key block, only block 0, or both, check that keys >= N are masked and no output row
     >= N is written. Every head against the tl kernel, the first heads against the fp32 reference."""
     from calibatt_kernels import block_sparse_gluon
-    from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
+    from calibatt_kernels.block_sparse import KernelConfig
 
     if layout == "packed-qkv":
         gen = torch.Generator(device="cuda").manual_seed(5)
@@ -125,16 +140,8 @@ def test_gluon_kernel_broadcast_index_and_layouts(layout, persistent):
     mask[..., 6, 0] = True  # only the first block
     mask[..., 7, :] = False
     mask[..., 7, [0, -1]] = True
-    index = mask_to_index(mask)
-    out = torch.full_like(q, float("nan"))
-    block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), out=out,
-                                  config=KernelConfig(gluon=True, num_stages=3, warp_specialize=True,
-                                                      persistent=persistent))
-    torch.cuda.synchronize()
-    assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements not written"
-    tl_out = block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), config=KernelConfig())
-    rel_tl = ((out.float() - tl_out.float()).norm() / tl_out.float().norm()).item()
-    assert rel_tl <= 1e-2, f"all heads vs the tl kernel: rel={rel_tl:.2e}"
+    out = _gluon_against_tl(q, k, v, mask_to_index(mask),
+                            KernelConfig(gluon=True, num_stages=3, warp_specialize=True, persistent=persistent))
     for b in range(2):
         rel, max_diff = _rel_err(out[b: b + 1], q[b: b + 1], k[b: b + 1], v[b: b + 1], mask, (128, 128))
         assert rel <= 1e-2, f"batch {b}: rel={rel:.2e} max_diff={max_diff:.2e}"
@@ -200,7 +207,7 @@ def test_gluon_kernel_tile_sequences(persistent, with_schedule):
     empty rows (zeros), in random order (natural order: program i takes rows i, i + #SMs, ...) and
     longest-first. Every head against the tl kernel, the first heads against the fp32 reference."""
     from calibatt_kernels import block_sparse_gluon
-    from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
+    from calibatt_kernels.block_sparse import KernelConfig
 
     q, k, v = _wan_qkv(seed=7)
     if not block_sparse_gluon.supports(q, k, v, (128, 128)):
@@ -214,19 +221,11 @@ def test_gluon_kernel_tile_sequences(persistent, with_schedule):
     last = torch.zeros_like(mask)
     last[..., -1] = True
     mask = torch.where(kind == 0, False, torch.where(kind == 1, one, torch.where(kind == 2, last, mask)))
-    index = mask_to_index(mask, with_schedule=with_schedule)
-    out = torch.full_like(q, float("nan"))
-    block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), out=out,
-                                  config=KernelConfig(gluon=True, num_stages=3, warp_specialize=True,
-                                                      persistent=persistent))
-    torch.cuda.synchronize()
-    assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements not written"
+    out = _gluon_against_tl(q, k, v, mask_to_index(mask, with_schedule=with_schedule),
+                            KernelConfig(gluon=True, num_stages=3, warp_specialize=True, persistent=persistent))
     empty = (~mask[0]).all(-1)  # [H, nb]
     rows = out[0, :, : (nb - 1) * 128].reshape(H, nb - 1, 128, D)  # the whole query blocks
     assert (rows[empty[:, : nb - 1]] == 0).all(), "an empty mask row must give zeros"
-    tl_out = block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), config=KernelConfig())
-    rel_tl = ((out.float() - tl_out.float()).norm() / tl_out.float().norm()).item()
-    assert rel_tl <= 1e-2, f"all heads vs the tl kernel: rel={rel_tl:.2e}"
     rel, max_diff = _rel_err(out, q, k, v, mask, (128, 128))
     assert rel <= 1e-2, f"rel={rel:.2e} max_diff={max_diff:.2e}"
 
@@ -236,7 +235,7 @@ def test_gluon_persistent_splits_its_last_wave():
     split_merge's kernel merges them. The split rows (the schedule's last) against the fp32 reference, every
     head against the tl kernel, nothing left unwritten."""
     from calibatt_kernels import block_sparse_gluon
-    from calibatt_kernels.block_sparse import GLUON_WS, KernelConfig, _device_index, block_sparse_attention_triton
+    from calibatt_kernels.block_sparse import GLUON_WS, _device_index
     from calibatt_kernels.index import index_words
 
     q, k, v = _wan_qkv(seed=9)
@@ -254,13 +253,7 @@ def test_gluon_persistent_splits_its_last_wave():
     counts, offsets, ids, _, schedule = _device_index(index, q.device)
     _, splits = block_sparse_gluon.persistent_records(counts, offsets, index_words(ids), schedule, 1, q.device)
     assert splits is not None and splits[1] >= 2
-    out = torch.full_like(q, float("nan"))
-    block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), out=out, config=GLUON_WS)
-    torch.cuda.synchronize()
-    assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements not written"
-    tl_out = block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), config=KernelConfig())
-    rel_tl = ((out.float() - tl_out.float()).norm() / tl_out.float().norm()).item()
-    assert rel_tl <= 1e-2, f"all heads vs the tl kernel: rel={rel_tl:.2e}"
+    out = _gluon_against_tl(q, k, v, index, GLUON_WS)
     heads = sorted({(r // nb) % H for r in splits[0].tolist()})
     ref = block_sparse_attention_ref(q[:, heads].float(), k[:, heads].float(), v[:, heads].float(),
                                      mask[:, heads], (128, 128), rows_per_chunk=4)
