@@ -462,7 +462,7 @@ def prewarm(plan: SparsePlan, *, heads: int, head_dim: int, dtype: torch.dtype, 
         if block_sparse_gluon.supports(q, k, v, bs):
             for key, c in plan.configs.items():
                 if c is not None and c.gluon and c.persistent and key in plan.index:
-                    block_sparse.gluon_records(plan.index[key], q.device, True)  # (the calls' key: "cuda:0")
+                    block_sparse.gluon_records(plan.index[key], dev, True)
             split_merge.warm(dev, dtype, head_dim)
     torch.cuda.synchronize(dev)
     return time.perf_counter() - t0

@@ -327,6 +327,9 @@ def gluon_records(index: BlockIndex, device: torch.device, persistent: bool, rep
     (calibatt's prewarm makes them before the first step)."""
     from . import block_sparse_gluon
 
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must find the same records
+        device = torch.device("cuda", torch.cuda.current_device())
     key = ("gluon_tile_records", str(device), persistent, reps)
     if key not in index.derived:
         counts, offsets, ids, id_words, schedule = _device_index(index, device)
