@@ -7,7 +7,9 @@ import importlib
 import inspect
 import json
 import os
+import statistics
 import sys
+import time
 
 import torch
 import triton
@@ -15,14 +17,15 @@ from triton.testing import do_bench
 
 sys.path.insert(0, "bench")
 from bench_kernel import BLOCK, SHAPES, D, local_mask, random_mask  # noqa: E402
-from trace_gluon import pattern_mask  # noqa: E402
+from gpu_clock import ClockLog  # noqa: E402
+from trace_gluon import pattern_mask, shuffled  # noqa: E402
 
 import calibatt_kernels as ck  # noqa: E402
 from calibatt_kernels import block_sparse_gluon as g  # noqa: E402
 from calibatt_kernels.block_sparse import _device_index  # noqa: E402
 
-# --patterns: masks whose rows all list the same number of blocks (trace_gluon.py's random / shared / prefix),
-# to read the per-tile cost apart from K/V locality
+# --patterns: masks whose rows all list the same number of blocks (trace_gluon.py's random / shared / prefix /
+# pool<k>, and random rows read in shuffled order), to read the per-tile cost apart from K/V locality
 PATTERNS = "--patterns" in sys.argv
 mods = {n: importlib.import_module(f"ab_{n}") for n in sys.argv[1:] if not n.startswith("--")}
 mods["v9"] = g  # with its last wave split (split_merge) where the rows allow
@@ -36,6 +39,7 @@ def launch(m, q, k, v, out, c, o, w, sch, kw):
 
 print("card", torch.cuda.get_device_name(), "triton", triton.__version__, flush=True)
 rows = []
+clock = ClockLog()  # each version's median SM clock while timed ("mhz_<name>": the card is power-capped)
 for shape in ("wan1.3b", "wan14b"):
     B, H, grid = SHAPES[shape]
     N = grid[0] * grid[1] * grid[2]
@@ -44,13 +48,15 @@ for shape in ("wan1.3b", "wan14b"):
     gen = torch.Generator().manual_seed(0)
     cases = (("random", 1.0), ("random", 0.25), ("random", 0.1), ("local", 0.25), ("local", 0.1))
     if PATTERNS:
-        cases = [(p, c) for c in (26, 59) for p in ("random", "shared", "prefix")]
+        cases = [(p, c) for c in (26, 59) for p in ("random", "shuffled", "pool2", "pool4", "shared", "prefix")]
     for kind, dens in cases:
         if PATTERNS:
-            mask = pattern_mask(kind, H, mb, dens, gen)
+            mask = pattern_mask("random" if kind == "shuffled" else kind, H, mb, dens, gen)
         else:
             mask = random_mask(H, mb, mb, dens, gen) if kind == "random" else local_mask(H, grid, N, dens)
         ix = ck.mask_to_index(mask.cuda())
+        if kind == "shuffled":
+            ix = shuffled(ix, gen)
         c, o, w, _, _ = _device_index(ix, q.device)
         sch = ix.schedule.to(device="cuda", dtype=torch.int32)
         flops = 4 * int(mask.sum()) * BLOCK * BLOCK * D
@@ -69,16 +75,23 @@ for shape in ("wan1.3b", "wan14b"):
         outs = {n: torch.full_like(q, float("nan")) for n in mods}
         for n, (m, kw) in calls.items():
             launch(m, q, k, v, outs[n], c, o, w, sch, kw)
+        mhz = {n: [] for n in calls}
         for _ in range(3):
             for n, (m, kw) in calls.items():
+                t0 = time.monotonic()
                 t = do_bench(lambda m=m, n=n, kw=kw, a=(q, k, v): launch(m, *a, outs[n], c, o, w, sch, kw),  # noqa: B023
                              warmup=100, rep=200, return_mode="median")
                 res[n] = round(max(res.get(n, 0), flops / t / 1e9), 1)
+                mhz[n].append((clock.window(t0, time.monotonic()) or {}).get("mhz"))
+        for n, got in mhz.items():
+            if None not in got:
+                res[f"mhz_{n}"] = statistics.median(got)
         ref = outs[next(iter(mods))].float()
         for n in mods:
             res[f"rel_{n}"] = float((outs[n].float() - ref).norm() / ref.norm())
             res[f"nan_{n}"] = int(outs[n].isnan().sum())
         rows.append(res)
         print(json.dumps(res), flush=True)
+clock.close()
 if os.environ.get("OUT"):
     json.dump(rows, open(os.environ["OUT"] + "/ab-gluon.json", "w"), indent=1)

@@ -10,7 +10,9 @@ blocks, bf16, head dim 128, B = 1, q/k/v contiguous [B, H, N, D] as in bench/anc
 
 TFLOP/s counts computed blocks only: 4 * (listed blocks) * 128 * 128 * D per head, the partial last
 block (N = 32760 and 75600 are not multiples of 128) counted as full. Dense cuDNN counts 4 * N^2 * D.
-Times are medians of triton.testing.do_bench. Prints a table last; writes
+Times are medians of triton.testing.do_bench; beside each, the median SM clock and power draw while it was
+timed and the share of samples under the software power cap (bench/gpu_clock.py: the card is power-capped
+under this load, so the clock, and with it every rate, moves between runs). Prints a table last; writes
 bench/results/kernel-<card>-<date>.json (and a copy under $OUT when set).
 """
 
@@ -34,6 +36,9 @@ from triton.testing import do_bench
 import calibatt_kernels as ck
 from calibatt_cli.masks import local_block_mask
 from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from gpu_clock import ClockLog  # noqa: E402
 
 SHAPES = {
     # name: (B, H, (frames, rows, cols)); N = frames * rows * cols
@@ -93,10 +98,19 @@ def schedule_variant(counts, name):
     return ck.lpt_schedule(counts, levels=int(name.removeprefix("grouped")))
 
 
+CLOCK: list = []  # [ClockLog] while run() runs
+LAST_CLOCK: dict = {}  # the clock while the last bench() timed (mhz, watts, power_capped, samples)
+
+
 def bench(ms_hint, fn, *args, **kwargs):
-    """Median ms of fn(*args, **kwargs): ~20 timed runs, at least 100 ms of warm-up and 200 ms of timing."""
-    return do_bench(lambda: fn(*args, **kwargs), warmup=max(100, 3 * ms_hint), rep=max(200, 20 * ms_hint),
-                    return_mode="median")
+    """Median ms of fn(*args, **kwargs): ~20 timed runs, at least 100 ms of warm-up and 200 ms of timing.
+    Leaves the card's clock during the timed part in LAST_CLOCK."""
+    t0 = time.monotonic()
+    ms = do_bench(lambda: fn(*args, **kwargs), warmup=max(100, 3 * ms_hint), rep=max(200, 20 * ms_hint),
+                  return_mode="median")
+    LAST_CLOCK.clear()
+    LAST_CLOCK.update((CLOCK[0].window(t0, time.monotonic()) if CLOCK else None) or {})
+    return ms
 
 
 def flex_fn(mask, n):
@@ -129,9 +143,13 @@ def run(args):
                         sms=torch.cuda.get_device_properties(0).multi_processor_count), rows=[])
     log("ENV", json.dumps(res["env"]))
     configs = CONFIGS if args.sweep else {name: CONFIGS[name] for name in args.configs}
-    for shape in args.shapes:
-        bench_shape(shape, configs, args, res)
-        torch.cuda.empty_cache()
+    CLOCK.append(ClockLog())
+    try:
+        for shape in args.shapes:
+            bench_shape(shape, configs, args, res)
+            torch.cuda.empty_cache()
+    finally:
+        CLOCK.pop().close()
     return res
 
 
@@ -149,12 +167,12 @@ def bench_shape(shape, configs, args, res):
     dense_flops = 4 * B * H * N * N * D
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
         t_cudnn = bench(200, F.scaled_dot_product_attention, q, k, v)
-    row = dict(shape=shape, N=N, kernel="cudnn-dense", ms=t_cudnn, tflops=dense_flops / t_cudnn / 1e9)
+    row = dict(shape=shape, N=N, kernel="cudnn-dense", ms=t_cudnn, tflops=dense_flops / t_cudnn / 1e9, **LAST_CLOCK)
     res["rows"].append(row)
     log("ROW", json.dumps(row))
     try:
         t_mass = bench(3 * t_cudnn, ck.block_mass, q, k, block_size=(BLOCK, BLOCK))
-        row = dict(shape=shape, N=N, kernel="block_mass", ms=t_mass, vs_cudnn=t_mass / t_cudnn)
+        row = dict(shape=shape, N=N, kernel="block_mass", ms=t_mass, vs_cudnn=t_mass / t_cudnn, **LAST_CLOCK)
     except Exception:
         row = dict(shape=shape, kernel="block_mass", error=traceback.format_exc(limit=-2)[-600:])
     res["rows"].append(row)
@@ -176,12 +194,13 @@ def bench_shape(shape, configs, args, res):
                 index32 = ck.BlockIndex(index.counts, index.offsets, index.indices.to(torch.int32), index.schedule)
                 variants += [(f"{name}/i32-ids", cfg, index32) for name, cfg in configs.items()]
             base = dict(shape=shape, N=N, mask=kind, density=dens)
-            times = {}
+            times, clocks = {}, {}
             if not args.no_flex:
                 try:
                     fl = flex_fn(mask, N)
                     fl(q, k, v)
                     times["flex"] = bench(dens * t_cudnn, fl, q, k, v)
+                    clocks["flex"] = dict(LAST_CLOCK)
                 except Exception:
                     res["rows"].append(dict(base, kernel="flex", error=traceback.format_exc(limit=-2)[-600:]))
                     log("ERR flex", traceback.format_exc(limit=-2)[-600:])
@@ -193,6 +212,7 @@ def bench_shape(shape, configs, args, res):
                     first = time.time() - t0
                     times[name] = bench(dens * t_cudnn, block_sparse_attention_triton, q, k, v, index,
                                         block_size=(BLOCK, BLOCK), config=cfg)
+                    clocks[name] = dict(LAST_CLOCK)
                     if first > 1:
                         log(f"  {name}: first call {first:.1f} s (compile)")
                 except Exception:
@@ -200,29 +220,38 @@ def bench_shape(shape, configs, args, res):
                     log("ERR", name, traceback.format_exc(limit=-2)[-600:])
             for name, t in times.items():
                 row = dict(base, kernel=name, ms=t, tflops=flops / t / 1e9, vs_cudnn_dense=t_cudnn / t,
-                           vs_flex=times["flex"] / t if "flex" in times else None)
+                           vs_flex=times["flex"] / t if "flex" in times else None, **clocks[name])
                 res["rows"].append(row)
                 log("ROW", json.dumps(row))
 
 
 def table(res):
     lines = [f"card: {res['env']['card']}  torch {res['env']['torch']}  triton {res['env']['triton']}",
-             f"{'shape':8} {'mask':6} {'dens':>5} {'kernel':16} {'ms':>8} {'TFLOP/s':>8} {'x flex':>7} {'x cuDNN':>8}"]
+             f"{'shape':8} {'mask':6} {'dens':>5} {'kernel':16} {'ms':>8} {'TFLOP/s':>8} {'x flex':>7} {'x cuDNN':>8} "
+             f"{'MHz':>5} {'W':>4} {'capped':>6}"]
     for r in res["rows"]:
         if "error" in r:
             lines.append(f"{r['shape']:8} {r.get('mask', ''):6} {r.get('density', ''):>5} {r['kernel']:16} ERROR")
             continue
         if r["kernel"] == "block_mass":
             lines.append(f"{r['shape']:8} {'dense':6} {'':>5} {'block_mass':16} {r['ms']:8.2f} {'':>8} {'':>7} "
-                         f"{r['vs_cudnn']:7.2f}t")
+                         f"{r['vs_cudnn']:7.2f}t {_clock_cols(r)}")
             continue
         vs_flex = f"{r['vs_flex']:7.2f}" if r.get("vs_flex") else f"{'':>7}"
         vs_cudnn = f"{r['vs_cudnn_dense']:8.2f}" if "vs_cudnn_dense" in r else f"{'':>8}"
         lines.append(f"{r['shape']:8} {r.get('mask', 'dense'):6} {r.get('density', 1.0):>5} {r['kernel']:16} "
-                     f"{r['ms']:8.2f} {r['tflops']:8.0f} {vs_flex} {vs_cudnn}")
+                     f"{r['ms']:8.2f} {r['tflops']:8.0f} {vs_flex} {vs_cudnn} {_clock_cols(r)}")
     lines.append("x flex / x cuDNN: speed-up (their time / ours); block_mass: its time in units of one dense cuDNN "
-                 "call ('t')")
+                 "call ('t'); MHz, W: median SM clock and power while timed; capped: share of those samples under "
+                 "the software power cap")
     return "\n".join(lines)
+
+
+def _clock_cols(r: dict) -> str:
+    if "mhz" not in r:
+        return f"{'':>5} {'':>4} {'':>6}"
+    w = f"{r['watts']:4.0f}" if r.get("watts") is not None else f"{'':>4}"
+    return f"{r['mhz']:5.0f} {w} {r['power_capped']:6.0%}"
 
 
 def _schedule_name(s):

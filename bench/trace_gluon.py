@@ -46,9 +46,17 @@ D = 128
 
 
 def pattern_mask(kind: str, h: int, mb: int, count: int, gen: torch.Generator) -> torch.Tensor:
+    """[1, h, mb, mb], every row `count` blocks: "random", "shared", "prefix" (above), or "pool<k>": each
+    head's rows drawn from its own k x count blocks (the K/V that rows running at once can touch: 2-4 x 59
+    blocks of 14B are 7.7-15 MB, a whole head 38.7 MB)."""
     mask = torch.zeros(1, h, mb, mb, dtype=torch.bool)
     if kind == "prefix":
         mask[..., :count] = True
+    elif kind.startswith("pool"):
+        for hh in range(h):
+            pool = torch.randperm(mb, generator=gen)[: int(kind[4:]) * count]
+            pick = torch.argsort(torch.rand(mb, pool.numel(), generator=gen), dim=-1)[:, :count]
+            mask[0, hh].scatter_(-1, pool[pick], True)
     elif kind == "shared":
         for hh in range(h):
             mask[0, hh, :, torch.randperm(mb, generator=gen)[:count]] = True
@@ -56,6 +64,19 @@ def pattern_mask(kind: str, h: int, mb: int, count: int, gen: torch.Generator) -
         idx = torch.argsort(torch.rand(1, h, mb, mb, generator=gen), dim=-1)[..., :count]
         mask.scatter_(-1, idx, True)
     return mask
+
+
+def shuffled(index: ck.BlockIndex, gen: torch.Generator) -> ck.BlockIndex:
+    """The same rows with each row's ids in random order, its last id kept last (the kernels mask keys >= N
+    in a row's last block only). Plans list ids ascending, so rows running at once sweep K/V from the first
+    block to the last together; this order takes that away. Rows of equal count, back to back."""
+    c = index.counts.reshape(-1)
+    cnt = int(c[0])
+    assert bool((c == cnt).all()) and cnt > 1, "rows of one count"
+    ids = index.indices[: c.numel() * cnt].view(-1, cnt)
+    perm = torch.argsort(torch.rand(ids.shape[0], cnt - 1, generator=gen), dim=-1).to(ids.device)
+    ids = torch.cat([ids[:, :-1].gather(1, perm), ids[:, -1:]], 1).reshape(-1).contiguous()
+    return ck.BlockIndex(index.counts, index.offsets, ids, index.schedule)
 
 
 def launch(q, k, v, out, ix, trace=None):

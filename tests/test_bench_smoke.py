@@ -92,3 +92,40 @@ def test_traced_gluon_kernel_compiles_for_sm90():
                             target=GPUTarget("cuda", 90, 32),
                             options=opts)
     assert "globaltimer" in kernel.asm["ptx"] and "%clock" in kernel.asm["ptx"]
+
+
+def test_clock_log_parses_and_summarises(monkeypatch):
+    """bench/gpu_clock.py: nvidia-smi's lines (N/A power, headers and errors skipped), a window's medians and
+    power-capped share, and no sampler (window None) where nvidia-smi is missing."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_clock
+
+    assert gpu_clock.parse_line("1605, 690.41, 0x0000000000000004\n") == (1605.0, 690.41, 4)
+    assert gpu_clock.parse_line("1980, [N/A], 0x0000000000000000") == (1980.0, None, 0)
+    assert gpu_clock.parse_line("clocks.current.sm [MHz], power.draw [W], clocks_event_reasons.active") is None
+    assert gpu_clock.parse_line("No devices were found") is None
+    monkeypatch.setattr(gpu_clock.shutil, "which", lambda _: None)
+    log = gpu_clock.ClockLog()
+    assert log.proc is None and log.window(0, 1e12) is None
+    log.samples = [(1.0, 1980.0, 120.0, 0), (2.0, 1600.0, 690.0, 4), (3.0, 1650.0, 692.0, 5), (4.0, 1700.0, None, 4),
+                   (9.0, 345.0, 80.0, 1)]
+    w = log.window(1.5, 4.5)
+    assert w == dict(mhz=1650.0, watts=691.0, power_capped=1.0, samples=3), w
+    assert log.window(5.0, 8.0) is None
+    log.close()
+
+
+def test_kernel_table_shows_the_clock():
+    """bench_kernel's table: rows with the clock fields show MHz, W and the capped share; rows without leave
+    them blank (results of earlier sessions, or no nvidia-smi)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_kernel
+
+    res = dict(env=dict(card="X", torch="t", triton="tr"), rows=[
+        dict(shape="wan1.3b", N=1, kernel="cudnn-dense", ms=11.8, tflops=558.5, mhz=1605.0, watts=690.4,
+             power_capped=0.75, samples=4),
+        dict(shape="wan1.3b", N=1, mask="random", density=0.1, kernel="gluon-ws-s3", ms=1.12, tflops=596.2,
+             vs_cudnn_dense=10.5, vs_flex=1.52)])
+    lines = bench_kernel.table(res).splitlines()
+    assert lines[2].split()[-3:] == ["1605", "690", "75%"], lines[2]
+    assert lines[3].split()[-2:] == ["1.52", "10.50"], lines[3]

@@ -201,10 +201,10 @@ def test_linear_gelu_at_wan_size(dim, ffn):
 @pytest.mark.parametrize("with_schedule", [False, True], ids=["natural-order", "lpt"])
 @pytest.mark.parametrize("persistent", [True, False], ids=["v9", "v5"])
 def test_gluon_kernel_tile_sequences(persistent, with_schedule):
-    """v9 carries work from one tile to the next (the next tile's first Q K^T is issued with this tile's last
-    P V, and the output's store is waited for a softmax later), so every kind of neighbour in a program's walk
-    must come out right: rows of many blocks, of one block (the first block is also the masked last), and
-    empty rows (zeros), in random order (natural order: program i takes rows i, i + #SMs, ...) and
+    """v9 carries state from one tile to the next (Q double-buffered, K/V rings and their barrier phases that
+    run on across tiles, the next tile's record read during this one), so every kind of neighbour in a
+    program's walk must come out right: rows of many blocks, of one block (the first block is also the masked
+    last), and empty rows (zeros), in random order (natural order: program i takes rows i, i + #SMs, ...) and
     longest-first. Every head against the tl kernel, the first heads against the fp32 reference."""
     from calibatt_kernels import block_sparse_gluon
     from calibatt_kernels.block_sparse import KernelConfig
