@@ -98,19 +98,13 @@ def schedule_variant(counts, name):
     return ck.lpt_schedule(counts, levels=int(name.removeprefix("grouped")))
 
 
-CLOCK: list = []  # [ClockLog] while run() runs
-LAST_CLOCK: dict = {}  # the clock while the last bench() timed (mhz, watts, power_capped, samples)
-
-
-def bench(ms_hint, fn, *args, **kwargs):
-    """Median ms of fn(*args, **kwargs): ~20 timed runs, at least 100 ms of warm-up and 200 ms of timing.
-    Leaves the card's clock during the timed part in LAST_CLOCK."""
+def bench(clock, ms_hint, fn, *args, **kwargs):
+    """(median ms of fn(*args, **kwargs), the card's clock meanwhile): ~20 timed runs, at least 100 ms of
+    warm-up and 200 ms of timing; the clock as `ClockLog.window` gives it ({} without samples)."""
     t0 = time.monotonic()
     ms = do_bench(lambda: fn(*args, **kwargs), warmup=max(100, 3 * ms_hint), rep=max(200, 20 * ms_hint),
                   return_mode="median")
-    LAST_CLOCK.clear()
-    LAST_CLOCK.update((CLOCK[0].window(t0, time.monotonic()) if CLOCK else None) or {})
-    return ms
+    return ms, clock.window(t0, time.monotonic()) or {}
 
 
 def flex_fn(mask, n):
@@ -143,17 +137,17 @@ def run(args):
                         sms=torch.cuda.get_device_properties(0).multi_processor_count), rows=[])
     log("ENV", json.dumps(res["env"]))
     configs = CONFIGS if args.sweep else {name: CONFIGS[name] for name in args.configs}
-    CLOCK.append(ClockLog())
+    clock = ClockLog()
     try:
         for shape in args.shapes:
-            bench_shape(shape, configs, args, res)
+            bench_shape(shape, configs, args, res, clock)
             torch.cuda.empty_cache()
     finally:
-        CLOCK.pop().close()
+        clock.close()
     return res
 
 
-def bench_shape(shape, configs, args, res):
+def bench_shape(shape, configs, args, res, clock):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     B, H, grid = SHAPES[shape]
@@ -166,13 +160,13 @@ def bench_shape(shape, configs, args, res):
         q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     dense_flops = 4 * B * H * N * N * D
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        t_cudnn = bench(200, F.scaled_dot_product_attention, q, k, v)
-    row = dict(shape=shape, N=N, kernel="cudnn-dense", ms=t_cudnn, tflops=dense_flops / t_cudnn / 1e9, **LAST_CLOCK)
+        t_cudnn, hz = bench(clock, 200, F.scaled_dot_product_attention, q, k, v)
+    row = dict(shape=shape, N=N, kernel="cudnn-dense", ms=t_cudnn, tflops=dense_flops / t_cudnn / 1e9, **hz)
     res["rows"].append(row)
     log("ROW", json.dumps(row))
     try:
-        t_mass = bench(3 * t_cudnn, ck.block_mass, q, k, block_size=(BLOCK, BLOCK))
-        row = dict(shape=shape, N=N, kernel="block_mass", ms=t_mass, vs_cudnn=t_mass / t_cudnn, **LAST_CLOCK)
+        t_mass, hz = bench(clock, 3 * t_cudnn, ck.block_mass, q, k, block_size=(BLOCK, BLOCK))
+        row = dict(shape=shape, N=N, kernel="block_mass", ms=t_mass, vs_cudnn=t_mass / t_cudnn, **hz)
     except Exception:
         row = dict(shape=shape, kernel="block_mass", error=traceback.format_exc(limit=-2)[-600:])
     res["rows"].append(row)
@@ -199,8 +193,7 @@ def bench_shape(shape, configs, args, res):
                 try:
                     fl = flex_fn(mask, N)
                     fl(q, k, v)
-                    times["flex"] = bench(dens * t_cudnn, fl, q, k, v)
-                    clocks["flex"] = dict(LAST_CLOCK)
+                    times["flex"], clocks["flex"] = bench(clock, dens * t_cudnn, fl, q, k, v)
                 except Exception:
                     res["rows"].append(dict(base, kernel="flex", error=traceback.format_exc(limit=-2)[-600:]))
                     log("ERR flex", traceback.format_exc(limit=-2)[-600:])
@@ -210,9 +203,8 @@ def bench_shape(shape, configs, args, res):
                     block_sparse_attention_triton(q, k, v, index, block_size=(BLOCK, BLOCK), config=cfg)
                     torch.cuda.synchronize()
                     first = time.time() - t0
-                    times[name] = bench(dens * t_cudnn, block_sparse_attention_triton, q, k, v, index,
-                                        block_size=(BLOCK, BLOCK), config=cfg)
-                    clocks[name] = dict(LAST_CLOCK)
+                    times[name], clocks[name] = bench(clock, dens * t_cudnn, block_sparse_attention_triton, q, k, v,
+                                                      index, block_size=(BLOCK, BLOCK), config=cfg)
                     if first > 1:
                         log(f"  {name}: first call {first:.1f} s (compile)")
                 except Exception:
