@@ -39,8 +39,14 @@ class ClockLog:
         exe = shutil.which("nvidia-smi")
         if exe is None:
             return
+        gpu = _gpu_id(device)
+        # the instant reading where the driver has it: on Ampere and newer, power.draw averages over a second,
+        # so a 300 ms timing right after an idle gap would read low
+        probe = subprocess.run([exe, "-i", gpu, "--query-gpu=power.draw.instant", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=30)
+        power = "power.draw.instant" if probe.returncode == 0 else "power.draw"
         self.proc = subprocess.Popen(
-            [exe, "-i", _gpu_id(device), "--query-gpu=clocks.sm,power.draw,clocks_throttle_reasons.active",
+            [exe, "-i", gpu, f"--query-gpu=clocks.sm,{power},clocks_throttle_reasons.active",
              "--format=csv,noheader,nounits", "-lms", str(period_ms)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         threading.Thread(target=self._read, daemon=True).start()
@@ -67,8 +73,8 @@ class ClockLog:
 
 
 def parse_line(line: str) -> tuple[float, float | None, int] | None:
-    """One `clocks.sm, power.draw, clocks_throttle_reasons.active` line (noheader, nounits): (MHz, W or None,
-    reason bits), or None for a line that is not one (a header, an error message)."""
+    """One `clocks.sm, power.draw[.instant], clocks_throttle_reasons.active` line (noheader, nounits): (MHz,
+    W or None, reason bits), or None for a line that is not one (a header, an error message)."""
     parts = [p.strip() for p in line.split(",")]
     if len(parts) != 3:
         return None
