@@ -9,7 +9,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 import triton
@@ -78,11 +77,11 @@ for shape in ("wan1.3b", "wan14b"):
         mhz = {n: [] for n in calls}
         for _ in range(3):
             for n, (m, kw) in calls.items():
-                t0 = time.monotonic()
-                t = do_bench(lambda m=m, n=n, kw=kw, a=(q, k, v): launch(m, *a, outs[n], c, o, w, sch, kw),  # noqa: B023
-                             warmup=100, rep=200, return_mode="median")
+                t, hz = clock.measure(lambda m=m, n=n, kw=kw: do_bench(
+                    lambda: launch(m, q, k, v, outs[n], c, o, w, sch, kw),  # noqa: B023
+                    warmup=100, rep=200, return_mode="median"))
                 res[n] = round(max(res.get(n, 0), flops / t / 1e9), 1)
-                mhz[n].append((clock.window(t0, time.monotonic()) or {}).get("mhz"))
+                mhz[n].append(hz.get("mhz"))
         for n, got in mhz.items():
             if None not in got:
                 res[f"mhz_{n}"] = statistics.median(got)

@@ -101,10 +101,8 @@ def schedule_variant(counts, name):
 def bench(clock, ms_hint, fn, *args, **kwargs):
     """(median ms of fn(*args, **kwargs), the card's clock meanwhile): ~20 timed runs, at least 100 ms of
     warm-up and 200 ms of timing; the clock as `ClockLog.window` gives it ({} without samples)."""
-    t0 = time.monotonic()
-    ms = do_bench(lambda: fn(*args, **kwargs), warmup=max(100, 3 * ms_hint), rep=max(200, 20 * ms_hint),
-                  return_mode="median")
-    return ms, clock.window(t0, time.monotonic()) or {}
+    return clock.measure(lambda: do_bench(lambda: fn(*args, **kwargs), warmup=max(100, 3 * ms_hint),
+                                          rep=max(200, 20 * ms_hint), return_mode="median"))
 
 
 def flex_fn(mask, n):

@@ -42,8 +42,11 @@ class ClockLog:
         gpu = _gpu_id(device)
         # the instant reading where the driver has it: on Ampere and newer, power.draw averages over a second,
         # so a 300 ms timing right after an idle gap would read low
-        probe = subprocess.run([exe, "-i", gpu, "--query-gpu=power.draw.instant", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=30)
+        try:
+            probe = subprocess.run([exe, "-i", gpu, "--query-gpu=power.draw.instant", "--format=csv,noheader"],
+                                   capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):  # a sampler that cannot start leaves the columns empty
+            return
         power = "power.draw.instant" if probe.returncode == 0 else "power.draw"
         self.proc = subprocess.Popen(
             [exe, "-i", gpu, f"--query-gpu=clocks.sm,{power},clocks_throttle_reasons.active",
@@ -56,6 +59,12 @@ class ClockLog:
             parsed = parse_line(line)
             if parsed is not None:
                 self.samples.append((time.monotonic(), *parsed))
+
+    def measure(self, fn):
+        """(fn(), the clock while it ran as `window` gives it, or {} without samples)."""
+        t0 = time.monotonic()
+        result = fn()
+        return result, self.window(t0, time.monotonic()) or {}
 
     def window(self, t0: float, t1: float) -> dict | None:
         got = [s for s in self.samples if t0 <= s[0] <= t1]

@@ -112,6 +112,7 @@ def test_clock_log_parses_and_summarises(monkeypatch):
     w = log.window(1.5, 4.5)
     assert w == dict(mhz=1650.0, watts=691.0, power_capped=1.0, samples=3), w
     assert log.window(5.0, 8.0) is None
+    assert log.measure(lambda: 7) == (7, {})  # (no sample in the call's own window)
     log.close()
 
 
