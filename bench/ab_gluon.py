@@ -12,12 +12,10 @@ import sys
 
 import torch
 import triton
-from triton.testing import do_bench
-
-sys.path.insert(0, "bench")
 from bench_kernel import BLOCK, SHAPES, D, local_mask, random_mask  # noqa: E402
 from gpu_clock import ClockLog  # noqa: E402
 from trace_gluon import pattern_mask, shuffled  # noqa: E402
+from triton.testing import do_bench
 
 import calibatt_kernels as ck  # noqa: E402
 from calibatt_kernels import block_sparse_gluon as g  # noqa: E402

@@ -22,14 +22,11 @@ import argparse
 import datetime
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch._dynamo
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from calibatt_cli.attention import AttentionController, SparsePlan  # noqa: E402
 from calibatt_cli.masks import local_block_mask  # noqa: E402
@@ -91,7 +88,6 @@ def kernel_config(name: str | None):
     """A bench_kernel.py config by name (None: the processors' default, what `generate` runs untuned)."""
     if name is None:
         return None
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_kernel import CONFIGS
 
     return CONFIGS[name]

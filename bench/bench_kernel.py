@@ -31,14 +31,12 @@ import traceback
 import torch
 import torch.nn.functional as F
 import triton
+from gpu_clock import ClockLog  # noqa: E402
 from triton.testing import do_bench
 
 import calibatt_kernels as ck
 from calibatt_cli.masks import local_block_mask
 from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from gpu_clock import ClockLog  # noqa: E402
 
 SHAPES = {
     # name: (B, H, (frames, rows, cols)); N = frames * rows * cols

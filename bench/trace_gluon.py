@@ -28,14 +28,11 @@ import functools
 import json
 import os
 import pathlib
-import sys
 
 import torch
 import triton
-from triton.testing import do_bench
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_kernel import SHAPES  # noqa: E402
+from triton.testing import do_bench
 
 import calibatt_kernels as ck  # noqa: E402
 from calibatt_kernels import block_sparse_gluon as g  # noqa: E402

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -281,15 +282,34 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted; nothing partial was written", highlight=False)
         sys.exit(130)
-    except Exception as e:
-        import click
+    except _click_errors("Exit") as e:
+        sys.exit(e.exit_code)
+    except _click_errors("NoArgsIsHelpError") as e:
+        e.show()  # bare `calibatt` or a bare group: the help, with click's exit code
+        sys.exit(e.exit_code)
+    except _click_errors("UsageError") as e:
+        # Unknown option or command, bad value, missing argument: one line naming it, click's exit code (2).
+        where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        console.print(f"[bold red]error:[/] {escape(e.format_message())}{escape(where)}", highlight=False,
+                      soft_wrap=True)
+        sys.exit(e.exit_code)
+    except _click_errors("ClickException") as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except _click_errors("Abort"):
+        console.print("aborted", highlight=False)
+        sys.exit(130)
 
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            console.print("aborted", highlight=False)
-            sys.exit(130)
-        raise
+
+def _click_errors(name: str) -> tuple[type[BaseException], ...]:
+    """Click's exception class `name` from every click the installed typer may raise: newer typer releases
+    raise their own bundled copy (`typer._click`), whose classes are not the `click` package's."""
+    import importlib
+
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)

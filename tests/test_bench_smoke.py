@@ -31,8 +31,6 @@ def test_trace_analysis_reads_known_intervals():
     """bench/trace_gluon.py's analysis on a synthetic trace with known intervals (cycle counters that wrap
     past 2^32 included): 2 SMs, 3 programs each, 1 cycle per ns."""
     import torch
-
-    sys.path.insert(0, str(REPO / "bench"))
     import trace_gluon
 
     from calibatt_kernels.block_sparse_gluon import TRACE_SLOTS
@@ -97,7 +95,6 @@ def test_traced_gluon_kernel_compiles_for_sm90():
 def test_clock_log_parses_and_summarises(monkeypatch):
     """bench/gpu_clock.py: nvidia-smi's lines (N/A power, headers and errors skipped), a window's medians and
     power-capped share, and no sampler (window None) where nvidia-smi is missing."""
-    sys.path.insert(0, str(REPO / "bench"))
     import gpu_clock
 
     assert gpu_clock.parse_line("1605, 690.41, 0x0000000000000004\n") == (1605.0, 690.41, 4)
@@ -119,7 +116,6 @@ def test_clock_log_parses_and_summarises(monkeypatch):
 def test_kernel_table_shows_the_clock():
     """bench_kernel's table: rows with the clock fields show MHz, W and the capped share; rows without leave
     them blank (results of earlier sessions, or no nvidia-smi)."""
-    sys.path.insert(0, str(REPO / "bench"))
     import bench_kernel
 
     res = dict(env=dict(card="X", torch="t", triton="tr"), rows=[

@@ -1,6 +1,8 @@
 """The CLI's contract: bad input -> one line naming the problem and the fix, non-zero exit, no traceback,
 no partial file. Most cases run `main()` in-process (fast); the Ctrl-C and demo paths run a subprocess."""
 
+import importlib
+import importlib.util
 import json
 import os
 import signal
@@ -8,8 +10,10 @@ import subprocess
 import sys
 import time
 
+import click.exceptions as click_exceptions
 import pytest
 
+from calibatt_cli import cli
 from calibatt_cli.cli import main
 from calibatt_cli.config import load_config
 from calibatt_cli.models import model_identity
@@ -223,3 +227,57 @@ def test_python_m_entry_point_and_console_script(tmp_path):
     r = subprocess.run([sys.executable, "-m", "calibatt_cli", "config", "--set", "nope.x=1"], capture_output=True,
                        text=True, env=_env())
     assert r.returncode == 2 and "unknown section 'nope'" in r.stderr and "Traceback" not in r.stderr
+
+
+# Usage errors: one line naming the bad option or command, click's exit code (2), never a traceback.
+CASES = [
+    (("generate", "--bogus"), "--bogus"),
+    (("generate", "x", "--steps", "abc"), "--steps"),
+    (("nosuchcommand",), "nosuchcommand"),
+    (("inspect",), "bundle"),
+    (("config", "--model", "tiny"), "--model"),
+]
+
+
+@pytest.mark.parametrize("args,needle", CASES, ids=[" ".join(a) for a, _ in CASES])
+def test_usage_error_is_one_line(monkeypatch, capsys, args, needle):
+    code, out, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 2, (code, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:") and needle in lines[0], lines[0]
+    assert "Traceback" not in err + out
+
+
+def test_bare_calibatt_prints_help(monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys)
+    assert code == 2
+    assert "Traceback" not in err + out and "NoArgsIsHelpError" not in err + out
+    assert "calibrate" in err + out and "generate" in err + out
+
+
+# Newer typer raises its bundled click's classes (usage errors from typer._click, Exit from typer.exceptions);
+# older typer raises the click package's. main() must handle both families, whichever is installed.
+FAMILIES = [(click_exceptions, click_exceptions)]
+if importlib.util.find_spec("typer._click") is not None:
+    FAMILIES.append((importlib.import_module("typer._click.exceptions"), importlib.import_module("typer.exceptions")))
+
+
+@pytest.mark.parametrize("usage_mod,exit_mod", FAMILIES, ids=lambda m: m.__name__)
+def test_usage_error_from_either_click(monkeypatch, capsys, usage_mod, exit_mod):
+    def raise_usage(*a, **k):
+        raise usage_mod.UsageError("No such option: --frobnicate")
+
+    monkeypatch.setattr(cli, "app", raise_usage)
+    code, _, err = run_cli(monkeypatch, capsys, "generate")
+    assert code == 2
+    assert err.strip().splitlines() == ["error: No such option: --frobnicate"], err
+
+    def raise_exit(*a, **k):
+        raise exit_mod.Exit(3)
+
+    monkeypatch.setattr(cli, "app", raise_exit)
+    with pytest.raises(SystemExit) as e:
+        monkeypatch.setattr(sys, "argv", ["calibatt"])
+        main()
+    assert e.value.code == 3
