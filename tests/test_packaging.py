@@ -54,7 +54,6 @@ def test_lock_pins_every_dependency_inside_pyproject_ranges():
     """constraints.txt (`make lock`) pins every dependency, and pyproject.toml's ranges admit each pin: a
     library user's install and CI's locked install can only differ by newer releases, not by conflicts."""
     import tomllib
-
     from packaging.requirements import Requirement
     from packaging.version import Version
 
