@@ -43,6 +43,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check calibatt_cli kernels tests bench
+	$(BIN)/ruff format --check calibatt_cli kernels tests bench
 
 # Benchmarks run on the GPU machine, whose image has torch/triton but no network for a venv: use the
 # venv's python when there is one, else python3 with the two packages' folders on PYTHONPATH.

@@ -1,8 +1,9 @@
 """A/B of Gluon kernel versions in one process, interleaved on the same masks, best of three medians:
-`python bench/ab_gluon.py prev [--patterns]` times bench/ab_prev.py (a copy of an earlier block_sparse_gluon.py with
-absolute imports; not kept in git) against the current module's v9 (persistent; "v9" with its last wave
-split where the rows allow, "v9-whole" without) and v5 (per tile).
-Writes $OUT/ab-gluon.json when $OUT is set (the eighth session's are in bench/results/ab-gluon-*)."""
+`python bench/ab_gluon.py prev [--patterns]` times bench/ab_prev.py (a copy of an earlier attn_gluon.py with
+absolute imports; not kept in git) against the current module's persistent kernel ("persistent" with its last
+wave split where the rows allow, "persistent-whole" without) and its per-tile kernel ("tile").
+Writes $OUT/ab-gluon.json when $OUT is set (earlier runs are in bench/results/ab-gluon-*)."""
+
 import importlib
 import inspect
 import json
@@ -18,16 +19,16 @@ from trace_gluon import pattern_mask, shuffled  # noqa: E402
 from triton.testing import do_bench
 
 import calibatt_kernels as ck  # noqa: E402
-from calibatt_kernels import block_sparse_gluon as g  # noqa: E402
-from calibatt_kernels.block_sparse import _device_index  # noqa: E402
+from calibatt_kernels import attn_gluon as g  # noqa: E402
+from calibatt_kernels.index import index_on_device  # noqa: E402
 
 # --patterns: masks whose rows all list the same number of blocks (trace_gluon.py's random / shared / prefix /
 # pool<k>, and random rows read in shuffled order), to read the per-tile cost apart from K/V locality
 PATTERNS = "--patterns" in sys.argv
 mods = {n: importlib.import_module(f"ab_{n}") for n in sys.argv[1:] if not n.startswith("--")}
-mods["v9"] = g  # with its last wave split (split_merge) where the rows allow
-mods["v9-whole"] = g  # the same kernel, every tile whole
-mods["v5"] = g
+mods["persistent"] = g  # with its last wave split (split_merge) where the rows allow
+mods["persistent-whole"] = g  # the same kernel, every tile whole
+mods["tile"] = g
 
 
 def launch(m, q, k, v, out, c, o, w, sch, kw):
@@ -54,18 +55,18 @@ for shape in ("wan1.3b", "wan14b"):
         ix = ck.mask_to_index(mask.cuda())
         if kind == "shuffled":
             ix = shuffled(ix, gen)
-        c, o, w, _, _ = _device_index(ix, q.device)
+        c, o, w, _, _ = index_on_device(ix, q.device)
         sch = ix.schedule.to(device="cuda", dtype=torch.int32)
         flops = 4 * int(mask.sum()) * BLOCK * BLOCK * D
         calls = {}
         res = dict(shape=shape, mask=kind, density=dens)
         for n, m in mods.items():
-            kw = dict(scale=D ** -0.5)
+            kw = dict(scale=D**-0.5)
             if "records" in inspect.signature(m.block_sparse_attention_gluon).parameters:
                 kw["records"] = m.tile_records(c, o, w, sch)
             if m is g:
-                kw["persistent"] = n != "v5"
-                if n == "v9":
+                kw["persistent"] = n != "tile"
+                if n == "persistent":
                     kw["records"], kw["splits"] = g.persistent_records(c, o, w, sch, 1, q.device)
                     res["split"] = 0 if kw["splits"] is None else int(kw["splits"][0].numel())
             calls[n] = (m, kw)
@@ -75,9 +76,14 @@ for shape in ("wan1.3b", "wan14b"):
         mhz = {n: [] for n in calls}
         for _ in range(3):
             for n, (m, kw) in calls.items():
-                t, hz = clock.measure(lambda m=m, n=n, kw=kw: do_bench(
-                    lambda: launch(m, q, k, v, outs[n], c, o, w, sch, kw),  # noqa: B023
-                    warmup=100, rep=200, return_mode="median"))
+                t, hz = clock.measure(
+                    lambda m=m, n=n, kw=kw: do_bench(
+                        lambda: launch(m, q, k, v, outs[n], c, o, w, sch, kw),  # noqa: B023
+                        warmup=100,
+                        rep=200,
+                        return_mode="median",
+                    )
+                )
                 res[n] = round(max(res.get(n, 0), flops / t / 1e9), 1)
                 mhz[n].append(hz.get("mhz"))
         for n, got in mhz.items():

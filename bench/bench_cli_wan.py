@@ -35,8 +35,8 @@ def write_weights(folder: Path, device: str) -> None:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from calibatt_cli.models.tiny import build_tokenizer
     from calibatt_cli.models.wan_weights import SHIPPED
+    from calibatt_cli.tiny.model import build_tokenizer
 
     torch.manual_seed(0)
     tok = build_tokenizer()
@@ -44,12 +44,24 @@ def write_weights(folder: Path, device: str) -> None:
     with torch.device(device):
         tr = WanTransformer3DModel.from_config(tcfg).to(torch.bfloat16)
         vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(str(SHIPPED), subfolder="vae"))
-        te = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=4096, d_kv=64, d_ff=256, num_layers=1,
-                                         num_heads=2, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
-                                         is_gated_act=True, dropout_rate=0.0)).to(torch.bfloat16)
+        te = UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=len(tok),
+                d_model=4096,
+                d_kv=64,
+                d_ff=256,
+                num_layers=1,
+                num_heads=2,
+                feed_forward_proj="gated-gelu",
+                dense_act_fn="gelu_new",
+                is_gated_act=True,
+                dropout_rate=0.0,
+            )
+        ).to(torch.bfloat16)
     sched = UniPCMultistepScheduler.from_pretrained(str(SHIPPED), subfolder="scheduler")
     WanPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=sched, transformer=tr).save_pretrained(
-        str(folder), safe_serialization=True)
+        str(folder), safe_serialization=True
+    )
 
 
 def write_config(work: Path, weights: Path, args) -> Path:
@@ -59,8 +71,9 @@ def write_config(work: Path, weights: Path, args) -> Path:
     (work / "prompts.txt").write_text(PROMPT + "\n")
     cfg["model"].update(path=str(weights), device=args.device, dtype="bfloat16" if args.device == "cuda" else "float32")
     cfg["video"].update(height=args.height, width=args.width, frames=args.frames)
-    cfg["calibration"].update(prompts=str(work / "prompts.txt"), buckets=3, warmup_steps=2,
-                              output=str(work / "bundle.safetensors"))
+    cfg["calibration"].update(
+        prompts=str(work / "prompts.txt"), buckets=3, warmup_steps=2, output=str(work / "bundle.safetensors")
+    )
     cfg["compile"].update(bundle=str(work / "bundle.safetensors"), cache_dir=str(work / "cache"))
     cfg["generate"].update(steps=args.steps, output=str(work / "video.mp4"))
     path = work / "config.yaml"
@@ -89,13 +102,18 @@ def synthetic_bundle(cfg_path: Path) -> dict:
     meta = {k: v for k, v in res.bundle.meta.items() if k not in ("content_hash", "schema_version", "mask_shape")}
     meta["entries"] = {"density": density.tolist(), "retained_mass": kept.tolist()}
     meta["summary"] = {"density": float(density.mean()), "retained_mass": float(kept.mean())}
-    meta["synthetic_masks"] = ("bench_cli_wan.py: calibrated masks of a random-weight model replaced by "
-                               "bench_compile.fake_masks (realistic density); retained mass from the measured mass")
+    meta["synthetic_masks"] = (
+        "bench_cli_wan.py: calibrated masks of a random-weight model replaced by "
+        "bench_compile.fake_masks (realistic density); retained mass from the measured mass"
+    )
     save_bundle(Path(cfg.calibration.output), masks, meta)
-    return {"calibrate_seconds": round(seconds, 2), "calibrated_density": float(calibrated.double().mean()),
-            "calibrated_retained_mass": res.bundle.meta["summary"]["retained_mass"],
-            "synthetic_density": meta["summary"]["density"],
-            "synthetic_retained_mass": meta["summary"]["retained_mass"]}
+    return {
+        "calibrate_seconds": round(seconds, 2),
+        "calibrated_density": float(calibrated.double().mean()),
+        "calibrated_retained_mass": res.bundle.meta["summary"]["retained_mass"],
+        "synthetic_density": meta["summary"]["density"],
+        "synthetic_retained_mass": meta["summary"]["retained_mass"],
+    }
 
 
 def cli(*args: str, log: Path) -> tuple[float, str]:
@@ -113,7 +131,7 @@ def phase_stats(steps: list[float], start: int) -> dict:
     sparse run's first `warmup_steps` run dense (SDPA), the rest sparse (our kernels); the first sparse
     step is where a missing kernel would compile. A run's very first step also pays CUDA libraries'
     one-time set-up (cuBLAS/cuDNN), which the stock pipeline's first step shows too."""
-    rest = sorted(steps[start + 1:])
+    rest = sorted(steps[start + 1 :])
     later = rest[len(rest) // 2]
     return {"first_s": steps[start], "later_median_s": later, "first_over_later": round(steps[start] / later, 3)}
 
@@ -132,9 +150,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     weights = work / "weights"
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    res = {"card": card, "date": datetime.date.today().isoformat(),
-           "shape": f"Wan 2.1 1.3B, {args.height}x{args.width}, {args.frames} frames, block 128",
-           "steps": args.steps}
+    res = {
+        "card": card,
+        "date": datetime.date.today().isoformat(),
+        "shape": f"Wan 2.1 1.3B, {args.height}x{args.width}, {args.frames} frames, block 128",
+        "steps": args.steps,
+    }
     t0 = time.perf_counter()
     if not (weights / "model_index.json").is_file():
         write_weights(weights, args.device)
@@ -145,42 +166,68 @@ def main() -> None:
         torch.cuda.empty_cache()
     res["compile_seconds"], table = cli("compile", "--config", str(cfg), "--recompile", log=work / "compile.log")
     manifest = json.loads((work / "cache" / "manifest.json").read_text())
-    res["compile"] = {k: manifest["kernels"].get(k) for k in ("tune_seconds", "compilations", "dense_ms", "winners",
-                                                               "triton_files", "candidates")}
-    res["generate_seconds"], out = cli("generate", PROMPT, "--config", str(cfg), "--strict", "--json",
-                                       log=work / "generate.log")
+    res["compile"] = {
+        k: manifest["kernels"].get(k)
+        for k in ("tune_seconds", "compilations", "dense_ms", "winners", "triton_files", "candidates")
+    }
+    res["generate_seconds"], out = cli(
+        "generate", PROMPT, "--config", str(cfg), "--strict", "--json", log=work / "generate.log"
+    )
     g = json.loads(out.strip().splitlines()[-1])
     from calibatt_cli.config import load_config
 
     warmup = load_config(cfg).calibration.warmup_steps
     steps = g["step_seconds"][0]
-    res["generate"] = dict(sparse=phase_stats(steps, warmup), step_seconds=steps, compilations=g["compilations"],
-                           mean_density=g["mean_density"], sampling_seconds=g["seconds"],
-                           load_seconds=g["load_seconds"])
+    res["generate"] = dict(
+        sparse=phase_stats(steps, warmup),
+        step_seconds=steps,
+        compilations=g["compilations"],
+        mean_density=g["mean_density"],
+        sampling_seconds=g["seconds"],
+        load_seconds=g["load_seconds"],
+    )
     if warmup > 1:
         res["generate"]["first_over_second_dense"] = round(steps[0] / steps[1], 3)
-    res["dense_seconds"], out = cli("generate", PROMPT, "--config", str(cfg), "--dense", "--json", "-o",
-                                    str(work / "dense.mp4"), log=work / "dense.log")
+    res["dense_seconds"], out = cli(
+        "generate",
+        PROMPT,
+        "--config",
+        str(cfg),
+        "--dense",
+        "--json",
+        "-o",
+        str(work / "dense.mp4"),
+        log=work / "dense.log",
+    )
     d = json.loads(out.strip().splitlines()[-1])
-    res["dense"] = dict(phase_stats(d["step_seconds"][0], 0), step_seconds=d["step_seconds"][0],
-                        sampling_seconds=d["seconds"])
-    res["sparse_step_speedup"] = round(res["dense"]["later_median_s"] / res["generate"]["sparse"]["later_median_s"],
-                                       3)
-    out = Path(args.json) if args.json else ROOT / "bench" / "results" / (
-        f"cli-wan-{card.lower().replace(' ', '-')}-{res['date']}.json")
+    res["dense"] = dict(
+        phase_stats(d["step_seconds"][0], 0), step_seconds=d["step_seconds"][0], sampling_seconds=d["seconds"]
+    )
+    res["sparse_step_speedup"] = round(res["dense"]["later_median_s"] / res["generate"]["sparse"]["later_median_s"], 3)
+    out = (
+        Path(args.json)
+        if args.json
+        else ROOT / "bench" / "results" / (f"cli-wan-{card.lower().replace(' ', '-')}-{res['date']}.json")
+    )
     out.write_text(json.dumps(res, indent=1))
     c, g = res["calibration"], res["generate"]
     print(f"card {res['card']}; {res['shape']}; {args.steps} steps")
-    print(f"calibrate (library, random weights): {c['calibrate_seconds']} s, density {c['calibrated_density']:.3f}; "
-          f"synthetic masks: density {c['synthetic_density']:.3f}, retained mass {c['synthetic_retained_mass']:.3f}")
-    print(f"calibatt compile: {res['compile_seconds']:.1f} s wall (tune+compile {res['compile']['tune_seconds']} s, "
-          f"{res['compile']['compilations']} compilations, {res['compile']['triton_files']} kernels cached)")
+    print(
+        f"calibrate (library, random weights): {c['calibrate_seconds']} s, density {c['calibrated_density']:.3f}; "
+        f"synthetic masks: density {c['synthetic_density']:.3f}, retained mass {c['synthetic_retained_mass']:.3f}"
+    )
+    print(
+        f"calibatt compile: {res['compile_seconds']:.1f} s wall (tune+compile {res['compile']['tune_seconds']} s, "
+        f"{res['compile']['compilations']} compilations, {res['compile']['triton_files']} kernels cached)"
+    )
     sp = g["sparse"]
-    print(f"calibatt generate --strict: {g['compilations']} compilations; first sparse step {sp['first_s']:.3f} s "
-          f"vs later sparse median {sp['later_median_s']:.3f} s (x{sp['first_over_later']}); first (dense warm-up) "
-          f"step x{g.get('first_over_second_dense')} the second, stock pipeline's first step "
-          f"x{res['dense']['first_over_later']} its later ones; stock later median "
-          f"{res['dense']['later_median_s']:.3f} s -> sparse steps x{res['sparse_step_speedup']}")
+    print(
+        f"calibatt generate --strict: {g['compilations']} compilations; first sparse step {sp['first_s']:.3f} s "
+        f"vs later sparse median {sp['later_median_s']:.3f} s (x{sp['first_over_later']}); first (dense warm-up) "
+        f"step x{g.get('first_over_second_dense')} the second, stock pipeline's first step "
+        f"x{res['dense']['first_over_later']} its later ones; stock later median "
+        f"{res['dense']['later_median_s']:.3f} s -> sparse steps x{res['sparse_step_speedup']}"
+    )
     print(f"wrote {out}")
 
 

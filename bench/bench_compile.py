@@ -30,19 +30,11 @@ from pathlib import Path
 import torch
 
 import calibatt_kernels as ck
-from calibatt_cli import aot
-from calibatt_cli.compiler import (
-    CACHE_SCHEMA,
-    check_kernels,
-    device_info,
-    plan_index,
-    plan_tensors,
-    prewarm,
-    read_plan,
-    software_versions,
-    tune_kernels,
-    write_cache,
-)
+from calibatt_cli.cache import aot
+from calibatt_cli.cache.build import write_cache
+from calibatt_cli.cache.load import CACHE_SCHEMA, check_kernels, device_info, prewarm, read_plan, software_versions
+from calibatt_cli.cache.tune import tune_kernels
+from calibatt_cli.runtime import plan_index, plan_tensors
 
 
 def fake_masks(buckets: int, layers: int, heads: int, tokens: int, block: int, seed: int = 0) -> torch.Tensor:
@@ -74,24 +66,46 @@ def build(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
     keys = [(g["bucket"], g["layer"]) for g in groups]
     with aot.kernel_cache(tmp / "triton"):
-        res = tune_kernels(plan_index(tensors, keys), heads=args.heads, tokens=args.tokens, head_dim=args.head_dim,
-                           dtype=torch.bfloat16, block_size=args.block, device=dev, reps=args.reps)
+        res = tune_kernels(
+            plan_index(tensors, keys),
+            heads=args.heads,
+            tokens=args.tokens,
+            head_dim=args.head_dim,
+            dtype=torch.bfloat16,
+            block_size=args.block,
+            device=dev,
+            reps=args.reps,
+        )
     for g in groups:
         g.update(res.groups[(g["bucket"], g["layer"])])
-    manifest = {"schema_version": CACHE_SCHEMA, "block_size": args.block, "step_buckets": list(range(args.buckets)),
-                "device": device_info("cuda"), "versions": software_versions(),
-                "kernel_class": {"dtype": "bfloat16", "head_dim": args.head_dim, "batches": [1]},
-                "kernels": {"backend": "triton", "tuned": True, **res.info}, "groups": groups,
-                "bench": {k: getattr(args, k) for k in ("buckets", "layers", "heads", "tokens", "block", "head_dim")}}
+    manifest = {
+        "schema_version": CACHE_SCHEMA,
+        "block_size": args.block,
+        "step_buckets": list(range(args.buckets)),
+        "device": device_info("cuda"),
+        "versions": software_versions(),
+        "kernel_class": {"dtype": "bfloat16", "head_dim": args.head_dim, "batches": [1]},
+        "kernels": {"backend": "triton", "tuned": True, **res.info},
+        "groups": groups,
+        "bench": {k: getattr(args, k) for k in ("buckets", "layers", "heads", "tokens", "block", "head_dim")},
+    }
     write_cache(cache_dir, tmp, tensors, manifest)
     total = time.perf_counter() - t0
-    return {"phase": "build", "seconds": round(total, 2), "plan_seconds": round(t_plan, 2),
-            "tune_seconds": res.info["tune_seconds"], "compilations": res.info["compilations"],
-            "dense_ms": res.info["dense_ms"], "winners": res.info["winners"], "rejected": res.info["rejected"],
-            "triton_files": manifest["kernels"]["triton_files"], "groups": len(groups),
-            "mean_density": round(sum(g["density"] for g in groups) / len(groups), 4),
-            "sparse_ms_total": round(sum(g["ms"] for g in groups), 3),
-            "dense_ms_total": round(res.info["dense_ms"] * len(groups), 3)}
+    return {
+        "phase": "build",
+        "seconds": round(total, 2),
+        "plan_seconds": round(t_plan, 2),
+        "tune_seconds": res.info["tune_seconds"],
+        "compilations": res.info["compilations"],
+        "dense_ms": res.info["dense_ms"],
+        "winners": res.info["winners"],
+        "rejected": res.info["rejected"],
+        "triton_files": manifest["kernels"]["triton_files"],
+        "groups": len(groups),
+        "mean_density": round(sum(g["density"] for g in groups) / len(groups), 4),
+        "sparse_ms_total": round(sum(g["ms"] for g in groups), 3),
+        "dense_ms_total": round(res.info["dense_ms"] * len(groups), 3),
+    }
 
 
 def load(args) -> dict:
@@ -116,16 +130,24 @@ def load(args) -> dict:
             torch.cuda.synchronize()
             t1 = time.perf_counter()
             for key in keys:
-                ck.block_sparse_attention_indexed(q, k, v, plan.index[key], block_size=bs,
-                                                  config=plan.configs.get(key))
+                ck.block_sparse_attention_indexed(q, k, v, plan.index[key], block_size=bs, config=plan.configs.get(key))
             torch.cuda.synchronize()
             passes.append((time.perf_counter() - t1) * 1e3)
     later = sorted(passes[1:])[len(passes[1:]) // 2]
-    return {"phase": "load-cold" if cold else "load", "cache_dir": str(cache_dir), "compilations": counter.count,
-            "compilations_in_prewarm": after_prewarm, "listener": counter.exact, "cache_hits": counter.hits,
-            "load_seconds": round(t_load, 3), "prewarm_seconds": round(t_pre, 3),
-            "first_pass_ms": round(passes[0], 2), "later_pass_ms": round(later, 2),
-            "first_over_later": round(passes[0] / later, 3), "launches_per_pass": len(keys)}
+    return {
+        "phase": "load-cold" if cold else "load",
+        "cache_dir": str(cache_dir),
+        "compilations": counter.count,
+        "compilations_in_prewarm": after_prewarm,
+        "listener": counter.exact,
+        "cache_hits": counter.hits,
+        "load_seconds": round(t_load, 3),
+        "prewarm_seconds": round(t_pre, 3),
+        "first_pass_ms": round(passes[0], 2),
+        "later_pass_ms": round(later, 2),
+        "first_over_later": round(passes[0] / later, 3),
+        "launches_per_pass": len(keys),
+    }
 
 
 def _phase(*argv: str) -> dict:
@@ -156,10 +178,16 @@ def main() -> None:
     if args.phase == "load":
         print(json.dumps(load(args)))
         return
-    shape = [f"--{k}={getattr(args, k.replace('-', '_'))}" for k in ("buckets", "layers", "heads", "tokens", "block",
-                                                                      "head-dim", "reps")]
-    res = {"card": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
-           "versions": software_versions(), "args": vars(args)}
+    shape = [
+        f"--{k}={getattr(args, k.replace('-', '_'))}"
+        for k in ("buckets", "layers", "heads", "tokens", "block", "head-dim", "reps")
+    ]
+    res = {
+        "card": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "versions": software_versions(),
+        "args": vars(args),
+    }
     res["build"] = _phase("build", "--cache-dir", args.cache_dir, *shape)
     res["load"] = _phase("load", "--cache-dir", args.cache_dir, f"--passes={args.passes}")
     moved = Path(args.cache_dir).with_name(Path(args.cache_dir).name + "-moved")
@@ -169,19 +197,28 @@ def main() -> None:
     res["load_moved"] = _phase("load", "--cache-dir", str(moved), f"--passes={args.passes}")
     shutil.rmtree(moved / "triton")
     res["load_cold"] = _phase("load", "--cache-dir", str(moved), f"--passes={args.passes}", "--cold")
-    out = Path(args.json) if args.json else Path(__file__).resolve().parent / "results" / (
-        f"compile-{res['card'].lower().replace(' ', '-')}-{res['date']}.json")
+    out = (
+        Path(args.json)
+        if args.json
+        else Path(__file__).resolve().parent
+        / "results"
+        / (f"compile-{res['card'].lower().replace(' ', '-')}-{res['date']}.json")
+    )
     out.write_text(json.dumps(res, indent=1))
     b, rows = res["build"], []
     for name in ("load", "load_moved", "load_cold"):
         r = res[name]
-        rows.append(f"| {name} | {r['compilations']} | {r['prewarm_seconds']:.3f} | {r['first_pass_ms']:.1f} | "
-                    f"{r['later_pass_ms']:.1f} | {r['first_over_later']:.3f} |")
+        rows.append(
+            f"| {name} | {r['compilations']} | {r['prewarm_seconds']:.3f} | {r['first_pass_ms']:.1f} | "
+            f"{r['later_pass_ms']:.1f} | {r['first_over_later']:.3f} |"
+        )
     print(f"card {res['card']}, triton {res['versions']['triton']}, torch {res['versions']['torch']}")
-    print(f"build: {b['seconds']:.1f} s ({b['groups']} groups, plan {b['plan_seconds']:.1f} s, tune+compile "
-          f"{b['tune_seconds']:.1f} s, {b['compilations']} compilations, {b['triton_files']} kernels cached); "
-          f"mean density {b['mean_density']}, sparse {b['sparse_ms_total']:.1f} ms vs dense {b['dense_ms_total']:.1f}"
-          f" ms per pass over all groups")
+    print(
+        f"build: {b['seconds']:.1f} s ({b['groups']} groups, plan {b['plan_seconds']:.1f} s, tune+compile "
+        f"{b['tune_seconds']:.1f} s, {b['compilations']} compilations, {b['triton_files']} kernels cached); "
+        f"mean density {b['mean_density']}, sparse {b['sparse_ms_total']:.1f} ms vs dense {b['dense_ms_total']:.1f}"
+        f" ms per pass over all groups"
+    )
     print(f"wrote {out}")
     print("| process | compilations | prewarm s | first pass ms | later pass ms | first/later |")
     print("|---|---|---|---|---|---|")

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 import torch._dynamo
 
-from calibatt_cli.attention import AttentionController, SparsePlan  # noqa: E402
 from calibatt_cli.masks import local_block_mask  # noqa: E402
 from calibatt_cli.models.base import restore_modules  # noqa: E402
 from calibatt_cli.models.wan import CalibattWanAttnProcessor, fuse_ffn_gelu  # noqa: E402
+from calibatt_cli.runtime import AttentionController, SparsePlan  # noqa: E402
 from calibatt_kernels import mask_to_index  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "wan2.1"
@@ -168,8 +168,16 @@ def bench_shape(shape: dict, args, device, dtype) -> dict:
             profile(step, f"{shape['name']} {label}", layers)
         return {"ms": ms, "peak_gib": peak}
 
-    res = {"shape": shape["name"], "tokens": n, "grid": shape["grid"], "heads": heads, "layers_run": layers,
-           "layers_total": shape["layers_total"], "scaled_to_total_layers": scale != 1.0, "variants": {}}
+    res = {
+        "shape": shape["name"],
+        "tokens": n,
+        "grid": shape["grid"],
+        "heads": heads,
+        "layers_run": layers,
+        "layers_total": shape["layers_total"],
+        "scaled_to_total_layers": scale != 1.0,
+        "variants": {},
+    }
     V = res["variants"]
     masks_by_density = {d: local_block_mask(heads, shape["grid"], d, BLOCK).to(device) for d in args.densities}
 
@@ -186,8 +194,11 @@ def bench_shape(shape: dict, args, device, dtype) -> dict:
         restore_modules(swapped)
         install(lambda i: NoAttnProcessor())
         V[f"no-attn {tag}"] = measure(f"no-attn {tag}")
-        plan = make_plan(torch.ones(heads, *masks_by_density[args.densities[0]].shape[1:], dtype=torch.bool),
-                         layers, kernel_config(args.kernel_config))
+        plan = make_plan(
+            torch.ones(heads, *masks_by_density[args.densities[0]].shape[1:], dtype=torch.bool),
+            layers,
+            kernel_config(args.kernel_config),
+        )
         ctl = AttentionController("sparse", plan=plan.to(device)).to(device)
         ctl.reset()
         procs = install(lambda i: CalibattWanAttnProcessor(i, ctl))
@@ -223,20 +234,42 @@ def bench_shape(shape: dict, args, device, dtype) -> dict:
 
 
 SHAPES = [
-    {"name": "wan1.3b-480p", "config": "transformer_1.3b.json", "grid": (21, 30, 52), "layers_run": 30,
-     "layers_total": 30, "text_len": 512},
-    {"name": "wan14b-720p", "config": "transformer_14b.json", "grid": (21, 45, 80), "layers_run": 4,
-     "layers_total": 40, "text_len": 512},
+    {
+        "name": "wan1.3b-480p",
+        "config": "transformer_1.3b.json",
+        "grid": (21, 30, 52),
+        "layers_run": 30,
+        "layers_total": 30,
+        "text_len": 512,
+    },
+    {
+        "name": "wan14b-720p",
+        "config": "transformer_14b.json",
+        "grid": (21, 45, 80),
+        "layers_run": 4,
+        "layers_total": 40,
+        "text_len": 512,
+    },
 ]
-SMOKE = [{"name": "smoke", "config": "transformer_1.3b.json", "grid": (2, 4, 6), "layers_run": 2, "layers_total": 4,
-          "text_len": 8, "override": {"num_attention_heads": 2, "attention_head_dim": 64, "ffn_dim": 64,
-                                      "text_dim": 32, "freq_dim": 32}}]
+SMOKE = [
+    {
+        "name": "smoke",
+        "config": "transformer_1.3b.json",
+        "grid": (2, 4, 6),
+        "layers_run": 2,
+        "layers_total": 4,
+        "text_len": 8,
+        "override": {"num_attention_heads": 2, "attention_head_dim": 64, "ffn_dim": 64, "text_dim": 32, "freq_dim": 32},
+    }
+]
 
 
 def table(results: list[dict]) -> None:
     print()
-    print(f"{'shape':<14} {'variant':<30} {'ms/step':>9} {'x stock eager':>14} {'x stock comp.':>14} "
-          f"{'x comp.+fused':>14} {'peak GiB':>9}")
+    print(
+        f"{'shape':<14} {'variant':<30} {'ms/step':>9} {'x stock eager':>14} {'x stock comp.':>14} "
+        f"{'x comp.+fused':>14} {'peak GiB':>9}"
+    )
     for r in results:
         V = r["variants"]
         se = V["stock eager"]["ms"]
@@ -249,8 +282,11 @@ def table(results: list[dict]) -> None:
         share = f"attention share: eager {r['attention_share_eager']:.0%}"
         if "attention_share_compiled" in r:
             share += f", compiled {r['attention_share_compiled']:.0%}"
-        note = f" (step times scaled from {r['layers_run']} to {r['layers_total']} layers)" if r[
-            "scaled_to_total_layers"] else ""
+        note = (
+            f" (step times scaled from {r['layers_run']} to {r['layers_total']} layers)"
+            if r["scaled_to_total_layers"]
+            else ""
+        )
         print(f"{r['shape']:<14} {share}{note}")
 
 
@@ -261,11 +297,19 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--shapes", nargs="*", default=None, help="subset of shape names")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--kernel-config", default=None,
-                    help="a bench_kernel.py config name for the sparse kernel (default: the library's default)")
+    ap.add_argument(
+        "--kernel-config",
+        default=None,
+        help="a bench_kernel.py config name for the sparse kernel (default: the library's default)",
+    )
     ap.add_argument("--profile", action="store_true", help="also print each compiled variant's costliest kernels")
-    ap.add_argument("--ffn-ab", type=float, default=None, metavar="DENSITY",
-                    help="also time calibatt at this density (one of --densities) without the FFN fusion")
+    ap.add_argument(
+        "--ffn-ab",
+        type=float,
+        default=None,
+        metavar="DENSITY",
+        help="also time calibatt at this density (one of --densities) without the FFN fusion",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -276,14 +320,26 @@ def main() -> None:
     import diffusers
     import triton
 
-    meta = {"card": card, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-            "triton": triton.__version__, "diffusers": diffusers.__version__, "block": BLOCK,
-            "kernel_config": args.kernel_config or "default",
-            "masks": "local spatio-temporal (nearest key blocks on the frame/row/col grid), same for every head",
-            "step": "two forwards (CFG cond + uncond), batch 1", "results": results}
+    meta = {
+        "card": card,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "diffusers": diffusers.__version__,
+        "block": BLOCK,
+        "kernel_config": args.kernel_config or "default",
+        "masks": "local spatio-temporal (nearest key blocks on the frame/row/col grid), same for every head",
+        "step": "two forwards (CFG cond + uncond), batch 1",
+        "results": results,
+    }
     table(results)
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / (
-        f"e2e-{card.lower().replace(' ', '-')}-{meta['date']}{'-smoke' if args.smoke else ''}.json")
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(__file__).resolve().parent
+        / "results"
+        / (f"e2e-{card.lower().replace(' ', '-')}-{meta['date']}{'-smoke' if args.smoke else ''}.json")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(meta, indent=1))
     print(f"wrote {out}")

@@ -36,7 +36,7 @@ from triton.testing import do_bench
 
 import calibatt_kernels as ck
 from calibatt_cli.masks import local_block_mask
-from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
+from calibatt_kernels import KernelConfig, block_sparse_attention_indexed
 
 SHAPES = {
     # name: (B, H, (frames, rows, cols)); N = frames * rows * cols
@@ -47,24 +47,21 @@ DENSITIES = (1.0, 0.5, 0.25, 0.1)
 BLOCK = 128
 D = 128
 CONFIGS = {
-    # Gluon kernels: a loader warp + two consumer warpgroups (block_sparse_gluon.py)
-    # v9, the default on sm_90 (block_sparse.GLUON_WS): persistent, Q double-buffered, K/V rings of 3 and 2
-    # stages. Until the eighth session "gluon-ws-s3" in results meant v5, now "gluon-tile-s3". (v6 and v8,
-    # earlier persistent variants, measured no faster and were removed: bench/NOTES.md; "gluon-ws-s3-grid"
-    # in results is v5, "gluon-ps-s3" v8.)
-    "gluon-ws-s3": KernelConfig(gluon=True, num_stages=3, warp_specialize=True, persistent=True),
-    # v5: one program per 128-row tile, a joint K/V ring of 3 stages (block_sparse.GLUON_WS_TILE)
-    "gluon-tile-s3": KernelConfig(gluon=True, num_stages=3, warp_specialize=True, persistent=False),
-    # v2, the tl kernel's default (and the fallback elsewhere): TMA, 128 x 128 tiles, 8 warps, 3 stages,
-    # persistent LPT grid. Named "default" in results before v5.
+    # The Gluon kernels: a loader warp + two consumer warpgroups (attn_gluon.py). The labels are the results
+    # files' row names: "gluon-ws-s3" is the persistent kernel (attn_gluon.GLUON_PERSISTENT, the default on
+    # sm_90: Q double-buffered, K/V rings of 3 and 2 stages), "gluon-tile-s3" the per-tile one (GLUON_TILE).
+    "gluon-ws-s3": KernelConfig(kernel="gluon_persistent", num_stages=3, num_warps=4),
+    "gluon-tile-s3": KernelConfig(kernel="gluon_tile", num_stages=3, num_warps=4),
+    # the tl kernel's default (and the fallback elsewhere): TMA, 128 x 128 tiles, 8 warps, 3 stages,
+    # persistent LPT grid
     "tl": KernelConfig(),
-    "tma-s2": KernelConfig(num_stages=2, persistent=False),
-    "tma-s3": KernelConfig(persistent=False),
-    "tma-ws-s3": KernelConfig(persistent=False, warp_specialize=True),
-    "ptr-s3": KernelConfig(persistent=False, use_tma=False),
-    "m64-n64-w4-s4": KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=4, persistent=False),
-    "pipelined-qk": KernelConfig(pipeline_qk=True),  # v3: won no group in compile's tuning (bench/NOTES.md)
-    "gluon-tile-s2": KernelConfig(gluon=True, num_stages=2, warp_specialize=True, persistent=False),  # v5, 2 stages
+    "tma-s2": KernelConfig(kernel="tl_tile", num_stages=2),
+    "tma-s3": KernelConfig(kernel="tl_tile"),
+    "tma-ws-s3": KernelConfig(kernel="tl_tile", tl_warp_specialize=True),
+    "ptr-s3": KernelConfig(kernel="tl_tile", use_tma=False),
+    "m64-n64-w4-s4": KernelConfig(kernel="tl_tile", block_m=64, block_n=64, num_warps=4, num_stages=4),
+    "pipelined-qk": KernelConfig(tl_pipeline_qk=True),  # won no group in compile's tuning (bench/NOTES.md)
+    "gluon-tile-s2": KernelConfig(kernel="gluon_tile", num_stages=2, num_warps=4),
 }
 
 
@@ -99,8 +96,11 @@ def schedule_variant(counts, name):
 def bench(clock, ms_hint, fn, *args, **kwargs):
     """(median ms of fn(*args, **kwargs), the card's clock meanwhile): ~20 timed runs, at least 100 ms of
     warm-up and 200 ms of timing; the clock as `ClockLog.window` gives it ({} without samples)."""
-    return clock.measure(lambda: do_bench(lambda: fn(*args, **kwargs), warmup=max(100, 3 * ms_hint),
-                                          rep=max(200, 20 * ms_hint), return_mode="median"))
+    return clock.measure(
+        lambda: do_bench(
+            lambda: fn(*args, **kwargs), warmup=max(100, 3 * ms_hint), rep=max(200, 20 * ms_hint), return_mode="median"
+        )
+    )
 
 
 def flex_fn(mask, n):
@@ -111,8 +111,14 @@ def flex_fn(mask, n):
     cnt = m.sum(-1).to(torch.int32)
     idx = torch.argsort(-m, dim=-1, stable=True).to(torch.int32).contiguous()
     zero = torch.zeros_like(cnt)
-    bm = BlockMask.from_kv_blocks(zero.cuda(), idx.cuda(), full_kv_num_blocks=cnt.cuda(), full_kv_indices=idx.cuda(),
-                                  BLOCK_SIZE=BLOCK, seq_lengths=(n, n))
+    bm = BlockMask.from_kv_blocks(
+        zero.cuda(),
+        idx.cuda(),
+        full_kv_num_blocks=cnt.cuda(),
+        full_kv_indices=idx.cuda(),
+        BLOCK_SIZE=BLOCK,
+        seq_lengths=(n, n),
+    )
     return lambda q, k, v: fa(q, k, v, block_mask=bm)
 
 
@@ -128,9 +134,17 @@ def _compiled_flex():
 
 
 def run(args):
-    res = dict(layout=args.layout, env=dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
-                        torch=torch.__version__, triton=triton.__version__,
-                        sms=torch.cuda.get_device_properties(0).multi_processor_count), rows=[])
+    res = dict(
+        layout=args.layout,
+        env=dict(
+            card=torch.cuda.get_device_name(),
+            date=datetime.date.today().isoformat(),
+            torch=torch.__version__,
+            triton=triton.__version__,
+            sms=torch.cuda.get_device_properties(0).multi_processor_count,
+        ),
+        rows=[],
+    )
     log("ENV", json.dumps(res["env"]))
     configs = CONFIGS if args.sweep else {name: CONFIGS[name] for name in args.configs}
     clock = ClockLog()
@@ -196,42 +210,66 @@ def bench_shape(shape, configs, args, res, clock):
             for name, cfg, index in variants:
                 try:
                     t0 = time.time()
-                    block_sparse_attention_triton(q, k, v, index, block_size=(BLOCK, BLOCK), config=cfg)
+                    block_sparse_attention_indexed(q, k, v, index, block_size=(BLOCK, BLOCK), config=cfg)
                     torch.cuda.synchronize()
                     first = time.time() - t0
-                    times[name], clocks[name] = bench(clock, dens * t_cudnn, block_sparse_attention_triton, q, k, v,
-                                                      index, block_size=(BLOCK, BLOCK), config=cfg)
+                    times[name], clocks[name] = bench(
+                        clock,
+                        dens * t_cudnn,
+                        block_sparse_attention_indexed,
+                        q,
+                        k,
+                        v,
+                        index,
+                        block_size=(BLOCK, BLOCK),
+                        config=cfg,
+                    )
                     if first > 1:
                         log(f"  {name}: first call {first:.1f} s (compile)")
                 except Exception:
                     res["rows"].append(dict(base, kernel=name, error=traceback.format_exc(limit=-2)[-600:]))
                     log("ERR", name, traceback.format_exc(limit=-2)[-600:])
             for name, t in times.items():
-                row = dict(base, kernel=name, ms=t, tflops=flops / t / 1e9, vs_cudnn_dense=t_cudnn / t,
-                           vs_flex=times["flex"] / t if "flex" in times else None, **clocks[name])
+                row = dict(
+                    base,
+                    kernel=name,
+                    ms=t,
+                    tflops=flops / t / 1e9,
+                    vs_cudnn_dense=t_cudnn / t,
+                    vs_flex=times["flex"] / t if "flex" in times else None,
+                    **clocks[name],
+                )
                 res["rows"].append(row)
                 log("ROW", json.dumps(row))
 
 
 def table(res):
-    lines = [f"card: {res['env']['card']}  torch {res['env']['torch']}  triton {res['env']['triton']}",
-             f"{'shape':8} {'mask':6} {'dens':>5} {'kernel':16} {'ms':>8} {'TFLOP/s':>8} {'x flex':>7} {'x cuDNN':>8} "
-             f"{'MHz':>5} {'W':>4} {'capped':>6}"]
+    lines = [
+        f"card: {res['env']['card']}  torch {res['env']['torch']}  triton {res['env']['triton']}",
+        f"{'shape':8} {'mask':6} {'dens':>5} {'kernel':16} {'ms':>8} {'TFLOP/s':>8} {'x flex':>7} {'x cuDNN':>8} "
+        f"{'MHz':>5} {'W':>4} {'capped':>6}",
+    ]
     for r in res["rows"]:
         if "error" in r:
             lines.append(f"{r['shape']:8} {r.get('mask', ''):6} {r.get('density', ''):>5} {r['kernel']:16} ERROR")
             continue
         if r["kernel"] == "block_mass":
-            lines.append(f"{r['shape']:8} {'dense':6} {'':>5} {'block_mass':16} {r['ms']:8.2f} {'':>8} {'':>7} "
-                         f"{r['vs_cudnn']:7.2f}t {_clock_cols(r)}")
+            lines.append(
+                f"{r['shape']:8} {'dense':6} {'':>5} {'block_mass':16} {r['ms']:8.2f} {'':>8} {'':>7} "
+                f"{r['vs_cudnn']:7.2f}t {_clock_cols(r)}"
+            )
             continue
         vs_flex = f"{r['vs_flex']:7.2f}" if r.get("vs_flex") else f"{'':>7}"
         vs_cudnn = f"{r['vs_cudnn_dense']:8.2f}" if "vs_cudnn_dense" in r else f"{'':>8}"
-        lines.append(f"{r['shape']:8} {r.get('mask', 'dense'):6} {r.get('density', 1.0):>5} {r['kernel']:16} "
-                     f"{r['ms']:8.2f} {r['tflops']:8.0f} {vs_flex} {vs_cudnn} {_clock_cols(r)}")
-    lines.append("x flex / x cuDNN: speed-up (their time / ours); block_mass: its time in units of one dense cuDNN "
-                 "call ('t'); MHz, W: median SM clock and power while timed; capped: share of those samples under "
-                 "the software power cap")
+        lines.append(
+            f"{r['shape']:8} {r.get('mask', 'dense'):6} {r.get('density', 1.0):>5} {r['kernel']:16} "
+            f"{r['ms']:8.2f} {r['tflops']:8.0f} {vs_flex} {vs_cudnn} {_clock_cols(r)}"
+        )
+    lines.append(
+        "x flex / x cuDNN: speed-up (their time / ours); block_mass: its time in units of one dense cuDNN "
+        "call ('t'); MHz, W: median SM clock and power while timed; capped: share of those samples under "
+        "the software power cap"
+    )
     return "\n".join(lines)
 
 
@@ -253,16 +291,33 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--masks", nargs="+", default=["random", "local"], choices=["random", "local"])
     ap.add_argument("--densities", nargs="+", type=float, default=list(DENSITIES))
-    ap.add_argument("--configs", nargs="+", default=["gluon-ws-s3", "gluon-tile-s3", "tl"], choices=list(CONFIGS),
-                    help="kernel configs to time")
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        default=["gluon-ws-s3", "gluon-tile-s3", "tl"],
+        choices=list(CONFIGS),
+        help="kernel configs to time",
+    )
     ap.add_argument("--sweep", action="store_true", help="time every config in CONFIGS")
-    ap.add_argument("--index-ab", action="store_true",
-                    help="also time each config with int32 block ids (vs the int16 ids plans hold)")
-    ap.add_argument("--schedules", nargs="+", default=["lpt"], type=_schedule_name,
-                    help="work orders to time: lpt (plans' default), grouped<L> (e.g. grouped8), none")
+    ap.add_argument(
+        "--index-ab",
+        action="store_true",
+        help="also time each config with int32 block ids (vs the int16 ids plans hold)",
+    )
+    ap.add_argument(
+        "--schedules",
+        nargs="+",
+        default=["lpt"],
+        type=_schedule_name,
+        help="work orders to time: lpt (plans' default), grouped<L> (e.g. grouped8), none",
+    )
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (for A/B runs of our kernels)")
-    ap.add_argument("--layout", default="bhnd", choices=["bhnd", "bnhd"],
-                    help="q/k/v memory: contiguous [B, H, N, D], or [B, N, H, D] viewed (what diffusers passes)")
+    ap.add_argument(
+        "--layout",
+        default="bhnd",
+        choices=["bhnd", "bnhd"],
+        help="q/k/v memory: contiguous [B, H, N, D], or [B, N, H, D] viewed (what diffusers passes)",
+    )
     ap.add_argument("--tag", default="", help="results file suffix (kernel-<card>-<date>-<tag>.json)")
     args = ap.parse_args()
     if not torch.cuda.is_available():

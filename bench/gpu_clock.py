@@ -1,7 +1,7 @@
 """The card's SM clock, power draw and clock-event reasons while a benchmark times something.
 
 Under sustained attention load an H200 sits at its 700 W cap: `nvidia-smi` reports the software power cap
-active and the SM clock at 1.4-1.7 GHz of its 1.98 GHz (bench/NOTES.md, tenth session). TFLOP/s then follow
+active and the SM clock at 1.4-1.7 GHz of its 1.98 GHz (docs/kernel-history.md). TFLOP/s then follow
 the clock the power controller allows, which moves by a few per cent between runs; recording it beside
 each timing says which rows ran at which clock. Sampled by `nvidia-smi --query-gpu ... -lms` in a
 background process (no Python NVML binding on the device image); when nvidia-smi is missing, `window`
@@ -43,15 +43,29 @@ class ClockLog:
         # the instant reading where the driver has it: on Ampere and newer, power.draw averages over a second,
         # so a 300 ms timing right after an idle gap would read low
         try:
-            probe = subprocess.run([exe, "-i", gpu, "--query-gpu=power.draw.instant", "--format=csv,noheader"],
-                                   capture_output=True, text=True, timeout=30)
+            probe = subprocess.run(
+                [exe, "-i", gpu, "--query-gpu=power.draw.instant", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
         except (OSError, subprocess.TimeoutExpired):  # a sampler that cannot start leaves the columns empty
             return
         power = "power.draw.instant" if probe.returncode == 0 else "power.draw"
         self.proc = subprocess.Popen(
-            [exe, "-i", gpu, f"--query-gpu=clocks.sm,{power},clocks_throttle_reasons.active",
-             "--format=csv,noheader,nounits", "-lms", str(period_ms)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            [
+                exe,
+                "-i",
+                gpu,
+                f"--query-gpu=clocks.sm,{power},clocks_throttle_reasons.active",
+                "--format=csv,noheader,nounits",
+                "-lms",
+                str(period_ms),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
@@ -71,9 +85,12 @@ class ClockLog:
         if not got:
             return None
         watts = [s[2] for s in got if s[2] is not None]
-        return dict(mhz=statistics.median(s[1] for s in got),
-                    watts=statistics.median(watts) if watts else None,
-                    power_capped=sum(1 for s in got if s[3] & SW_POWER_CAP) / len(got), samples=len(got))
+        return dict(
+            mhz=statistics.median(s[1] for s in got),
+            watts=statistics.median(watts) if watts else None,
+            power_capped=sum(1 for s in got if s[3] & SW_POWER_CAP) / len(got),
+            samples=len(got),
+        )
 
     def close(self):
         if self.proc is not None:

@@ -1,5 +1,5 @@
-"""Where a v5 program's time goes: the Gluon kernel's TRACE build stamps each program's SM cycle counter at
-six points (block_sparse_gluon.TRACE_SLOTS), and this script times and traces masks whose rows all list the
+"""Where a per-tile Gluon program's time goes: the kernel's TRACE build stamps each program's SM cycle counter at
+six points (attn_gluon.TRACE_SLOTS), and this script times and traces masks whose rows all list the
 same number of key blocks, so the per-tile fixed cost and the per-block rate can be read apart (GPU only).
 
     python bench/trace_gluon.py                       # Wan 1.3B shape, 13..256 blocks per row, three patterns
@@ -35,8 +35,8 @@ from bench_kernel import SHAPES  # noqa: E402
 from triton.testing import do_bench
 
 import calibatt_kernels as ck  # noqa: E402
-from calibatt_kernels import block_sparse_gluon as g  # noqa: E402
-from calibatt_kernels.block_sparse import _device_index  # noqa: E402
+from calibatt_kernels import attn_gluon as g  # noqa: E402
+from calibatt_kernels.index import index_on_device  # noqa: E402
 
 BLOCK = 128
 D = 128
@@ -78,9 +78,10 @@ def shuffled(index: ck.BlockIndex, gen: torch.Generator) -> ck.BlockIndex:
 
 def launch(q, k, v, out, ix, trace=None):
     counts, offsets, words, sched, records = ix
-    # (the per-tile kernel, v5: the persistent v9 has no TRACE build)
-    return g.block_sparse_attention_gluon(q, k, v, out, counts, offsets, words, sched, scale=D ** -0.5,
-                                          persistent=False, records=records, trace=trace)
+    # (the per-tile kernel: the persistent one has no TRACE build)
+    return g.block_sparse_attention_gluon(
+        q, k, v, out, counts, offsets, words, sched, scale=D**-0.5, persistent=False, records=records, trace=trace
+    )
 
 
 def analyse(tr: torch.Tensor) -> dict:
@@ -114,25 +115,31 @@ def analyse(tr: torch.Tensor) -> dict:
     med = lambda x: float(torch.as_tensor(x, dtype=torch.float64).median())  # noqa: E731
     gap = med(g_ns)
     fixed = (end.double() + gap - cnt.double() * per_block) / per_block
-    return dict(ghz=ghz, per_block_us=per_block / ghz / 1e3, launch_gap_us=gap / ghz / 1e3,
-                to_first_kv_us=med(span("start", "first_kv_ready")) / ghz / 1e3,
-                loader_issued_us=med(span("start", "loader_issued")) / ghz / 1e3,
-                index_read_us=med(span("start", "index_read")) / ghz / 1e3,
-                descriptors_made_us=med(span("start", "descriptors_made")) / ghz / 1e3,
-                loader_start_us=med(span("start", "loader_start")) / ghz / 1e3,
-                tail_us=med(span("loop_done", "stored_wg0")) / ghz / 1e3,
-                wg1_after_wg0_us=med((t["stored_wg1"] - t["stored_wg0"] + (1 << 31)) % (1 << 32) - (1 << 31))
-                / ghz / 1e3,
-                fixed_blocks=med(fixed), busy=busy / ghz / (len(t["smid"].unique()) * kernel_ns),
-                sms=int(len(t["smid"].unique())), kernel_us=kernel_ns / 1e3)
+    return dict(
+        ghz=ghz,
+        per_block_us=per_block / ghz / 1e3,
+        launch_gap_us=gap / ghz / 1e3,
+        to_first_kv_us=med(span("start", "first_kv_ready")) / ghz / 1e3,
+        loader_issued_us=med(span("start", "loader_issued")) / ghz / 1e3,
+        index_read_us=med(span("start", "index_read")) / ghz / 1e3,
+        descriptors_made_us=med(span("start", "descriptors_made")) / ghz / 1e3,
+        loader_start_us=med(span("start", "loader_start")) / ghz / 1e3,
+        tail_us=med(span("loop_done", "stored_wg0")) / ghz / 1e3,
+        wg1_after_wg0_us=med((t["stored_wg1"] - t["stored_wg0"] + (1 << 31)) % (1 << 32) - (1 << 31)) / ghz / 1e3,
+        fixed_blocks=med(fixed),
+        busy=busy / ghz / (len(t["smid"].unique()) * kernel_ns),
+        sms=int(len(t["smid"].unique())),
+        kernel_us=kernel_ns / 1e3,
+    )
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="wan1.3b", choices=list(SHAPES))
     ap.add_argument("--counts", nargs="+", type=int, default=[13, 26, 51, 64, 128, 256])
-    ap.add_argument("--patterns", nargs="+", default=["random", "shared", "prefix"],
-                    choices=["random", "shared", "prefix"])
+    ap.add_argument(
+        "--patterns", nargs="+", default=["random", "shared", "prefix"], choices=["random", "shared", "prefix"]
+    )
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     B, H, grid = SHAPES[args.shape]
@@ -141,19 +148,24 @@ def main():
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     out = torch.empty_like(q)
     gen = torch.Generator().manual_seed(0)
-    env = dict(card=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(), torch=torch.__version__,
-               triton=triton.__version__, sms=torch.cuda.get_device_properties(0).multi_processor_count)
+    env = dict(
+        card=torch.cuda.get_device_name(),
+        date=datetime.date.today().isoformat(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        sms=torch.cuda.get_device_properties(0).multi_processor_count,
+    )
     print("ENV", json.dumps(env), flush=True)
     rows = []
     for kind in args.patterns:
         for count in args.counts:
             mask = pattern_mask(kind, H, mb, min(count, mb), gen)
             index = ck.mask_to_index(mask.cuda())
-            counts, offsets, ids, _, _ = _device_index(index, q.device)
+            counts, offsets, ids, _, _ = index_on_device(index, q.device)
             words = ids  # int16 ids as words (mask_to_index gives int16)
             sched = ck.lpt_schedule(index.counts).to(device="cuda", dtype=torch.int32)
 
-            records = g.tile_records(counts, offsets, words, sched)  # made once, as block_sparse keeps them
+            records = g.tile_records(counts, offsets, words, sched)  # made once, as cached_records keeps them
             run = functools.partial(launch, q, k, v, out, (counts, offsets, words, sched, records))
             ms = do_bench(run, warmup=100, rep=200, return_mode="median")
             flops = 4 * B * int(mask.sum()) * BLOCK * BLOCK * D
@@ -163,13 +175,33 @@ def main():
             trace.zero_()
             run(trace)
             torch.cuda.synchronize()
-            row = dict(shape=args.shape, pattern=kind, count=min(count, mb), ms=ms, tflops=flops / ms / 1e9,
-                       **analyse(trace.cpu()))
+            row = dict(
+                shape=args.shape,
+                pattern=kind,
+                count=min(count, mb),
+                ms=ms,
+                tflops=flops / ms / 1e9,
+                **analyse(trace.cpu()),
+            )
             rows.append(row)
             print("ROW", json.dumps(row), flush=True)
-    hdr = ("pattern", "count", "ms", "tflops", "per_block_us", "launch_gap_us",
-           "index_read_us", "descriptors_made_us", "loader_start_us", "loader_issued_us", "to_first_kv_us", "tail_us",
-           "wg1_after_wg0_us", "fixed_blocks", "busy")
+    hdr = (
+        "pattern",
+        "count",
+        "ms",
+        "tflops",
+        "per_block_us",
+        "launch_gap_us",
+        "index_read_us",
+        "descriptors_made_us",
+        "loader_start_us",
+        "loader_issued_us",
+        "to_first_kv_us",
+        "tail_us",
+        "wg1_after_wg0_us",
+        "fixed_blocks",
+        "busy",
+    )
     print(" | ".join(hdr))
     for r in rows:
         print(" | ".join(f"{r[h]:.3f}" if isinstance(r[h], float) else str(r[h]) for h in hdr))

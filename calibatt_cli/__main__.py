@@ -1,7 +1,7 @@
 import sys
 
 try:
-    from calibatt_cli.cli import main
+    from calibatt_cli.cli.app import main
 except KeyboardInterrupt:  # Ctrl-C while the CLI itself is still importing
     print("interrupted; nothing partial was written", file=sys.stderr)
     sys.exit(130)

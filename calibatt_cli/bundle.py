@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -86,34 +87,75 @@ def load_bundle(path: Path) -> MaskBundle:
     return MaskBundle(unpack_bits(packed, shape[-1]), meta)
 
 
-def identity_mismatch(meta: dict, *, where: str, verb: str, model_name: str, model_hash: str, grid: list[int],
-                      steps: int) -> str | None:
+def identity_mismatch(
+    meta: dict, *, where: str, verb: str, model_name: str, model_hash: str, grid: list[int], steps: int
+) -> str | None:
     """How a bundle's (or a cache's, which copies these fields) model, token grid or step count differs
     from the config's, or None. `verb` says what was done for them: 'calibrated', 'built'."""
     if meta["model"]["hash"] != model_hash:
-        return (f"{where} was {verb} for model '{meta['model']['name']}' (hash {meta['model']['hash']}), but the "
-                f"config loads '{model_name}' (hash {model_hash})")
+        return (
+            f"{where} was {verb} for model '{meta['model']['name']}' (hash {meta['model']['hash']}), but the "
+            f"config loads '{model_name}' (hash {model_hash})"
+        )
     if list(meta["grid"]["tokens"]) != list(grid):
-        return (f"{where} was {verb} for token grid {meta['grid']['tokens']} (frames x rows x cols), but the "
-                f"config's video gives {grid}")
+        return (
+            f"{where} was {verb} for token grid {meta['grid']['tokens']} (frames x rows x cols), but the "
+            f"config's video gives {grid}"
+        )
     if len(meta["step_buckets"]) != steps:
         return f"{where} was {verb} for {len(meta['step_buckets'])} steps, but generate.steps is {steps}"
     return None
 
 
-def check_bundle_matches(bundle: MaskBundle, *, where: str, model_name: str, model_hash: str,
-                         grid: list[int], steps: int, block_size: int, layers: int, heads: int) -> None:
+def check_bundle_matches(
+    bundle: MaskBundle,
+    *,
+    where: str,
+    model_name: str,
+    model_hash: str,
+    grid: list[int],
+    steps: int,
+    block_size: int,
+    layers: int,
+    heads: int,
+) -> None:
     """Refuse a bundle made for another model, grid, step count or block size, naming the difference."""
     m = bundle.meta
     fix = "re-run `calibatt calibrate` with this config, or pass the matching config"
-    problem = identity_mismatch(m, where=where, verb="calibrated", model_name=model_name, model_hash=model_hash,
-                                grid=grid, steps=steps)
+    problem = identity_mismatch(
+        m, where=where, verb="calibrated", model_name=model_name, model_hash=model_hash, grid=grid, steps=steps
+    )
     if problem:
         raise BundleError(f"{problem}; {fix}")
     if m["block_size"] != block_size:
-        raise BundleError(f"{where} uses block size {m['block_size']}, but calibration.block_size is {block_size}; "
-                          f"{fix}")
+        raise BundleError(
+            f"{where} uses block size {m['block_size']}, but calibration.block_size is {block_size}; {fix}"
+        )
     shape = m["mask_shape"]
     if shape[1] != layers or shape[2] != heads:
-        raise BundleError(f"{where} has masks for {shape[1]} layers x {shape[2]} heads, the model has {layers} x "
-                          f"{heads}; {fix}")
+        raise BundleError(
+            f"{where} has masks for {shape[1]} layers x {shape[2]} heads, the model has {layers} x {heads}; {fix}"
+        )
+
+
+def write_heatmaps(bundle: MaskBundle, out_dir: Path, scale: int = 4) -> list[Path]:
+    """One PNG per (bucket, layer): the heads' masks side by side, kept blocks white."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    masks = bundle.masks.numpy()
+    nb, nl, nh, mq, mk = masks.shape
+    written = []
+    for b in range(nb):
+        for layer in range(nl):
+            gap = 2
+            canvas = np.full((mq, nh * mk + (nh - 1) * gap), 96, np.uint8)
+            for h in range(nh):
+                canvas[:, h * (mk + gap) : h * (mk + gap) + mk] = masks[b, layer, h] * 255
+            img = Image.fromarray(canvas).resize((canvas.shape[1] * scale, mq * scale), Image.NEAREST)
+            path = out_dir / f"bucket{b}-layer{layer:02d}.png"
+            with atomic_path(path, suffix=".png") as tmp:
+                img.save(tmp, format="PNG")
+            written.append(path)
+    return written

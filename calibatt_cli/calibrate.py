@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .attention import AttentionController, MassRecorder
 from .bundle import MaskBundle, save_bundle
 from .config import Config, resolve_input
 from .errors import ConfigError
 from .masks import retained_mass, select_blocks
 from .models import load_model, model_identity
+from .runtime import MassRecorder, RecordController
 from .util import check_output_path
 
 
@@ -64,7 +64,7 @@ def calibrate(cfg: Config, on_step: Callable[[], None] | None = None) -> Calibra
     t0 = time.perf_counter()
     model = load_model(cfg)
     recorder = MassRecorder(buckets, c.block_size)
-    controller = AttentionController("record", recorder=recorder)
+    controller = RecordController(recorder)
     if on_step is not None:
         controller.step_hooks.append(on_step)
     model.install(controller)
@@ -74,9 +74,9 @@ def calibrate(cfg: Config, on_step: Callable[[], None] | None = None) -> Calibra
             model.run(prompt, cfg=cfg, controller=controller, seed=c.seed + i, output_type="latent")
     model.uninstall()
 
-    mass = torch.stack([
-        torch.stack([recorder.mean(b, layer) for layer in range(ident.layers)]) for b in range(c.buckets)
-    ])  # [buckets, layers, heads, Mq, Mk]
+    mass = torch.stack(
+        [torch.stack([recorder.mean(b, layer) for layer in range(ident.layers)]) for b in range(c.buckets)]
+    )  # [buckets, layers, heads, Mq, Mk]
     masks = select_blocks(mass, c.epsilon)
     density = masks.double().mean(dim=(-1, -2))
     retained = retained_mass(mass, masks)

@@ -134,14 +134,10 @@ def _apply(cfg: Config, data: dict, where: str) -> None:
         sec_hints = typing.get_type_hints(hints[sec])
         for key, value in values.items():
             if key not in sec_hints:
-                raise ConfigError(
-                    f"{where}: unknown key '{sec}.{key}'; valid keys: {', '.join(sorted(sec_hints))}"
-                )
+                raise ConfigError(f"{where}: unknown key '{sec}.{key}'; valid keys: {', '.join(sorted(sec_hints))}")
             ok, v = _type_ok(value, sec_hints[key])
             if not ok:
-                raise ConfigError(
-                    f"{where}: '{sec}.{key}' must be {_type_name(sec_hints[key])}, got {value!r}"
-                )
+                raise ConfigError(f"{where}: '{sec}.{key}' must be {_type_name(sec_hints[key])}, got {value!r}")
             setattr(obj, key, v)
 
 

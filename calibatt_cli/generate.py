@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import aot
-from .attention import AttentionController
-from .compiler import load_cache, prewarm
+from .cache import aot
+from .cache.load import load_cache, prewarm
 from .config import Config
 from .errors import ConfigError
 from .models import load_model, model_identity
+from .runtime import DenseController, SparseController
 from .util import check_output_path
 from .video import to_uint8, write_mp4
 
@@ -104,24 +104,39 @@ def generate(
             stack.enter_context(aot.kernel_cache(Path(cfg.compile.cache_dir) / "triton"))
             counter = stack.enter_context(aot.CompileCounter(strict=g.strict))
             ident = model_identity(cfg)
-            prewarm(plan, heads=ident.heads, head_dim=ident.head_dim, dtype=getattr(torch, cfg.model.dtype),
-                    device=cfg.model.device, return_lse=ident.joint_attention, qk_norm_rope=ident.qk_norm_rope)
+            prewarm(
+                plan,
+                heads=ident.heads,
+                head_dim=ident.head_dim,
+                dtype=getattr(torch, cfg.model.dtype),
+                device=cfg.model.device,
+                return_lse=ident.joint_attention,
+                qk_norm_rope=ident.qk_norm_rope,
+            )
         res = _sample(cfg, prompts, paths, plan, write=write, on_step=on_step, measure_mass=measure_mass)
     res.compilations = None if counter is None else counter.count
     return res
 
 
-def _sample(cfg: Config, prompts: list[str], paths: list[Path], plan, *, write: bool,
-            on_step: Callable[[], None] | None, measure_mass: bool) -> GenerateResult:
+def _sample(
+    cfg: Config,
+    prompts: list[str],
+    paths: list[Path],
+    plan,
+    *,
+    write: bool,
+    on_step: Callable[[], None] | None,
+    measure_mass: bool,
+) -> GenerateResult:
     g = cfg.generate
     t0 = time.perf_counter()
     model = load_model(cfg)
-    controller = AttentionController("sparse", plan=plan, measure_mass=measure_mass) if plan is not None else None
+    controller = SparseController(plan, measure_mass=measure_mass) if plan is not None else None
     if controller is not None:
         model.install(controller)
     if g.compile:
-        # Both the baseline (--dense) and calibatt get the same compilation, so they stay comparable.
-        model.compile_blocks(g.compile_backend)
+        # Both the baseline (--dense) and calibatt get the same torch.compile, so they stay comparable.
+        model.torch_compile_blocks(g.compile_backend)
     load_seconds = time.perf_counter() - t0
 
     videos = []
@@ -142,8 +157,7 @@ def _sample(cfg: Config, prompts: list[str], paths: list[Path], plan, *, write: 
         frames = to_uint8(frames)
         if write:
             write_mp4(path, frames, cfg.video.fps)
-        videos.append(VideoResult(prompt, path if write else None, time.perf_counter() - t1, frames,
-                                  clock.steps()))
+        videos.append(VideoResult(prompt, path if write else None, time.perf_counter() - t1, frames, clock.steps()))
     clock.close()
     if plan is not None:
         mean_density, sparse_density = plan.mean_density()
@@ -195,7 +209,7 @@ class StepClock:
 
 
 def _run_with_progress(model, prompt: str, cfg: Config, hooks: list) -> np.ndarray:
-    step_counter = AttentionController("dense")  # used only for its step callback
+    step_counter = DenseController()  # used only for its step callback
     step_counter.step_hooks[:] = hooks
     with torch.inference_mode():
         return model.run(prompt, cfg=cfg, controller=step_counter, seed=cfg.generate.seed)[0]

@@ -25,8 +25,15 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
     n, h, w, _ = frames.shape
     with atomic_path(Path(path), suffix=".mp4") as tmp:
         writer = imageio_ffmpeg.write_frames(
-            str(tmp), (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p", quality=None,
-            output_params=["-crf", "16", "-preset", "fast"], macro_block_size=16, ffmpeg_log_level="error",
+            str(tmp),
+            (w, h),
+            fps=fps,
+            codec="libx264",
+            pix_fmt_out="yuv420p",
+            quality=None,
+            output_params=["-crf", "16", "-preset", "fast"],
+            macro_block_size=16,
+            ffmpeg_log_level="error",
         )
         writer.send(None)
         for f in frames:

@@ -13,8 +13,23 @@ REPO = Path(__file__).resolve().parent.parent
 def test_bench_e2e_smoke(tmp_path):
     out = tmp_path / "e2e.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "bench_e2e.py"), "--smoke", "--reps", "1",
-                        "--ffn-ab", "0.2", "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "bench_e2e.py"),
+            "--smoke",
+            "--reps",
+            "1",
+            "--ffn-ab",
+            "0.2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())["results"][0]
     names = set(res["variants"])
@@ -33,7 +48,7 @@ def test_trace_analysis_reads_known_intervals():
     import torch
     import trace_gluon
 
-    from calibatt_kernels.block_sparse_gluon import TRACE_SLOTS
+    from calibatt_kernels.attn_gluon import TRACE_SLOTS
 
     slot = {n: i for i, n in enumerate(TRACE_SLOTS)}
     rows = []
@@ -58,12 +73,31 @@ def test_trace_analysis_reads_known_intervals():
     raw = torch.tensor([[x % (1 << 32) for x in r] for r in rows], dtype=torch.int64)
     a = trace_gluon.analyse(((raw + (1 << 31)) % (1 << 32) - (1 << 31)).to(torch.int32))  # as the kernel's int32
     assert abs(a["ghz"] - 1.0) < 1e-9
-    us = {k: round(a[k] * 1e3) for k in ("per_block_us", "launch_gap_us", "index_read_us", "descriptors_made_us",
-                                          "loader_start_us", "loader_issued_us", "to_first_kv_us", "tail_us",
-                                          "wg1_after_wg0_us")}
-    assert us == dict(per_block_us=1500, launch_gap_us=800, index_read_us=500, descriptors_made_us=1100,
-                      loader_start_us=1300, loader_issued_us=1900, to_first_kv_us=2600, tail_us=1300,
-                      wg1_after_wg0_us=200), us
+    us = {
+        k: round(a[k] * 1e3)
+        for k in (
+            "per_block_us",
+            "launch_gap_us",
+            "index_read_us",
+            "descriptors_made_us",
+            "loader_start_us",
+            "loader_issued_us",
+            "to_first_kv_us",
+            "tail_us",
+            "wg1_after_wg0_us",
+        )
+    }
+    assert us == dict(
+        per_block_us=1500,
+        launch_gap_us=800,
+        index_read_us=500,
+        descriptors_made_us=1100,
+        loader_start_us=1300,
+        loader_issued_us=1900,
+        to_first_kv_us=2600,
+        tail_us=1300,
+        wg1_after_wg0_us=200,
+    ), us
     # fixed cost: span (2600 + 9 x 1500 + 1500) + gap 800 - 10 x 1500, in blocks of 1500
     assert abs(a["fixed_blocks"] - (2600 + 1500 + 800 - 1500) / 1500) < 1e-9
     assert a["sms"] == 2
@@ -76,7 +110,7 @@ def test_traced_gluon_kernel_compiles_for_sm90():
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from calibatt_kernels import block_sparse_gluon as g
+    from calibatt_kernels import attn_gluon as g
 
     if not g.HAVE_GLUON:
         import pytest
@@ -86,9 +120,11 @@ def test_traced_gluon_kernel_compiles_for_sm90():
 
     sig, consts, attrs, opts = g.aot_source_args(torch.bfloat16, 128, persistent=False)
     consts["TRACE"] = True
-    kernel = triton.compile(GluonASTSource(g.kernel_fn(persistent=False), sig, consts, attrs),
-                            target=GPUTarget("cuda", 90, 32),
-                            options=opts)
+    kernel = triton.compile(
+        GluonASTSource(g.kernel_fn(persistent=False), sig, consts, attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options=opts,
+    )
     assert "globaltimer" in kernel.asm["ptx"] and "%clock" in kernel.asm["ptx"]
 
 
@@ -104,8 +140,13 @@ def test_clock_log_parses_and_summarises(monkeypatch):
     monkeypatch.setattr(gpu_clock.shutil, "which", lambda _: None)
     log = gpu_clock.ClockLog()
     assert log.proc is None and log.window(0, 1e12) is None
-    log.samples = [(1.0, 1980.0, 120.0, 0), (2.0, 1600.0, 690.0, 4), (3.0, 1650.0, 692.0, 5), (4.0, 1700.0, None, 4),
-                   (9.0, 345.0, 80.0, 1)]
+    log.samples = [
+        (1.0, 1980.0, 120.0, 0),
+        (2.0, 1600.0, 690.0, 4),
+        (3.0, 1650.0, 692.0, 5),
+        (4.0, 1700.0, None, 4),
+        (9.0, 345.0, 80.0, 1),
+    ]
     w = log.window(1.5, 4.5)
     assert w == dict(mhz=1650.0, watts=691.0, power_capped=1.0, samples=3), w
     assert log.window(5.0, 8.0) is None
@@ -118,11 +159,33 @@ def test_kernel_table_shows_the_clock():
     them blank (results of earlier sessions, or no nvidia-smi)."""
     import bench_kernel
 
-    res = dict(env=dict(card="X", torch="t", triton="tr"), rows=[
-        dict(shape="wan1.3b", N=1, kernel="cudnn-dense", ms=11.8, tflops=558.5, mhz=1605.0, watts=690.4,
-             power_capped=0.75, samples=4),
-        dict(shape="wan1.3b", N=1, mask="random", density=0.1, kernel="gluon-ws-s3", ms=1.12, tflops=596.2,
-             vs_cudnn_dense=10.5, vs_flex=1.52)])
+    res = dict(
+        env=dict(card="X", torch="t", triton="tr"),
+        rows=[
+            dict(
+                shape="wan1.3b",
+                N=1,
+                kernel="cudnn-dense",
+                ms=11.8,
+                tflops=558.5,
+                mhz=1605.0,
+                watts=690.4,
+                power_capped=0.75,
+                samples=4,
+            ),
+            dict(
+                shape="wan1.3b",
+                N=1,
+                mask="random",
+                density=0.1,
+                kernel="gluon-ws-s3",
+                ms=1.12,
+                tflops=596.2,
+                vs_cudnn_dense=10.5,
+                vs_flex=1.52,
+            ),
+        ],
+    )
     lines = bench_kernel.table(res).splitlines()
     assert lines[2].split()[-3:] == ["1605", "690", "75%"], lines[2]
     assert lines[3].split()[-2:] == ["1.52", "10.50"], lines[3]

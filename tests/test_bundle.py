@@ -61,7 +61,7 @@ def test_edited_bundle_fails_hash(tmp_path):
         load_bundle(p)
     # edited metadata (same length, valid JSON) also fails the hash
     save_bundle(p, _masks(), _meta())
-    data = p.read_bytes().replace(b'0.001', b'0.002')
+    data = p.read_bytes().replace(b"0.001", b"0.002")
     assert data != p.read_bytes()
     p.write_bytes(data)
     with pytest.raises(BundleError, match="content-hash"):
@@ -92,8 +92,16 @@ def test_other_files_are_refused(tmp_path):
 )
 def test_mismatch_names_the_difference(tmp_path, change, needle):
     b = save_bundle(tmp_path / "b.safetensors", _masks(), _meta())
-    args = dict(where="bundle 'b'", model_name="tiny", model_hash="abc", grid=[3, 8, 8], steps=4, block_size=32,
-                layers=3, heads=2)
+    args = dict(
+        where="bundle 'b'",
+        model_name="tiny",
+        model_hash="abc",
+        grid=[3, 8, 8],
+        steps=4,
+        block_size=32,
+        layers=3,
+        heads=2,
+    )
     check_bundle_matches(b, **args)
     args.update(change)
     with pytest.raises(BundleError) as e:

@@ -13,8 +13,8 @@ import time
 import click.exceptions as click_exceptions
 import pytest
 
-from calibatt_cli import cli
-from calibatt_cli.cli import main
+from calibatt_cli.cli import app as cli
+from calibatt_cli.cli.app import main
 from calibatt_cli.config import load_config
 from calibatt_cli.models import model_identity
 
@@ -102,8 +102,9 @@ def test_corrupt_and_truncated_bundles(built, tmp_path, monkeypatch, capsys):
     data = bundle.read_bytes()
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(data[: len(data) // 2])
-    code, _, err = run_cli(monkeypatch, capsys, "compile", "--config", built, "--bundle", bad,
-                           "--cache-dir", tmp_path / "c2")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "compile", "--config", built, "--bundle", bad, "--cache-dir", tmp_path / "c2"
+    )
     assert_one_line_error(code, err, "corrupt or truncated", "calibatt calibrate")
     assert not (tmp_path / "c2").exists()
     bad.write_bytes(b"\x00" * 100)
@@ -120,8 +121,9 @@ def test_corrupt_and_truncated_bundles(built, tmp_path, monkeypatch, capsys):
     ],
 )
 def test_bundle_for_another_model_grid_or_steps(built, monkeypatch, capsys, tmp_path, override, needle):
-    code, _, err = run_cli(monkeypatch, capsys, "compile", "--config", built, "--set", override,
-                           "--cache-dir", tmp_path / "other")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "compile", "--config", built, "--set", override, "--cache-dir", tmp_path / "other"
+    )
     assert_one_line_error(code, err, needle, "calibatt calibrate")
     assert not (tmp_path / "other").exists()
 
@@ -139,8 +141,16 @@ def test_generate_bad_inputs(built, tmp_path, monkeypatch, capsys):
     assert_one_line_error(code, err, "must end in .mp4")
     code, _, err = run_cli(monkeypatch, capsys, "generate", PROMPT, "--config", built, "--steps", "6")
     assert_one_line_error(code, err, "built for 4 steps", "compile")
-    code, _, err = run_cli(monkeypatch, capsys, "generate", PROMPT, "--config", built,
-                           "--set", "compile.cache_dir=" + str(tmp_path / "nocache"))
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "generate",
+        PROMPT,
+        "--config",
+        built,
+        "--set",
+        "compile.cache_dir=" + str(tmp_path / "nocache"),
+    )
     assert_one_line_error(code, err, "no compiled cache", "calibatt compile")
     assert not list(tmp_path.glob("*.mp4")) and not list(tmp_path.glob(".*mp4"))
 
@@ -168,8 +178,9 @@ def test_generate_json_and_inspect(built, tmp_path, monkeypatch, capsys):
     (steps,) = line["step_seconds"]  # one video: one time per denoising step, each a real duration
     assert len(steps) == 4 and all(0 < t < line["seconds"] for t in steps)
     assert out.stat().st_size > 0
-    code, stdout, err = run_cli(monkeypatch, capsys, "inspect", tmp_path / "out" / "bundle.safetensors",
-                                "--png", tmp_path / "png")
+    code, stdout, err = run_cli(
+        monkeypatch, capsys, "inspect", tmp_path / "out" / "bundle.safetensors", "--png", tmp_path / "png"
+    )
     assert code == 0, err
     assert "retained mass" in stdout
     assert len(list((tmp_path / "png").glob("*.png"))) == 2 * model_identity(load_config(built)).layers
@@ -184,8 +195,20 @@ def _env():
 def test_ctrl_c_during_generate_leaves_nothing(built, tmp_path):
     out = tmp_path / "slow.mp4"
     # Enough steps that sampling is surely under way when the interrupt lands.
-    cmd = [sys.executable, "-m", "calibatt_cli", "generate", PROMPT, "--config", str(built), "-o", str(out),
-           "--dense", "--steps", "8000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "calibatt_cli",
+        "generate",
+        PROMPT,
+        "--config",
+        str(built),
+        "-o",
+        str(out),
+        "--dense",
+        "--steps",
+        "8000",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     time.sleep(10)
     assert proc.poll() is None, "generate ended before the interrupt"
@@ -224,8 +247,12 @@ def test_interrupt_while_writing_removes_temp_file(tmp_path, monkeypatch):
 def test_python_m_entry_point_and_console_script(tmp_path):
     r = subprocess.run([sys.executable, "-m", "calibatt_cli", "--help"], capture_output=True, text=True, env=_env())
     assert r.returncode == 0 and "calibrate" in r.stdout and "generate" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "calibatt_cli", "config", "--set", "nope.x=1"], capture_output=True,
-                       text=True, env=_env())
+    r = subprocess.run(
+        [sys.executable, "-m", "calibatt_cli", "config", "--set", "nope.x=1"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     assert r.returncode == 2 and "unknown section 'nope'" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -16,26 +16,37 @@ from test_cli import assert_one_line_error, run_cli
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from calibatt_cli import aot
-from calibatt_cli.attention import AttentionController
 from calibatt_cli.bundle import load_bundle, save_bundle
+from calibatt_cli.cache import aot
+from calibatt_cli.cache.build import compile_cache
+from calibatt_cli.cache.load import load_cache
 from calibatt_cli.calibrate import calibrate
-from calibatt_cli.compiler import compile_cache, load_cache
 from calibatt_cli.config import load_config
 from calibatt_cli.errors import CacheError
-from calibatt_kernels import block_sparse
-from calibatt_kernels.block_sparse import KernelConfig
+from calibatt_cli.runtime import AttentionController
+from calibatt_kernels import KernelConfig, attn_gluon, attn_tl, dispatch
 
 PROMPT = "a red circle moving left on a black background"
 
 
 def test_cross_compile_every_config_for_sm90(small_config, monkeypatch, capsys):
     # Wan's kernel class but head dim 64 (the tiny model's): block 128, bf16.
-    code, _, err = run_cli(monkeypatch, capsys, "compile", "--config", small_config, "--target", "sm_90",
-                           "--set", "calibration.block_size=128", "--set", "model.dtype=bfloat16")
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "compile",
+        "--config",
+        small_config,
+        "--target",
+        "sm_90",
+        "--set",
+        "calibration.block_size=128",
+        "--set",
+        "model.dtype=bfloat16",
+    )
     assert code == 0, err
     # every attention config, and the tiny Wan model's fused q/k norm + RoPE kernel
-    n = len(block_sparse.candidate_configs((9, 0), (128, 128), 64, torch.bfloat16)) + 1
+    n = len(dispatch.candidate_configs((9, 0), (128, 128), 64, torch.bfloat16)) + 1
     assert f"{n} of {n} kernels compile and fit sm_90, 0 failed" in err, err
     assert "128x64 w8 s3 persistent" in err  # the table lists each variant
     assert "qk_norm_rope (" in err
@@ -47,14 +58,15 @@ def test_wan_kernel_class_fits_hopper_shared_memory():
     """Head dim 128 (Wan's) at block 128: every candidate must fit sm_90's 227 KiB of shared memory. An int16
     load of the block ids once made triton add a K/V stage (256 KiB), and only a GPU run noticed."""
     reports = aot.cross_compile("sm_90", dtype=torch.bfloat16, block_size=(128, 128), head_dim=128)
-    assert len(reports) == len(block_sparse.candidate_configs((9, 0), (128, 128), 128, torch.bfloat16))
+    assert len(reports) == len(dispatch.candidate_configs((9, 0), (128, 128), 128, torch.bfloat16))
     bad = [(r.config, r.status, r.shared_kib, r.error) for r in reports if r.status != "ok"]
     assert not bad, bad
-    default = next(r for r in reports if KernelConfig(**r.config) == KernelConfig(num_warps=8, num_stages=3,
-                                                                                       persistent=True))
+    default = next(
+        r for r in reports if KernelConfig.from_manifest(r.config) == KernelConfig(num_warps=8, num_stages=3)
+    )
     assert default.shared_kib <= 200  # Q + two K/V stages in flight: 192 KiB
     gluon = [r for r in reports if r.config["gluon"]]
-    # v9: two Q buffers + K/V rings of 3 and 2 stages; v5: Q + a 3-stage K/V ring (224 KiB each)
+    # persistent: two Q buffers + K/V rings of 3 and 2 stages; per tile: Q + a 3-stage K/V ring (224 KiB each)
     assert sorted(r.config["persistent"] for r in gluon) == [False, True]
     assert all(r.config["warp_specialize"] and r.shared_kib <= 227 for r in gluon)
 
@@ -65,7 +77,7 @@ def test_gluon_row_views_take_model_layouts():
     views into a packed [B, N, 3, H, D] projection; a layout whose heads do not start on rows falls back.
     The kernel gets each origin as int32 terms the host divided out (`_row_terms`): they must agree with
     the division for every (b, h)."""
-    from calibatt_kernels.block_sparse_gluon import _row_terms, _row_view_ok
+    from calibatt_kernels.attn_gluon import _row_terms, _row_view_ok
 
     B, H, N, D = 2, 3, 40, 64
     bhnd = torch.empty(B, H, N, D)
@@ -78,8 +90,9 @@ def test_gluon_row_views_take_model_layouts():
             for h in range(H):
                 assert (b * zr + h * hr, h * hc) == divmod(b * t.stride(0) + h * t.stride(1), t.stride(2))
     # heads 40.5 rows apart (a [B, H, N + 0.5, D] slab): head 1 would start half-way along a row
-    odd = torch.empty(B * H * N * D + B * H * D // 2).as_strided((B, H, N, D), (H * (N * D + D // 2), N * D + D // 2,
-                                                                                  D, 1))
+    odd = torch.empty(B * H * N * D + B * H * D // 2).as_strided(
+        (B, H, N, D), (H * (N * D + D // 2), N * D + D // 2, D, 1)
+    )
     assert not _row_view_ok(odd)
 
 
@@ -87,7 +100,7 @@ def test_gluon_tile_records_against_the_mask():
     """Each Gluon program reads one record (row, block count, list offset, first block id) in launch order:
     checked against the mask itself, for the LPT schedule, no schedule, empty rows and a batch of masks."""
     import calibatt_kernels as ck
-    from calibatt_kernels.block_sparse_gluon import tile_records
+    from calibatt_kernels.attn_gluon import tile_records
     from calibatt_kernels.index import index_words
 
     gen = torch.Generator().manual_seed(3)
@@ -103,15 +116,15 @@ def test_gluon_tile_records_against_the_mask():
         for (_row, cnt, e0, first), r in zip(rec.tolist(), order, strict=True):
             cols = rows[r].nonzero().flatten().tolist()
             assert cnt == len(cols) and first == (cols[0] if cols else 0)
-            assert ix.indices[e0:e0 + cnt].tolist() == cols
+            assert ix.indices[e0 : e0 + cnt].tolist() == cols
 
 
 def test_split_last_wave_pieces_cover_the_rows():
-    """v9's last wave: the last T mod P tiles each become s = P // (T mod P) pieces of consecutive blocks whose
+    """The persistent kernel's last wave: the last T mod P tiles each become s = P // (T mod P) pieces of consecutive blocks whose
     records cover the row's list exactly, in consecutive workspace slots; the tiles before are untouched;
     nothing is split when the wave is full, when s < 2, or when the rows differ much in length."""
     import calibatt_kernels as ck
-    from calibatt_kernels.block_sparse_gluon import tile_records
+    from calibatt_kernels.attn_gluon import tile_records
     from calibatt_kernels.index import index_words
     from calibatt_kernels.split_merge import split_last_wave
 
@@ -125,10 +138,10 @@ def test_split_last_wave_pieces_cover_the_rows():
     assert s == 3 and rows.tolist() == base[-4:, 0].tolist() and rec.shape == (36 + 12, 4)
     assert torch.equal(rec[:36], base[:36])
     for j, row in enumerate(rows.tolist()):
-        pieces = rec[36 + 3 * j: 39 + 3 * j].tolist()
+        pieces = rec[36 + 3 * j : 39 + 3 * j].tolist()
         assert [p[0] for p in pieces] == [row] * 3
         assert [(p[3] >> 16) - 1 for p in pieces] == [3 * j, 3 * j + 1, 3 * j + 2]  # workspace slots
-        got = [b for _, cnt, e0, _ in pieces for b in ix.indices[e0:e0 + cnt].tolist()]
+        got = [b for _, cnt, e0, _ in pieces for b in ix.indices[e0 : e0 + cnt].tolist()]
         assert got == mask.reshape(-1, 40)[row].nonzero().flatten().tolist()
         assert [p[3] & 0xFFFF for p in pieces] == [ix.indices[p[2]].item() for p in pieces]
         assert all(p[1] >= 3 for p in pieces)
@@ -154,31 +167,31 @@ def test_split_last_wave_pieces_cover_the_rows():
 
 def test_every_block_sparse_kernel_is_counted_as_ours():
     """Strict generate and bench_compile count compilations of calibatt's kernels by name: a kernel missing
-    from aot.OUR_KERNELS would compile during generate unnoticed (v9 did, until this test)."""
-    from calibatt_cli import aot
+    from aot.OUR_KERNELS would compile during generate unnoticed."""
+    from calibatt_cli.cache import aot
 
-    names = {fn.fn.__name__ if hasattr(fn, "fn") else fn.__name__ for fn in block_sparse.kernel_fns()}
+    names = {fn.fn.__name__ if hasattr(fn, "fn") else fn.__name__ for fn in dispatch.attention_kernel_fns()}
     assert names <= aot.OUR_KERNELS, names - aot.OUR_KERNELS
     assert len(names) == (3 if any("_gl_" in n for n in names) else 1)
     from calibatt_kernels import split_merge
 
-    assert split_merge.kernel_fn().fn.__name__ in aot.OUR_KERNELS  # v9's last-wave merge
+    assert split_merge.kernel_fn().fn.__name__ in aot.OUR_KERNELS  # the persistent kernel's last-wave merge
 
 
 def test_candidates_per_architecture():
-    hopper = block_sparse.candidate_configs((9, 0), (128, 128), 128)
-    ampere = block_sparse.candidate_configs((8, 0), (128, 128), 128)
-    # the measured best first: the Gluon kernels (v9 persistent, v5 per tile), then the tl default
-    assert hopper[:2] == [block_sparse.GLUON_WS, block_sparse.GLUON_WS_TILE]
+    hopper = dispatch.candidate_configs((9, 0), (128, 128), 128)
+    ampere = dispatch.candidate_configs((8, 0), (128, 128), 128)
+    # the measured best first: the Gluon kernels (persistent, then per tile), then the tl default
+    assert hopper[:2] == [attn_gluon.GLUON_PERSISTENT, attn_gluon.GLUON_TILE]
     assert hopper[0].persistent and not hopper[1].persistent
-    assert hopper[2] == KernelConfig(num_warps=8, num_stages=3, persistent=True)
-    assert not any(c.gluon for c in ampere)
-    assert not any(c.gluon for c in block_sparse.candidate_configs((9, 0), (128, 128), 128, torch.float32))
-    assert not any(c.gluon for c in block_sparse.candidate_configs((9, 0), (64, 64), 64))
+    assert hopper[2] == KernelConfig(num_warps=8, num_stages=3)
+    assert not any(c.backend == "gluon" for c in ampere)
+    assert not any(c.backend == "gluon" for c in dispatch.candidate_configs((9, 0), (128, 128), 128, torch.float32))
+    assert not any(c.backend == "gluon" for c in dispatch.candidate_configs((9, 0), (64, 64), 64))
     assert all(c.use_tma is None for c in hopper) and all(c.use_tma is False for c in ampere)
     hopper = hopper[2:]
     assert all(c.block_m in (None, 64) and c.block_n in (None, 64) for c in hopper)
-    assert all(c.block_m is None and c.block_n is None for c in block_sparse.candidate_configs((9, 0), (64, 64), 64))
+    assert all(c.block_m is None and c.block_n is None for c in dispatch.candidate_configs((9, 0), (64, 64), 64))
 
 
 def test_bad_target(small_config, monkeypatch, capsys):
@@ -187,11 +200,12 @@ def test_bad_target(small_config, monkeypatch, capsys):
 
 
 def _compile_one(counter_dir=None, strict=False):
-    cfg = KernelConfig(num_warps=4, num_stages=2, persistent=False)
-    sig, consts, attrs, opts = block_sparse.aot_source_args(cfg, torch.float16, (64, 64), 64, (9, 0))
+    cfg = KernelConfig(kernel="tl_tile", num_warps=4, num_stages=2)
+    sig, consts, attrs, opts = attn_tl.aot_source_args(cfg, torch.float16, (64, 64), 64, (9, 0))
     with aot.CompileCounter(strict=strict) as counter:
-        triton.compile(ASTSource(block_sparse.kernel_fn(), sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                       options=opts)
+        triton.compile(
+            ASTSource(attn_tl.kernel_fn(), sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=opts
+        )
     return counter
 
 
@@ -289,7 +303,7 @@ def test_manifest_counts_the_index_bytes(compiled):
 
 def test_plan_carries_the_chosen_config(compiled, monkeypatch):
     cfg, _ = compiled
-    chosen = KernelConfig(block_n=16, num_warps=4, num_stages=2, persistent=False)
+    chosen = KernelConfig(kernel="tl_tile", block_n=16, num_warps=4, num_stages=2)
 
     def put(m):
         for g in m["groups"]:
@@ -303,8 +317,9 @@ def test_plan_carries_the_chosen_config(compiled, monkeypatch):
     import calibatt_kernels as ck
 
     real = ck.block_sparse_attention_indexed
-    monkeypatch.setattr(ck, "block_sparse_attention_indexed",
-                        lambda *a, **kw: seen.append(kw["config"]) or real(*a, **kw))
+    monkeypatch.setattr(
+        ck, "block_sparse_attention_indexed", lambda *a, **kw: seen.append(kw["config"]) or real(*a, **kw)
+    )
     ctl = AttentionController("sparse", plan=plan)
     ctl.step = 1  # a sparse step (step 0 is the dense warm-up)
     q = torch.randn(1, plan.index[(0, 1)].counts.shape[1], 192, 64)
@@ -323,19 +338,32 @@ def test_two_compiles_at_once_then_generate(small_config, tmp_path):
     cli = [sys.executable, "-m", "calibatt_cli"]
     r = subprocess.run([*cli, "calibrate", "--config", str(small_config)], capture_output=True, text=True, env=_env())
     assert r.returncode == 0, r.stderr
-    procs = [subprocess.Popen([*cli, "compile", "--config", str(small_config), *flags], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=_env())
-             for flags in ([], ["--recompile"])]
+    procs = [
+        subprocess.Popen(
+            [*cli, "compile", "--config", str(small_config), *flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for flags in ([], ["--recompile"])
+    ]
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [], "no temp or old folders left"
     assert sorted(p.name for p in (out / "cache").iterdir()) == ["manifest.json", "plan.safetensors", "triton"]
-    r = subprocess.run([*cli, "generate", PROMPT, "--config", str(small_config), "--strict", "--json"],
-                       capture_output=True, text=True, env=_env())
+    r = subprocess.run(
+        [*cli, "generate", PROMPT, "--config", str(small_config), "--strict", "--json"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     assert r.returncode == 0, r.stderr
     line = json.loads(r.stdout.strip().splitlines()[-1])
     assert line["compilations"] == 0 and 0 < line["mean_density"] <= 1
-    assert load_bundle(out / "bundle.safetensors").content_hash == json.loads(
-        (out / "cache" / "manifest.json").read_text())["bundle"]["content_hash"]
+    assert (
+        load_bundle(out / "bundle.safetensors").content_hash
+        == json.loads((out / "cache" / "manifest.json").read_text())["bundle"]["content_hash"]
+    )

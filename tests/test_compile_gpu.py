@@ -17,9 +17,26 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_second_process_compiles_nothing(tmp_path):
     out = tmp_path / "res.json"
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "bench_compile.py"), "all", "--cache-dir",
-                        str(tmp_path / "cache"), "--layers", "2", "--tokens", "32760", "--passes", "7",
-                        "--json", str(out)], capture_output=True, text=True, timeout=540)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "bench_compile.py"),
+            "all",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--layers",
+            "2",
+            "--tokens",
+            "32760",
+            "--passes",
+            "7",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["build"]["compilations"] > 0 and res["build"]["triton_files"] > 0
@@ -27,24 +44,44 @@ def test_second_process_compiles_nothing(tmp_path):
         got = res[phase]
         assert got["listener"], "triton.knobs.compilation.listener is missing: counts are folder-based"
         assert got["compilations"] == 0, f"{phase}: {got['compilations']} compilations"
-        assert got["first_over_later"] <= 1.10, f"{phase}: first pass {got['first_pass_ms']} ms vs later " \
-                                                f"{got['later_pass_ms']} ms"
+        assert got["first_over_later"] <= 1.10, (
+            f"{phase}: first pass {got['first_pass_ms']} ms vs later {got['later_pass_ms']} ms"
+        )
     assert res["load_cold"]["compilations"] > 0, "an emptied triton/ must compile (else the test proves nothing)"
 
 
 def test_joint_attention_model_generates_strict_from_its_cache(tmp_path):
     """Mochi's joint attention asks the kernel for the row log-sum-exp, a kernel variant of its own:
     compile must tune and cache that variant, so `generate --strict` compiles nothing."""
-    sets = ["model.device=cuda", "model.dtype=bfloat16", f"calibration.output={tmp_path}/b.safetensors",
-            f"compile.bundle={tmp_path}/b.safetensors", f"compile.cache_dir={tmp_path}/cache"]
+    sets = [
+        "model.device=cuda",
+        "model.dtype=bfloat16",
+        f"calibration.output={tmp_path}/b.safetensors",
+        f"compile.bundle={tmp_path}/b.safetensors",
+        f"compile.cache_dir={tmp_path}/cache",
+    ]
     args = [a for s in sets for a in ("--set", s)]
     cli = [sys.executable, "-m", "calibatt_cli"]
     cfg = ["--config", str(REPO / "configs" / "mochi-tiny.yaml")]
     for cmd in (["calibrate"], ["compile"]):
         r = subprocess.run(cli + cmd + cfg + args, capture_output=True, text=True, timeout=300, cwd=REPO)
         assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run(cli + ["generate", "a red circle moving left on a black background", "-o",
-                              str(tmp_path / "m.mp4"), "--strict", "--json"] + cfg + args,
-                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    r = subprocess.run(
+        cli
+        + [
+            "generate",
+            "a red circle moving left on a black background",
+            "-o",
+            str(tmp_path / "m.mp4"),
+            "--strict",
+            "--json",
+        ]
+        + cfg
+        + args,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip().splitlines()[-1])["compilations"] == 0

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from calibatt_cli import procedural as P
-from calibatt_cli.judge import (
+from calibatt_cli.tiny import procedural as P
+from calibatt_cli.tiny.judge import (
     background,
     classify_shape,
     colour_labels,
@@ -48,10 +48,16 @@ def test_wrong_prompts_are_rejected():
     wrong = []
     for s in specs:
         o = s.objects[0]
-        other = next(m for m in ("left", "right", "growing") if m != o.motion and not (
-            o.motion == "bouncing" and m == "growing"))
-        wrong.append(P.caption(P.ClipSpec((P.ObjectSpec(o.colour, o.shape, other, o.size, o.start, o.travel),),
-                                          s.background, s.say_size)))
+        other = next(
+            m for m in ("left", "right", "growing") if m != o.motion and not (o.motion == "bouncing" and m == "growing")
+        )
+        wrong.append(
+            P.caption(
+                P.ClipSpec(
+                    (P.ObjectSpec(o.colour, o.shape, other, o.size, o.start, o.travel),), s.background, s.say_size
+                )
+            )
+        )
     report = judge([P.to_frames(v) for v in video], wrong)
     assert report.score == 0.0, f"score={report.score}"
 
@@ -132,7 +138,7 @@ def test_shapes_survive_ragged_rims_and_specks():
             ys, xs = np.nonzero(obj[t])
             y = 1 if ys.mean() > 32 else 61
             x = 1 if xs.mean() > 32 else 61
-            paint[t, y:y + 2, x:x + 2] = True
+            paint[t, y : y + 2, x : x + 2] = True
         f[paint] = np.asarray(P.COLOURS[s.objects[0].colour], np.uint8)
         raw_wrong += classify_shape(colour_labels(f)[len(f) // 2] >= 0, clean=False) != s.objects[0].shape
     report = judge(frames, [P.caption(s) for s in specs])

@@ -35,8 +35,9 @@ def _random_mask(seed, density, bs, batch=1):
 
 def _rel_err(out, q, k, v, mask, bs):
     sl = slice(0, REF_HEADS)
-    ref = block_sparse_attention_ref(q[:, sl].float(), k[:, sl].float(), v[:, sl].float(),
-                                     mask[:, sl], bs, rows_per_chunk=4)
+    ref = block_sparse_attention_ref(
+        q[:, sl].float(), k[:, sl].float(), v[:, sl].float(), mask[:, sl], bs, rows_per_chunk=4
+    )
     o = out[:, sl].float()
     return ((o - ref).norm() / ref.norm()).item(), (o - ref).abs().max().item()
 
@@ -44,42 +45,47 @@ def _rel_err(out, q, k, v, mask, bs):
 def _gluon_against_tl(q, k, v, index, config):
     """Run a Gluon config into a poisoned output, check that every element was written and that every head
     agrees with the tl kernel (itself checked against the reference above); returns the output."""
-    from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
+    from calibatt_kernels import KernelConfig, block_sparse_attention_indexed
 
     out = torch.full_like(q, float("nan"))
-    block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), out=out, config=config)
+    block_sparse_attention_indexed(q, k, v, index, block_size=(128, 128), out=out, config=config)
     torch.cuda.synchronize()
+    assert ck.what_ran()["last"]["attention"] == config.kernel, ck.what_ran()  # no fallback to the tl kernel
     assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements not written"
-    tl_out = block_sparse_attention_triton(q, k, v, index, block_size=(128, 128), config=KernelConfig())
+    tl_out = block_sparse_attention_indexed(q, k, v, index, block_size=(128, 128), config=KernelConfig())
     rel_tl = ((out.float() - tl_out.float()).norm() / tl_out.float().norm()).item()
     assert rel_tl <= 1e-2, f"all heads vs the tl kernel: rel={rel_tl:.2e}"
     return out
 
 
-@pytest.mark.parametrize("bs,cfg", [
-    ((128, 128), None),
-    ((128, 64), None),
-    ((64, 64), None),
-    ((128, 128), dict(persistent=False)),
-    ((128, 128), dict(block_n=64)),
-    ((128, 128), dict(use_tma=False)),
-    ((128, 128), dict(gluon=True, num_stages=2, warp_specialize=True, persistent=False)),
-    ((128, 128), dict(gluon=True, num_stages=3, warp_specialize=True, persistent=False)),
-    ((128, 128), dict(gluon=True, num_stages=3, warp_specialize=True, persistent=True)),
-])
+@pytest.mark.parametrize(
+    "bs,cfg",
+    [
+        ((128, 128), None),
+        ((128, 64), None),
+        ((64, 64), None),
+        ((128, 128), dict(kernel="tl_tile")),
+        ((128, 128), dict(block_n=64)),
+        ((128, 128), dict(use_tma=False)),
+        ((128, 128), dict(kernel="gluon_tile", num_stages=2, num_warps=4)),
+        ((128, 128), dict(kernel="gluon_tile", num_stages=3, num_warps=4)),
+        ((128, 128), dict(kernel="gluon_persistent", num_stages=3, num_warps=4)),
+    ],
+)
 def test_block_sparse_wan_size(bs, cfg):
-    from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
+    from calibatt_kernels import KernelConfig, block_sparse_attention_indexed
 
     q, k, v = _wan_qkv(seed=0)
     mask = _random_mask(seed=1, density=0.3, bs=bs)
     out = torch.full_like(q, float("nan"))  # poison: unwritten elements stay NaN
-    block_sparse_attention_triton(q, k, v, mask_to_index(mask), block_size=bs, out=out,
-                                  config=KernelConfig(**cfg) if cfg else None)
+    block_sparse_attention_indexed(
+        q, k, v, mask_to_index(mask), block_size=bs, out=out, config=KernelConfig(**cfg) if cfg else None
+    )
     torch.cuda.synchronize()
     assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements not written"
     rel, max_diff = _rel_err(out, q, k, v, mask, bs)
     assert rel <= 1e-2, f"rel={rel:.2e} max_diff={max_diff:.2e}"
-    assert (out[:, :, 3 * bs[0]: 4 * bs[0]] == 0).all(), "an empty mask row must give zeros"
+    assert (out[:, :, 3 * bs[0] : 4 * bs[0]] == 0).all(), "an empty mask row must give zeros"
 
 
 def test_block_sparse_per_batch_masks_and_layout():
@@ -88,7 +94,7 @@ def test_block_sparse_per_batch_masks_and_layout():
     out = ck.block_sparse_attention(q, k, v, mask, block_size=(128, 128))
     assert out.stride() == q.stride(), f"out strides {out.stride()} != q strides {q.stride()}"
     for b in range(2):
-        rel, max_diff = _rel_err(out[b: b + 1], q[b: b + 1], k[b: b + 1], v[b: b + 1], mask[b: b + 1], (128, 128))
+        rel, max_diff = _rel_err(out[b : b + 1], q[b : b + 1], k[b : b + 1], v[b : b + 1], mask[b : b + 1], (128, 128))
         assert rel <= 1e-2, f"batch {b}: rel={rel:.2e} max_diff={max_diff:.2e}"
 
 
@@ -104,8 +110,9 @@ def test_block_mass_rows_sum_to_one_at_wan_size():
 def test_block_mass_matches_reference(bs):
     gen = torch.Generator(device="cuda").manual_seed(5)
     n = 4000
-    q, k = (torch.randn(1, n, 4, D, device="cuda", dtype=torch.bfloat16, generator=gen).transpose(1, 2)
-            for _ in range(2))
+    q, k = (
+        torch.randn(1, n, 4, D, device="cuda", dtype=torch.bfloat16, generator=gen).transpose(1, 2) for _ in range(2)
+    )
     q = q * 2  # a sharper softmax: mass far from uniform
     mass = ck.block_mass(q, k, block_size=bs)
     ref = block_mass_ref(q.float(), k.float(), bs)
@@ -114,16 +121,15 @@ def test_block_mass_matches_reference(bs):
     assert rel <= 1e-2, f"rel={rel:.2e} max_diff={max_diff:.2e}"
 
 
-@pytest.mark.parametrize("persistent", [True, False], ids=["v9", "v5"])
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "tile"])
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd", "packed-qkv"])
 def test_gluon_kernel_broadcast_index_and_layouts(layout, persistent):
-    """The Gluon kernels (v9 persistent, v5 per tile): one index row set broadcast over a batch of 2; q, k, v
+    """The Gluon kernels (persistent, per tile): one index row set broadcast over a batch of 2; q, k, v
     in diffusers' layout, the contiguous one, and as views into one packed [B, N, 3, H, D] buffer. Their
     row-view descriptors read past a head's N into the next head's (or batch's) rows, so rows listing only
     the partial last key block, only block 0, or both, check that keys >= N are masked and no output row
     >= N is written. Every head against the tl kernel, the first heads against the fp32 reference."""
-    from calibatt_kernels import block_sparse_gluon
-    from calibatt_kernels.block_sparse import KernelConfig
+    from calibatt_kernels import KernelConfig, attn_gluon
 
     if layout == "packed-qkv":
         gen = torch.Generator(device="cuda").manual_seed(5)
@@ -131,7 +137,7 @@ def test_gluon_kernel_broadcast_index_and_layouts(layout, persistent):
         q, k, v = (buf[:, :, i].transpose(1, 2) for i in range(3))
     else:
         q, k, v = _wan_qkv(seed=5, transposed=layout == "bnhd", batch=2)
-    if not block_sparse_gluon.supports(q, k, v, (128, 128)):
+    if not attn_gluon.supports(q, k, v, (128, 128)):
         pytest.skip("the Gluon kernel needs sm_90 and triton with Gluon")
     mask = _random_mask(seed=6, density=0.25, bs=(128, 128), batch=1)
     mask[..., 5, :] = False
@@ -140,10 +146,15 @@ def test_gluon_kernel_broadcast_index_and_layouts(layout, persistent):
     mask[..., 6, 0] = True  # only the first block
     mask[..., 7, :] = False
     mask[..., 7, [0, -1]] = True
-    out = _gluon_against_tl(q, k, v, mask_to_index(mask),
-                            KernelConfig(gluon=True, num_stages=3, warp_specialize=True, persistent=persistent))
+    out = _gluon_against_tl(
+        q,
+        k,
+        v,
+        mask_to_index(mask),
+        KernelConfig(kernel="gluon_persistent" if persistent else "gluon_tile", num_stages=3, num_warps=4),
+    )
     for b in range(2):
-        rel, max_diff = _rel_err(out[b: b + 1], q[b: b + 1], k[b: b + 1], v[b: b + 1], mask, (128, 128))
+        rel, max_diff = _rel_err(out[b : b + 1], q[b : b + 1], k[b : b + 1], v[b : b + 1], mask, (128, 128))
         assert rel <= 1e-2, f"batch {b}: rel={rel:.2e} max_diff={max_diff:.2e}"
 
 
@@ -199,18 +210,17 @@ def test_linear_gelu_at_wan_size(dim, ffn):
 
 
 @pytest.mark.parametrize("with_schedule", [False, True], ids=["natural-order", "lpt"])
-@pytest.mark.parametrize("persistent", [True, False], ids=["v9", "v5"])
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "tile"])
 def test_gluon_kernel_tile_sequences(persistent, with_schedule):
-    """v9 carries state from one tile to the next (Q double-buffered, K/V rings and their barrier phases that
-    run on across tiles, the next tile's record read during this one), so every kind of neighbour in a
-    program's walk must come out right: rows of many blocks, of one block (the first block is also the masked
-    last), and empty rows (zeros), in random order (natural order: program i takes rows i, i + #SMs, ...) and
-    longest-first. Every head against the tl kernel, the first heads against the fp32 reference."""
-    from calibatt_kernels import block_sparse_gluon
-    from calibatt_kernels.block_sparse import KernelConfig
+    """The persistent kernel carries state from one tile to the next (Q double-buffered, K/V rings and their
+    barrier phases that run on across tiles, the next tile's record read during this one), so every kind of
+    neighbour in a program's walk must come out right: rows of many blocks, of one block (the first block is
+    also the masked last), and empty rows (zeros), in random order (natural order: program i takes rows i,
+    i + #SMs, ...) and longest-first. Every head against the tl kernel, the first heads against the fp32 reference."""
+    from calibatt_kernels import KernelConfig, attn_gluon
 
     q, k, v = _wan_qkv(seed=7)
-    if not block_sparse_gluon.supports(q, k, v, (128, 128)):
+    if not attn_gluon.supports(q, k, v, (128, 128)):
         pytest.skip("the Gluon kernel needs sm_90 and triton with Gluon")
     nb = num_blocks(N, 128)
     gen = torch.Generator(device="cuda").manual_seed(8)
@@ -221,8 +231,13 @@ def test_gluon_kernel_tile_sequences(persistent, with_schedule):
     last = torch.zeros_like(mask)
     last[..., -1] = True
     mask = torch.where(kind == 0, False, torch.where(kind == 1, one, torch.where(kind == 2, last, mask)))
-    out = _gluon_against_tl(q, k, v, mask_to_index(mask, with_schedule=with_schedule),
-                            KernelConfig(gluon=True, num_stages=3, warp_specialize=True, persistent=persistent))
+    out = _gluon_against_tl(
+        q,
+        k,
+        v,
+        mask_to_index(mask, with_schedule=with_schedule),
+        KernelConfig(kernel="gluon_persistent" if persistent else "gluon_tile", num_stages=3, num_warps=4),
+    )
     empty = (~mask[0]).all(-1)  # [H, nb]
     rows = out[0, :, : (nb - 1) * 128].reshape(H, nb - 1, 128, D)  # the whole query blocks
     assert (rows[empty[:, : nb - 1]] == 0).all(), "an empty mask row must give zeros"
@@ -231,15 +246,15 @@ def test_gluon_kernel_tile_sequences(persistent, with_schedule):
 
 
 def test_gluon_persistent_splits_its_last_wave():
-    """v9 with rows of (nearly) equal length: the last wave's tiles run as pieces on the idle SMs and
+    """The persistent kernel with rows of (nearly) equal length: the last wave's tiles run as pieces on the idle SMs and
     split_merge's kernel merges them. The split rows (the schedule's last) against the fp32 reference, every
     head against the tl kernel, nothing left unwritten."""
-    from calibatt_kernels import block_sparse_gluon
-    from calibatt_kernels.block_sparse import GLUON_WS, _device_index
-    from calibatt_kernels.index import index_words
+    from calibatt_kernels import attn_gluon
+    from calibatt_kernels.attn_gluon import GLUON_PERSISTENT
+    from calibatt_kernels.index import index_on_device, index_words
 
     q, k, v = _wan_qkv(seed=9)
-    if not block_sparse_gluon.supports(q, k, v, (128, 128)):
+    if not attn_gluon.supports(q, k, v, (128, 128)):
         pytest.skip("the Gluon kernel needs sm_90 and triton with Gluon")
     nb = num_blocks(N, 128)
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
@@ -250,15 +265,16 @@ def test_gluon_persistent_splits_its_last_wave():
     mask = torch.zeros(1, H, nb, nb, dtype=torch.bool, device="cuda").scatter_(-1, idx, True)
     mask[..., -1] = True  # the partial last key block: rows of 26 and 27 blocks
     index = mask_to_index(mask)
-    counts, offsets, ids, _, schedule = _device_index(index, q.device)
-    _, splits = block_sparse_gluon.persistent_records(counts, offsets, index_words(ids), schedule, 1, q.device)
+    counts, offsets, ids, _, schedule = index_on_device(index, q.device)
+    _, splits = attn_gluon.persistent_records(counts, offsets, index_words(ids), schedule, 1, q.device)
     assert splits is not None and splits[1] >= 2
-    out = _gluon_against_tl(q, k, v, index, GLUON_WS)
+    out = _gluon_against_tl(q, k, v, index, GLUON_PERSISTENT)
     heads = sorted({(r // nb) % H for r in splits[0].tolist()})
-    ref = block_sparse_attention_ref(q[:, heads].float(), k[:, heads].float(), v[:, heads].float(),
-                                     mask[:, heads], (128, 128), rows_per_chunk=4)
+    ref = block_sparse_attention_ref(
+        q[:, heads].float(), k[:, heads].float(), v[:, heads].float(), mask[:, heads], (128, 128), rows_per_chunk=4
+    )
     for r in splits[0].tolist():
         h, blk = heads.index((r // nb) % H), r % nb
-        got, want = out[:, heads][0, h, blk * 128: (blk + 1) * 128].float(), ref[0, h, blk * 128: (blk + 1) * 128]
+        got, want = out[:, heads][0, h, blk * 128 : (blk + 1) * 128].float(), ref[0, h, blk * 128 : (blk + 1) * 128]
         rel = ((got - want).norm() / want.norm()).item()
         assert rel <= 1e-2, f"split row {r}: rel={rel:.2e}"

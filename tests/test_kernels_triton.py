@@ -32,16 +32,43 @@ SPARSE_CASES = {
     "bf16-d128-per-batch-mask": (2, 2, 333, 128, (128, 64), 2, torch.bfloat16, True, {}),
     "fp32-mask-broadcast-over-batch": (2, 1, 400, 64, (128, 128), 1, torch.float32, False, {}),
     "fp16-tiles-split-blocks": (2, 1, 400, 128, (128, 128), 2, torch.float16, True, dict(block_m=64, block_n=64)),
-    "fp32-one-program-per-tile": (2, 2, 390, 64, (128, 64), 1, torch.float32, True, dict(persistent=False)),
+    "fp32-one-program-per-tile": (2, 2, 390, 64, (128, 64), 1, torch.float32, True, dict(kernel="tl_tile")),
     "bf16-tensor-descriptors": (1, 2, 333, 64, (64, 64), 1, torch.bfloat16, True, dict(use_tma=True)),
     "fp32-long-rows": (1, 1, 2000, 64, (128, 64), 1, torch.float32, True, dict(use_tma=True)),
-    "bf16-pipelined-qk-split-tiles": (2, 2, 333, 64, (128, 64), 2, torch.bfloat16, True,
-                                      dict(pipeline_qk=True, block_n=32)),
-    "fp32-pipelined-qk-persistent-tma": (1, 2, 700, 128, (64, 64), 1, torch.float32, True,
-                                         dict(pipeline_qk=True, use_tma=True)),
+    "bf16-pipelined-qk-split-tiles": (
+        2,
+        2,
+        333,
+        64,
+        (128, 64),
+        2,
+        torch.bfloat16,
+        True,
+        dict(tl_pipeline_qk=True, block_n=32),
+    ),
+    "fp32-pipelined-qk-persistent-tma": (
+        1,
+        2,
+        700,
+        128,
+        (64, 64),
+        1,
+        torch.float32,
+        True,
+        dict(tl_pipeline_qk=True, use_tma=True),
+    ),
     # the Gluon config where Gluon cannot run (CPU, fp32): the tl kernel with its own default config
-    "fp32-gluon-config-falls-back": (1, 2, 300, 64, (128, 128), 1, torch.float32, True,
-                                     dict(gluon=True, warp_specialize=True, num_stages=3, num_warps=4)),
+    "fp32-gluon-config-falls-back": (
+        1,
+        2,
+        300,
+        64,
+        (128, 128),
+        1,
+        torch.float32,
+        True,
+        dict(kernel="gluon_persistent", num_stages=3, num_warps=4),
+    ),
 }
 MASS_CASES = {
     # name: (B, H, N, D, block_size, dtype, transposed)
@@ -71,8 +98,6 @@ def _errors(out, ref):
 
 
 def run_sparse(name):
-    from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
-
     B, H, N, D, bs, mb, dtype, transposed, cfg = SPARSE_CASES[name]
     gen = torch.Generator().manual_seed(len(name) * 1000 + N)
     q, k, v = _qkv(B, H, N, D, dtype, gen, transposed)
@@ -80,35 +105,45 @@ def run_sparse(name):
     mask[..., 0, :] = False  # an empty row writes zeros
     mask[..., -1, -1] = True  # the partial last key block is used
     out = torch.full_like(q, float("nan"))  # poison: every element must be written
-    block_sparse_attention_triton(q, k, v, mask_to_index(mask), block_size=bs, out=out, config=KernelConfig(**cfg))
+    ck.reset_what_ran()
+    ck.block_sparse_attention_indexed(
+        q, k, v, mask_to_index(mask), block_size=bs, out=out, config=ck.KernelConfig(**cfg)
+    )
     ref = block_sparse_attention_ref(q.float(), k.float(), v.float(), mask, bs)
-    return dict(_errors(out, ref), nan=bool(out.isnan().any()), empty_row_zero=bool((out[:, :, : bs[0]] == 0).all()))
+    return dict(
+        _errors(out, ref),
+        nan=bool(out.isnan().any()),
+        empty_row_zero=bool((out[:, :, : bs[0]] == 0).all()),
+        ran=ck.what_ran(),
+    )
 
 
 LSE_CASES = {
     # name: (B, H, N, D, block_size, dtype, config kwargs): the row LSE that joint attention merges with
-    "fp32-odd-n-one-program-per-tile": (2, 2, 300, 64, (64, 64), torch.float32, dict(persistent=False)),
+    "fp32-odd-n-one-program-per-tile": (2, 2, 300, 64, (64, 64), torch.float32, dict(kernel="tl_tile")),
     "bf16-tiles-split-blocks-tma": (1, 2, 333, 128, (128, 128), torch.bfloat16, dict(block_m=64, use_tma=True)),
 }
 
 
 def run_lse(name):
-    from calibatt_kernels.block_sparse import KernelConfig, block_sparse_attention_triton
-
     B, H, N, D, bs, dtype, cfg = LSE_CASES[name]
     gen = torch.Generator().manual_seed(N + 7)
     q, k, v = _qkv(B, H, N, D, dtype, gen, transposed=True)
     mask = torch.rand(B, H, num_blocks(N, bs[0]), num_blocks(N, bs[1]), generator=gen) < 0.4
     mask[..., 0, :] = False  # an empty row: lse -inf
     mask[..., -1, -1] = True
-    out, lse = block_sparse_attention_triton(q, k, v, mask_to_index(mask), block_size=bs,
-                                             config=KernelConfig(**cfg), return_lse=True)
+    out, lse = ck.block_sparse_attention_indexed(
+        q, k, v, mask_to_index(mask), block_size=bs, config=ck.KernelConfig(**cfg), return_lse=True
+    )
     ref, ref_lse = block_sparse_attention_ref(q.float(), k.float(), v.float(), mask, bs, return_lse=True)
     fin = torch.isfinite(ref_lse)
-    return dict(_errors(out, ref), lse_max_diff=(lse[fin] - ref_lse[fin]).abs().max().item(),
-                lse_ok=lse.shape == (B, H, N) and lse.dtype == torch.float32,
-                same_inf=bool(torch.equal(torch.isfinite(lse), fin)),
-                empty_inf=bool(lse[:, :, : bs[0]].isneginf().all()))
+    return dict(
+        _errors(out, ref),
+        lse_max_diff=(lse[fin] - ref_lse[fin]).abs().max().item(),
+        lse_ok=lse.shape == (B, H, N) and lse.dtype == torch.float32,
+        same_inf=bool(torch.equal(torch.isfinite(lse), fin)),
+        empty_inf=bool(lse[:, :, : bs[0]].isneginf().all()),
+    )
 
 
 def run_layout():
@@ -127,7 +162,7 @@ def run_layout():
 def run_gluon_compile_failure():
     """A triton whose Gluon API we do not know: the first call's compile error switches to the tl kernel for
     good (same results), and the Gluon kernel is not tried again."""
-    from calibatt_kernels import block_sparse, block_sparse_gluon
+    from calibatt_kernels import attn_gluon, dispatch
 
     tries = []
 
@@ -135,16 +170,22 @@ def run_gluon_compile_failure():
         tries.append(1)
         raise RuntimeError("PassManager::run failed")
 
-    block_sparse_gluon.supports, block_sparse_gluon.block_sparse_attention_gluon = (lambda *a, **kw: True), failing
+    attn_gluon.supports, attn_gluon.block_sparse_attention_gluon = (lambda *a, **kw: True), failing
     gen = torch.Generator().manual_seed(4)
     q, k, v = _qkv(1, 2, 300, 64, torch.float32, gen, transposed=True)
     mask = torch.rand(2, 3, 3, generator=gen) < 0.6
-    cfg = block_sparse.GLUON_WS
-    outs = [block_sparse.block_sparse_attention_triton(q, k, v, mask_to_index(mask), block_size=(128, 128),
-                                                       config=cfg) for _ in range(2)]
+    cfg = attn_gluon.GLUON_PERSISTENT
+    outs = [
+        ck.block_sparse_attention_indexed(q, k, v, mask_to_index(mask), block_size=(128, 128), config=cfg)
+        for _ in range(2)
+    ]
     ref = block_sparse_attention_ref(q, k, v, mask, (128, 128))
-    return dict(_errors(outs[1], ref), tries=len(tries), broken=bool(block_sparse._GLUON_BROKEN),
-                same=bool(torch.equal(outs[0], outs[1])))
+    return dict(
+        _errors(outs[1], ref),
+        tries=len(tries),
+        broken="gluon" in dispatch.disabled_backends(),
+        same=bool(torch.equal(outs[0], outs[1])),
+    )
 
 
 def run_dense():
@@ -161,8 +202,11 @@ def run_mass(name):
     q = q * 3  # a sharper softmax: mass far from uniform
     mass = ck.block_mass(q, k, block_size=bs)
     ref = block_mass_ref(q.float(), k.float(), bs)
-    return dict(shape_ok=mass.shape == ref.shape and mass.dtype == torch.float32,
-                row_err=(mass.sum(-1) - 1).abs().max().item(), max_diff=(mass - ref).abs().max().item())
+    return dict(
+        shape_ok=mass.shape == ref.shape and mass.dtype == torch.float32,
+        row_err=(mass.sum(-1) - 1).abs().max().item(),
+        max_diff=(mass - ref).abs().max().item(),
+    )
 
 
 def rope_tables(n, d, gen):
@@ -182,17 +226,21 @@ def run_qk_norm_rope(name):
     got = ck.qk_norm_rope(q, k, wq, wk, cos, sin, heads=H, eps=1e-6)
     want = ck.qk_norm_rope_ref(q, k, wq, wk, cos, sin, heads=H, eps=1e-6)
     errs = [_errors(g, w.float()) for g, w in zip(got, want, strict=True)]
-    return dict(rel=max(e["rel"] for e in errs), max_diff=max(e["max_diff"] for e in errs),
-                nan=any(bool(g.isnan().any()) for g in got),
-                shape_ok=all(g.shape == (B, N, H, D) and g.dtype == dtype and g.is_contiguous() for g in got))
+    return dict(
+        rel=max(e["rel"] for e in errs),
+        max_diff=max(e["max_diff"] for e in errs),
+        nan=any(bool(g.isnan().any()) for g in got),
+        shape_ok=all(g.shape == (B, N, H, D) and g.dtype == dtype and g.is_contiguous() for g in got),
+    )
 
 
 def run_split_merge():
-    """v9's last wave split (split_merge): each piece's partial output and statistics made here in PyTorch from
-    the pieces' records (what the Gluon kernel leaves in its workspace), merged by `_merge_splits` under the
-    interpreter: the split rows against the fp32 reference, every other row left alone (still the poison)."""
-    from calibatt_kernels.block_sparse import LOG2E
-    from calibatt_kernels.block_sparse_gluon import tile_records
+    """The persistent Gluon kernel's last wave split (split_merge): each piece's partial output and statistics
+    made here in PyTorch from the pieces' records (what the Gluon kernel leaves in its workspace), merged by
+    `_merge_splits` under the interpreter: the split rows against the fp32 reference, every other row left
+    alone (still the poison)."""
+    from calibatt_kernels._common import LOG2E
+    from calibatt_kernels.attn_gluon import tile_records
     from calibatt_kernels.index import index_words
     from calibatt_kernels.split_merge import SPLIT_ROWS, merge_splits, merge_splits_ref, split_last_wave
 
@@ -216,12 +264,12 @@ def run_split_merge():
             h, blk = (row // mb) % H, row % mb
             qr = torch.zeros(SPLIT_ROWS, D)
             n = min(SPLIT_ROWS, N - blk * SPLIT_ROWS)
-            qr[:n] = q[0, h, blk * SPLIT_ROWS: blk * SPLIT_ROWS + n]
-            keys = torch.cat([torch.arange(j * SPLIT_ROWS, min(N, (j + 1) * SPLIT_ROWS)) for j in ids[e0:e0 + cnt]])
-            sc = qr @ k[0, h, keys].T * (D ** -0.5 * LOG2E)
+            qr[:n] = q[0, h, blk * SPLIT_ROWS : blk * SPLIT_ROWS + n]
+            keys = torch.cat([torch.arange(j * SPLIT_ROWS, min(N, (j + 1) * SPLIT_ROWS)) for j in ids[e0 : e0 + cnt]])
+            sc = qr @ k[0, h, keys].T * (D**-0.5 * LOG2E)
             m = sc.max(-1).values
             p = torch.exp2(sc - m[:, None])
-            ws_o[slot * SPLIT_ROWS: (slot + 1) * SPLIT_ROWS] = p @ v[0, h, keys]
+            ws_o[slot * SPLIT_ROWS : (slot + 1) * SPLIT_ROWS] = p @ v[0, h, keys]
             ws_ml[slot, 0], ws_ml[slot, 1] = m, p.sum(-1)
         out = torch.full_like(q, float("nan"))
         merge_splits(ws_o, ws_ml, split_rows, s, out, H, mb)
@@ -229,11 +277,15 @@ def run_split_merge():
         done = torch.zeros(H, N, dtype=torch.bool)
         for row in split_rows.tolist():
             h, blk = (row // mb) % H, row % mb
-            done[h, blk * SPLIT_ROWS: (blk + 1) * SPLIT_ROWS] = True
+            done[h, blk * SPLIT_ROWS : (blk + 1) * SPLIT_ROWS] = True
         res[f"p{programs}"] = dict(
-            _errors(out[0][done], ref[0][done]), s=s, split=len(split_rows), pieces=pieces.shape[0],
+            _errors(out[0][done], ref[0][done]),
+            s=s,
+            split=len(split_rows),
+            pieces=pieces.shape[0],
             same_as_ref_merge=bool(torch.allclose(out[0][done], want[0][done], atol=1e-5)),
-            rest_untouched=bool(out[0][~done].isnan().all()) and bool(want[0][~done].isnan().all()))
+            rest_untouched=bool(out[0][~done].isnan().all()) and bool(want[0][~done].isnan().all()),
+        )
     return res
 
 
@@ -298,6 +350,18 @@ def test_output_keeps_q_layout_without_schedule(results):
 def test_public_api_dense_matches_sdpa(results):
     r = _get(results, "dense")
     assert r["rel"] < 1e-5, f"rel={r['rel']:.2e} max_diff={r['max_diff']:.2e}"
+
+
+@pytest.mark.parametrize("name", list(SPARSE_CASES))
+def test_block_sparse_records_what_ran(results, name):
+    """dispatch records the kernel each call ran; a config the backend cannot take is a recorded fallback."""
+    r = _get(results, f"sparse/{name}")["ran"]
+    want = SPARSE_CASES[name][8].get("kernel", "tl_persistent")
+    if want.startswith("gluon"):  # the CPU interpreter: the tl kernel's default takes the call
+        assert r["last"] == {"attention": "tl_tile"}, r
+        assert [(f["wanted"], f["ran"]) for f in r["fallbacks"]] == [(want, "tl_tile")], r
+    else:
+        assert r["calls"] == {f"attention:{want}": 1} and not r["fallbacks"], r
 
 
 def test_gluon_compile_failure_falls_back_to_tl(results):

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calibatt_cli.attention import AttentionController, MassRecorder, SparsePlan
 from calibatt_cli.bundle import load_bundle, save_bundle
+from calibatt_cli.cache.build import compile_cache
 from calibatt_cli.calibrate import calibrate
-from calibatt_cli.compiler import compile_cache
 from calibatt_cli.config import CONFIG_DIR, load_config
 from calibatt_cli.errors import ConfigError, ModelError
 from calibatt_cli.generate import generate
 from calibatt_cli.models import load_model, model_identity
+from calibatt_cli.runtime import AttentionController, MassRecorder, SparsePlan
 from calibatt_kernels import block_mass_ref, block_sparse_attention_ref, expand_block_mask, mask_to_index, num_blocks
 
 PROMPT = "a red circle moving left on a black background"
@@ -58,8 +58,9 @@ def _joint_inputs(seed):
 
 
 def _sparse_controller(mask):
-    plan = SparsePlan(BLOCK, [0], {(0, 0): mask_to_index(mask, with_schedule=True)},
-                      mask.double().mean(dim=(-1, -2))[None, None])
+    plan = SparsePlan(
+        BLOCK, [0], {(0, 0): mask_to_index(mask, with_schedule=True)}, mask.double().mean(dim=(-1, -2))[None, None]
+    )
     return AttentionController("sparse", plan=plan)
 
 
@@ -117,8 +118,13 @@ def test_processor_matches_diffusers_on_a_cfg_batch():
     text_mask = torch.zeros(2, 16, dtype=torch.bool)
     text_mask[0, :1] = True  # uncond: "" -> </s>
     text_mask[1, :7] = True
-    args = dict(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([500.0, 500.0]),
-                encoder_attention_mask=text_mask, return_dict=False)
+    args = dict(
+        hidden_states=x,
+        encoder_hidden_states=text,
+        timestep=torch.tensor([500.0, 500.0]),
+        encoder_attention_mask=text_mask,
+        return_dict=False,
+    )
     with torch.inference_mode():
         ref = net(**args)[0]
         model.install(AttentionController("dense"))
@@ -149,9 +155,9 @@ def test_real_mochi_token_grid():
     # which only the tl kernel has (the Gluon kernel is no candidate for it)
     assert ident.joint_attention
     assert not model_identity(load_config(None)).joint_attention  # tiny (Wan)
-    from calibatt_kernels import block_sparse
+    from calibatt_kernels import dispatch
 
-    assert not any(c.gluon for c in block_sparse.candidate_configs((9, 0), (128, 128), 128, return_lse=True))
+    assert not any(c.backend == "gluon" for c in dispatch.candidate_configs((9, 0), (128, 128), 128, return_lse=True))
 
 
 def test_presets_load():
@@ -171,9 +177,16 @@ def calibrated(tmp_path_factory):
     out = tmp_path_factory.mktemp("mochi")
     prompts = out / "prompts.txt"
     prompts.write_text(f"{PROMPT}\na blue square moving up\n")
-    cfg = load_config(MOCHI_TINY, [f"calibration.prompts={prompts}", f"calibration.output={out}/b.safetensors",
-                                   f"compile.bundle={out}/b.safetensors", f"compile.cache_dir={out}/cache",
-                                   f"generate.output={out}/v.mp4"])
+    cfg = load_config(
+        MOCHI_TINY,
+        [
+            f"calibration.prompts={prompts}",
+            f"calibration.output={out}/b.safetensors",
+            f"compile.bundle={out}/b.safetensors",
+            f"compile.cache_dir={out}/cache",
+            f"generate.output={out}/v.mp4",
+        ],
+    )
     return cfg, calibrate(cfg)
 
 
@@ -241,7 +254,13 @@ def test_mochi_1_needs_a_complete_folder(tmp_path):
     with pytest.raises(ModelError) as e:
         model_identity(load_config(MOCHI_TINY, ["model.name=mochi-1", f"model.path={tmp_path}"]))
     msg = str(e.value)
-    for part in ("model_index.json", "transformer/*.safetensors", "vae/config.json", "text_encoder/config.json",
-                 "tokenizer/", "scheduler/scheduler_config.json"):
+    for part in (
+        "model_index.json",
+        "transformer/*.safetensors",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "tokenizer/",
+        "scheduler/scheduler_config.json",
+    ):
         assert part in msg, f"{part!r} not in: {msg}"
     assert "transformer/config.json" not in msg.split("Expected:")[0], "present files are not reported missing"

@@ -3,14 +3,15 @@
 import torch
 
 import calibatt_kernels as ck
-from calibatt_cli.attention import AttentionController
 from calibatt_cli.bundle import save_bundle
+from calibatt_cli.cache.build import compile_cache
+from calibatt_cli.cache.load import load_cache
 from calibatt_cli.calibrate import calibrate
-from calibatt_cli.compiler import compile_cache, load_cache
 from calibatt_cli.config import load_config
 from calibatt_cli.models import load_model
-from calibatt_kernels.block_sparse import KernelConfig
-from calibatt_kernels.ops import block_sparse_attention_op, config_from_ints, config_to_ints
+from calibatt_cli.runtime import AttentionController
+from calibatt_kernels import KernelConfig
+from calibatt_kernels.ops import block_sparse_attention_op, config_as_op_arg, config_from_op_arg
 
 
 def _inputs(n=200, bs=64):
@@ -27,11 +28,12 @@ def test_op_matches_reference_and_its_fake():
     out = block_sparse_attention_op(q, k, v, ix.counts, ix.offsets, ix.indices, ix.schedule, 64, 64, [])
     ref = ck.block_sparse_attention_ref(q, k, v, mask, (64, 64))
     assert (out - ref).abs().max() < 1e-5
-    cfg = config_to_ints(KernelConfig(block_m=64, num_warps=4, num_stages=2, persistent=False))
-    assert config_from_ints(cfg) == KernelConfig(block_m=64, num_warps=4, num_stages=2, persistent=False)
+    cfg = config_as_op_arg(KernelConfig(kernel="tl_tile", block_m=64, num_warps=4, num_stages=2))
+    assert config_from_op_arg(cfg) == KernelConfig(kernel="tl_tile", block_m=64, num_warps=4, num_stages=2)
     args = (q, k, v, ix.counts, ix.offsets, ix.indices, ix.schedule, 64, 64, cfg)
-    torch.library.opcheck(block_sparse_attention_op, args,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    torch.library.opcheck(
+        block_sparse_attention_op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    )
 
 
 def test_transformer_compiles_fullgraph_with_the_op(small_config):
@@ -80,5 +82,8 @@ def test_linear_gelu_op_matches_diffusers_gelu_module_and_its_fake():
     assert (got - want).abs().max() < 1e-6
     assert (erf - want).abs().max() > 1e-4, "the reference must be the tanh GELU"
     assert not fusable(x, mod.proj.weight, mod.proj.bias)  # the CPU takes the reference
-    torch.library.opcheck(linear_gelu_op, (x, mod.proj.weight.detach(), mod.proj.bias.detach()),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    torch.library.opcheck(
+        linear_gelu_op,
+        (x, mod.proj.weight.detach(), mod.proj.bias.detach()),
+        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+    )

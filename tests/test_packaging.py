@@ -38,8 +38,9 @@ def test_repo_root_first_on_sys_path_does_not_shadow_pypi_kernels():
 
 
 def test_python_m_cli_help_from_repo_root():
-    res = subprocess.run([sys.executable, "-m", "calibatt_cli", "--help"], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "calibatt_cli", "--help"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "calibrate" in res.stdout and "generate" in res.stdout
 

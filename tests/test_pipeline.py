@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from calibatt_cli.bundle import load_bundle, save_bundle
+from calibatt_cli.cache.build import compile_cache
+from calibatt_cli.cache.load import load_cache
 from calibatt_cli.calibrate import calibrate, step_buckets
-from calibatt_cli.compiler import compile_cache, load_cache
 from calibatt_cli.config import load_config
 from calibatt_cli.errors import CacheError, ConfigError
 from calibatt_cli.generate import generate

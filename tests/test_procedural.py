@@ -4,9 +4,9 @@ and the fixed latent transform's invertibility."""
 import numpy as np
 import torch
 
-from calibatt_cli import procedural as P
-from calibatt_cli.latent import PixelShuffleLatent, channel_to_space_time, space_time_to_channel
-from calibatt_cli.models.tiny import LATENT, VOCAB_WORDS
+from calibatt_cli.tiny import procedural as P
+from calibatt_cli.tiny.latent import PixelShuffleLatent, channel_to_space_time, space_time_to_channel
+from calibatt_cli.tiny.model import LATENT, VOCAB_WORDS
 
 
 def test_batches_are_a_function_of_seed_and_step():

@@ -77,7 +77,7 @@ def test_index_round_trip_and_schedule():
         for h in range(3):
             for i in range(5):
                 c, o = int(ix.counts[b, h, i]), int(ix.offsets[b, h, i])
-                assert ix.indices[o:o + c].tolist() == mask[b, h, i].nonzero().flatten().tolist()
+                assert ix.indices[o : o + c].tolist() == mask[b, h, i].nonzero().flatten().tolist()
     # compressed rows: the index holds the listed blocks (padded to 16 bytes), however wide the widest row
     assert ix.indices.numel() == -(-int(mask.sum()) // 8) * 8 and ix.max_blocks_per_row == int(mask.sum(-1).max())
 
@@ -127,8 +127,9 @@ def test_dropped_mass_predicts_the_change():
     assert (per_block - (1 - kept)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("n,offset,dtype", [(16, 0, torch.int16), (13, 0, torch.int16), (12, 1, torch.int16),
-                                             (9, 0, torch.int64)])
+@pytest.mark.parametrize(
+    "n,offset,dtype", [(16, 0, torch.int16), (13, 0, torch.int16), (12, 1, torch.int16), (9, 0, torch.int64)]
+)
 def test_index_words_hold_the_ids_two_to_a_word(n, offset, dtype):
     """The kernel reads id e as (word[e >> 1] >> 16 * (e & 1)) & 0xFFFF; odd lengths, 2-byte-aligned views
     and wider ids must read back the same ids."""
@@ -170,8 +171,9 @@ def test_grouped_schedule_orders_levels_then_rows():
         assert (later_max - c).max() <= -(-int(big.max()) // levels)
 
 
-@pytest.mark.parametrize("n, block_size, batch_mask", [(200, (64, 64), False), (301, (64, 32), True),
-                                                       (96, (32, 32), False)])
+@pytest.mark.parametrize(
+    "n, block_size, batch_mask", [(200, (64, 64), False), (301, (64, 32), True), (96, (32, 32), False)]
+)
 def test_cpu_rows_path_matches_the_reference(n, block_size, batch_mask):
     """The CPU path (kernels/cpu.py) against the reference: random masks with empty rows and rows that keep
     every key block (alone and in runs), N not a multiple of either block size, B > 1 with per-batch or

@@ -5,10 +5,20 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from calibatt_cli.train import CKPT_INFO, TrainConfig, export_weights, train
+from calibatt_cli.tiny.train import CKPT_INFO, TrainConfig, export_weights, train
 
-SMALL = dict(patch_size=(1, 2, 2), num_attention_heads=1, attention_head_dim=64, in_channels=24, out_channels=24,
-             text_dim=64, freq_dim=64, ffn_dim=64, num_layers=1, rope_max_seq_len=64)
+SMALL = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=1,
+    attention_head_dim=64,
+    in_channels=24,
+    out_channels=24,
+    text_dim=64,
+    freq_dim=64,
+    ffn_dim=64,
+    num_layers=1,
+    rope_max_seq_len=64,
+)
 
 
 def _cfg(steps: int) -> TrainConfig:
@@ -49,12 +59,13 @@ def test_warm_start_from_the_shipped_weights(tmp_path):
 
     from safetensors.torch import load_file
 
-    from calibatt_cli.models import tiny as tiny_mod
-    from calibatt_cli.train import Trainer
+    from calibatt_cli.tiny import model as tiny_mod
+    from calibatt_cli.tiny.train import Trainer
 
     shipped_step = json.loads(tiny_mod.WEIGHTS_INFO.read_text())["step"]
-    cfg = TrainConfig(steps=shipped_step + 1, batch=2, log_every=1, ckpt_every=100, warmup=1,
-                      init_from=str(tiny_mod.WEIGHTS))
+    cfg = TrainConfig(
+        steps=shipped_step + 1, batch=2, log_every=1, ckpt_every=100, warmup=1, init_from=str(tiny_mod.WEIGHTS)
+    )
     trainer = Trainer(cfg)
     trainer.warm_start(tiny_mod.WEIGHTS)
     shipped = load_file(str(tiny_mod.WEIGHTS))
@@ -70,7 +81,7 @@ def test_warm_start_from_the_shipped_weights(tmp_path):
 
 
 def test_cosine_schedule_warms_up_then_anneals_to_zero():
-    from calibatt_cli.train import Trainer
+    from calibatt_cli.tiny.train import Trainer
 
     t = Trainer(TrainConfig(steps=1200, lr=1e-3, warmup=100, lr_schedule="cosine", transformer=dict(SMALL)))
     t.start_step = 200  # a warm start: the schedule spans this optimizer's own run, steps 200..1200
@@ -78,7 +89,7 @@ def test_cosine_schedule_warms_up_then_anneals_to_zero():
     assert abs(lrs[0] - 1e-5) < 1e-9  # warm-up: 1/100 of the peak at its first step
     peak = max(lrs)
     assert 0.95e-3 < peak <= 1e-3 and lrs.index(peak) < 110  # the cosine has begun by then
-    after = lrs[lrs.index(peak):]
+    after = lrs[lrs.index(peak) :]
     assert all(a >= b for a, b in zip(after[:-1], after[1:], strict=True)) and after[-1] < 1e-7
     const = Trainer(TrainConfig(steps=1200, lr=1e-3, warmup=100, transformer=dict(SMALL)))
     assert const.lr_at(150) == const.lr_at(1199) == 1e-3
@@ -93,8 +104,8 @@ def test_cosine_schedule_warms_up_then_anneals_to_zero():
 def test_foreground_weights_cover_the_objects_and_their_rim():
     """fg_weight: the loss weight is 1 + w on the object's pixels (a 1-pixel rim included), 1 elsewhere, and
     lands on the same latent elements as those pixels."""
-    from calibatt_cli import procedural as P
-    from calibatt_cli.train import Trainer, foreground
+    from calibatt_cli.tiny import procedural as P
+    from calibatt_cli.tiny.train import Trainer, foreground
 
     spec = P.ClipSpec((P.ObjectSpec("red", "square", "left", "large", (32.0, 32.0), 0.0),), "black", False)
     video = P.render([spec])
@@ -120,18 +131,26 @@ def test_warm_start_grows_blocks_that_start_as_the_identity(tmp_path):
     import pytest
 
     from calibatt_cli.errors import CalibattError
-    from calibatt_cli.train import GROWN_ZERO, Trainer
+    from calibatt_cli.tiny.train import GROWN_ZERO, Trainer
 
     train(_cfg(1), tmp_path / "small")
     export_weights(tmp_path / "small", tmp_path / "small.safetensors")
     small = Trainer(_cfg(1))
     small.warm_start(tmp_path / "small.safetensors")
-    big_cfg = TrainConfig(steps=3, batch=2, transformer=dict(SMALL, num_layers=2), log_every=1, ckpt_every=100,
-                          warmup=1, init_from=str(tmp_path / "small.safetensors"))
+    big_cfg = TrainConfig(
+        steps=3,
+        batch=2,
+        transformer=dict(SMALL, num_layers=2),
+        log_every=1,
+        ckpt_every=100,
+        warmup=1,
+        init_from=str(tmp_path / "small.safetensors"),
+    )
     big = Trainer(big_cfg)
     big.warm_start(tmp_path / "small.safetensors")
-    zeroed = [n for n, p in big.named if n.startswith("transformer.blocks.1.")
-              and any(f".{z}." in n for z in GROWN_ZERO)]
+    zeroed = [
+        n for n, p in big.named if n.startswith("transformer.blocks.1.") and any(f".{z}." in n for z in GROWN_ZERO)
+    ]
     assert len(zeroed) == 6 and all(not dict(big.named)[n].any() for n in zeroed)
     x = torch.randn(1, 24, 3, 8, 8)
     t = torch.tensor([400.0])
@@ -159,7 +178,7 @@ def test_compile_keeps_parameter_names_and_checkpoint_keys(tmp_path):
     """--compile compiles the transformer in place: a wrapper module (torch.compile(m)) would prefix every
     name with `_orig_mod.`, and checkpoints and exports would stop loading into the eager model. (Running
     a compiled step takes ~45 s of compiling here; its losses against eager are in docs/training.md.)"""
-    from calibatt_cli.train import Trainer
+    from calibatt_cli.tiny.train import Trainer
 
     eager = Trainer(TrainConfig(batch=2, transformer=dict(SMALL)))
     compiled = Trainer(TrainConfig(batch=2, transformer=dict(SMALL), compile=True))

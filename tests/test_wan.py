@@ -5,8 +5,8 @@ import pytest
 import torch
 import wan_formats
 
+from calibatt_cli.cache.build import compile_cache
 from calibatt_cli.calibrate import calibrate
-from calibatt_cli.compiler import compile_cache
 from calibatt_cli.config import load_config
 from calibatt_cli.errors import ModelError
 from calibatt_cli.generate import generate
@@ -28,12 +28,25 @@ def checkpoints(tmp_path_factory):
 def _cfg(tmp_path, path, *extra):
     prompts = tmp_path / "p.txt"
     prompts.write_text(PROMPT + "\n")
-    return load_config(None, [
-        "model.name=wan2.1", f"model.path={path}", "video.frames=9", "video.height=64", "video.width=64",
-        "generate.steps=3", "generate.flow_shift=3.0", "calibration.block_size=16", "calibration.buckets=1",
-        f"calibration.prompts={prompts}", f"calibration.output={tmp_path}/b.safetensors",
-        f"compile.bundle={tmp_path}/b.safetensors", f"compile.cache_dir={tmp_path}/cache", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            "model.name=wan2.1",
+            f"model.path={path}",
+            "video.frames=9",
+            "video.height=64",
+            "video.width=64",
+            "generate.steps=3",
+            "generate.flow_shift=3.0",
+            "calibration.block_size=16",
+            "calibration.buckets=1",
+            f"calibration.prompts={prompts}",
+            f"calibration.output={tmp_path}/b.safetensors",
+            f"compile.bundle={tmp_path}/b.safetensors",
+            f"compile.cache_dir={tmp_path}/cache",
+            *extra,
+        ],
+    )
 
 
 def test_key_maps_invert_the_converters():
@@ -103,13 +116,22 @@ def test_processor_matches_diffusers_stock_processor(mode):
     from diffusers import WanTransformer3DModel
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-    from calibatt_cli.attention import AttentionController, MassRecorder, SparsePlan
     from calibatt_cli.models.wan import CalibattWanAttnProcessor
+    from calibatt_cli.runtime import AttentionController, MassRecorder, SparsePlan
     from calibatt_kernels import mask_to_index
 
     torch.manual_seed(0)
-    tr = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=4,
-                               out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2).eval()
+    tr = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=64,
+        in_channels=4,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+    ).eval()
     for blk in tr.blocks:  # non-trivial norm weights: a swapped or skipped norm must show
         blk.attn1.norm_q.weight.data.uniform_(0.5, 1.5)
         blk.attn1.norm_k.weight.data.uniform_(0.5, 1.5)
@@ -146,12 +168,24 @@ def test_ffn_fusion_swaps_keeps_outputs_and_restores():
     from calibatt_cli.models.wan import FusedGELUProjection, fuse_ffn_gelu
 
     torch.manual_seed(0)
-    tr = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4,
-                               out_channels=4, text_dim=32, freq_dim=32, ffn_dim=96, num_layers=2).eval()
+    tr = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=32,
+        in_channels=4,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=96,
+        num_layers=2,
+    ).eval()
     originals = [blk.ffn.net[0] for blk in tr.blocks]
     keys = list(tr.state_dict())
-    args = dict(hidden_states=torch.randn(1, 4, 3, 8, 8), timestep=torch.tensor([300.0]),
-                encoder_hidden_states=torch.randn(1, 5, 32))
+    args = dict(
+        hidden_states=torch.randn(1, 4, 3, 8, 8),
+        timestep=torch.tensor([300.0]),
+        encoder_hidden_states=torch.randn(1, 5, 32),
+    )
     with torch.no_grad():
         want = tr(**args).sample
         swapped = fuse_ffn_gelu(tr)

@@ -13,16 +13,36 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from calibatt_cli.models.tiny import build_tokenizer
 from calibatt_cli.models.wan_weights import SHIPPED
+from calibatt_cli.tiny.model import build_tokenizer
 
-TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=16,
-                   out_channels=16, text_dim=32, freq_dim=32, ffn_dim=96, num_layers=2, rope_max_seq_len=64)
+TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=64,
+    in_channels=16,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=32,
+    ffn_dim=96,
+    num_layers=2,
+    rope_max_seq_len=64,
+)
 # The real VAE's structure (levels, blocks, temporal downsampling) at a toy width: the original key names
 # depend on the structure only.
 VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
-TEXT = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True, dropout_rate=0.0)
+TEXT = dict(
+    d_model=32,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    feed_forward_proj="gated-gelu",
+    dense_act_fn="gelu_new",
+    is_gated_act=True,
+    dropout_rate=0.0,
+)
 
 
 def tiny_wan_pipeline(seed: int = 0):
@@ -76,14 +96,19 @@ def transformer_to_original(sd: dict) -> dict:
     return out
 
 
-_RES = {"norm1.gamma": "residual.0.gamma", "conv1": "residual.2", "norm2.gamma": "residual.3.gamma",
-        "conv2": "residual.6", "conv_shortcut": "shortcut"}
+_RES = {
+    "norm1.gamma": "residual.0.gamma",
+    "conv1": "residual.2",
+    "norm2.gamma": "residual.3.gamma",
+    "conv2": "residual.6",
+    "conv_shortcut": "shortcut",
+}
 
 
 def _res(rest: str) -> str:
     for a, b in _RES.items():
         if rest.startswith(a):
-            return b + rest[len(a):]
+            return b + rest[len(a) :]
     return rest
 
 
@@ -121,9 +146,18 @@ def t5_to_original(sd: dict) -> dict:
     out = {}
     names = {}
     for i in range(TEXT["num_layers"]):
-        for orig in ("norm1.weight", "attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight",
-                     "pos_embedding.embedding.weight", "norm2.weight", "ffn.gate.0.weight", "ffn.fc1.weight",
-                     "ffn.fc2.weight"):
+        for orig in (
+            "norm1.weight",
+            "attn.q.weight",
+            "attn.k.weight",
+            "attn.v.weight",
+            "attn.o.weight",
+            "pos_embedding.embedding.weight",
+            "norm2.weight",
+            "ffn.gate.0.weight",
+            "ffn.fc1.weight",
+            "ffn.fc2.weight",
+        ):
             names[_t5_key(f"blocks.{i}.{orig}")] = f"blocks.{i}.{orig}"
     names["shared.weight"] = "token_embedding.weight"
     names["encoder.final_layer_norm.weight"] = "norm.weight"
@@ -141,9 +175,11 @@ def check_inverse() -> None:
     from calibatt_cli.models.wan_weights import convert_wan_t5
 
     pipe = tiny_wan_pipeline()
-    for module, inv, fwd in ((pipe.transformer, transformer_to_original, convert_wan_transformer_to_diffusers),
-                             (pipe.vae, vae_to_original, convert_wan_vae_to_diffusers),
-                             (pipe.text_encoder, t5_to_original, convert_wan_t5)):
+    for module, inv, fwd in (
+        (pipe.transformer, transformer_to_original, convert_wan_transformer_to_diffusers),
+        (pipe.vae, vae_to_original, convert_wan_vae_to_diffusers),
+        (pipe.text_encoder, t5_to_original, convert_wan_t5),
+    ):
         sd = module.state_dict()
         back = fwd(inv(dict(sd)))
         want = {k for k in sd if k != "encoder.embed_tokens.weight"}
@@ -159,12 +195,24 @@ def write_diffusers(pipe, folder: Path) -> Path:
 def write_original(pipe, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     t = pipe.transformer.config
-    (folder / "config.json").write_text(json.dumps({
-        "_class_name": "WanModel", "model_type": "t2v", "dim": t.num_attention_heads * t.attention_head_dim,
-        "ffn_dim": t.ffn_dim, "freq_dim": t.freq_dim, "num_heads": t.num_attention_heads, "num_layers": t.num_layers,
-        "in_dim": t.in_channels, "out_dim": t.out_channels, "eps": t.eps, "text_len": 512,
-        "text_dim": t.text_dim,  # the real release omits it (always 4096); the tiny test model needs it
-    }))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "WanModel",
+                "model_type": "t2v",
+                "dim": t.num_attention_heads * t.attention_head_dim,
+                "ffn_dim": t.ffn_dim,
+                "freq_dim": t.freq_dim,
+                "num_heads": t.num_attention_heads,
+                "num_layers": t.num_layers,
+                "in_dim": t.in_channels,
+                "out_dim": t.out_channels,
+                "eps": t.eps,
+                "text_len": 512,
+                "text_dim": t.text_dim,  # the real release omits it (always 4096); the tiny test model needs it
+            }
+        )
+    )
     sd = {k: v.contiguous() for k, v in transformer_to_original(pipe.transformer.state_dict()).items()}
     save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"))
     torch.save(vae_to_original(pipe.vae.state_dict()), str(folder / "Wan2.1_VAE.pth"))
@@ -172,7 +220,8 @@ def write_original(pipe, folder: Path) -> Path:
     pipe.tokenizer.save_pretrained(str(folder / "google" / "umt5-xxl"))
     # configs the real release does not carry; calibatt falls back to configs/wan2.1/ without them
     pipe.text_encoder.config.to_json_file(str(folder / "text_encoder" / "config.json")) if (
-        folder / "text_encoder").mkdir() is None else None
+        folder / "text_encoder"
+    ).mkdir() is None else None
     (folder / "vae").mkdir()
     pipe.vae.save_config(str(folder / "vae"))
     return folder

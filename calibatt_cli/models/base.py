@@ -2,18 +2,21 @@
 
 The stages (calibrate, compile, generate) only ever see a LoadedModel: a pipeline to call, the model's
 identity (id + config hash), its token grid for a video size, and a way to install our attention
-processors. One module per family (`wan`, `tiny`, ...) builds it; nothing else imports model internals.
+processors. One module per family (`wan`, `tiny`, ...) builds it, registered by name in models/__init__.py; nothing
+else imports model internals.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..attention import AttentionController
 from ..config import Config
+
+if TYPE_CHECKING:  # models/ sits below runtime/: processors only call the controller they are given
+    from ..runtime import Controller
 
 
 def refuse_context_parallel(processor) -> None:
@@ -70,9 +73,18 @@ class ModelIdentity:
             )
 
 
-def identity_from_config(family: str, model_cls, name: str, model_id: str, transformer_config: dict,
-                         weights_id: str, vae_stride: tuple[int, int, int], patch=None,
-                         joint_attention: bool = False, qk_norm_rope: bool = False) -> ModelIdentity:
+def identity_from_config(
+    family: str,
+    model_cls,
+    name: str,
+    model_id: str,
+    transformer_config: dict,
+    weights_id: str,
+    vae_stride: tuple[int, int, int],
+    patch=None,
+    joint_attention: bool = False,
+    qk_norm_rope: bool = False,
+) -> ModelIdentity:
     """Identity from configs alone. The transformer is instantiated on the meta device (no memory) so its
     config carries every default, whether or not config.json spelled it out: equal models hash equal.
     `patch` maps the full config to the (time, height, width) patch; default: its `patch_size`."""
@@ -115,17 +127,19 @@ class LoadedModel:
     def device(self) -> torch.device:
         return self.pipe.transformer.device
 
-    def install(self, controller: AttentionController) -> None:  # pragma: no cover - per family
+    def install(self, controller: Controller) -> None:  # pragma: no cover - per family
         raise NotImplementedError
 
-    def compile_blocks(self, backend: str = "inductor") -> None:
-        """Regional compilation of the repeated transformer blocks (diffusers' compile_repeated_blocks).
+    def torch_compile_blocks(self, backend: str = "inductor") -> None:
+        """Regional torch.compile of the repeated transformer blocks (diffusers' compile_repeated_blocks).
         Processors must be installed first: the compiled graphs trace them."""
         from ..errors import ConfigError
 
         if not getattr(self.pipe.transformer, "_repeated_blocks", None):
-            raise ConfigError(f"generate.compile is not supported for {self.ident.name} (its transformer declares "
-                              f"no repeated blocks); set generate.compile=false")
+            raise ConfigError(
+                f"generate.compile is not supported for {self.ident.name} (its transformer declares "
+                f"no repeated blocks); set generate.compile=false"
+            )
         import torch._dynamo
 
         # All blocks share one code object, so their graphs share dynamo's cache: one per (dense step or
@@ -149,7 +163,7 @@ class LoadedModel:
         prompt: str,
         *,
         cfg: Config,
-        controller: AttentionController | None,
+        controller: Controller | None,
         seed: int,
         output_type: str = "np",
     ):

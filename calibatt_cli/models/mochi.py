@@ -3,7 +3,7 @@
 Mochi attends jointly: each block's `attn1` concatenates the visual tokens with the valid (unpadded) text
 tokens of each batch item and runs one softmax over both. Our processor computes the same projections,
 norms and RoPE as diffusers' `MochiAttnProcessor2_0`, then hands the visual and text q, k, v to
-`AttentionController.attend_joint`: masks apply to visual x visual blocks only, text rows and columns stay
+the attention controller's `attend_joint`: masks apply to visual x visual blocks only, text rows and columns stay
 dense. CFG runs batched (uncond, cond), so both branches count as calibration samples.
 
 Token grid: MochiPipeline.prepare_latents makes (frames - 1) // 6 + 1 latent frames of (H / 8, W / 8) (its
@@ -20,16 +20,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
-from ..attention import AttentionController
 from ..config import Config
 from ..errors import ModelError
 from ..util import canonical_json, sha256_hex
 from .base import LoadedModel, ModelIdentity, identity_from_config, refuse_context_parallel
+
+if TYPE_CHECKING:
+    from ..runtime import Controller
 
 VAE_STRIDE = (6, 8, 8)  # MochiPipeline's vae_temporal_scale_factor and vae_spatial_scale_factor
 
@@ -52,8 +55,9 @@ TINY_VAE = dict(
     decoder_block_out_channels=(32, 32, 32, 32),
     layers_per_block=(1, 1, 1, 1, 1),
 )
-TINY_TEXT = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                 dropout_rate=0.0)
+TINY_TEXT = dict(
+    d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0
+)
 EXPECTED_FILES = (
     "model_index.json",
     "transformer/config.json + diffusion_pytorch_model*.safetensors",
@@ -80,9 +84,9 @@ def _qkv(heads: int, x: torch.Tensor, to_q, to_k, to_v, norm_q, norm_k):
 
 
 class CalibattMochiAttnProcessor(MochiAttnProcessor2_0):
-    """Joint attention of one Mochi block, routed through the AttentionController."""
+    """Joint attention of one Mochi block, routed through the attention controller."""
 
-    def __init__(self, layer_index: int, controller: AttentionController):
+    def __init__(self, layer_index: int, controller: Controller):
         super().__init__()
         self.layer_index = layer_index  # baked in: cache hooks may skip blocks, so counting calls is wrong
         self.controller = controller
@@ -90,8 +94,15 @@ class CalibattMochiAttnProcessor(MochiAttnProcessor2_0):
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=None):
         refuse_context_parallel(self)
         query, key, value = _qkv(attn.heads, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
-        enc_query, enc_key, enc_value = _qkv(attn.heads, encoder_hidden_states, attn.add_q_proj, attn.add_k_proj,
-                                             attn.add_v_proj, attn.norm_added_q, attn.norm_added_k)
+        enc_query, enc_key, enc_value = _qkv(
+            attn.heads,
+            encoder_hidden_states,
+            attn.add_q_proj,
+            attn.add_k_proj,
+            attn.add_v_proj,
+            attn.norm_added_q,
+            attn.norm_added_k,
+        )
         if image_rotary_emb is not None:
             query = _rope(query, *image_rotary_emb)
             key = _rope(key, *image_rotary_emb)
@@ -106,8 +117,13 @@ class CalibattMochiAttnProcessor(MochiAttnProcessor2_0):
         for i in range(q.shape[0]):
             valid = torch.nonzero(attention_mask[i].flatten(), as_tuple=False).flatten()
             ov, ot = self.controller.attend_joint(
-                self.layer_index, q[i : i + 1], k[i : i + 1], v[i : i + 1],
-                eq[i : i + 1, :, valid], ek[i : i + 1, :, valid], ev[i : i + 1, :, valid],
+                self.layer_index,
+                q[i : i + 1],
+                k[i : i + 1],
+                v[i : i + 1],
+                eq[i : i + 1, :, valid],
+                ek[i : i + 1, :, valid],
+                ev[i : i + 1, :, valid],
             )
             vis_out.append(ov)
             # Valid text outputs first, then zeros, exactly as diffusers pads them.
@@ -122,7 +138,7 @@ class CalibattMochiAttnProcessor(MochiAttnProcessor2_0):
 
 
 class MochiModel(LoadedModel):
-    def install(self, controller: AttentionController) -> None:
+    def install(self, controller: Controller) -> None:
         self.uninstall()
         for i, block in enumerate(self.pipe.transformer.transformer_blocks):
             self._installed.append((block.attn1, block.attn1.processor))
@@ -137,8 +153,17 @@ def mochi_identity(name: str, model_id: str, transformer_config: dict, weights_i
     from diffusers import MochiTransformer3DModel
 
     # PatchEmbed patches each latent frame in 2-D
-    return identity_from_config("mochi", MochiTransformer3DModel, name, model_id, transformer_config, weights_id,
-                                VAE_STRIDE, patch=lambda c: (1, c["patch_size"], c["patch_size"]), joint_attention=True)
+    return identity_from_config(
+        "mochi",
+        MochiTransformer3DModel,
+        name,
+        model_id,
+        transformer_config,
+        weights_id,
+        VAE_STRIDE,
+        patch=lambda c: (1, c["patch_size"], c["patch_size"]),
+        joint_attention=True,
+    )
 
 
 # --- mochi-tiny-random -------------------------------------------------------------------------------
@@ -150,7 +175,7 @@ def build_tiny_pipeline(seed: int):
     from tokenizers import processors
     from transformers import T5Config, T5EncoderModel
 
-    from .tiny import build_tokenizer
+    from ..tiny.model import build_tokenizer
 
     tokenizer = build_tokenizer()
     # T5 appends </s>: the empty negative prompt then still has one valid token, as with the real tokenizer.
@@ -166,8 +191,9 @@ def build_tiny_pipeline(seed: int):
         transformer.pos_frequencies.data.normal_(0.0, 0.5)
         vae = AutoencoderKLMochi(**TINY_VAE).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(invert_sigmas=True)  # as Mochi 1's scheduler_config.json
-    return MochiPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                         transformer=transformer)
+    return MochiPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
 
 
 def _finish(pipe, cfg: Config, ident: ModelIdentity) -> MochiModel:
@@ -221,7 +247,7 @@ def _weights_id(path: Path) -> str:
     return sha256_hex(canonical_json([[p.name, p.stat().st_size] for p in files]))
 
 
-def mochi_model_identity(cfg: Config, name: str) -> ModelIdentity:
+def identity(cfg: Config, name: str) -> ModelIdentity:
     if name == "mochi-tiny-random":
         return mochi_identity(name, f"builtin:{name}", TINY_TRANSFORMER, f"random-seed-{cfg.model.seed}")
     if not cfg.model.path:
@@ -234,12 +260,13 @@ def mochi_model_identity(cfg: Config, name: str) -> ModelIdentity:
     return mochi_identity(name, str(path.resolve()), tcfg, _weights_id(path))
 
 
-def load_mochi(cfg: Config, name: str) -> MochiModel:
-    ident = mochi_model_identity(cfg, name)
+def load(cfg: Config, name: str) -> MochiModel:
+    ident = identity(cfg, name)
     if name == "mochi-tiny-random":
         return _finish(build_tiny_pipeline(cfg.model.seed), cfg, ident)
     from diffusers import MochiPipeline
 
-    pipe = MochiPipeline.from_pretrained(_require_path(cfg), local_files_only=True,
-                                         dtype=getattr(torch, cfg.model.dtype))
+    pipe = MochiPipeline.from_pretrained(
+        _require_path(cfg), local_files_only=True, dtype=getattr(torch, cfg.model.dtype)
+    )
     return _finish(pipe, cfg, ident)

@@ -1,154 +1,28 @@
-"""The built-in `tiny` model: a real diffusers WanPipeline at toy size, built offline from code.
+"""The `tiny` family: the built-in tiny model (tiny/model.py) behind the registry.
 
-`tiny` loads the weights shipped in calibatt_cli/weights/ (trained by calibatt_cli/train.py on the
-procedural clips of calibatt_cli/procedural.py; see docs/training.md). `tiny-random` is the same
-architecture with random weights drawn from `model.seed` (fast tests). Both use a word-level tokenizer,
-a small UMT5 encoder and the fixed pixel-unshuffle latent of calibatt_cli/latent.py: nothing is
-downloaded. Video: 17 frames of 64 x 64 -> latent 24 x 9 x 32 x 32 -> 9 x 16 x 16 = 2,304 tokens.
+`tiny` loads the shipped weights (tiny/weights/); `tiny-random` is the same architecture with random weights
+drawn from `model.seed` (fast tests). The model itself is a WanPipeline, so the Wan adapter serves it.
+Its definition lives in the tiny model's kit (tiny/), which also trains it; this file is only what the
+registry needs, as every family's is.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-from pathlib import Path
-
 import torch
 
 from ..config import Config
-from ..errors import ModelError
+from ..tiny.model import LATENT, MAX_TEXT_TOKENS, TRANSFORMER, build_tiny_pipeline, load_trained, weights_sha256
 from .base import ModelIdentity
 from .wan import WanModel, wan_identity
 
-# Words of the procedural captions first (their ids must stay stable: trained weights depend on them).
-VOCAB_WORDS = (
-    "a an the on of and with in at to is moving moves move going slowly quickly "
-    "red green blue yellow white orange purple cyan magenta black gray grey pink brown "
-    "circle square triangle ball box disc star shape object "
-    "left right up down upward downward diagonally diagonal bouncing bounce growing shrinking "
-    "small medium large big tiny "
-    "background gradient plain dark light sky floor scene video clip frame"
-).split()
 
-TRANSFORMER = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=3,  # dim 192: > the 96 values per token, so the velocity fits through
-    attention_head_dim=64,  # 64 so the Triton kernels (head dim 64/128) run on tiny too
-    in_channels=24,  # = LATENT z_dim
-    out_channels=24,
-    text_dim=64,
-    freq_dim=64,
-    ffn_dim=768,
-    num_layers=6,
-    rope_max_seq_len=64,
-)
-LATENT = dict(scale_factor_temporal=2, scale_factor_spatial=2, in_channels=3, z_dim=24)
-TEXT = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-            dropout_rate=0.0)
-MAX_TEXT_TOKENS = 32
-WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "tiny.safetensors"
-WEIGHTS_INFO = WEIGHTS.with_suffix(".json")  # architecture + training record of the shipped weights
-
-
-def build_tokenizer():
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in VOCAB_WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=MAX_TEXT_TOKENS
-    )
-
-
-def build_modules(seed: int, transformer: dict | None = None, text: dict | None = None):
-    """(tokenizer, text encoder, transformer, latent) with random weights, identical for the same seed.
-    `transformer` / `text` override the architecture (small models for tests)."""
-    from diffusers import WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from ..latent import PixelShuffleLatent
-
-    tokenizer = build_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **(text or TEXT))).eval()
-        net = WanTransformer3DModel(**(transformer or TRANSFORMER)).eval()
-    return tokenizer, text_encoder, net, PixelShuffleLatent(**LATENT).eval()
-
-
-def encode_text(tokenizer, text_encoder, prompts: list[str], max_length: int = MAX_TEXT_TOKENS) -> torch.Tensor:
-    """Prompt embeddings exactly as WanPipeline._get_t5_prompt_embeds makes them (padding slots zeroed),
-    with gradients (training needs them; the pipeline's own method is called under no_grad)."""
-    inputs = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                       add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-    device = next(text_encoder.parameters()).device
-    ids, mask = inputs.input_ids.to(device), inputs.attention_mask.to(device)
-    hidden = text_encoder(ids, mask).last_hidden_state
-    return hidden * mask.unsqueeze(-1).to(hidden.dtype)
-
-
-def build_tiny_pipeline(seed: int):
-    """The tiny WanPipeline with random weights, identical for the same seed."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-
-    tokenizer, text_encoder, transformer, vae = build_modules(seed)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-                       transformer=transformer)
-
-
-@functools.lru_cache(maxsize=4)
-def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
-    from ..util import sha256_hex
-
-    return sha256_hex(Path(path).read_bytes())
-
-
-def weights_sha256() -> str:
-    if not WEIGHTS.is_file():
-        raise ModelError(
-            f"the trained tiny weights are missing ({WEIGHTS}); reinstall calibatt, or use --model tiny-random"
-        )
-    st = WEIGHTS.stat()
-    return _file_sha256(str(WEIGHTS), st.st_mtime_ns, st.st_size)
-
-
-def tiny_identity(cfg: Config, name: str) -> ModelIdentity:
+def identity(cfg: Config, name: str) -> ModelIdentity:
     # `tiny` is tied to the bytes of its weights file: retraining invalidates bundles made before.
     weights_id = f"sha256:{weights_sha256()}" if name == "tiny" else f"random-seed-{cfg.model.seed}"
     return wan_identity(name, f"builtin:{name}", TRANSFORMER, LATENT, weights_id)
 
 
-def load_trained(pipe) -> None:
-    """Load the shipped weights into a pipeline built by build_tiny_pipeline."""
-    from safetensors.torch import load_file
-
-    weights_sha256()  # a clear error if missing
-    info = json.loads(WEIGHTS_INFO.read_text()) if WEIGHTS_INFO.is_file() else {}
-    arch = info.get("architecture", {})
-    for key, ours in (("transformer", TRANSFORMER), ("text", TEXT), ("latent", LATENT)):
-        if key in arch and _jsonable(arch[key]) != _jsonable(ours):
-            raise ModelError(f"{WEIGHTS_INFO}: architecture '{key}' differs from calibatt_cli/models/tiny.py")
-    state = load_file(str(WEIGHTS))
-    for prefix, module in (("transformer.", pipe.transformer), ("text_encoder.", pipe.text_encoder)):
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        missing, unexpected = module.load_state_dict(sub, strict=False)
-        missing = [k for k in missing if k != "encoder.embed_tokens.weight"]  # tied to `shared`
-        if missing or unexpected:
-            raise ModelError(f"{WEIGHTS}: does not fit the tiny model (missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]})")
-
-
-def _jsonable(x):
-    return json.loads(json.dumps(x))
-
-
-def load_tiny(cfg: Config, name: str) -> WanModel:
+def load(cfg: Config, name: str) -> WanModel:
     pipe = build_tiny_pipeline(cfg.model.seed)
     if name == "tiny":
         load_trained(pipe)
@@ -158,4 +32,4 @@ def load_tiny(cfg: Config, name: str) -> WanModel:
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    return WanModel(tiny_identity(cfg, name), pipe, {"max_sequence_length": MAX_TEXT_TOKENS})
+    return WanModel(identity(cfg, name), pipe, {"max_sequence_length": MAX_TEXT_TOKENS})

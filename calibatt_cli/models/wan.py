@@ -6,6 +6,7 @@ Only this module (and the other family modules) import diffusers model internals
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,27 +15,34 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get
 import calibatt_kernels as ck
 from calibatt_kernels import ops as ck_ops
 
-from ..attention import AttentionController, SparseLayer
 from ..config import Config
 from ..errors import ModelError
 from .base import LoadedModel, ModelIdentity, identity_from_config, refuse_context_parallel
+
+if TYPE_CHECKING:
+    from ..runtime import Controller
 
 
 def _fusable_norms(attn) -> bool:
     """Whether q and k get the RMS norms (with weights, one eps) that `qk_norm_rope` fuses with RoPE."""
     nq, nk = attn.norm_q, attn.norm_k
-    return (isinstance(nq, torch.nn.RMSNorm) and isinstance(nk, torch.nn.RMSNorm) and nq.weight is not None
-            and nk.weight is not None and nq.eps == nk.eps)
+    return (
+        isinstance(nq, torch.nn.RMSNorm)
+        and isinstance(nk, torch.nn.RMSNorm)
+        and nq.weight is not None
+        and nk.weight is not None
+        and nq.eps == nk.eps
+    )
 
 
 class CalibattWanAttnProcessor(WanAttnProcessor):
-    """Self-attention of one Wan block, routed through the AttentionController."""
+    """Self-attention of one Wan block, routed through the attention controller."""
 
-    def __init__(self, layer_index: int, controller: AttentionController):
+    def __init__(self, layer_index: int, controller: Controller):
         super().__init__()
         self.layer_index = layer_index  # baked in: cache hooks may skip blocks, so counting calls is wrong
         self.controller = controller
-        self.sparse = SparseLayer(controller, layer_index) if controller.mode == "sparse" else None
+        self.sparse = controller.sparse_layer(layer_index) if controller.mode == "sparse" else None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         refuse_context_parallel(self)
@@ -46,8 +54,9 @@ class CalibattWanAttnProcessor(WanAttnProcessor):
         if rotary_emb is not None and _fusable_norms(attn):
             # both norms and rotations in one kernel (a registered op: compiled blocks keep it)
             eps = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(query.dtype).eps
-            query, key = ck_ops.qk_norm_rope_op(query, key, attn.norm_q.weight, attn.norm_k.weight, *rotary_emb,
-                                                attn.heads, eps)
+            query, key = ck_ops.qk_norm_rope_op(
+                query, key, attn.norm_q.weight, attn.norm_k.weight, *rotary_emb, attn.heads, eps
+            )
         else:
             query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
             key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
@@ -97,7 +106,7 @@ def fuse_ffn_gelu(transformer) -> list[tuple[torch.nn.Module, str, torch.nn.Modu
 
 
 class WanModel(LoadedModel):
-    def install(self, controller: AttentionController) -> None:
+    def install(self, controller: Controller) -> None:
         self.uninstall()
         controller.to(self.device)
         for i, block in enumerate(self.pipe.transformer.blocks):
@@ -107,19 +116,20 @@ class WanModel(LoadedModel):
         self._swapped.extend(fuse_ffn_gelu(self.pipe.transformer))  # LoadedModel.uninstall puts them back
 
 
-def wan_identity(name: str, model_id: str, transformer_config: dict, vae_config: dict,
-                 weights_id: str) -> ModelIdentity:
+def wan_identity(
+    name: str, model_id: str, transformer_config: dict, vae_config: dict, weights_id: str
+) -> ModelIdentity:
     from diffusers import WanTransformer3DModel
 
     st = vae_config.get("scale_factor_temporal") or 4
     ss = vae_config.get("scale_factor_spatial") or 8
-    return identity_from_config("wan", WanTransformer3DModel, name, model_id, transformer_config, weights_id,
-                                (st, ss, ss), qk_norm_rope=True)
+    return identity_from_config(
+        "wan", WanTransformer3DModel, name, model_id, transformer_config, weights_id, (st, ss, ss), qk_norm_rope=True
+    )
 
 
 # --- real Wan 2.1 weights -------------------------------------------------------------------------------
 
-WAN_NAMES = ("wan2.1", "wan2.1-1.3b", "wan2.1-14b", "wan2.1-distill")
 KNOWN_SIZES = {"wan2.1-1.3b": (30, 1536), "wan2.1-14b": (40, 5120)}
 
 
@@ -133,7 +143,8 @@ def _source(cfg: Config, name: str) -> str:
     raise ModelError(f"model '{name}' needs local weights: set model.path (or --weights DIR); {SOURCE_HINT}")
 
 
-def wan_real_identity(cfg: Config, name: str) -> ModelIdentity:
+def identity(cfg: Config, name: str) -> ModelIdentity:
+    """The identity of a real Wan 2.1 model (the family's registry entry)."""
     from .wan_weights import SHIPPED, detect_layout, transformer_config, vae_config, weights_id
 
     if not cfg.model.path and name in KNOWN_SIZES:
@@ -149,18 +160,20 @@ def wan_real_identity(cfg: Config, name: str) -> ModelIdentity:
     if name in KNOWN_SIZES:
         layers, dim = KNOWN_SIZES[name]
         if (ident.layers, ident.heads * ident.head_dim) != (layers, dim):
-            raise ModelError(f"'{src}' holds a Wan model of {ident.layers} layers x dim "
-                             f"{ident.heads * ident.head_dim}, "
-                             f"not {name} ({layers} x {dim}); use --model wan2.1 to take the size from the weights")
+            raise ModelError(
+                f"'{src}' holds a Wan model of {ident.layers} layers x dim "
+                f"{ident.heads * ident.head_dim}, "
+                f"not {name} ({layers} x {dim}); use --model wan2.1 to take the size from the weights"
+            )
     return ident
 
 
-def load_wan(cfg: Config, name: str) -> WanModel:
+def load(cfg: Config, name: str) -> WanModel:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
 
     from .wan_weights import SHIPPED, detect_layout, load_original_modules
 
-    ident = wan_real_identity(cfg, name)
+    ident = identity(cfg, name)
     src = ident.model_id
     layout = detect_layout(src)
     dtype = getattr(torch, cfg.model.dtype)
@@ -169,12 +182,12 @@ def load_wan(cfg: Config, name: str) -> WanModel:
         if layout == "original":
             tokenizer, text_encoder, transformer, vae = load_original_modules(src, dtype)
             scheduler = UniPCMultistepScheduler.from_pretrained(str(SHIPPED), subfolder="scheduler")
-            pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-                               transformer=transformer)
+            pipe = WanPipeline(
+                tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+            )
         else:
             # Wan's VAE is meant to run in fp32; the rest in the configured dtype.
-            vae = AutoencoderKLWan.from_pretrained(src, subfolder="vae", dtype=torch.float32,
-                                                   local_files_only=offline)
+            vae = AutoencoderKLWan.from_pretrained(src, subfolder="vae", dtype=torch.float32, local_files_only=offline)
             pipe = WanPipeline.from_pretrained(src, vae=vae, dtype=dtype, local_files_only=offline)
     except ModelError:
         raise

@@ -24,8 +24,10 @@ from ..errors import ModelError
 
 SHIPPED = Path(__file__).resolve().parent.parent.parent / "configs" / "wan2.1"
 HUB_IDS = {"wan2.1-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "wan2.1-14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
-SOURCE_HINT = ("download e.g. `huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir DIR` "
-               "(diffusers format) or Wan-AI/Wan2.1-T2V-1.3B (original release)")
+SOURCE_HINT = (
+    "download e.g. `huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir DIR` "
+    "(diffusers format) or Wan-AI/Wan2.1-T2V-1.3B (original release)"
+)
 
 DIFFUSERS_FILES = {
     "model_index.json": "model_index.json",
@@ -62,8 +64,9 @@ def detect_layout(path: str) -> str:
             )
         missing = [name for name, pattern in files.items() if not list(p.glob(pattern))]
         if missing:
-            raise ModelError(f"'{path}' is an incomplete {layout}-format Wan 2.1 folder: missing {', '.join(missing)}; "
-                             f"{SOURCE_HINT}")
+            raise ModelError(
+                f"'{path}' is an incomplete {layout}-format Wan 2.1 folder: missing {', '.join(missing)}; {SOURCE_HINT}"
+            )
         return layout
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not p.exists():
         return "hub"
@@ -77,10 +80,17 @@ def original_to_diffusers_config(orig: dict) -> dict:
     try:
         dim, heads = int(orig["dim"]), int(orig["num_heads"])
         cfg = json.loads((SHIPPED / "transformer_1.3b.json").read_text())
-        cfg.update(num_attention_heads=heads, attention_head_dim=dim // heads, ffn_dim=int(orig["ffn_dim"]),
-                   num_layers=int(orig["num_layers"]), in_channels=int(orig.get("in_dim", 16)),
-                   out_channels=int(orig.get("out_dim", 16)), freq_dim=int(orig.get("freq_dim", 256)),
-                   eps=float(orig.get("eps", 1e-6)), text_dim=int(orig.get("text_dim", 4096)))
+        cfg.update(
+            num_attention_heads=heads,
+            attention_head_dim=dim // heads,
+            ffn_dim=int(orig["ffn_dim"]),
+            num_layers=int(orig["num_layers"]),
+            in_channels=int(orig.get("in_dim", 16)),
+            out_channels=int(orig.get("out_dim", 16)),
+            freq_dim=int(orig.get("freq_dim", 256)),
+            eps=float(orig.get("eps", 1e-6)),
+            text_dim=int(orig.get("text_dim", 4096)),
+        )
     except (KeyError, ValueError, TypeError) as e:
         raise ModelError(f"original Wan config.json lacks or garbles {e}; is this a Wan 2.1 release folder?") from None
     return cfg
@@ -114,6 +124,7 @@ def weights_id(path: str, layout: str) -> str:
 
 
 # --- original layout -> diffusers modules -------------------------------------------------------------
+
 
 def _t5_key(key: str) -> str | None:
     """Wan's T5 encoder key -> transformers UMT5EncoderModel key."""
@@ -224,5 +235,7 @@ def _load_strict(module: torch.nn.Module, state: dict, source) -> None:
     # tied weights (the T5 embedding) are reported missing under one name yet loaded under the other
     missing = [k for k in missing if _tensor(module, k).device.type == "meta"]
     if missing or unexpected:
-        raise ModelError(f"'{source}' does not fit the expected architecture (missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]}); is it the matching Wan 2.1 release?")
+        raise ModelError(
+            f"'{source}' does not fit the expected architecture (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); is it the matching Wan 2.1 release?"
+        )

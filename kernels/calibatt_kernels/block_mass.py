@@ -26,8 +26,18 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_rows(X, off, start, N, stride_n, stride_d, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-               MASKED: tl.constexpr, UPCAST: tl.constexpr):
+def _load_rows(
+    X,
+    off,
+    start,
+    N,
+    stride_n,
+    stride_d,
+    BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    MASKED: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     offs = start + tl.arange(0, BLOCK)
     ptrs = X + off + offs[:, None] * stride_n + tl.arange(0, HEAD_DIM)[None, :] * stride_d
     if MASKED:
@@ -40,8 +50,21 @@ def _load_rows(X, off, start, N, stride_n, stride_d, BLOCK: tl.constexpr, HEAD_D
 
 
 @triton.jit
-def _program_block(Q, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, H, N, Mq,
-                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+def _program_block(
+    Q,
+    stride_qz,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kz,
+    stride_kh,
+    H,
+    N,
+    Mq,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """This program's query block: (block row, flat b*H+h, its query tile, the key offset of its (b, h))."""
     pid = tl.program_id(0)
     m_blk = pid % Mq
@@ -56,15 +79,30 @@ def _program_block(Q, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, str
 
 @triton.jit(do_not_specialize=["N", "Mq"])
 def _row_lse(
-    Q, K, Lse,
-    stride_qz, stride_qh, stride_qm, stride_qd,
-    stride_kz, stride_kh, stride_kn, stride_kd,
-    H, N, Mq, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    Lse,
+    stride_qz,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kz,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    H,
+    N,
+    Mq,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Lse[bh, row] = log2(sum_keys exp2(s)) with s = q.k * scale * log2(e), for BLOCK_M rows."""
-    m_blk, bh, q, k_off = _program_block(Q, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh,
-                                         H, N, Mq, BLOCK_M, HEAD_DIM, UPCAST)
+    m_blk, bh, q, k_off = _program_block(
+        Q, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, H, N, Mq, BLOCK_M, HEAD_DIM, UPCAST
+    )
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     n_full = N // BLOCK_N
@@ -88,15 +126,32 @@ def _row_lse(
 
 @triton.jit(do_not_specialize=["N", "Mq", "Mk"])
 def _block_mass_fwd(
-    Q, K, Lse, Mass,
-    stride_qz, stride_qh, stride_qm, stride_qd,
-    stride_kz, stride_kh, stride_kn, stride_kd,
-    H, N, Mq, Mk, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    Lse,
+    Mass,
+    stride_qz,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kz,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    H,
+    N,
+    Mq,
+    Mk,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Mass[bh, i, :] for one query block i: one number per key block."""
-    m_blk, bh, q, k_off = _program_block(Q, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh,
-                                         H, N, Mq, BLOCK_M, HEAD_DIM, UPCAST)
+    m_blk, bh, q, k_off = _program_block(
+        Q, stride_qz, stride_qh, stride_qm, stride_qd, stride_kz, stride_kh, H, N, Mq, BLOCK_M, HEAD_DIM, UPCAST
+    )
     offs_m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
     # Rows >= N get lse = +inf, so their probabilities are exp2(-inf) = 0.
     lse = tl.load(Lse + bh.to(tl.int64) * Mq * BLOCK_M + offs_m)
@@ -139,8 +194,14 @@ def block_mass_triton(
     mass = torch.empty(B, H, Mq, Mk, dtype=torch.float32, device=q.device)
     if mass.numel() == 0:
         return mass
-    meta = dict(BLOCK_M=BM, BLOCK_N=BN, HEAD_DIM=D, UPCAST=not on_gpu,
-                num_warps=8 if (on_gpu and BM >= 128) else 4, num_stages=3 if on_gpu else 1)
+    meta = dict(
+        BLOCK_M=BM,
+        BLOCK_N=BN,
+        HEAD_DIM=D,
+        UPCAST=not on_gpu,
+        num_warps=8 if (on_gpu and BM >= 128) else 4,
+        num_stages=3 if on_gpu else 1,
+    )
     grid = (B * H * Mq,)
     _row_lse[grid](q, k, lse, *q.stride(), *k.stride(), H, N, Mq, scale * LOG2E, **meta)
     _block_mass_fwd[grid](q, k, lse, mass, *q.stride(), *k.stride(), H, N, Mq, Mk, scale * LOG2E, **meta)

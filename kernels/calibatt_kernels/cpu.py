@@ -62,3 +62,36 @@ def block_sparse_attention_rows(
                     keys = keys[keys < N]  # the last key block may be partial
                     attend(b, h, i, i + 1, kb.index_select(0, keys), vb.index_select(0, keys))
     return out
+
+
+class CpuBackend:
+    """This module as a `dispatch` backend: CPU tensors without the row log-sum-exp (the kernel config does
+    not apply)."""
+
+    name = "cpu"
+    is_fallback = True
+
+    def supports(self, q, k, v, block_size, *, return_lse=False) -> bool:
+        return q.device.type == "cpu" and not return_lse
+
+    def default_config(self, device, block_size):
+        return None
+
+    def candidates(self, capability, block_size, head_dim, dtype=None, *, return_lse=False) -> list:
+        return []
+
+    def launch(self, q, k, v, index, *, block_size, scale, out, config, return_lse):
+        res = block_sparse_attention_rows(q, k, v, index, block_size=block_size, scale=scale)
+        return res if out is None else out.copy_(res)
+
+    def kernel_fns(self) -> list:
+        return []
+
+    def aot_source(self, config, dtype, block_size, head_dim, capability, return_lse=False):
+        raise ValueError("the CPU path has no ahead-of-time source")
+
+    def prewarm(self, configs, index, *, device, dtype, head_dim, return_lse=False) -> None:
+        pass
+
+
+BACKEND = CpuBackend()

@@ -40,11 +40,14 @@ def mask_to_index(block_mask: torch.Tensor, with_schedule: bool = True) -> Block
     if block_mask.dim() == 3:
         block_mask = block_mask.unsqueeze(0)
     if block_mask.dim() != 4 or block_mask.dtype != torch.bool:
-        raise ValueError(f"block_mask must be bool [H, Mq, Mk] or [B, H, Mq, Mk], got {block_mask.dtype} "
-                         f"{tuple(block_mask.shape)}")
+        raise ValueError(
+            f"block_mask must be bool [H, Mq, Mk] or [B, H, Mq, Mk], got {block_mask.dtype} {tuple(block_mask.shape)}"
+        )
     if block_mask.shape[-1] > MAX_KEY_BLOCKS:
-        raise ValueError(f"{block_mask.shape[-1]} key blocks exceed the index's int16 block ids "
-                         f"(at most {MAX_KEY_BLOCKS}); use a larger block size")
+        raise ValueError(
+            f"{block_mask.shape[-1]} key blocks exceed the index's int16 block ids "
+            f"(at most {MAX_KEY_BLOCKS}); use a larger block size"
+        )
     counts = block_mask.sum(-1).to(torch.int32).contiguous()
     flat = counts.reshape(-1).to(torch.int64)
     offsets = (torch.cumsum(flat, 0) - flat).to(torch.int32).view(counts.shape)
@@ -71,6 +74,21 @@ def index_words(indices: torch.Tensor) -> torch.Tensor:
         padded[: indices.numel()] = indices
         indices = padded
     return indices.view(torch.int32)
+
+
+def index_on_device(index: BlockIndex, device: torch.device):
+    """The index as the kernels take it: (counts, offsets, ids, id_words, schedule or None). int16 ids
+    (mask_to_index, plans) go as int32 words holding two each (id_words); int32 ids as they are (twice the
+    memory; bench_kernel.py --index-ab times the two side by side)."""
+    counts = index.counts.to(device=device, dtype=torch.int32).contiguous()
+    offsets = index.offsets.to(device=device, dtype=torch.int32).contiguous()
+    ids = index.indices.to(device=device)
+    id_words = ids.dtype != torch.int32
+    ids = index_words(ids) if id_words else ids.contiguous()
+    schedule = index.schedule
+    if schedule is not None:
+        schedule = schedule.to(device=device, dtype=torch.int32)
+    return counts, offsets, ids, id_words, schedule
 
 
 def lpt_schedule(counts: torch.Tensor, levels: int = 0) -> torch.Tensor:

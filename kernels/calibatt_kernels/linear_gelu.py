@@ -28,8 +28,15 @@ _LT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def fusable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether cuBLASLt's bias + GELU epilogue applies: a CUDA GEMM with a bias, one dtype throughout."""
-    return (x.is_cuda and bias is not None and x.dtype in _LT_DTYPES and weight.dtype == x.dtype
-            and bias.dtype == x.dtype and x.shape[-1] == weight.shape[1] and x.numel() > 0)
+    return (
+        x.is_cuda
+        and bias is not None
+        and x.dtype in _LT_DTYPES
+        and weight.dtype == x.dtype
+        and bias.dtype == x.dtype
+        and x.shape[-1] == weight.shape[1]
+        and x.numel() > 0
+    )
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -27,8 +27,25 @@ import triton.language as tl
 
 
 @triton.jit
-def _norm_rope_row(X, W, Out, Cos, Sin, b, n, stride_xb, stride_xn, stride_ob, stride_on, stride_cn, stride_sn,
-                   eps, C: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr):
+def _norm_rope_row(
+    X,
+    W,
+    Out,
+    Cos,
+    Sin,
+    b,
+    n,
+    stride_xb,
+    stride_xn,
+    stride_ob,
+    stride_on,
+    stride_cn,
+    stride_sn,
+    eps,
+    C: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     p = tl.arange(0, BLOCK_P)  # pair index: channels 2p and 2p + 1
     valid = p < C // 2
     pair = 2 * p[:, None] + tl.arange(0, 2)[None, :]  # [BLOCK_P, 2] channel of each (pair, member)
@@ -44,31 +61,97 @@ def _norm_rope_row(X, W, Out, Cos, Sin, b, n, stride_xb, stride_xn, stride_ob, s
     cos = tl.load(Cos + n.to(tl.int64) * stride_cn + d, mask=valid, other=0.0)
     sin = tl.load(Sin + n.to(tl.int64) * stride_sn + d + 1, mask=valid, other=0.0)
     out = tl.join(y0 * cos - y1 * sin, y0 * sin + y1 * cos)
-    tl.store(Out + b.to(tl.int64) * stride_ob + n.to(tl.int64) * stride_on + pair,
-             out.to(Out.dtype.element_ty), mask=pmask)
+    tl.store(
+        Out + b.to(tl.int64) * stride_ob + n.to(tl.int64) * stride_on + pair, out.to(Out.dtype.element_ty), mask=pmask
+    )
 
 
-@triton.jit(do_not_specialize=["N", "stride_qb", "stride_qn", "stride_kb", "stride_kn", "stride_ob", "stride_on",
-                               "stride_cn", "stride_sn", "eps"])
+@triton.jit(
+    do_not_specialize=[
+        "N",
+        "stride_qb",
+        "stride_qn",
+        "stride_kb",
+        "stride_kn",
+        "stride_ob",
+        "stride_on",
+        "stride_cn",
+        "stride_sn",
+        "eps",
+    ]
+)
 def _qk_norm_rope_fwd(
-    Xq, Xk, Wq, Wk, OutQ, OutK, Cos, Sin, N,
-    stride_qb, stride_qn, stride_kb, stride_kn, stride_ob, stride_on, stride_cn, stride_sn, eps,
-    C: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
+    Xq,
+    Xk,
+    Wq,
+    Wk,
+    OutQ,
+    OutK,
+    Cos,
+    Sin,
+    N,
+    stride_qb,
+    stride_qn,
+    stride_kb,
+    stride_kn,
+    stride_ob,
+    stride_on,
+    stride_cn,
+    stride_sn,
+    eps,
+    C: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = row // N
     n = row % N
     if tl.program_id(1) == 0:
-        _norm_rope_row(Xq, Wq, OutQ, Cos, Sin, b, n, stride_qb, stride_qn, stride_ob, stride_on, stride_cn,
-                       stride_sn, eps, C, HEAD_DIM, BLOCK_P)
+        _norm_rope_row(
+            Xq,
+            Wq,
+            OutQ,
+            Cos,
+            Sin,
+            b,
+            n,
+            stride_qb,
+            stride_qn,
+            stride_ob,
+            stride_on,
+            stride_cn,
+            stride_sn,
+            eps,
+            C,
+            HEAD_DIM,
+            BLOCK_P,
+        )
     else:
-        _norm_rope_row(Xk, Wk, OutK, Cos, Sin, b, n, stride_kb, stride_kn, stride_ob, stride_on, stride_cn,
-                       stride_sn, eps, C, HEAD_DIM, BLOCK_P)
+        _norm_rope_row(
+            Xk,
+            Wk,
+            OutK,
+            Cos,
+            Sin,
+            b,
+            n,
+            stride_kb,
+            stride_kn,
+            stride_ob,
+            stride_on,
+            stride_cn,
+            stride_sn,
+            eps,
+            C,
+            HEAD_DIM,
+            BLOCK_P,
+        )
 
 
 def rope_tables(cos: torch.Tensor, sin: torch.Tensor, tokens: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """diffusers' [1, N, 1, D] (or [N, D]) cos/sin tables as fp32 [N, D] rows: one kernel binary whatever
     the model keeps its tables in (WanRotaryPosEmbed's buffers are float64, or the model's dtype once cast)."""
+
     def rows(t):
         t = t.reshape(tokens, head_dim)
         return t if t.dtype == torch.float32 and t.stride(1) == 1 else t.to(torch.float32).contiguous()
@@ -76,15 +159,24 @@ def rope_tables(cos: torch.Tensor, sin: torch.Tensor, tokens: int, head_dim: int
     return rows(cos), rows(sin)
 
 
-def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
-                        cos: torch.Tensor, sin: torch.Tensor, *, heads: int, eps: float
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def qk_norm_rope_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    heads: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k: [B, N, C] with unit channel stride; weights [C]; cos, sin: see `rope_tables`.
     Returns (q, k) normed and rotated, each a new contiguous [B, N, heads, C // heads] tensor."""
     B, N, C = q.shape
     if k.shape != q.shape or C % heads or (C // heads) % 2:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must match, with {heads} heads of an even "
-                         "head dim")
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must match, with {heads} heads of an even head dim"
+        )
     if q.stride(2) != 1 or k.stride(2) != 1:
         raise ValueError("q and k need a unit channel stride")
     D = C // heads
@@ -98,10 +190,28 @@ def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor
     # `calibatt compile` caches is the one generate runs
     wq, wk = (w.to(torch.float32).contiguous() for w in (weight_q, weight_k))
     _qk_norm_rope_fwd[(B * N, 2)](
-        q, k, wq, wk, out_q, out_k, cos, sin, N,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), out_q.stride(0), out_q.stride(1),
-        cos.stride(0), sin.stride(0), eps,
-        C=C, HEAD_DIM=D, BLOCK_P=block_p, num_warps=8 if block_p >= 2048 else 4,
+        q,
+        k,
+        wq,
+        wk,
+        out_q,
+        out_k,
+        cos,
+        sin,
+        N,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        out_q.stride(0),
+        out_q.stride(1),
+        cos.stride(0),
+        sin.stride(0),
+        eps,
+        C=C,
+        HEAD_DIM=D,
+        BLOCK_P=block_p,
+        num_warps=8 if block_p >= 2048 else 4,
     )
     return out_q, out_k
 
@@ -127,6 +237,8 @@ def aot_source_args(dtype: torch.dtype, heads: int, head_dim: int):
             sig[name] = "*fp32"
         else:
             sig[name] = "fp32" if name == "eps" else "i32"
-    attrs = {(_qk_norm_rope_fwd.arg_names.index(n),): [["tt.divisibility", 16]]
-             for n in ("Xq", "Xk", "Wq", "Wk", "OutQ", "OutK", "Cos", "Sin")}
+    attrs = {
+        (_qk_norm_rope_fwd.arg_names.index(n),): [["tt.divisibility", 16]]
+        for n in ("Xq", "Xk", "Wq", "Wk", "OutQ", "OutK", "Cos", "Sin")
+    }
     return sig, consts, attrs, {"num_warps": 8 if block_p >= 2048 else 4}

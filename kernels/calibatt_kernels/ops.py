@@ -2,34 +2,49 @@
 
 torch.compile (fullgraph, e.g. diffusers' compile_repeated_blocks) keeps an opaque custom op in the graph
 instead of breaking it, and the fake implementation tells it the output's shape and layout. The op
-runs the Triton kernel where Triton can run and the reference elsewhere, like
-`block_sparse_attention_indexed`.
+runs what `dispatch` chooses, like `block_sparse_attention_indexed` (and is recorded in `what_ran`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .block_sparse import KernelConfig
+from ._common import KERNELS, KernelConfig
 from .index import BlockIndex
 
 
-def config_to_ints(config: KernelConfig | None) -> list[int]:
+def config_as_op_arg(config: KernelConfig | None) -> list[int]:
     """A KernelConfig as the int list the op's schema can carry ([] for the default config)."""
     if config is None:
         return []
     tma = -1 if config.use_tma is None else int(config.use_tma)
-    return [config.block_m or 0, config.block_n or 0, config.num_warps, config.num_stages, int(config.persistent),
-            tma, int(config.warp_specialize), int(config.pipeline_qk), int(config.gluon)]
+    return [
+        KERNELS.index(config.kernel),
+        config.block_m or 0,
+        config.block_n or 0,
+        config.num_warps,
+        config.num_stages,
+        tma,
+        int(config.tl_warp_specialize),
+        int(config.tl_pipeline_qk),
+    ]
 
 
-def config_from_ints(values: list[int]) -> KernelConfig | None:
+def config_from_op_arg(values: list[int]) -> KernelConfig | None:
+    """Inverse of `config_as_op_arg`."""
     if not values:
         return None
-    bm, bn, warps, stages, persistent, tma, ws, pipe, gluon = values
-    return KernelConfig(block_m=bm or None, block_n=bn or None, num_warps=warps, num_stages=stages,
-                        persistent=bool(persistent), use_tma=None if tma < 0 else bool(tma), warp_specialize=bool(ws),
-                        pipeline_qk=bool(pipe), gluon=bool(gluon))
+    kernel, bm, bn, warps, stages, tma, ws, pipe = values
+    return KernelConfig(
+        kernel=KERNELS[kernel],
+        block_m=bm or None,
+        block_n=bn or None,
+        num_warps=warps,
+        num_stages=stages,
+        use_tma=None if tma < 0 else bool(tma),
+        tl_warp_specialize=bool(ws),
+        tl_pipeline_qk=bool(pipe),
+    )
 
 
 @torch.library.custom_op("calibatt::block_sparse_attention", mutates_args=())
@@ -45,10 +60,16 @@ def block_sparse_attention_op(
     block_n: int,
     config: list[int],
 ) -> torch.Tensor:
-    from . import block_sparse_attention_indexed
+    from .dispatch import block_sparse_attention_indexed
 
-    return block_sparse_attention_indexed(q, k, v, BlockIndex(counts, offsets, indices, schedule),
-                                          block_size=(block_m, block_n), config=config_from_ints(config))
+    return block_sparse_attention_indexed(
+        q,
+        k,
+        v,
+        BlockIndex(counts, offsets, indices, schedule),
+        block_size=(block_m, block_n),
+        config=config_from_op_arg(config),
+    )
 
 
 @block_sparse_attention_op.register_fake
@@ -68,7 +89,7 @@ def qk_norm_rope_op(
     heads: int,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from . import qk_norm_rope
+    from .dispatch import qk_norm_rope
 
     return qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads=heads, eps=eps)
 
@@ -84,7 +105,7 @@ def linear_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     # An op, not a plain call, so that compiled blocks keep the single cuBLASLt call whatever a torch
     # version's inductor does with aten._addmm_activation: torch._decomp carries a decomposition of it
     # into a GEMM and a pointwise GELU (the very split this avoids), which inductor does not use today.
-    from .linear_gelu import linear_gelu
+    from .dispatch import linear_gelu
 
     return linear_gelu(x, weight, bias)
 

@@ -129,12 +129,21 @@ def _pad_to(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 0, 0, extra))
 
 
-def qk_norm_rope_ref(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
-                     cos: torch.Tensor, sin: torch.Tensor, *, heads: int, eps: float
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def qk_norm_rope_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    heads: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Wan's q/k preparation (see norm_rope.py): RMS norm over the C = heads * D channels of q and k
     [B, N, C], rounded to their dtype, then the interleaved rotary embedding with cos, sin ([1, N, 1, D] or
     [N, D]) computed in fp32. Returns [B, N, heads, D] tensors in q's dtype."""
+
     def one(x, w):
         y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), w.float(), eps).to(x.dtype)
         return rope_interleaved_ref(y.unflatten(-1, (heads, -1)), cos, sin)
@@ -156,3 +165,41 @@ def rope_interleaved_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
 def linear_gelu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """diffusers' GELU(approximate="tanh") module: the projection, then the tanh-approximate GELU."""
     return torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias), approximate="tanh")
+
+
+class ReferenceBackend:
+    """The reference as the last `dispatch` backend: it takes every call (the kernel config does not apply)."""
+
+    name = "reference"
+    is_fallback = True
+
+    def supports(self, q, k, v, block_size, *, return_lse=False) -> bool:
+        return True
+
+    def default_config(self, device, block_size):
+        return None
+
+    def candidates(self, capability, block_size, head_dim, dtype=None, *, return_lse=False) -> list:
+        return []
+
+    def launch(self, q, k, v, index, *, block_size, scale, out, config, return_lse):
+        from .index import index_to_mask
+
+        mask = index_to_mask(index, num_blocks(k.shape[2], block_size[1]))
+        res = block_sparse_attention_ref(q, k, v, mask, block_size, scale, return_lse=return_lse)
+        if out is None:
+            return res
+        out.copy_(res[0] if return_lse else res)
+        return (out, res[1]) if return_lse else out
+
+    def kernel_fns(self) -> list:
+        return []
+
+    def aot_source(self, config, dtype, block_size, head_dim, capability, return_lse=False):
+        raise ValueError("the reference has no ahead-of-time source")
+
+    def prewarm(self, configs, index, *, device, dtype, head_dim, return_lse=False) -> None:
+        pass
+
+
+BACKEND = ReferenceBackend()

@@ -1,8 +1,8 @@
-"""The persistent Gluon kernel's last wave, split (bench/NOTES.md, ninth session).
+"""The persistent Gluon kernel's last wave, split (bench/NOTES.md).
 
-v9 runs one program per SM over the schedule's tiles. With T tiles of about equal length (the uniform rows
-of random and local masks) on P SMs, the last wave holds only T mod P of them: Wan 1.3B's 3,072 tiles on
-132 SMs make 23 full waves and one of 36 tiles, so 96 SMs idle for a whole tile's time (3 % of the call).
+The persistent kernel runs one program per SM over the schedule's tiles. With T tiles of about equal length
+(the uniform rows of random and local masks) on P SMs, the last wave holds only T mod P of them: Wan 1.3B's
+3,072 tiles on 132 SMs make 23 full waves and one of 36 tiles, so 96 SMs idle for a whole tile's time (3 % of the call).
 `split_last_wave` cuts each of those r tiles into s = P // r pieces of consecutive key blocks; a piece
 runs like a tile but leaves its unnormalised output rows and their softmax statistics (running max m and
 sum l, base 2) in a small fp32 workspace instead of the output. `_merge_splits` then combines the s pieces
@@ -31,9 +31,10 @@ SPLIT_ROWS = 128  # a tile's query rows (the Gluon kernel's BLOCK)
 MAX_WAVES = 32
 
 
-def split_last_wave(records: torch.Tensor, words: torch.Tensor, programs: int
-                    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """(records, split_rows, s): `records` (block_sparse_gluon.tile_records, in launch order, one batch
+def split_last_wave(
+    records: torch.Tensor, words: torch.Tensor, programs: int
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(records, split_rows, s): `records` (attn_gluon.tile_records, in launch order, one batch
     repeat) with its last T mod `programs` records each replaced by s pieces, and the flat row ids of those
     rows (None and s = 1 when nothing is split). A piece's record is (row, its block count, the offset of its
     first block id, that id | (slot + 1) << 16): slot, 0 .. r s - 1, is the piece's place in the workspace;
@@ -46,7 +47,7 @@ def split_last_wave(records: torch.Tensor, words: torch.Tensor, programs: int
         return records, None, 1
     if t // programs > MAX_WAVES:
         return records, None, 1
-    tail = records[t - r:].to(torch.int64)
+    tail = records[t - r :].to(torch.int64)
     cnt = tail[:, 1]
     shortest, longest = torch.stack([cnt.min(), records[:, 1].max().to(torch.int64)]).tolist()  # one sync
     s = min(s, shortest)  # every piece at least one block
@@ -64,8 +65,15 @@ def split_last_wave(records: torch.Tensor, words: torch.Tensor, programs: int
     return out, tail[:, 0].to(torch.int32).contiguous(), s
 
 
-def merge_splits_ref(ws_o: torch.Tensor, ws_ml: torch.Tensor, split_rows: torch.Tensor, s: int, out: torch.Tensor,
-                     heads: int, row_blocks: int) -> torch.Tensor:
+def merge_splits_ref(
+    ws_o: torch.Tensor,
+    ws_ml: torch.Tensor,
+    split_rows: torch.Tensor,
+    s: int,
+    out: torch.Tensor,
+    heads: int,
+    row_blocks: int,
+) -> torch.Tensor:
     """PyTorch reference of `_merge_splits`: ws_o fp32 [r s SPLIT_ROWS, D] (unnormalised output rows of each
     piece), ws_ml fp32 [r s, 2, SPLIT_ROWS] (their max m and sum l, base 2); split row j's pieces are slots
     j s .. j s + s - 1; row id -> (b, h, query block) as in the kernels' records. Writes out [B, H, N, D]."""
@@ -81,14 +89,17 @@ def merge_splits_ref(ws_o: torch.Tensor, ws_ml: torch.Tensor, split_rows: torch.
     for j, row in enumerate(split_rows.tolist()):
         b, h, blk = row // (row_blocks * heads), (row // row_blocks) % heads, row % row_blocks
         n = min(SPLIT_ROWS, N - blk * SPLIT_ROWS)
-        out[b, h, blk * SPLIT_ROWS: blk * SPLIT_ROWS + n] = res[j, :n].to(out.dtype)
+        out[b, h, blk * SPLIT_ROWS : blk * SPLIT_ROWS + n] = res[j, :n].to(out.dtype)
     return out
 
 
-@triton.jit(do_not_specialize=["S", "N", "H", "Mq", "stride_oz", "stride_oh", "stride_om"],
-            do_not_specialize_on_alignment=["SplitRows"])
-def _merge_splits(WsO, WsML, SplitRows, Out, S, N, H, Mq, stride_oz, stride_oh, stride_om,
-                  BM: tl.constexpr, HEAD_DIM: tl.constexpr):
+@triton.jit(
+    do_not_specialize=["S", "N", "H", "Mq", "stride_oz", "stride_oh", "stride_om"],
+    do_not_specialize_on_alignment=["SplitRows"],
+)
+def _merge_splits(
+    WsO, WsML, SplitRows, Out, S, N, H, Mq, stride_oz, stride_oh, stride_om, BM: tl.constexpr, HEAD_DIM: tl.constexpr
+):
     j = tl.program_id(0)
     row = tl.load(SplitRows + j)
     b = row // (Mq * H)
@@ -110,19 +121,43 @@ def _merge_splits(WsO, WsML, SplitRows, Out, S, N, H, Mq, stride_oz, stride_oh, 
         acc += w[:, None] * o
     res = tl.where(den[:, None] == 0.0, 0.0, acc / tl.where(den == 0.0, 1.0, den)[:, None])
     offs_m = blk * BM + rows
-    ptrs = (Out + b.to(tl.int64) * stride_oz + h.to(tl.int64) * stride_oh
-            + offs_m.to(tl.int64)[:, None] * stride_om + cols[None, :])
+    ptrs = (
+        Out
+        + b.to(tl.int64) * stride_oz
+        + h.to(tl.int64) * stride_oh
+        + offs_m.to(tl.int64)[:, None] * stride_om
+        + cols[None, :]
+    )
     tl.store(ptrs, res.to(Out.dtype.element_ty), mask=(offs_m < N)[:, None])
 
 
-def merge_splits(ws_o: torch.Tensor, ws_ml: torch.Tensor, split_rows: torch.Tensor, s: int, out: torch.Tensor,
-                 heads: int, row_blocks: int) -> torch.Tensor:
+def merge_splits(
+    ws_o: torch.Tensor,
+    ws_ml: torch.Tensor,
+    split_rows: torch.Tensor,
+    s: int,
+    out: torch.Tensor,
+    heads: int,
+    row_blocks: int,
+) -> torch.Tensor:
     """`_merge_splits` over `split_rows` (arguments as `merge_splits_ref`; out's last stride 1)."""
     assert out.stride(-1) == 1 and ws_o.is_contiguous() and ws_ml.is_contiguous()
     D = out.shape[-1]
     _merge_splits[(split_rows.numel(),)](
-        ws_o, ws_ml, split_rows, out, s, out.shape[2], heads, row_blocks, out.stride(0), out.stride(1),
-        out.stride(2), BM=SPLIT_ROWS, HEAD_DIM=D, num_warps=8,
+        ws_o,
+        ws_ml,
+        split_rows,
+        out,
+        s,
+        out.shape[2],
+        heads,
+        row_blocks,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        BM=SPLIT_ROWS,
+        HEAD_DIM=D,
+        num_warps=8,
     )
     return out
 

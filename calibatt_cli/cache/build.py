@@ -1,0 +1,179 @@
+"""`calibatt compile`: turn a mask bundle into a cache directory that `generate` loads as is.
+
+Layout of a cache directory:
+    manifest.json       bundle hash, model, grid, steps, device, versions, per-group figures and the
+                        kernel config chosen per (bucket, layer)
+    plan.safetensors    per (bucket, layer): key-block counts, row offsets, indices and an LPT schedule
+    triton/             Triton's cache holding every kernel variant generate launches (GPU only)
+On a GPU, compile measures the candidate kernel configs (`block_sparse.candidate_configs`, tune.py) per mask group
+on random q, k, v of the model's shape, keeps the fastest, and does so with Triton's cache pointed at
+triton/, so the binaries land there and a later `generate` compiles nothing (see aot.py). load.py
+reads a cache back.
+The directory is built beside its final path and renamed into place, under a lock, so a reader never
+sees a half-written cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from safetensors.torch import save_file
+
+import calibatt_kernels as ck
+from calibatt_kernels import norm_rope
+
+from ..bundle import check_bundle_matches, load_bundle
+from ..config import Config, resolve_input
+from ..errors import CacheError
+from ..models import model_identity
+from ..runtime import plan_index, plan_tensors
+from . import aot
+from .load import CACHE_SCHEMA, device_info, lock_file, software_versions, warm_qk_norm_rope
+from .tune import tune_kernels
+
+
+@dataclass
+class CompileResult:
+    cache_dir: Path
+    manifest: dict
+    seconds: float
+    reused: bool  # the cache was already up to date
+
+
+def write_cache(cache_dir: Path, build: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> None:
+    """Finish a cache built in `build` (a temp folder beside cache_dir) and rename it into place."""
+    triton_dir = build / "triton"
+    triton_dir.mkdir(exist_ok=True)
+    aot.relink_groups(triton_dir, absolute=False)  # no build path may leak into the cache
+    manifest.setdefault("kernels", {})["triton_files"] = len(list(triton_dir.glob("*/__grp__*.json")))
+    save_file(tensors, str(build / "plan.safetensors"))
+    (build / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    _swap_in(build, cache_dir)
+
+
+def kernel_class(cfg: Config, ident) -> dict:
+    """What the compiled binaries depend on beyond device and versions."""
+    return {
+        "dtype": cfg.model.dtype,
+        "head_dim": ident.head_dim,
+        "batches": [1],
+        "lse": ident.joint_attention,
+        "qk_norm_rope": ident.qk_norm_rope,
+    }
+
+
+def compile_cache(
+    cfg: Config, *, bundle_path: str | None = None, cache_dir: str | None = None, recompile: bool = False
+) -> CompileResult:
+    bundle_path = resolve_input(bundle_path or cfg.compile.bundle, cfg)
+    cache_dir = Path(cache_dir or cfg.compile.cache_dir)
+    if cfg.compile.target is not None:
+        raise CacheError(
+            f"compile.target={cfg.compile.target} cross-compiles the kernels only (no cache); use "
+            f"`calibatt compile --target {cfg.compile.target}`, or leave compile.target unset here"
+        )
+    t0 = time.perf_counter()
+    bundle = load_bundle(bundle_path)
+    ident = model_identity(cfg)
+    grid = ident.token_grid(cfg.video.frames, cfg.video.height, cfg.video.width)
+    check_bundle_matches(
+        bundle,
+        where=f"bundle '{bundle_path}'",
+        model_name=ident.name,
+        model_hash=ident.model_hash,
+        grid=grid,
+        steps=cfg.generate.steps,
+        block_size=cfg.calibration.block_size,
+        layers=ident.layers,
+        heads=ident.heads,
+    )
+    parent = cache_dir.parent if str(cache_dir.parent) else Path(".")
+    if not parent.is_dir():
+        raise CacheError(f"cache folder's parent '{parent}' does not exist; create it or choose another --cache-dir")
+    if cache_dir.exists() and not (cache_dir / "manifest.json").is_file():
+        if not cache_dir.is_dir() or any(cache_dir.iterdir()):
+            raise CacheError(f"'{cache_dir}' exists and is not a calibatt cache; choose another --cache-dir")
+
+    device = torch.device(cfg.model.device)
+    tuned = device.type == "cuda" and ck.triton_usable(device) and ident.head_dim in (64, 128)
+    manifest = {
+        "schema_version": CACHE_SCHEMA,
+        "bundle": {"path": str(bundle_path), "content_hash": bundle.content_hash},
+        "model": dict(bundle.meta["model"]),
+        "grid": bundle.meta["grid"],
+        "block_size": bundle.block_size,
+        "steps": bundle.meta["steps"],
+        "step_buckets": bundle.step_buckets,
+        "device": device_info(cfg.model.device),
+        "versions": software_versions(),
+        "kernel_class": kernel_class(cfg, ident),
+        "kernels": {"backend": "triton" if ck.triton_usable(device) else "reference", "tuned": tuned},
+    }
+    with FileLock(lock_file(cache_dir)):
+        if not recompile and _up_to_date(cache_dir, manifest):
+            old = json.loads((cache_dir / "manifest.json").read_text())
+            return CompileResult(cache_dir, old, time.perf_counter() - t0, True)
+        tensors, groups = plan_tensors(bundle.masks)
+        build = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=parent))
+        try:
+            if tuned:
+                keys = [(g["bucket"], g["layer"]) for g in groups]
+                with aot.kernel_cache(build / "triton"):
+                    res = tune_kernels(
+                        plan_index(tensors, keys),
+                        heads=ident.heads,
+                        tokens=grid[0] * grid[1] * grid[2],
+                        head_dim=ident.head_dim,
+                        dtype=getattr(torch, cfg.model.dtype),
+                        block_size=bundle.block_size,
+                        device=device,
+                        return_lse=ident.joint_attention,
+                    )
+                    if ident.qk_norm_rope:
+                        aot.forget_compiled(norm_rope.kernel_fn())
+                        warm_qk_norm_rope(
+                            heads=ident.heads,
+                            head_dim=ident.head_dim,
+                            dtype=getattr(torch, cfg.model.dtype),
+                            device=device,
+                        )
+                for g in groups:
+                    g.update(res.groups[(g["bucket"], g["layer"])])
+                manifest["kernels"].update(res.info)
+            manifest["groups"] = groups
+            # the masks' index as stored (compressed rows: it follows the kept blocks); on the device each
+            # layer's buckets are padded to its longest, a little more
+            manifest["index_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
+            write_cache(cache_dir, build, tensors, manifest)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+    return CompileResult(cache_dir, manifest, time.perf_counter() - t0, False)
+
+
+def _up_to_date(cache_dir: Path, manifest: dict) -> bool:
+    try:
+        old = json.loads((cache_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    keys = ("schema_version", "bundle", "model", "grid", "step_buckets", "device", "versions", "kernel_class")
+    return all(old.get(k) == manifest[k] for k in keys) and (cache_dir / "plan.safetensors").is_file()
+
+
+def _swap_in(tmp: Path, cache_dir: Path) -> None:
+    """Replace cache_dir by tmp with renames only (a directory cannot be renamed over a non-empty one)."""
+    old = None
+    if cache_dir.exists():
+        old = cache_dir.with_name(f".{cache_dir.name}.old-{os.getpid()}")
+        os.replace(cache_dir, old)
+    os.replace(tmp, cache_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,132 @@
+"""Kernel tuning: on the GPU, time every candidate kernel config on each (bucket, layer) mask and keep the
+fastest. Runs inside the cache's Triton folder (aot.kernel_cache), so the winners' binaries land there.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import calibatt_kernels as ck
+from calibatt_kernels import KernelConfig
+
+from ..errors import CacheError
+from . import aot
+
+
+def _time_ms(fn, reps: int) -> float:
+    """Mean milliseconds of fn() on the current CUDA stream (one untimed call first)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+@dataclass
+class TuneResult:
+    configs: dict[tuple[int, int], KernelConfig]
+    groups: dict[tuple[int, int], dict]  # per group: config, ms, dense_ms, speedup
+    info: dict  # dense time, candidates, rejected candidates, seconds, compilations
+
+
+def tune_kernels(
+    index: dict[tuple[int, int], ck.BlockIndex],
+    *,
+    heads: int,
+    tokens: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    block_size: int,
+    device: str | torch.device = "cuda",
+    batches: tuple[int, ...] = (1,),
+    reps: int = 3,
+    return_lse: bool = False,
+) -> TuneResult:
+    """Measure every candidate config on every (bucket, layer) mask with random q, k, v [B, H, N, D] laid
+    out as the models hand them over ([B, N, H, D] storage), keep the fastest per group, and launch each
+    winner once per batch size in `batches` (a batch of 1 and of B specialise differently). `return_lse`:
+    the model's calls ask for the row log-sum-exp (joint attention), a kernel variant of its own.
+
+    Call it inside `aot.kernel_cache(...)`: every binary it compiles lands in that folder."""
+    from calibatt_kernels import dispatch
+
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    cap = torch.cuda.get_device_capability(dev)
+    bs = (block_size, block_size)
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def qkv(b: int):
+        x = torch.randn(3, b, tokens, heads, head_dim, device=dev, dtype=dtype, generator=gen)
+        return [t.transpose(1, 2) for t in x]
+
+    q, k, v = qkv(batches[0])
+    out = torch.empty_like(q)
+    dense_ms = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v), reps)
+    for fn in dispatch.attention_kernel_fns():  # a binary held in memory would never reach the folder
+        aot.forget_compiled(fn)
+    index = {
+        key: ck.BlockIndex(ix.counts.to(dev), ix.offsets.to(dev), ix.indices.to(dev), ix.schedule.to(dev))
+        for key, ix in index.items()
+    }
+    first = next(iter(index.values()))
+
+    def run(ix, c, qq=q, kk=k, vv=v, oo=out):
+        return dispatch.block_sparse_attention_indexed(
+            qq, kk, vv, ix, block_size=bs, out=oo, config=c, return_lse=return_lse
+        )
+
+    with aot.CompileCounter() as counter:
+        usable, rejected = [], {}
+        for c in dispatch.candidate_configs(cap, bs, head_dim, dtype, return_lse=return_lse):
+            try:  # compiles; a config that does not fit this GPU fails here (out of shared memory, ...)
+                run(first, c)
+                torch.cuda.synchronize(dev)
+                usable.append(c)
+            except Exception as e:
+                rejected[aot.config_label(c.to_manifest(), bs)] = (
+                    f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+                )
+        if not usable:
+            raise CacheError(f"no kernel config runs on this GPU ({rejected}); report this with the GPU's name")
+        configs, groups = {}, {}
+        for key, ix in index.items():
+            times = [(_time_ms(lambda ix=ix, c=c: run(ix, c), reps), i) for i, c in enumerate(usable)]
+            ms, best = min(times)
+            configs[key] = usable[best]
+            groups[key] = {
+                "config": usable[best].to_manifest(),
+                "ms": round(ms, 4),
+                "dense_ms": round(dense_ms, 4),
+                "speedup": round(dense_ms / ms, 3) if ms > 0 else None,
+                "candidates_ms": [round(t, 4) for t, _ in times],
+            }
+        winners = set(configs.values())
+        for b in batches[1:]:
+            qb, kb, vb = qkv(b)
+            ob = torch.empty_like(qb)
+            for c in winners:
+                run(first, c, qb, kb, vb, ob)
+        # the persistent Gluon kernel's merge of split last-wave rows: into the cache whether or not these
+        # masks split (prewarm launches it; generate's masks may split where these did not)
+        dispatch.prewarm_backends(
+            dict(enumerate(winners)), {}, device=dev, dtype=dtype, head_dim=head_dim, return_lse=return_lse
+        )
+        torch.cuda.synchronize(dev)
+    info = {
+        "dense_ms": round(dense_ms, 4),
+        "candidates": [c.to_manifest() for c in usable],
+        "rejected": rejected,
+        "winners": [c.to_manifest() for c in winners],
+        "batches": list(batches),
+        "tune_seconds": round(time.perf_counter() - t0, 2),
+        "compilations": counter.count,
+    }
+    return TuneResult(configs, groups, info)

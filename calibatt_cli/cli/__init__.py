@@ -1,0 +1,1 @@
+"""The `calibatt` command line: app.py holds the commands, render.py what they print."""

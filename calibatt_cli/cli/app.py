@@ -1,0 +1,272 @@
+"""The typer app: each command loads the config, calls one library function, and renders the result
+(render.py). The tiny model's commands (train, judge) come from its kit (tiny/cli.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from ..config import Config, dump_yaml, load_config
+from ..errors import CalibattError
+from . import render
+from .render import console, out
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Calibrated block-sparse attention for video DiTs.")
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config (default: configs/tiny.yaml).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: section.key=value.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Model name (model.name).")]
+WeightsOpt = Annotated[Path | None, typer.Option("--weights", help="Local weights folder (model.path).")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+
+_debug = False
+
+
+def _load(config: Path | None, sets: list[str] | None, **flags) -> Config:
+    overrides = list(sets or [])
+    for key, value in flags.items():
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    return load_config(config, overrides)
+
+
+@app.command("config")
+def config_cmd(config: ConfigOpt = None, set_: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Print the resolved config."""
+    _set_debug(debug)
+    cfg = _load(config, set_)
+    out.print(f"# resolved from {cfg.source}", highlight=False)
+    out.print(dump_yaml(cfg), end="", highlight=False, markup=False)
+    from ..models import model_identity
+
+    try:
+        ident = model_identity(cfg)
+    except CalibattError as e:
+        out.print(f"# token grid: not derivable ({e})", highlight=False, markup=False, soft_wrap=True)
+        return
+    render.token_grid(cfg, ident)
+
+
+@app.command()
+def calibrate(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    prompts: Annotated[Path | None, typer.Option(help="Prompts file (calibration.prompts).")] = None,
+    epsilon: Annotated[float | None, typer.Option(help="Dropped mass per row (calibration.epsilon).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Bundle path (calibration.output).")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Run the dense model on the prompt set and write a mask bundle."""
+    from ..calibrate import calibrate as run_calibration
+    from ..calibrate import read_prompts
+
+    _set_debug(debug)
+    cfg = _load(
+        config,
+        set_,
+        **{
+            "model.name": model,
+            "model.path": _s(weights),
+            "calibration.prompts": _s(prompts),
+            "calibration.epsilon": epsilon,
+            "calibration.output": _s(output),
+        },
+    )
+    n_prompts = len(read_prompts(cfg.calibration.prompts, cfg))
+    with render.progress() as bar:
+        task = bar.add_task("calibrating", total=n_prompts * cfg.generate.steps)
+        res = run_calibration(cfg, on_step=lambda: bar.advance(task))
+    render.calibration(res)
+
+
+@app.command("compile")
+def compile_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    bundle: Annotated[Path | None, typer.Option(help="Mask bundle (compile.bundle).")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache directory (compile.cache_dir).")] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="Without a GPU: check that every kernel config compiles "
+            "for an architecture, e.g. sm_90 (writes no cache)."
+        ),
+    ] = None,
+    recompile: Annotated[bool, typer.Option(help="Rebuild even if the cache is up to date.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Turn a mask bundle into a kernel cache directory for generate (or, with --target, cross-compile)."""
+    from ..cache.aot import cross_compile_configs
+    from ..cache.build import compile_cache
+
+    _set_debug(debug)
+    cfg = _load(
+        config,
+        set_,
+        **{
+            "model.name": model,
+            "model.path": _s(weights),
+            "compile.bundle": _s(bundle),
+            "compile.cache_dir": _s(cache_dir),
+            "compile.target": target,
+        },
+    )
+    if cfg.compile.target is not None:
+        xres = cross_compile_configs(cfg)
+        render.cross_compile(xres)
+        if xres.failed:
+            raise CalibattError(render.cross_compile_failures(xres))
+        return
+    render.cache(compile_cache(cfg, recompile=recompile))
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str | None, typer.Argument(help="What the video shows.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="MP4 path (generate.output).")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="Render every prompt of a file (one a line).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed (generate.seed).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (generate.steps).")] = None,
+    dense: Annotated[bool, typer.Option("--dense", help="Run the stock dense pipeline (baseline).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON result line.")] = False,
+    measure_mass: Annotated[bool, typer.Option(help="Measure the attention mass the masks keep (slower).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail if any kernel compiles (generate.strict).")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Generate MP4s with the compiled sparse attention."""
+    from ..calibrate import read_prompts
+    from ..generate import generate as run_generate
+
+    _set_debug(debug)
+    cfg = _load(
+        config,
+        set_,
+        **{
+            "model.name": model,
+            "model.path": _s(weights),
+            "generate.output": _s(output),
+            "generate.seed": seed,
+            "generate.steps": steps,
+            "generate.dense": True if dense else None,
+            "generate.strict": True if strict else None,
+        },
+    )
+    if prompts is not None and prompt is not None:
+        raise CalibattError("give either a prompt or --prompts FILE, not both")
+    todo = read_prompts(prompts) if prompts is not None else [prompt if prompt is not None else ""]
+    with render.progress() as bar:
+        task = bar.add_task("generating", total=len(todo) * cfg.generate.steps)
+        res = run_generate(cfg, todo, on_step=lambda: bar.advance(task), measure_mass=measure_mass)
+    if json_out:
+        out.print(json.dumps(res.summary()), highlight=False, soft_wrap=True)
+        return
+    render.generation(res)
+
+
+@app.command()
+def inspect(
+    bundle: Annotated[Path, typer.Argument(help="Mask bundle to summarise.")],
+    png: Annotated[Path | None, typer.Option(help="Write mask heatmaps (one PNG per bucket x layer) here.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Summarise a mask bundle: density by layer and step bucket, retained mass."""
+    from ..bundle import load_bundle, write_heatmaps
+
+    _set_debug(debug)
+    b = load_bundle(bundle)
+    render.bundle_summary(b, bundle)
+    if png is not None:
+        written = write_heatmaps(b, png)
+        out.print(f"wrote {len(written)} heatmaps to {png}", highlight=False)
+
+
+def _register_training_commands() -> None:
+    from ..tiny import cli as tiny_cli
+
+    app.command()(tiny_cli.train)
+    app.command()(tiny_cli.judge)
+
+
+_register_training_commands()
+
+
+def _s(p) -> str | None:
+    return None if p is None else str(p)
+
+
+def _set_debug(flag: bool) -> None:
+    global _debug
+    _debug = _debug or flag
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # Ctrl-C and kill (SIGTERM, e.g. a CI timeout) both unwind through the atomic writers, which remove
+    # their temp files. Set explicitly: a shell starting us in the background leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        rv = app(standalone_mode=False)
+        # Non-standalone typer turns Ctrl-C into a returned exit code (130) instead of raising.
+        if rv == 130:
+            raise KeyboardInterrupt
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)
+    except CalibattError as e:
+        if _debug:
+            raise
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        console.print("interrupted; nothing partial was written", highlight=False)
+        sys.exit(130)
+    except _click_errors("Exit") as e:
+        sys.exit(e.exit_code)
+    except _click_errors("NoArgsIsHelpError") as e:
+        e.show()  # bare `calibatt` or a bare group: the help, with click's exit code
+        sys.exit(e.exit_code)
+    except _click_errors("UsageError") as e:
+        # Unknown option or command, bad value, missing argument: one line naming it, click's exit code (2).
+        where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        console.print(
+            f"[bold red]error:[/] {escape(e.format_message())}{escape(where)}", highlight=False, soft_wrap=True
+        )
+        sys.exit(e.exit_code)
+    except _click_errors("ClickException") as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except _click_errors("Abort"):
+        console.print("aborted", highlight=False)
+        sys.exit(130)
+
+
+def _click_errors(name: str) -> tuple[type[BaseException], ...]:
+    """Click's exception class `name` from every click the installed typer may raise: newer typer releases
+    raise their own bundled copy (`typer._click`), whose classes are not the `click` package's."""
+    import importlib
+
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)

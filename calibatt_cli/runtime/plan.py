@@ -1,0 +1,102 @@
+"""The sparse plan: which key blocks each (step bucket, layer) attends to, in the kernels' index form.
+
+`plan_tensors` turns a bundle's masks into the flat tensors a cache's plan.safetensors stores, `plan_index`
+turns those tensors back into BlockIndex objects, and `SparsePlan` holds them for a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import calibatt_kernels as ck
+from calibatt_kernels import KernelConfig
+
+
+@dataclass
+class SparsePlan:
+    """Runtime form of a mask bundle: per (bucket, layer) a BlockIndex on the model's device."""
+
+    block_size: int
+    step_buckets: list[int]  # step -> bucket; -1 marks a dense (warm-up) step
+    index: dict[tuple[int, int], ck.BlockIndex]
+    density: torch.Tensor  # float [buckets, layers, heads]: kept share of blocks
+    configs: dict[tuple[int, int], KernelConfig] = field(default_factory=dict)  # chosen by compile; else default
+    _stacks: dict[int, tuple] = field(default_factory=dict, repr=False)  # per layer, see layer_tensors
+
+    def to(self, device: torch.device) -> SparsePlan:
+        """The plan on `device`. Each layer's buckets are stacked once (what processors hold, see
+        layer_tensors) and the per-(bucket, layer) entries become views into the stacks: the index form is
+        on the device once, not twice."""
+        plan = SparsePlan(self.block_size, self.step_buckets, {}, self.density, self.configs)
+        nb = 1 + max(self.step_buckets)
+        for layer in sorted({key[1] for key in self.index}):
+            stack = tuple(t.to(device) for t in self._stack(layer))
+            plan._stacks[layer] = stack
+            for b in range(nb):
+                plan.index[(b, layer)] = ck.BlockIndex(*(t[b] for t in stack))
+        return plan
+
+    def layer_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One layer's index form stacked over buckets: counts and offsets [nb, B, H, Mq], indices [nb, L]
+        (L: the layer's longest bucket, rounded up to 16 bytes so every bucket's view is as aligned as a
+        fresh tensor and the kernel specialises alike), schedules [nb, R]. A processor holds these and picks
+        the bucket with a tensor index: no Python lookup that torch.compile would have to guard on."""
+        if layer not in self._stacks:
+            self._stacks[layer] = self._stack(layer)
+        return self._stacks[layer]
+
+    def _stack(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        nb = 1 + max(self.step_buckets)
+        ixs = [self.index[(b, layer)] for b in range(nb)]
+        width = -(-max(ix.indices.shape[0] for ix in ixs) // 8) * 8  # int16: 8 ids = 16 bytes
+        pad = [torch.nn.functional.pad(ix.indices, (0, width - ix.indices.shape[0])) for ix in ixs]
+        return (
+            torch.stack([ix.counts for ix in ixs]),
+            torch.stack([ix.offsets for ix in ixs]),
+            torch.stack(pad),
+            torch.stack([ix.schedule for ix in ixs]),
+        )
+
+    def mean_density(self) -> tuple[float, float]:
+        """(over all steps with warm-up steps counted dense, over the sparse steps only)."""
+        per_bucket = self.density.mean(dim=(1, 2))
+        per_step = [1.0 if b < 0 else float(per_bucket[b]) for b in self.step_buckets]
+        sparse = [d for d, b in zip(per_step, self.step_buckets, strict=True) if b >= 0]
+        return sum(per_step) / len(per_step), (sum(sparse) / len(sparse) if sparse else 1.0)
+
+
+def plan_tensors(masks: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """bool [buckets, layers, heads, Mq, Mk] -> the plan's tensors and one record per (bucket, layer)."""
+    tensors, groups = {}, []
+    nb, nl = masks.shape[:2]
+    for b in range(nb):
+        for layer in range(nl):
+            ix = ck.mask_to_index(masks[b, layer])
+            key = f"b{b}.l{layer}"
+            tensors[f"{key}.counts"] = ix.counts[0]
+            tensors[f"{key}.offsets"] = ix.offsets[0]
+            tensors[f"{key}.indices"] = ix.indices
+            tensors[f"{key}.schedule"] = ix.schedule
+            groups.append(
+                {
+                    "bucket": b,
+                    "layer": layer,
+                    "density": float(masks[b, layer].float().mean()),
+                    "max_blocks_per_row": ix.max_blocks_per_row,
+                }
+            )
+    return tensors, groups
+
+
+def plan_index(tensors: dict[str, torch.Tensor], keys: list[tuple[int, int]]) -> dict[tuple[int, int], ck.BlockIndex]:
+    return {
+        (b, layer): ck.BlockIndex(
+            tensors[f"b{b}.l{layer}.counts"].unsqueeze(0),
+            tensors[f"b{b}.l{layer}.offsets"].unsqueeze(0),
+            tensors[f"b{b}.l{layer}.indices"],
+            tensors[f"b{b}.l{layer}.schedule"],
+        )
+        for b, layer in keys
+    }

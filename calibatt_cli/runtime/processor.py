@@ -1,0 +1,42 @@
+"""What a family's attention processor calls on a sparse run's fast path (see models/wan.py)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from calibatt_kernels import ops as ck_ops
+
+if TYPE_CHECKING:  # the controller builds these layers (SparseController.sparse_layer)
+    from .controllers import SparseController
+
+
+class SparseLayer:
+    """What one processor needs to run its layer sparse without Python lookups: its stacked index tensors
+    and the controller's bucket tensor. Calls the registered custom op, so torch.compile keeps it."""
+
+    def __init__(self, controller: SparseController, layer: int):
+        plan = controller.plan
+        self.counts, self.offsets, self.indices, self.schedules = plan.layer_tensors(layer)
+        self.block = plan.block_size
+        self.controller = controller
+        # The kernel configuration compile chose per bucket (launch parameters, so Python values: a compiled
+        # caller specialises per bucket, and the index tensors stay data).
+        nb = self.counts.shape[0]
+        self.configs = [ck_ops.config_as_op_arg(plan.configs.get((b, layer))) for b in range(nb)]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b = self.controller.bucket_t
+        return ck_ops.block_sparse_attention_op(
+            q,
+            k,
+            v,
+            self.counts.index_select(0, b).squeeze(0),
+            self.offsets.index_select(0, b).squeeze(0),
+            self.indices.index_select(0, b).squeeze(0),
+            self.schedules.index_select(0, b).squeeze(0),
+            self.block,
+            self.block,
+            self.configs[self.controller.bucket],
+        )

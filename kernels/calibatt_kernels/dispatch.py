@@ -1,0 +1,459 @@
+"""The one entry to the kernels: which backend runs each call, and a record of what ran.
+
+Attention goes through a small backend protocol (`AttentionBackend`). The backends, most preferred first:
+"gluon" (attn_gluon.py, sm_90), "tl" (attn_tl.py, any GPU from Ampere on and the CPU interpreter), "cpu"
+(cpu.py) and "reference" (reference.py, takes every call). A call with a `KernelConfig` runs on the backend
+the config names (`config.backend`); a call without one runs on the first backend that takes it, with that
+backend's default config. Adding a backend is one module that defines a `BACKEND` object with the protocol's
+members, and one `_register` line below.
+
+Nothing falls back silently: when the config's backend cannot take a call, or a "cpu"/"reference" path runs
+because Triton cannot, the fallback is logged at WARNING (once per kind) and counted. `what_ran()` tells,
+per operation, how many calls each backend ran, the latest one, and the fallbacks; `reset_what_ran()`
+starts over (a benchmark or a test that wants to know what its calls ran).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Protocol
+
+import torch
+
+from . import attn_gluon, attn_tl, cpu, reference
+from . import block_mass as _block_mass
+from . import linear_gelu as _linear_gelu
+from . import norm_rope as _norm_rope
+from . import split_merge as _split_merge
+from ._common import BackendUnavailable, KernelConfig, triton_usable
+from .index import BlockIndex, mask_to_index
+
+log = logging.getLogger("calibatt.kernels")
+
+
+class AttentionBackend(Protocol):
+    """What `dispatch` needs of a block-sparse attention backend."""
+
+    name: str  # what `what_ran` and `KernelConfig.backend` call it
+    is_fallback: bool  # a PyTorch path: running it because Triton cannot is a fallback (logged, counted)
+
+    def supports(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        block_size: tuple[int, int],
+        *,
+        return_lse: bool = False,
+    ) -> bool:
+        """Whether it takes this call (device, dtype, layout, block size, head dim, lse)."""
+
+    def default_config(self, device: torch.device, block_size: tuple[int, int]) -> KernelConfig | None:
+        """Its config for a call that brings none (None: it has no configs)."""
+
+    def candidates(
+        self,
+        capability: tuple[int, int],
+        block_size: tuple[int, int],
+        head_dim: int,
+        dtype: torch.dtype | None = None,
+        *,
+        return_lse: bool = False,
+    ) -> list[KernelConfig]:
+        """The configs `calibatt compile` measures on a GPU of this compute capability."""
+
+    def launch(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        index: BlockIndex,
+        *,
+        block_size: tuple[int, int],
+        scale: float | None,
+        out: torch.Tensor | None,
+        config: KernelConfig | None,
+        return_lse: bool,
+    ):
+        """Run the call: the output (and the row lse with `return_lse`). May raise `BackendUnavailable`."""
+
+    def kernel_fns(self) -> list:
+        """Its Triton JIT functions (for the cache tools)."""
+
+    def aot_source(
+        self,
+        config: KernelConfig,
+        dtype: torch.dtype,
+        block_size: tuple[int, int],
+        head_dim: int,
+        capability: tuple[int, int],
+        return_lse: bool = False,
+    ):
+        """(compiler source, options) of a config for `triton.compile(..., target=...)` without a GPU."""
+
+    def prewarm(
+        self,
+        configs: dict,
+        index: dict,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        head_dim: int,
+        return_lse: bool = False,
+    ) -> None:
+        """Make what its launches derive once (beyond the binaries), before the first step."""
+
+
+BACKENDS: dict[str, AttentionBackend] = {}
+
+
+def _register(backend: AttentionBackend) -> None:
+    BACKENDS[backend.name] = backend
+
+
+# most preferred first
+_register(attn_gluon.BACKEND)
+_register(attn_tl.BACKEND)
+_register(cpu.BACKEND)
+_register(reference.BACKEND)
+
+_disabled: dict[str, str] = {}  # backend -> why it cannot run in this process (BackendUnavailable)
+
+
+# ---- what ran ----
+
+
+class RunRecord:
+    """Per process: calls per (operation, what ran), the latest per operation, and the fallbacks."""
+
+    def __init__(self) -> None:
+        self.calls: Counter = Counter()  # (op, ran) -> calls; ran: a KernelConfig.kernel or a backend name
+        self.last: dict[str, str] = {}  # op -> what ran its latest call
+        self.fallbacks: Counter = Counter()  # (op, wanted, ran, reason) -> calls
+        self._warned: set = set()
+
+    def note(self, op: str, ran: str) -> None:
+        self.calls[op, ran] += 1
+        self.last[op] = ran
+
+    def fallback(self, op: str, wanted: str, ran: str, reason: str) -> None:
+        self.fallbacks[op, wanted, ran, reason] += 1
+        if (op, wanted, ran, reason) not in self._warned:
+            self._warned.add((op, wanted, ran, reason))
+            log.warning("calibatt_kernels: %s wanted %s, ran %s instead (%s); same results", op, wanted, ran, reason)
+
+    def snapshot(self) -> dict:
+        return {
+            "calls": {f"{op}:{ran}": n for (op, ran), n in self.calls.items()},
+            "last": dict(self.last),
+            "fallbacks": [
+                {"op": op, "wanted": w, "ran": r, "reason": why, "calls": n}
+                for (op, w, r, why), n in self.fallbacks.items()
+            ],
+        }
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.last.clear()
+        self.fallbacks.clear()
+
+
+RECORD = RunRecord()
+
+
+def what_ran() -> dict:
+    """{"calls": {"attention:gluon_persistent": 40, "block_mass:triton": 3, ...}, "last": {op: what ran},
+    "fallbacks": [{"op", "wanted", "ran", "reason", "calls"}, ...]} since the process started (or
+    `reset_what_ran`)."""
+    return RECORD.snapshot()
+
+
+def reset_what_ran() -> None:
+    RECORD.reset()
+
+
+def disabled_backends() -> dict[str, str]:
+    """Backends this process stopped using (why), e.g. a Gluon kernel the installed triton cannot compile."""
+    return dict(_disabled)
+
+
+# ---- attention ----
+
+
+def _ran_name(backend: AttentionBackend, config: KernelConfig | None) -> str:
+    return config.kernel if config is not None else backend.name
+
+
+def _takes(backend: AttentionBackend, q, k, v, block_size, return_lse) -> bool:
+    return backend.name not in _disabled and backend.supports(q, k, v, block_size, return_lse=return_lse)
+
+
+def _why_not(backend_name: str, q: torch.Tensor) -> str:
+    if backend_name in _disabled:
+        return _disabled[backend_name]
+    if backend_name in ("tl", "triton"):
+        if not triton_usable(q.device):
+            return f"Triton unavailable for {q.device.type}"
+        return f"head dim {q.shape[-1]} (the kernels take 64 or 128)"
+    return f"the {backend_name} kernel does not take this call"
+
+
+def block_sparse_attention_indexed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: BlockIndex,
+    *,
+    block_size: tuple[int, int] = (128, 128),
+    scale: float | None = None,
+    config: KernelConfig | None = None,
+    out: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention from the precomputed index form (see `index.py`); q, k, v [B, H, N, D] (any
+    strides), index rows [B or 1, H, Mq]. Returns [B, H, N, D] in q's dtype and memory layout (or writes
+    `out`). `config`: the kernel configuration `calibatt compile` chose (None: the first backend that takes
+    the call, with its default); the PyTorch paths ignore it. `return_lse`: also return each row's
+    log-sum-exp, float32 [B, H, N] (-inf for rows with no block)."""
+    block_size = tuple(block_size)
+    wanted = None
+    if config is not None:
+        backend = BACKENDS[config.backend]
+        if _takes(backend, q, k, v, block_size, return_lse):
+            try:
+                res = backend.launch(
+                    q, k, v, index, block_size=block_size, scale=scale, out=out, config=config, return_lse=return_lse
+                )
+                RECORD.note("attention", config.kernel)
+                return res
+            except BackendUnavailable as e:
+                _disabled[backend.name] = str(e)
+        wanted = (config.kernel, _why_not(backend.name, q))
+    for backend in BACKENDS.values():
+        if wanted is not None and config is not None and backend.name == config.backend:
+            continue
+        if not _takes(backend, q, k, v, block_size, return_lse):
+            continue
+        cfg = backend.default_config(q.device, block_size)
+        try:
+            res = backend.launch(
+                q, k, v, index, block_size=block_size, scale=scale, out=out, config=cfg, return_lse=return_lse
+            )
+        except BackendUnavailable as e:
+            _disabled[backend.name] = str(e)
+            wanted = wanted or (_ran_name(backend, cfg), str(e))
+            continue
+        ran = _ran_name(backend, cfg)
+        if wanted is not None:
+            RECORD.fallback("attention", wanted[0], ran, wanted[1])
+        elif backend.is_fallback:
+            RECORD.fallback("attention", "triton", ran, _why_not("triton", q))
+        RECORD.note("attention", ran)
+        return res
+    raise RuntimeError("no attention backend takes this call")  # unreachable: the reference takes every call
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: tuple[int, int] = (128, 128),
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Block-sparse attention; q, k, v [B, H, N, D] (any strides), block_mask bool [(B,) H, Mq, Mk]."""
+    return block_sparse_attention_indexed(
+        q, k, v, mask_to_index(block_mask, with_schedule=True), block_size=block_size, scale=scale
+    )
+
+
+def default_config(device: torch.device, block_size: tuple[int, int], head_dim: int) -> KernelConfig:
+    """The config measured best on an H200 for a model of this block size and head dim (bench/NOTES.md): the
+    persistent Gluon kernel on sm_90 where it takes the shape, else the tl kernel's default (a call the Gluon
+    kernel cannot take runs that too)."""
+    device = torch.device(device)
+    if device.type == "cuda" and attn_gluon.takes_shape(torch.cuda.get_device_capability(device), block_size, head_dim):
+        return attn_gluon.GLUON_PERSISTENT
+    return attn_tl.default_config(device, block_size)
+
+
+def candidate_configs(
+    capability: tuple[int, int],
+    block_size: tuple[int, int],
+    head_dim: int,
+    dtype: torch.dtype | None = None,
+    *,
+    return_lse: bool = False,
+) -> list[KernelConfig]:
+    """The configs worth measuring on a GPU of this compute capability, every backend's, most preferred
+    backend first (its default first). `dtype`: the model's, when known; `return_lse`: the calls need the row
+    log-sum-exp (joint attention)."""
+    return [
+        c
+        for b in BACKENDS.values()
+        for c in b.candidates(capability, block_size, head_dim, dtype, return_lse=return_lse)
+    ]
+
+
+def aot_source(
+    config: KernelConfig,
+    dtype: torch.dtype,
+    block_size: tuple[int, int],
+    head_dim: int,
+    capability: tuple[int, int],
+    return_lse: bool = False,
+):
+    """(compiler source, options) of a config, for `triton.compile(source, target=GPUTarget(...))`."""
+    return BACKENDS[config.backend].aot_source(config, dtype, tuple(block_size), head_dim, capability, return_lse)
+
+
+def attention_kernel_fns() -> list:
+    """Every JIT function an attention config can launch."""
+    return [fn for b in BACKENDS.values() for fn in b.kernel_fns()]
+
+
+def kernel_names() -> frozenset[str]:
+    """The names of every Triton kernel of this package (what a calibatt cache holds)."""
+    fns = attention_kernel_fns() + [
+        _block_mass._row_lse,
+        _block_mass._block_mass_fwd,
+        _norm_rope.kernel_fn(),
+        _split_merge.kernel_fn(),
+    ]
+    names = {fn.__name__ for fn in fns}
+    if not attn_gluon.HAVE_GLUON:  # their names all the same: a cache made where Gluon exists holds them
+        names |= {"_gl_attn_tile", "_gl_attn_persistent"}
+    return frozenset(names)
+
+
+def prewarm_attention(
+    *,
+    heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    block_size: int,
+    configs: dict,
+    index: dict,
+    return_lse: bool = False,
+) -> None:
+    """Launch every config of `configs` ({key: KernelConfig or None}) once on a one-block input of the model's
+    heads, head dim and dtype (the same specialisation as the real calls), then let each backend make what its
+    launches derive once from the plan's `index` ({key: BlockIndex}): the first step then costs what the
+    later ones do."""
+    dev = torch.device(device)
+    bs = (block_size, block_size)
+    x = torch.zeros(3, 1, block_size, heads, head_dim, device=dev, dtype=dtype)
+    q, k, v = (t.transpose(1, 2) for t in x)
+    one = mask_to_index(torch.ones(heads, 1, 1, dtype=torch.bool, device=dev))
+    for c in set(configs.values()) or {None}:
+        block_sparse_attention_indexed(q, k, v, one, block_size=bs, config=c, return_lse=return_lse)
+    prewarm_backends(configs, index, device=dev, dtype=dtype, head_dim=head_dim, return_lse=return_lse)
+
+
+def prewarm_backends(
+    configs: dict, index: dict, *, device: torch.device, dtype: torch.dtype, head_dim: int, return_lse: bool = False
+) -> None:
+    """Each backend's `prewarm` (what its launches derive once: the Gluon kernel's records and its merge
+    kernel), without launching the configs themselves."""
+    for b in BACKENDS.values():
+        b.prewarm(configs, index, device=torch.device(device), dtype=dtype, head_dim=head_dim, return_lse=return_lse)
+
+
+# ---- the other kernels: a Triton kernel where Triton runs, else the reference ----
+
+
+def block_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: tuple[int, int] = (128, 128),
+    scale: float | None = None,
+) -> torch.Tensor:
+    """float32 [B, H, Mq, Mk]: mean over each query block's queries of the softmax mass per key block."""
+    if triton_usable(q.device) and q.shape[-1] in (64, 128):
+        RECORD.note("block_mass", "triton")
+        return _block_mass.block_mass_triton(q, k, block_size=block_size, scale=scale)
+    RECORD.fallback("block_mass", "triton", "reference", _why_not("triton", q))
+    RECORD.note("block_mass", "reference")
+    return reference.block_mass_ref(q, k, block_size, scale)
+
+
+def attention_with_block_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: tuple[int, int] = (128, 128),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense attention output like q's layout, block_mass) of one call: what calibration records. On the
+    GPU, SDPA and the block_mass kernel; where Triton cannot run, one pass of the reference gives both from
+    the same probabilities (one softmax instead of SDPA plus block_mass_ref's own: ~25 % less calibration
+    time on the CPU)."""
+    if triton_usable(q.device) and q.shape[-1] in (64, 128):
+        RECORD.note("attention_with_block_mass", "triton")
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return out, _block_mass.block_mass_triton(q, k, block_size=block_size)
+    RECORD.fallback("attention_with_block_mass", "triton", "reference", _why_not("triton", q))
+    RECORD.note("attention_with_block_mass", "reference")
+    mass, out = reference.block_mass_ref(q, k, block_size, v=v)
+    return out, mass
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    heads: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan's q/k preparation: RMS norm of q and k [B, N, C] over their C channels, then the interleaved
+    rotary embedding (cos, sin: [1, N, 1, D] or [N, D]). Returns contiguous [B, N, heads, D] tensors."""
+    if triton_usable(q.device):
+        RECORD.note("qk_norm_rope", "triton")
+        return _norm_rope.qk_norm_rope_triton(q, k, weight_q, weight_k, cos, sin, heads=heads, eps=eps)
+    RECORD.fallback("qk_norm_rope", "triton", "reference", f"Triton unavailable for {q.device.type}")
+    RECORD.note("qk_norm_rope", "reference")
+    return reference.qk_norm_rope_ref(q, k, weight_q, weight_k, cos, sin, heads=heads, eps=eps)
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """gelu(x @ weight.T + bias, approximate="tanh"): cuBLASLt's fused epilogue on the GPU, else the reference
+    (on the CPU the reference is the path by design: torch's CPU epilogue applies the erf GELU)."""
+    if _linear_gelu.fusable(x, weight, bias):
+        RECORD.note("linear_gelu", "cublaslt")
+    else:
+        if x.is_cuda:
+            RECORD.fallback("linear_gelu", "cublaslt", "reference", "no bias, mixed dtypes or an empty input")
+        RECORD.note("linear_gelu", "reference")
+    return _linear_gelu.linear_gelu(x, weight, bias)
+
+
+__all__ = [
+    "BACKENDS",
+    "RECORD",
+    "AttentionBackend",
+    "RunRecord",
+    "aot_source",
+    "attention_kernel_fns",
+    "attention_with_block_mass",
+    "block_mass",
+    "block_sparse_attention",
+    "block_sparse_attention_indexed",
+    "candidate_configs",
+    "default_config",
+    "disabled_backends",
+    "kernel_names",
+    "linear_gelu",
+    "prewarm_attention",
+    "prewarm_backends",
+    "qk_norm_rope",
+    "reset_what_ran",
+    "what_ran",
+]
