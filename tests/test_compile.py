@@ -121,8 +121,8 @@ def test_gluon_tile_records_against_the_mask():
 
 def test_split_last_wave_pieces_cover_the_rows():
     """The persistent kernel's last wave: the last T mod P tiles each become s = P // (T mod P) pieces of
-    consecutive blocks whose records cover the row's list exactly, in consecutive workspace slots; the tiles before are untouched;
-    nothing is split when the wave is full, when s < 2, or when the rows differ much in length."""
+    consecutive blocks whose records cover the row's list exactly, in consecutive workspace slots; the tiles
+    before are untouched; nothing is split when the wave is full, when s < 2, or when the rows differ much in length."""
     import calibatt_kernels as ck
     from calibatt_kernels.attn_gluon import tile_records
     from calibatt_kernels.index import index_words
