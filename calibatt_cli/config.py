@@ -71,12 +71,24 @@ class GenerateConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How one video is spread over the processes of a torchrun launch (see parallel.py); the processes left
+    over form data-parallel groups that share the prompts. Without torchrun: one process."""
+
+    cfg_parallel: bool = False  # the two guidance branches of each step on two processes
+    ulysses: int = 1  # sequence parallel degree (diffusers' Ulysses): must divide the model's heads
+    ring: int = 1  # ring attention: not supported, any other value is refused
+    ulysses_anything: bool = False  # diffusers' padded-heads Ulysses: not supported, refused
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})  # file it came from
 
     def to_dict(self) -> dict:

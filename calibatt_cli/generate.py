@@ -6,17 +6,19 @@ import contextlib
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import parallel
 from .cache import aot
 from .cache.load import load_cache, prewarm
 from .config import Config
 from .errors import ConfigError
 from .models import load_model, model_identity
+from .models.parallel import parallelize
 from .runtime import DenseController, SparseController
 from .util import check_output_path
 from .video import to_uint8, write_mp4
@@ -27,8 +29,13 @@ class VideoResult:
     prompt: str
     output: Path | None
     seconds: float  # sampling + decoding + writing, model load excluded
-    frames: np.ndarray = field(repr=False)  # uint8 [F, H, W, 3]
+    frames: np.ndarray | None = field(repr=False)  # uint8 [F, H, W, 3]; None: rendered by another process
     step_seconds: list[float] = field(default_factory=list)  # each denoising step, first forward to step end
+    shape: tuple[int, int, int] = (0, 0, 0)  # frames, height, width
+
+    def __post_init__(self):
+        if self.frames is not None:
+            self.shape = tuple(int(x) for x in self.frames.shape[:3])
 
 
 @dataclass
@@ -41,6 +48,7 @@ class GenerateResult:
     load_seconds: float
     retained_mass: float | None = None  # measured live (measure_mass=True): mean kept softmax mass per row
     compilations: int | None = None  # Triton kernels compiled during the run (0 with a warm cache)
+    layout: str = "1 process"  # how the run was spread over processes (parallel.Layout.describe)
 
     def summary(self) -> dict:
         return {
@@ -54,9 +62,10 @@ class GenerateResult:
             "seconds_per_video": [round(v.seconds, 3) for v in self.videos],
             "load_seconds": round(self.load_seconds, 3),
             "retained_mass": None if self.retained_mass is None else round(self.retained_mass, 6),
-            "frames": int(self.videos[0].frames.shape[0]) if self.videos else 0,
+            "frames": self.videos[0].shape[0] if self.videos else 0,
             "compilations": self.compilations,
             "step_seconds": [[round(t, 4) for t in v.step_seconds] for v in self.videos],
+            "layout": self.layout,
         }
 
 
@@ -88,34 +97,116 @@ def generate(
     on_step: Callable[[], None] | None = None,
     measure_mass: bool = False,
 ) -> GenerateResult:
+    """Render each prompt to an MP4. Under torchrun the processes split up as `cfg.parallel` says (see
+    parallel.py); each video is written once, by its group's first process, and every process returns the
+    results of all videos (frames only for its own)."""
     prompts = check_prompts(prompts)
     g = cfg.generate
     paths = output_paths(output or g.output, len(prompts))
     if write:
         for p in paths:
             check_output_path(p, "output")
-    plan = None
+    ident = model_identity(cfg)
+    check_layout(cfg, ident)
+    layout = parallel.setup(cfg.parallel, cfg.model.device)
+    cfg = replace(cfg, model=replace(cfg.model, device=parallel.process_device(cfg.model.device, layout)))
+    mine = layout.shard(len(prompts))
+    plan = full_plan = None
     with contextlib.ExitStack() as stack:
         counter = None
         if not g.dense:
             plan, _ = load_cache(cfg)  # validate the cache before spending time on the model
+            full_plan = plan
+            heads = ident.heads // layout.ulysses
+            if layout.ulysses > 1:  # this rank attends over its heads' masks alone
+                start = layout.ulysses_rank * heads
+                plan = plan.heads(start, start + heads).to(torch.device(cfg.model.device))
             # Triton must look in the cache's folder before the first kernel launch; strict mode fails at the
             # first compilation, which a complete cache never needs.
             stack.enter_context(aot.kernel_cache(Path(cfg.compile.cache_dir) / "triton"))
             counter = stack.enter_context(aot.CompileCounter(strict=g.strict))
-            ident = model_identity(cfg)
             prewarm(
                 plan,
-                heads=ident.heads,
+                heads=heads,
                 head_dim=ident.head_dim,
                 dtype=getattr(torch, cfg.model.dtype),
                 device=cfg.model.device,
                 return_lse=ident.joint_attention,
                 qk_norm_rope=ident.qk_norm_rope,
             )
-        res = _sample(cfg, prompts, paths, plan, write=write, on_step=on_step, measure_mass=measure_mass)
+        res = _sample(
+            cfg,
+            [prompts[i] for i in mine],
+            [paths[i] for i in mine],
+            plan,
+            layout,
+            write=write and layout.group_leader,
+            on_step=on_step,
+            measure_mass=measure_mass,
+        )
     res.compilations = None if counter is None else counter.count
+    if full_plan is not None:  # the whole model's density, not this rank's heads'
+        res.mean_density, res.sparse_density = full_plan.mean_density()
+    if layout.distributed:
+        res.videos = _gather_videos(res.videos, mine, layout)
+        res.layout = layout.describe()
     return res
+
+
+def check_layout(cfg: Config, ident) -> None:
+    """What the model or the sampling settings rule out for cfg.parallel, refused before anything starts."""
+    p = cfg.parallel
+    parallel.check_parallel_config(p)
+    if p.cfg_parallel and cfg.generate.guidance <= 1.0:
+        raise ConfigError(
+            f"parallel.cfg_parallel needs classifier-free guidance (generate.guidance > 1, got "
+            f"{cfg.generate.guidance}): with one forward per step there is nothing to split; drop --cfg-parallel"
+        )
+    if p.ulysses > 1:
+        if not ident.sequence_parallel:
+            raise ConfigError(
+                f"{ident.name} has no sequence-parallel plan in diffusers, so parallel.ulysses cannot split it; "
+                f"use --cfg-parallel (and data parallel over --prompts)"
+            )
+        if ident.heads % p.ulysses:
+            raise ConfigError(
+                f"{ident.name} has {ident.heads} heads, not divisible by parallel.ulysses={p.ulysses}; "
+                f"choose one of {[d for d in range(2, ident.heads + 1) if ident.heads % d == 0]}"
+            )
+
+
+def _gather_videos(videos: list[VideoResult], mine: list[int], layout: parallel.Layout) -> list[VideoResult]:
+    """Every group's videos, in prompt order; frames stay with the processes that rendered them."""
+    local = dict(zip(mine, videos, strict=True))
+    rows = (
+        [
+            {
+                "index": i,
+                "prompt": v.prompt,
+                "output": None if v.output is None else str(v.output),
+                "seconds": v.seconds,
+                "step_seconds": v.step_seconds,
+                "shape": list(v.shape),
+            }
+            for i, v in local.items()
+        ]
+        if layout.group_leader
+        else []
+    )
+    merged = sorted((r for part in parallel.all_gather_json(rows, layout) for r in part), key=lambda r: r["index"])
+    return [
+        local[r["index"]]
+        if r["index"] in local
+        else VideoResult(
+            r["prompt"],
+            None if r["output"] is None else Path(r["output"]),
+            r["seconds"],
+            None,
+            r["step_seconds"],
+            tuple(r["shape"]),
+        )
+        for r in merged
+    ]
 
 
 def _sample(
@@ -123,6 +214,7 @@ def _sample(
     prompts: list[str],
     paths: list[Path],
     plan,
+    layout: parallel.Layout,
     *,
     write: bool,
     on_step: Callable[[], None] | None,
@@ -134,6 +226,7 @@ def _sample(
     controller = SparseController(plan, measure_mass=measure_mass) if plan is not None else None
     if controller is not None:
         model.install(controller)
+    split = parallelize(model, layout)  # after install: diffusers hands its parallel config to our processors
     if g.compile:
         # Both the baseline (--dense) and calibatt get the same torch.compile, so they stay comparable.
         model.torch_compile_blocks(g.compile_backend)
@@ -144,16 +237,15 @@ def _sample(
     for prompt, path in zip(prompts, paths, strict=True):
         t1 = time.perf_counter()
         clock.start()
+        split.reset()
         hooks = [clock.step_end]
         if on_step is not None:
             hooks.append(on_step)
-        if controller is None:
-            # The stock pipeline: no processor of ours installed; steps are followed for progress only.
-            frames = _run_with_progress(model, prompt, cfg, hooks)
-        else:
-            controller.step_hooks[:] = hooks
-            with torch.inference_mode():
-                frames = model.run(prompt, cfg=cfg, controller=controller, seed=g.seed)[0]
+        # The stock pipeline (--dense) has no processor of ours: a dense controller only follows its steps.
+        ctl = controller if controller is not None else DenseController()
+        ctl.step_hooks[:] = hooks
+        with torch.inference_mode():
+            frames = model.run(prompt, cfg=cfg, controller=ctl, seed=g.seed, cfg_branch=layout.cfg_rank)[0]
         frames = to_uint8(frames)
         if write:
             write_mp4(path, frames, cfg.video.fps)
@@ -206,10 +298,3 @@ class StepClock:
 
     def close(self) -> None:
         self._handle.remove()
-
-
-def _run_with_progress(model, prompt: str, cfg: Config, hooks: list) -> np.ndarray:
-    step_counter = DenseController()  # used only for its step callback
-    step_counter.step_hooks[:] = hooks
-    with torch.inference_mode():
-        return model.run(prompt, cfg=cfg, controller=step_counter, seed=cfg.generate.seed)[0]

@@ -62,11 +62,15 @@ def calibrate(
     prompts: Annotated[Path | None, typer.Option(help="Prompts file (calibration.prompts).")] = None,
     epsilon: Annotated[float | None, typer.Option(help="Dropped mass per row (calibration.epsilon).")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Bundle path (calibration.output).")] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="Record only shard i/N of the prompts into a shard file (-o); see merge-shards."),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Run the dense model on the prompt set and write a mask bundle."""
+    """Run the dense model on the prompt set and write a mask bundle (under torchrun: prompts shared out)."""
     from ..calibrate import calibrate as run_calibration
-    from ..calibrate import read_prompts
+    from ..calibrate import calibrate_shard, read_prompts
 
     _set_debug(debug)
     cfg = _load(
@@ -83,8 +87,25 @@ def calibrate(
     n_prompts = len(read_prompts(cfg.calibration.prompts, cfg))
     with render.progress() as bar:
         task = bar.add_task("calibrating", total=n_prompts * cfg.generate.steps)
+        if shard is not None:
+            render.shard(calibrate_shard(cfg, shard, on_step=lambda: bar.advance(task)))
+            return
         res = run_calibration(cfg, on_step=lambda: bar.advance(task))
-    render.calibration(res)
+    if res.bundle is not None:  # rank 0 of a torchrun launch, or the one process
+        render.calibration(res)
+
+
+@app.command("merge-shards")
+def merge_shards_cmd(
+    shards: Annotated[list[Path], typer.Argument(help="The N files of `calibrate --shard i/N`, any order.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Bundle path to write.")],
+    debug: DebugOpt = False,
+) -> None:
+    """Merge the shard files of one calibration into its bundle (bit-identical to a one-process run)."""
+    from ..calibrate import merge_shards
+
+    _set_debug(debug)
+    render.calibration(merge_shards(shards, output))
 
 
 @app.command("compile")
@@ -145,9 +166,15 @@ def generate(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON result line.")] = False,
     measure_mass: Annotated[bool, typer.Option(help="Measure the attention mass the masks keep (slower).")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail if any kernel compiles (generate.strict).")] = False,
+    cfg_parallel: Annotated[
+        bool, typer.Option("--cfg-parallel", help="Under torchrun: the two guidance branches on two processes.")
+    ] = False,
+    ulysses: Annotated[
+        int | None, typer.Option(help="Under torchrun: sequence parallel over K processes (parallel.ulysses).")
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Generate MP4s with the compiled sparse attention."""
+    """Generate MP4s with the compiled sparse attention (under torchrun: spread over the processes)."""
     from ..calibrate import read_prompts
     from ..generate import generate as run_generate
 
@@ -163,6 +190,8 @@ def generate(
             "generate.steps": steps,
             "generate.dense": True if dense else None,
             "generate.strict": True if strict else None,
+            "parallel.cfg_parallel": True if cfg_parallel else None,
+            "parallel.ulysses": ulysses,
         },
     )
     if prompts is not None and prompt is not None:
@@ -171,6 +200,8 @@ def generate(
     with render.progress() as bar:
         task = bar.add_task("generating", total=len(todo) * cfg.generate.steps)
         res = run_generate(cfg, todo, on_step=lambda: bar.advance(task), measure_mass=measure_mass)
+    if not _main_process():
+        return  # rank 0 reports for the whole launch
     if json_out:
         out.print(json.dumps(res.summary()), highlight=False, soft_wrap=True)
         return
@@ -217,8 +248,51 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _rank() -> int:
+    import os
+
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _main_process() -> bool:
+    return _rank() == 0
+
+
+def _joined() -> bool:
+    """Whether this process joined a torchrun world (errors after that may differ between processes)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def _report(e: CalibattError) -> None:
+    """One line per error. Under torchrun, an error before the processes join comes from the config and is
+    the same on every process: rank 0 says it; the others wait a moment (so torchrun, stopping the workers
+    when one exits, does not cut rank 0 off) and exit quietly. After joining, each process says its own."""
+    rank = _rank()
+    if rank == 0 or _joined():
+        prefix = f"rank {rank}: " if rank else ""
+        console.print(f"[bold red]{prefix}error:[/] {e}", highlight=False, soft_wrap=True)
+    else:
+        import contextlib
+        import time
+
+        with contextlib.suppress(KeyboardInterrupt):  # torchrun stopping us once rank 0 has exited
+            time.sleep(2.0)
+
+
+def _leave_world() -> None:
+    if _joined():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # Under torchrun only rank 0 reports; the others keep to errors.
+    logging.basicConfig(level=logging.WARNING if _main_process() else logging.ERROR, format="%(message)s")
     # Ctrl-C and kill (SIGTERM, e.g. a CI timeout) both unwind through the atomic writers, which remove
     # their temp files. Set explicitly: a shell starting us in the background leaves SIGINT ignored.
     signal.signal(signal.SIGINT, _interrupt)
@@ -233,7 +307,7 @@ def main() -> None:
     except CalibattError as e:
         if _debug:
             raise
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        _report(e)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         console.print("interrupted; nothing partial was written", highlight=False)
@@ -256,6 +330,8 @@ def main() -> None:
     except _click_errors("Abort"):
         console.print("aborted", highlight=False)
         sys.exit(130)
+    finally:
+        _leave_world()
 
 
 def _click_errors(name: str) -> tuple[type[BaseException], ...]:

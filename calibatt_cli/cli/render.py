@@ -67,6 +67,15 @@ def calibration(res) -> None:
     out.print(str(res.path), highlight=False)
 
 
+def shard(res) -> None:
+    i, n = res.shard
+    console.print(
+        f"shard {i}/{n}: {res.prompts} prompt(s), {res.seconds:.1f} s; merge all {n} with "
+        f"`calibatt merge-shards ... -o BUNDLE`"
+    )
+    out.print(str(res.path), highlight=False)
+
+
 def cross_compile(xres) -> None:
     from ..cache.aot import config_label
 
@@ -139,9 +148,7 @@ def cache(res) -> None:
 def generation(res) -> None:
     s = res.summary()
     for v in res.videos:
-        console.print(
-            f"wrote {v.output} ({v.frames.shape[0]} frames {v.frames.shape[2]}x{v.frames.shape[1]}, {v.seconds:.1f} s)"
-        )
+        console.print(f"wrote {v.output} ({v.shape[0]} frames {v.shape[2]}x{v.shape[1]}, {v.seconds:.1f} s)")
     mode = (
         "dense (stock pipeline)"
         if res.dense
@@ -150,7 +157,7 @@ def generation(res) -> None:
     kept = "" if res.retained_mass is None else f", retained mass {res.retained_mass:.5f}"
     console.print(
         f"{len(res.videos)} video(s), {res.steps} steps, {mode}{kept}, {s['seconds']:.1f} s sampling, "
-        f"{res.load_seconds:.1f} s model load"
+        f"{res.load_seconds:.1f} s model load" + ("" if res.layout == "1 process" else f"; {res.layout}")
     )
 
 

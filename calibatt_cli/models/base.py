@@ -9,7 +9,7 @@ else imports model internals.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -20,15 +20,21 @@ if TYPE_CHECKING:  # models/ sits below runtime/: processors only call the contr
 
 
 def refuse_context_parallel(processor) -> None:
-    """Every family's processor calls this first. Under diffusers context parallelism each rank holds a
-    shard of the tokens; attending over it alone would be silently wrong."""
+    """The processor of a family without Ulysses support calls this first. Under diffusers context
+    parallelism each rank holds a shard of the tokens; attending over it alone would be silently wrong."""
     if getattr(processor, "_parallel_config", None) is not None:
         from ..errors import CalibattError
 
         raise CalibattError(
-            "calibatt's sparse attention does not support diffusers context parallelism yet; "
-            "disable parallelism (do not call enable_parallelism) or run --dense"
+            "this model's calibatt attention does not run under diffusers context parallelism; "
+            "use --cfg-parallel (and data parallel over --prompts) instead"
         )
+
+
+def carry_parallel_config(processor, module: torch.nn.Module) -> None:
+    """diffusers' `enable_parallelism` sets `_parallel_config` on the processors present at that moment; a
+    processor installed later must take it from the model, or each rank would attend over its own shard."""
+    processor._parallel_config = getattr(module, "_parallel_config", None)
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,8 @@ class ModelIdentity:
     # The processor prepares q and k with calibatt's fused RMS-norm + RoPE kernel (Wan): compile caches it
     # too, so that generate --strict compiles nothing.
     qk_norm_rope: bool = False
+    # The transformer has a context-parallel plan in diffusers (Wan): Ulysses can split its tokens.
+    sequence_parallel: bool = False
 
     def token_grid(self, frames: int, height: int, width: int) -> list[int]:
         st, sh, sw = self.vae_stride
@@ -105,6 +113,7 @@ def identity_from_config(
         patch=tuple(patch(tcfg) if patch else tcfg["patch_size"]),
         joint_attention=joint_attention,
         qk_norm_rope=qk_norm_rope,
+        sequence_parallel=getattr(model_cls, "_cp_plan", None) is not None,
     )
 
 
@@ -122,6 +131,9 @@ class LoadedModel:
     call_defaults: dict = field(default_factory=dict)  # extra pipeline kwargs (e.g. max_sequence_length)
     _installed: list = field(default_factory=list)  # (attention module, its original processor)
     _swapped: list = field(default_factory=list)  # (parent, name, original module) of swapped submodules
+    # The pipeline runs both guidance branches as one batched forward (Mochi) rather than two (Wan): CFG
+    # parallel splits that batch instead of swapping prompts.
+    batched_cfg: ClassVar[bool] = False
 
     @property
     def device(self) -> torch.device:
@@ -166,9 +178,15 @@ class LoadedModel:
         controller: Controller | None,
         seed: int,
         output_type: str = "np",
+        cfg_branch: int = 0,
     ):
-        """One pipeline call with the config's sampling settings; the controller follows its steps."""
+        """One pipeline call with the config's sampling settings; the controller follows its steps.
+        `cfg_branch=1` (the second rank of CFG parallel, two-forward pipelines) swaps prompt and negative
+        prompt, so that the step's first forward on that rank is the unconditional one (see CFGParallelHook)."""
         g = cfg.generate
+        prompt, negative = prompt, g.negative_prompt
+        if cfg_branch == 1 and not self.batched_cfg:
+            prompt, negative = negative, prompt
         kwargs = dict(self.call_defaults)
         if controller is not None:
             controller.reset()
@@ -176,7 +194,7 @@ class LoadedModel:
         generator = torch.Generator(device="cpu").manual_seed(seed)
         out = self.pipe(
             prompt=prompt,
-            negative_prompt=g.negative_prompt,
+            negative_prompt=negative,
             height=cfg.video.height,
             width=cfg.video.width,
             num_frames=cfg.video.frames,

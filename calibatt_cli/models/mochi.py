@@ -29,7 +29,7 @@ from diffusers.models.attention_processor import MochiAttnProcessor2_0
 from ..config import Config
 from ..errors import ModelError
 from ..util import canonical_json, sha256_hex
-from .base import LoadedModel, ModelIdentity, identity_from_config, refuse_context_parallel
+from .base import LoadedModel, ModelIdentity, carry_parallel_config, identity_from_config, refuse_context_parallel
 
 if TYPE_CHECKING:
     from ..runtime import Controller
@@ -138,11 +138,15 @@ class CalibattMochiAttnProcessor(MochiAttnProcessor2_0):
 
 
 class MochiModel(LoadedModel):
+    batched_cfg = True  # MochiPipeline runs [uncond; cond] as one batch
+
     def install(self, controller: Controller) -> None:
         self.uninstall()
         for i, block in enumerate(self.pipe.transformer.transformer_blocks):
             self._installed.append((block.attn1, block.attn1.processor))
-            block.attn1.processor = CalibattMochiAttnProcessor(i, controller)
+            processor = CalibattMochiAttnProcessor(i, controller)
+            carry_parallel_config(processor, self.pipe.transformer)
+            block.attn1.processor = processor
 
     @staticmethod
     def _set_processor(module, processor) -> None:

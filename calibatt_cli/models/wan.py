@@ -17,7 +17,8 @@ from calibatt_kernels import ops as ck_ops
 
 from ..config import Config
 from ..errors import ModelError
-from .base import LoadedModel, ModelIdentity, identity_from_config, refuse_context_parallel
+from .base import LoadedModel, ModelIdentity, carry_parallel_config, identity_from_config
+from .parallel import context_parallel_attention
 
 if TYPE_CHECKING:
     from ..runtime import Controller
@@ -45,7 +46,6 @@ class CalibattWanAttnProcessor(WanAttnProcessor):
         self.sparse = controller.sparse_layer(layer_index) if controller.mode == "sparse" else None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        refuse_context_parallel(self)
         if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 
@@ -63,17 +63,24 @@ class CalibattWanAttnProcessor(WanAttnProcessor):
             if rotary_emb is not None:
                 query = ck.rope_interleaved_ref(query, *rotary_emb)
                 key = ck.rope_interleaved_ref(key, *rotary_emb)
-        # [B, N, H, D] -> [B, H, N, D] views: the kernels take any strides, so nothing is copied.
-        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        if self.sparse is not None and self.controller.fast_sparse():
-            out = self.sparse(q, k, v)
-        elif self.sparse is not None and self.controller.fast_dense():
-            out = F.scaled_dot_product_attention(q, k, v)  # a warm-up step: dense, no Python bookkeeping
+        if self._parallel_config is not None:
+            # Ulysses: this rank holds a token shard; diffusers' all-to-all hands `_attend` this rank's heads
+            # over the whole sequence (the controller's plan holds those heads' masks).
+            out = context_parallel_attention(self._parallel_config, query, key, value, self._attend)
         else:
-            out = self.controller.attend(self.layer_index, q, k, v)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+            # [B, N, H, D] -> [B, H, N, D] views: the kernels take any strides, so nothing is copied.
+            out = self._attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)).transpose(1, 2)
+        out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v: [B, H, N, D] views -> [B, H, N, D]."""
+        if self.sparse is not None and self.controller.fast_sparse():
+            return self.sparse(q, k, v)
+        if self.sparse is not None and self.controller.fast_dense():
+            return F.scaled_dot_product_attention(q, k, v)  # a warm-up step: dense, no Python bookkeeping
+        return self.controller.attend(self.layer_index, q, k, v)
 
 
 class FusedGELUProjection(torch.nn.Module):
@@ -111,7 +118,9 @@ class WanModel(LoadedModel):
         controller.to(self.device)
         for i, block in enumerate(self.pipe.transformer.blocks):
             self._installed.append((block.attn1, block.attn1.processor))
-            block.attn1.set_processor(CalibattWanAttnProcessor(i, controller))
+            processor = CalibattWanAttnProcessor(i, controller)
+            carry_parallel_config(processor, self.pipe.transformer)
+            block.attn1.set_processor(processor)
         # not attention, but on the same path: the FFN's GELU in its GEMM's epilogue (linear_gelu.py)
         self._swapped.extend(fuse_ffn_gelu(self.pipe.transformer))  # LoadedModel.uninstall puts them back
 

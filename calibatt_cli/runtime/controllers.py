@@ -24,11 +24,14 @@ from .processor import SparseLayer
 
 @dataclass
 class MassRecorder:
-    """Sums block-mass matrices per (bucket, layer) over prompts, CFG branches and steps."""
+    """Sums block-mass matrices per (bucket, layer) over prompts, CFG branches and steps.
+
+    The sums are fixed point (int64, see `fixed_mass`): integer addition does not depend on its order, so the
+    same calls recorded by one process, by several (summed across them), or in shards give the same bits."""
 
     step_buckets: list[int]
     block_size: int
-    sums: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # float64 [H, Mq, Mk]
+    sums: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # int64 [H, Mq, Mk], fixed point
     counts: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def add(
@@ -42,7 +45,7 @@ class MassRecorder:
             mass = ck.block_mass(q, k, block_size=bs)
         else:
             out, mass = ck.attention_with_block_mass(q, k, v, block_size=bs)
-        mass = mass.to(torch.float64).sum(0).cpu()  # over the batch
+        mass = fixed_mass(mass.to(torch.float64).sum(0).cpu())  # over the batch
         key = (bucket, layer)
         if key in self.sums:
             self.sums[key] += mass
@@ -52,7 +55,20 @@ class MassRecorder:
         return out
 
     def mean(self, bucket: int, layer: int) -> torch.Tensor:
-        return self.sums[(bucket, layer)] / self.counts[(bucket, layer)]
+        return mass_from_fixed(self.sums[(bucket, layer)]) / self.counts[(bucket, layer)]
+
+
+# 2^-40 resolution (~1e-12) is far below any epsilon; a sum of up to 2^23 calls of mass <= 1 per entry fits int64.
+MASS_SCALE = 2.0**40
+
+
+def fixed_mass(mass: torch.Tensor) -> torch.Tensor:
+    """float block mass -> int64 fixed point (see MassRecorder)."""
+    return torch.round(mass.to(torch.float64) * MASS_SCALE).to(torch.int64)
+
+
+def mass_from_fixed(total: torch.Tensor) -> torch.Tensor:
+    return total.to(torch.float64) / MASS_SCALE
 
 
 class Controller:

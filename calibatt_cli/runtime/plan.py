@@ -38,6 +38,15 @@ class SparsePlan:
                 plan.index[(b, layer)] = ck.BlockIndex(*(t[b] for t in stack))
         return plan
 
+    def heads(self, start: int, stop: int) -> SparsePlan:
+        """The plan of heads [start, stop) alone (what a Ulysses rank runs), on the same device."""
+        index = {}
+        for key, ix in self.index.items():
+            mask = ck.index_to_mask(ix, ix.counts.shape[-1])[:, start:stop]
+            index[key] = ck.mask_to_index(mask.contiguous())
+        density = self.density if self.density.shape[-1] == 1 else self.density[:, :, start:stop]  # per group or head
+        return SparsePlan(self.block_size, self.step_buckets, index, density, self.configs)
+
     def layer_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One layer's index form stacked over buckets: counts and offsets [nb, B, H, Mq], indices [nb, L]
         (L: the layer's longest bucket, rounded up to 16 bytes so every bucket's view is as aligned as a
