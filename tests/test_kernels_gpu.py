@@ -278,3 +278,17 @@ def test_gluon_persistent_splits_its_last_wave():
         got, want = out[:, heads][0, h, blk * 128 : (blk + 1) * 128].float(), ref[0, h, blk * 128 : (blk + 1) * 128]
         rel = ((got - want).norm() / want.norm()).item()
         assert rel <= 1e-2, f"split row {r}: rel={rel:.2e}"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_kernels_launch_on_their_tensors_gpu():
+    """A cuda:1 call with cuda:0 current runs on cuda:1 (Triton launches on the current device's stream)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 512, 64, device="cuda:1", dtype=torch.bfloat16) for _ in range(3))
+    masks = torch.rand(1, 2, 4, 4, device="cuda:1") < 0.5
+    masks |= torch.eye(4, dtype=torch.bool, device="cuda:1")
+    torch.cuda.set_device(0)
+    out = ck.block_sparse_attention(q, k, v, masks, block_size=(128, 128))
+    ref = ck.block_sparse_attention_ref(q.float(), k.float(), v.float(), masks, block_size=(128, 128))
+    assert out.device == q.device
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

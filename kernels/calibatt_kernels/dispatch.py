@@ -15,6 +15,7 @@ starts over (a benchmark or a test that wants to know what its calls ran).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from typing import Protocol
@@ -162,6 +163,21 @@ class RunRecord:
 RECORD = RunRecord()
 
 
+def _on_tensor_device(fn):
+    """Run `fn` with its first tensor's GPU current: Triton launches on the current device's stream and the TMA
+    allocator allocates there, so a cuda:1 tensor with cuda:0 current (one process driving several GPUs, or
+    a library caller) would otherwise launch on the wrong GPU."""
+
+    @functools.wraps(fn)
+    def wrapper(t: torch.Tensor, *args, **kwargs):
+        if t.is_cuda:
+            with torch.cuda.device(t.device):
+                return fn(t, *args, **kwargs)
+        return fn(t, *args, **kwargs)
+
+    return wrapper
+
+
 def what_ran() -> dict:
     """{"calls": {"attention:gluon_persistent": 40, "block_mass:triton": 3, ...}, "last": {op: what ran},
     "fallbacks": [{"op", "wanted", "ran", "reason", "calls"}, ...]} since the process started (or
@@ -199,6 +215,7 @@ def _why_not(backend_name: str, q: torch.Tensor) -> str:
     return f"the {backend_name} kernel does not take this call"
 
 
+@_on_tensor_device
 def block_sparse_attention_indexed(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -247,7 +264,7 @@ def block_sparse_attention_indexed(
         ran = _ran_name(backend, cfg)
         if wanted is not None:
             RECORD.fallback("attention", wanted[0], ran, wanted[1])
-        elif backend.is_fallback:
+        elif backend.is_fallback and q.is_cuda:  # on the CPU the PyTorch paths are the design, not a fallback
             RECORD.fallback("attention", "triton", ran, _why_not("triton", q))
         RECORD.note("attention", ran)
         return res
@@ -365,6 +382,7 @@ def prewarm_backends(
 # ---- the other kernels: a Triton kernel where Triton runs, else the reference ----
 
 
+@_on_tensor_device
 def block_mass(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -376,11 +394,13 @@ def block_mass(
     if triton_usable(q.device) and q.shape[-1] in (64, 128):
         RECORD.note("block_mass", "triton")
         return _block_mass.block_mass_triton(q, k, block_size=block_size, scale=scale)
-    RECORD.fallback("block_mass", "triton", "reference", _why_not("triton", q))
+    if q.is_cuda:
+        RECORD.fallback("block_mass", "triton", "reference", _why_not("triton", q))
     RECORD.note("block_mass", "reference")
     return reference.block_mass_ref(q, k, block_size, scale)
 
 
+@_on_tensor_device
 def attention_with_block_mass(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -396,12 +416,14 @@ def attention_with_block_mass(
         RECORD.note("attention_with_block_mass", "triton")
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         return out, _block_mass.block_mass_triton(q, k, block_size=block_size)
-    RECORD.fallback("attention_with_block_mass", "triton", "reference", _why_not("triton", q))
+    if q.is_cuda:
+        RECORD.fallback("attention_with_block_mass", "triton", "reference", _why_not("triton", q))
     RECORD.note("attention_with_block_mass", "reference")
     mass, out = reference.block_mass_ref(q, k, block_size, v=v)
     return out, mass
 
 
+@_on_tensor_device
 def qk_norm_rope(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -418,11 +440,13 @@ def qk_norm_rope(
     if triton_usable(q.device):
         RECORD.note("qk_norm_rope", "triton")
         return _norm_rope.qk_norm_rope_triton(q, k, weight_q, weight_k, cos, sin, heads=heads, eps=eps)
-    RECORD.fallback("qk_norm_rope", "triton", "reference", f"Triton unavailable for {q.device.type}")
+    if q.is_cuda:
+        RECORD.fallback("qk_norm_rope", "triton", "reference", f"Triton unavailable for {q.device.type}")
     RECORD.note("qk_norm_rope", "reference")
     return reference.qk_norm_rope_ref(q, k, weight_q, weight_k, cos, sin, heads=heads, eps=eps)
 
 
+@_on_tensor_device
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """gelu(x @ weight.T + bias, approximate="tanh"): cuBLASLt's fused epilogue on the GPU, else the reference
     (on the CPU the reference is the path by design: torch's CPU epilogue applies the erf GELU)."""
