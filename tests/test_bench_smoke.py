@@ -189,3 +189,20 @@ def test_kernel_table_shows_the_clock():
     lines = bench_kernel.table(res).splitlines()
     assert lines[2].split()[-3:] == ["1605", "690", "75%"], lines[2]
     assert lines[3].split()[-2:] == ["1.52", "10.50"], lines[3]
+
+
+def test_bench_parallel_smoke(tmp_path):
+    """bench_parallel.py's driver and worker (torchrun, the stock and calibatt variants, the result file) on CPU
+    processes; the one-process layout only, to keep CI short (the layouts themselves: test_parallel.py)."""
+    out = tmp_path / "parallel.json"
+    r = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_parallel.py"), "--smoke", "--gpus", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO / "bench",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert {(row["variant"], row["layout"]) for row in res["rows"]} == {("stock", "one GPU"), ("calibatt", "one GPU")}
+    assert all(row["ms"] > 0 for row in res["rows"]) and res["weights"] == "random"
