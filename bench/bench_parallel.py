@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -119,7 +118,7 @@ def worker(args) -> None:
                 }
             )
         )
-    parallel.teardown(replace(layout))
+    parallel.teardown(layout)
 
 
 # ---- the driver --------------------------------------------------------------------------------------------
