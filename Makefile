@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 LOCK := constraints.txt
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup lock demo test lint bench-kernel bench-e2e bench-compile test-gpu clean
+.PHONY: setup lock demo eval-demo test lint bench-kernel bench-e2e bench-compile test-gpu clean
 
 # Installs go through constraints.txt, the lock of the CPU/CI stack (every package, exact versions), so a fresh
 # clone installs what CI tested; `make lock` regenerates it from pyproject.toml's ranges. The build backend is
@@ -37,6 +37,21 @@ demo: $(STAMP)
 	$(BIN)/calibatt compile
 	$(BIN)/calibatt generate "a red circle moving left on a black background" -o out/demo.mp4
 	@echo "demo video: out/demo.mp4"
+
+# `calibatt evaluate` on the tiny model (configs/tiny.yaml): sparse vs dense on the first EVAL_N held-out prompts,
+# as a report page (out/eval/index.html) and report.json. Calibrates only when the bundle is older than its inputs;
+# compile reuses an up-to-date cache.
+EVAL_N ?= 4
+out/tiny.bundle.safetensors: configs/tiny.yaml configs/prompts/tiny_calibrate.txt | $(STAMP)
+	mkdir -p out
+	$(BIN)/calibatt calibrate
+
+eval-demo: $(STAMP) out/tiny.bundle.safetensors
+	$(BIN)/calibatt compile
+	mkdir -p out/eval
+	grep -v '^#' configs/prompts/tiny_eval.txt | head -n $(EVAL_N) > out/eval/prompts.txt
+	$(BIN)/calibatt evaluate --prompts out/eval/prompts.txt --out out/eval
+	@echo "report page: out/eval/index.html"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -68,6 +68,8 @@ class GenerateConfig:
     compile: bool = False  # torch.compile the repeated transformer blocks (fullgraph; our kernel is a custom op)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: checks graphs without codegen)
     strict: bool = False  # fail if generate compiles any kernel
+    guard: bool = False  # check the masks live at each bucket's first sparse step; run heads that lose mass dense
+    guard_factor: float = 2.0  # the guard widens a head keeping < 1 - guard_factor * (the bundle's epsilon)
 
 
 @dataclass
@@ -193,6 +195,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{w}: model.dtype must be auto, float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.model.device):
         raise ConfigError(f"{w}: model.device must be auto, cpu, cuda or cuda:N, got {cfg.model.device!r}")
+    if cfg.generate.guard_factor <= 0.0:
+        raise ConfigError(f"{w}: generate.guard_factor must be > 0, got {cfg.generate.guard_factor}; 2.0 is typical")
     if cfg.generate.guidance < 1.0:
         raise ConfigError(f"{w}: generate.guidance must be >= 1.0 (1.0 disables CFG), got {cfg.generate.guidance}")
 

@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .models import load_model, model_identity
 from .models.parallel import parallelize
 from .runtime import DenseController, SparseController
+from .runtime.guard import Guard
 from .util import check_output_path
 from .video import to_uint8, write_mp4
 
@@ -32,6 +33,8 @@ class VideoResult:
     frames: np.ndarray | None = field(repr=False)  # uint8 [F, H, W, 3]; None: rendered by another process
     step_seconds: list[float] = field(default_factory=list)  # each denoising step, first forward to step end
     shape: tuple[int, int, int] = (0, 0, 0)  # frames, height, width
+    # measure_mass: this video's kept-mass sums and row counts per (bucket, layer, head) (SparseController.mass_totals)
+    mass_totals: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.frames is not None:
@@ -49,6 +52,7 @@ class GenerateResult:
     retained_mass: float | None = None  # measured live (measure_mass=True): mean kept softmax mass per row
     compilations: int | None = None  # Triton kernels compiled during the run (0 with a warm cache)
     layout: str = "1 process"  # how the run was spread over processes (parallel.Layout.describe)
+    guard: dict | None = None  # the live check of the masks (Guard.report, or why it did not run); None: dense
 
     def summary(self) -> dict:
         return {
@@ -66,6 +70,7 @@ class GenerateResult:
             "compilations": self.compilations,
             "step_seconds": [[round(t, 4) for t in v.step_seconds] for v in self.videos],
             "layout": self.layout,
+            "guard": self.guard,
         }
 
 
@@ -223,7 +228,8 @@ def _sample(
     g = cfg.generate
     t0 = time.perf_counter()
     model = load_model(cfg)
-    controller = SparseController(plan, measure_mass=measure_mass) if plan is not None else None
+    guard, guard_off = _guard(cfg, plan)
+    controller = SparseController(plan, measure_mass=measure_mass, guard=guard) if plan is not None else None
     if controller is not None:
         model.install(controller)
     split = parallelize(model, layout)  # after install: diffusers hands its parallel config to our processors
@@ -244,19 +250,41 @@ def _sample(
         # The stock pipeline (--dense) has no processor of ours: a dense controller only follows its steps.
         ctl = controller if controller is not None else DenseController()
         ctl.step_hooks[:] = hooks
+        before = controller.mass_totals() if measure_mass and controller is not None else None
         with torch.inference_mode():
             frames = model.run(prompt, cfg=cfg, controller=ctl, seed=g.seed, cfg_branch=layout.cfg_rank)[0]
         frames = to_uint8(frames)
         if write:
             write_mp4(path, frames, cfg.video.fps)
         videos.append(VideoResult(prompt, path if write else None, time.perf_counter() - t1, frames, clock.steps()))
+        if measure_mass and controller is not None and (after := controller.mass_totals()) is not None:
+            videos[-1].mass_totals = after if before is None else (after[0] - before[0], after[1] - before[1])
     clock.close()
     if plan is not None:
         mean_density, sparse_density = plan.mean_density()
     else:
         mean_density = sparse_density = 1.0
     retained = controller.retained_mass() if controller is not None else None
-    return GenerateResult(videos, g.steps, plan is None, mean_density, sparse_density, load_seconds, retained)
+    res = GenerateResult(videos, g.steps, plan is None, mean_density, sparse_density, load_seconds, retained)
+    res.guard = guard.report() if guard is not None else guard_off
+    return res
+
+
+def _guard(cfg: Config, plan) -> tuple[Guard | None, dict | None]:
+    """The guard of a sparse run, or (None, why it is off for the report)."""
+    g = cfg.generate
+    if plan is None:
+        return None, None
+    why = None
+    if not g.guard:
+        why = "generate.guard=false"
+    elif g.compile:
+        why = "generate.compile: the check runs eagerly, and a compiled block cannot call it"
+    elif plan.epsilon is None:
+        why = "the cache records no epsilon; run `calibatt compile --recompile`"
+    if why is not None:
+        return None, {"enabled": False, "reason": why}
+    return Guard(plan, g.guard_factor), None
 
 
 class StepClock:

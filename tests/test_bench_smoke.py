@@ -206,3 +206,13 @@ def test_bench_parallel_smoke(tmp_path):
     res = json.loads(out.read_text())
     assert {(row["variant"], row["layout"]) for row in res["rows"]} == {("stock", "one GPU"), ("calibatt", "one GPU")}
     assert all(row["ms"] > 0 for row in res["rows"]) and res["weights"] == "random"
+
+
+def test_bench_guard_smoke(tmp_path):
+    out = tmp_path / "guard.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(REPO / "bench" / "bench_guard.py"), "--smoke", "--reps", "1", "--rounds", "1"]
+    r = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())["results"][0]
+    assert res["ms"]["sparse step"] > 0 and "amortised_share" in res

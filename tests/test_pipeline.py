@@ -72,6 +72,7 @@ def test_sparse_masks_change_the_video_and_are_measured_live(calibrated):
     idx = torch.arange(masks.shape[-1])
     masks[..., idx, idx] = True  # each query block sees only its own key block
     _with_masks(cfg, res, masks)
+    cfg.generate.guard = False  # the guard would run these starved heads dense (tests/test_guard.py)
     sparse = generate(cfg, [PROMPT], write=False, measure_mass=True)
     cfg.generate.dense = True
     dense = generate(cfg, [PROMPT], write=False)
@@ -122,6 +123,7 @@ def test_compiled_blocks_match_eager(calibrated):
     masks = torch.rand(res.bundle.masks.shape, generator=torch.Generator().manual_seed(2)) < 0.6
     masks[..., 0] = True
     _with_masks(cfg, res, masks)
+    cfg.generate.guard = False  # compiled runs are unguarded: compare like with like
     eager = generate(cfg, [PROMPT], write=False)
     cfg.generate.compile, cfg.generate.compile_backend = True, "aot_eager"
     compiled = generate(cfg, [PROMPT], write=False)

@@ -111,6 +111,7 @@ def compile_cache(
         "grid": bundle.meta["grid"],
         "block_size": bundle.block_size,
         "steps": bundle.meta["steps"],
+        "epsilon": bundle.meta.get("epsilon"),  # what generate's guard checks against
         "step_buckets": bundle.step_buckets,
         "device": device_info(cfg.model.device),
         "versions": software_versions(),

@@ -98,7 +98,9 @@ def read_plan(cache_dir: Path, manifest: dict) -> SparsePlan:
         for g in manifest["groups"]
         if g.get("config")
     }
-    return SparsePlan(manifest["block_size"], manifest["step_buckets"], index, density, configs)
+    # caches built before the guard carry no epsilon: the plan has none and generate runs unguarded
+    epsilon = manifest.get("epsilon")
+    return SparsePlan(manifest["block_size"], manifest["step_buckets"], index, density, configs, epsilon)
 
 
 def check_kernels(cache_dir: Path, manifest: dict, device: str) -> None:

@@ -209,6 +209,39 @@ def generate(
 
 
 @app.command()
+def evaluate(
+    prompts: Annotated[Path, typer.Option(help="Prompts file (one a line): each is rendered dense and sparse.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated sampling seeds, e.g. 0,1.")] = "0",
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder (must exist) for report.json and index.html.")] = Path(
+        "report"
+    ),
+    min_psnr: Annotated[float | None, typer.Option(help="Gate: exit 1 if a clip's PSNR is below DB.")] = None,
+    min_mass: Annotated[float | None, typer.Option(help="Gate: exit 1 if a clip's retained mass is below M.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON result line.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Score sparse against dense on your prompts: a report page, and a CI gate (exit 1 below the limits)."""
+    from ..calibrate import read_prompts
+    from ..evaluate import evaluate as run_evaluate
+    from ..evaluate import parse_seeds
+
+    _set_debug(debug)
+    cfg = _load(config, set_, **{"model.name": model, "model.path": _s(weights)})
+    todo, seed_list = read_prompts(prompts), parse_seeds(seeds)
+    with render.progress() as bar:
+        task = bar.add_task("evaluating", total=2 * len(todo) * len(seed_list) * cfg.generate.steps)
+        rep = run_evaluate(cfg, todo, seed_list, out_dir, min_psnr, min_mass, on_step=lambda: bar.advance(task))
+    render.evaluation(rep, json_out)
+    if not rep.passed:
+        console.print(rep.gate_line, highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@app.command()
 def inspect(
     bundle: Annotated[Path, typer.Argument(help="Mask bundle to summarise.")],
     png: Annotated[Path | None, typer.Option(help="Write mask heatmaps (one PNG per bucket x layer) here.")] = None,

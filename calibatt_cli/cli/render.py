@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -159,6 +160,14 @@ def generation(res) -> None:
         f"{len(res.videos)} video(s), {res.steps} steps, {mode}{kept}, {s['seconds']:.1f} s sampling, "
         f"{res.load_seconds:.1f} s model load" + ("" if res.layout == "1 process" else f"; {res.layout}")
     )
+    g = res.guard
+    if g and g.get("widened"):
+        worst = min(g["widened"], key=lambda w: w["mass"])
+        console.print(
+            f"guard: widened {len(g['widened'])} head(s) to dense for the rest of their bucket (kept mass below "
+            f"{g['threshold']:.4f}; lowest {worst['mass']:.4f} at bucket {worst['bucket']}, layer {worst['layer']}, "
+            f"head {worst['head']}): the masks do not fit this prompt as calibrated"
+        )
 
 
 def bundle_summary(bundle: MaskBundle, path: Path) -> None:
@@ -193,3 +202,35 @@ def density_table(bundle: MaskBundle) -> tuple[list[str], list[list[str]]]:
         rows.append(row)
     rows.append(["all"] + [f"{dens[b].mean():.3f}" for b in range(dens.shape[0])] + [f"{kept.min():.5f}"])
     return header, rows
+
+
+def evaluation(rep, json_out: bool) -> None:
+    """The clips table and summary on stderr; report paths (or, with --json, one JSON line) on stdout."""
+    if json_out:
+        d = rep.data
+        per_clip = ("prompt", "seed", "psnr_db", "ssim", "retained_mass")  # per-frame lists: see report.json
+        line = {
+            "summary": d["summary"],
+            "gate": d["gate"],
+            "clips": [{k: c[k] for k in per_clip} for c in d["clips"]],
+            "report": str(rep.json_path),
+            "page": str(rep.html_path),
+        }
+        out.print(json.dumps(line), highlight=False, soft_wrap=True)
+        return
+    t = table("sparse vs dense", ("prompt", "seed", "PSNR dB", "SSIM", "retained mass"))
+    for c in rep.clips:
+        mass = "-" if c.retained_mass is None else f"{c.retained_mass:.5f}"
+        t.add_row(c.prompt, str(c.seed), f"{c.psnr_db:.2f}", f"{c.ssim:.4f}", mass)
+    console.print(t)
+    s = rep.data["summary"]
+    console.print(
+        f"{s['clips']} clip(s): PSNR min {_fmt(s['psnr_db_min'], 'inf')} dB, SSIM min {s['ssim_min']:.4f}, "
+        f"retained mass min {_fmt(s['retained_mass_min'])}, sparse density {s['sparse_density']:.3f}",
+        highlight=False,
+    )
+    out.print(str(rep.html_path), highlight=False)
+
+
+def _fmt(x, none: str = "-") -> str:
+    return none if x is None else f"{x:.5g}"

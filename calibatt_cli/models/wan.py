@@ -76,6 +76,8 @@ class CalibattWanAttnProcessor(WanAttnProcessor):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: [B, H, N, D] views -> [B, H, N, D]."""
+        if self.sparse is not None and self.controller.guard_due():
+            self.controller.guard_check(self.layer_index, q, k)  # may widen: self.sparse re-reads its tensors
         if self.sparse is not None and self.controller.fast_sparse():
             return self.sparse(q, k, v)
         if self.sparse is not None and self.controller.fast_dense():

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import calibatt_kernels as ck
 
+from .guard import Guard
 from .plan import SparsePlan
 from .processor import SparseLayer
 
@@ -184,14 +185,18 @@ class SparseController(Controller):
 
     mode = "sparse"
 
-    def __init__(self, plan: SparsePlan, measure_mass: bool = False):
+    def __init__(self, plan: SparsePlan, measure_mass: bool = False, guard: Guard | None = None):
         super().__init__()
         self.plan = plan
+        self.guard = guard  # checks the masks at each bucket's first sparse step, widens heads that lose mass
+        self._layers: dict[int, list[SparseLayer]] = {}  # what processors hold, re-read when the guard widens
         # Live check of the masks: the share of the true softmax mass that the kept blocks hold, measured
         # on this run's own q and k. Costs one block_mass pass per sparse call.
         self.measure_mass = measure_mass
         self._kept_sum = 0.0
         self._kept_rows = 0
+        # The same per (bucket, layer, head): float64 sums and int64 row counts [buckets, layers, heads].
+        self._kept_table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _set_step(self, step: int) -> None:
         self.step = step
@@ -203,7 +208,27 @@ class SparseController(Controller):
 
     def sparse_layer(self, layer: int) -> SparseLayer:
         """What a processor of `layer` holds to take the fast path (fast_sparse)."""
-        return SparseLayer(self, layer)
+        sparse = SparseLayer(self, layer)
+        self._layers.setdefault(layer, []).append(sparse)
+        return sparse
+
+    def reset(self) -> None:
+        super().reset()
+        if self.guard is not None:  # each video starts from the plan as compiled
+            for layer in self.guard.reset():
+                self._refresh(layer)
+
+    def guard_due(self) -> bool:
+        """True on a step whose calls the guard measures (processors call guard_check, then attend as usual)."""
+        return self.guard is not None and not self.dense_now and self.guard.due(self.step)
+
+    def guard_check(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        if self.guard.check(self._bucket(self.plan.step_buckets), layer, q, k):
+            self._refresh(layer)
+
+    def _refresh(self, layer: int) -> None:
+        for sparse in self._layers.get(layer, []):
+            sparse.refresh()
 
     def fast_sparse(self) -> bool:
         return not self.dense_now and not self.measure_mass
@@ -218,7 +243,7 @@ class SparseController(Controller):
         bs = (self.plan.block_size, self.plan.block_size)
         index = self.plan.index[(bucket, layer)]
         if self.measure_mass:
-            self._measure(q, k, index, bs)
+            self._measure(q, k, index, bs, bucket, layer)
         return ck.block_sparse_attention_indexed(
             q, k, v, index, block_size=bs, config=self.plan.configs.get((bucket, layer))
         )
@@ -228,10 +253,12 @@ class SparseController(Controller):
         if bucket < 0:
             return _dense_joint(q, k, v, q_txt, k_txt, v_txt)
         out_txt = F.scaled_dot_product_attention(q_txt, torch.cat([k, k_txt], 2), torch.cat([v, v_txt], 2))
+        if self.guard_due():
+            self.guard_check(layer, q, k)
         bs = (self.plan.block_size, self.plan.block_size)
         index = self.plan.index[(bucket, layer)]
         if self.measure_mass:
-            self._measure(q, k, index, bs)
+            self._measure(q, k, index, bs, bucket, layer)
         out_vis, lse_vis = ck.block_sparse_attention_indexed(
             q, k, v, index, block_size=bs, config=self.plan.configs.get((bucket, layer)), return_lse=True
         )
@@ -244,16 +271,38 @@ class SparseController(Controller):
         out_vis = (out_vis.float() * w_vis + out_t * w_txt).to(q.dtype)
         return out_vis, out_txt
 
-    def _measure(self, q: torch.Tensor, k: torch.Tensor, index: ck.BlockIndex, bs: tuple[int, int]) -> None:
+    def _measure(
+        self, q: torch.Tensor, k: torch.Tensor, index: ck.BlockIndex, bs: tuple[int, int], bucket: int, layer: int
+    ) -> None:
         mass = ck.block_mass(q, k, block_size=bs)  # [B, H, Mq, Mk]
         mask = ck.index_to_mask(index, mass.shape[-1]).to(mass.device)
         kept = (mass * mask).sum(-1)  # [B, H, Mq]
         self._kept_sum += float(kept.double().sum())
         self._kept_rows += kept.numel()
+        if self._kept_table is None:
+            shape = (1 + max(self.plan.step_buckets), 1 + max(key[1] for key in self.plan.index), kept.shape[1])
+            self._kept_table = (torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.int64))
+        sums, rows = self._kept_table
+        sums[bucket, layer] += kept.double().sum((0, 2)).cpu()
+        rows[bucket, layer] += kept.shape[0] * kept.shape[2]
 
     def retained_mass(self) -> float | None:
         """Mean over the query-block rows of all sparse calls so far of the mass their kept blocks hold."""
         return self._kept_sum / self._kept_rows if self._kept_rows else None
+
+    def mass_totals(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(kept-mass sums float64, row counts int64), each [buckets, layers, heads], over the sparse calls so
+        far (copies); None before the first measured call. Two snapshots' difference is what happened between."""
+        return None if self._kept_table is None else (self._kept_table[0].clone(), self._kept_table[1].clone())
+
+    def retained_mass_table(self) -> torch.Tensor | None:
+        """float64 [buckets, layers, heads]: retained_mass() per (bucket, layer, head); NaN where not measured."""
+        return None if self._kept_table is None else mass_table(*self._kept_table)
+
+
+def mass_table(sums: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean kept mass per entry from mass_totals()' sums and row counts; NaN where no row was measured."""
+    return torch.where(rows > 0, sums / rows.clamp(min=1), torch.full_like(sums, float("nan")))
 
 
 def AttentionController(

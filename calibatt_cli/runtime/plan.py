@@ -23,13 +23,14 @@ class SparsePlan:
     index: dict[tuple[int, int], ck.BlockIndex]
     density: torch.Tensor  # float [buckets, layers, heads]: kept share of blocks
     configs: dict[tuple[int, int], KernelConfig] = field(default_factory=dict)  # chosen by compile; else default
+    epsilon: float | None = None  # the bundle's (what the guard checks against); None: not in the cache
     _stacks: dict[int, tuple] = field(default_factory=dict, repr=False)  # per layer, see layer_tensors
 
     def to(self, device: torch.device) -> SparsePlan:
         """The plan on `device`. Each layer's buckets are stacked once (what processors hold, see
         layer_tensors) and the per-(bucket, layer) entries become views into the stacks: the index form is
         on the device once, not twice."""
-        plan = SparsePlan(self.block_size, self.step_buckets, {}, self.density, self.configs)
+        plan = SparsePlan(self.block_size, self.step_buckets, {}, self.density, self.configs, self.epsilon)
         nb = 1 + max(self.step_buckets)
         for layer in sorted({key[1] for key in self.index}):
             stack = tuple(t.to(device) for t in self._stack(layer))
@@ -45,7 +46,7 @@ class SparsePlan:
             mask = ck.index_to_mask(ix, ix.counts.shape[-1])[:, start:stop]
             index[key] = ck.mask_to_index(mask.contiguous())
         density = self.density if self.density.shape[-1] == 1 else self.density[:, :, start:stop]  # per group or head
-        return SparsePlan(self.block_size, self.step_buckets, index, density, self.configs)
+        return SparsePlan(self.block_size, self.step_buckets, index, density, self.configs, self.epsilon)
 
     def layer_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One layer's index form stacked over buckets: counts and offsets [nb, B, H, Mq], indices [nb, L]
@@ -55,6 +56,25 @@ class SparsePlan:
         if layer not in self._stacks:
             self._stacks[layer] = self._stack(layer)
         return self._stacks[layer]
+
+    def set_index(self, bucket: int, layer: int, index: ck.BlockIndex) -> None:
+        """Replace one (bucket, layer)'s index (the guard widens heads this way): the layer is stacked anew,
+        wider if it must be, and its entries become views into the new stack. Processors holding the old
+        stack must re-read layer_tensors."""
+        self.index[(bucket, layer)] = index
+        self._stacks[layer] = stack = self._stack(layer)
+        for b in range(1 + max(self.step_buckets)):
+            self.index[(b, layer)] = ck.BlockIndex(*(t[b] for t in stack))
+
+    def layer_state(self, layer: int) -> tuple:
+        """One layer's stack and per-bucket index objects, for set_layer_state to put back."""
+        nb = 1 + max(self.step_buckets)
+        return self.layer_tensors(layer), {b: self.index[(b, layer)] for b in range(nb)}
+
+    def set_layer_state(self, layer: int, state: tuple) -> None:
+        stack, index = state
+        self._stacks[layer] = stack
+        self.index.update({(b, layer): ix for b, ix in index.items()})
 
     def _stack(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         nb = 1 + max(self.step_buckets)

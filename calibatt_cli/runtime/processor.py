@@ -18,13 +18,18 @@ class SparseLayer:
 
     def __init__(self, controller: SparseController, layer: int):
         plan = controller.plan
-        self.counts, self.offsets, self.indices, self.schedules = plan.layer_tensors(layer)
+        self.layer = layer
         self.block = plan.block_size
         self.controller = controller
+        self.refresh()
         # The kernel configuration compile chose per bucket (launch parameters, so Python values: a compiled
         # caller specialises per bucket, and the index tensors stay data).
         nb = self.counts.shape[0]
         self.configs = [ck_ops.config_as_op_arg(plan.configs.get((b, layer))) for b in range(nb)]
+
+    def refresh(self) -> None:
+        """Re-read the plan's stacked tensors (the guard replaces them when it widens a head)."""
+        self.counts, self.offsets, self.indices, self.schedules = self.controller.plan.layer_tensors(self.layer)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b = self.controller.bucket_t
