@@ -15,7 +15,6 @@ import html
 import io
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,7 +28,7 @@ from .errors import ConfigError
 from .generate import GenerateResult, check_prompts, generate
 from .models import model_identity
 from .runtime.controllers import mass_table
-from .util import atomic_path, canonical_json, check_output_path, sha256_hex
+from .util import canonical_json, check_output_path, sha256_hex, write_text_atomic
 
 LPIPS_NOTE = "not measured: LPIPS needs backbone weights calibatt never downloads"
 STEP_NOTE = "sparse steps include the live mass measurement (one block-mass pass per attention call)"
@@ -127,8 +126,8 @@ def evaluate(
     ]
     gate_line = _gate_line(clips, failures, min_psnr, min_mass) if failures else None
     data = _report_data(cfg, manifest, clips, runs, kept, density, plan.step_buckets, min_psnr, min_mass, gate_line)
-    _write(json_path, json.dumps(data, indent=1) + "\n")
-    _write(html_path, render_html(data, clips))
+    write_text_atomic(json_path, json.dumps(data, indent=1) + "\n")
+    write_text_atomic(html_path, render_html(data, clips))
     return EvalReport(clips, data, json_path, html_path, failures, gate_line)
 
 
@@ -231,15 +230,6 @@ def _num(x: float | None, digits: int = 6) -> float | None:
 
 def _nested(t: torch.Tensor):
     return [_nested(x) for x in t] if t.dim() else _num(float(t))
-
-
-def _write(path: Path, text: str) -> None:
-    """Atomically, with the mode a plain open() would give (mkstemp's temp files are private: 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-        tmp.chmod(0o666 & ~umask)
 
 
 # ---- the page ------------------------------------------------------------------------------------------------

@@ -308,3 +308,22 @@ def test_usage_error_from_either_click(monkeypatch, capsys, usage_mod, exit_mod)
         monkeypatch.setattr(sys, "argv", ["calibatt"])
         main()
     assert e.value.code == 3
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_outputs_get_the_users_umask(tmp_path, umask, mode):
+    """Atomic writes go through a private temp file (mkstemp: 0600); the output must get the mode a plain
+    open() gives under the user's umask, for MP4s, bundles and reports alike."""
+    import numpy as np
+
+    from calibatt_cli.util import write_text_atomic
+    from calibatt_cli.video import write_mp4
+
+    old = os.umask(umask)
+    try:
+        write_text_atomic(tmp_path / "report.json", "{}")
+        write_mp4(tmp_path / "v.mp4", np.zeros((3, 16, 16, 3), dtype=np.uint8), 8)
+    finally:
+        os.umask(old)
+    for name in ("report.json", "v.mp4"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
