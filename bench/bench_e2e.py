@@ -129,17 +129,25 @@ def profile(step, label: str, layers: int) -> None:
     print(flush=True)
 
 
+def inputs(shape: dict, tr, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's inputs at the shape's grid, from seed 0: latents, timestep, cond and uncond text states."""
+    f, h, w = shape["grid"]
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(1, 16, f, h * 2, w * 2, generator=g, device=device, dtype=dtype)
+    t = torch.tensor([700.0], device=device)
+    text = [
+        torch.randn(1, shape["text_len"], tr.config.text_dim, generator=g, device=device, dtype=dtype) for _ in range(2)
+    ]
+    return x, t, text[0], text[1]
+
+
 def bench_shape(shape: dict, args, device, dtype) -> dict:
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tr = build(shape, device, dtype)
     f, h, w = shape["grid"]
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(1, 16, f, h * 2, w * 2, generator=g, device=device, dtype=dtype)
-    t = torch.tensor([700.0], device=device)
-    cond = torch.randn(1, shape["text_len"], tr.config.text_dim, generator=g, device=device, dtype=dtype)
-    uncond = torch.randn(1, shape["text_len"], tr.config.text_dim, generator=g, device=device, dtype=dtype)
+    x, t, cond, uncond = inputs(shape, tr, device, dtype)
     heads, layers = tr.config.num_attention_heads, tr.config.num_layers
     scale = shape["layers_total"] / layers
     n = f * h * w

@@ -22,14 +22,13 @@ import platform
 from pathlib import Path
 
 import torch
-from bench_e2e import SHAPES, SMOKE, build, make_plan, timed
+from bench_e2e import BLOCK, SHAPES, SMOKE, build, inputs, make_plan, timed
 
 from calibatt_cli.masks import local_block_mask  # noqa: E402
 from calibatt_cli.models.wan import CalibattWanAttnProcessor  # noqa: E402
 from calibatt_cli.runtime import SparseController  # noqa: E402
 from calibatt_cli.runtime.guard import SAMPLE_BLOCKS, Guard  # noqa: E402
 
-BLOCK = 128
 STEPS, WARMUP, BUCKETS = 50, 2, 4  # configs/wan2.1-1.3b-480p.yaml
 
 
@@ -37,11 +36,7 @@ def bench(shape: dict, args, device, dtype) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tr = build(shape, device, dtype)
     f, h, w = shape["grid"]
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(1, 16, f, h * 2, w * 2, generator=g, device=device, dtype=dtype)
-    t = torch.tensor([700.0], device=device)
-    cond = torch.randn(1, shape["text_len"], tr.config.text_dim, generator=g, device=device, dtype=dtype)
-    uncond = torch.randn(1, shape["text_len"], tr.config.text_dim, generator=g, device=device, dtype=dtype)
+    x, t, cond, uncond = inputs(shape, tr, device, dtype)
     heads, layers = tr.config.num_attention_heads, tr.config.num_layers
     scale = shape["layers_total"] / layers
     masks = local_block_mask(heads, shape["grid"], args.density, BLOCK)

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from bench_e2e import BLOCK, SHAPES, SMOKE, build, make_plan
+from bench_e2e import BLOCK, SHAPES, SMOKE, build, inputs, make_plan
 
 LAYOUTS = {1: [(False, 1)], 2: [(True, 1), (False, 2)], 4: [(True, 2), (False, 4)], 8: [(True, 4), (False, 8)]}
 
@@ -62,22 +62,16 @@ def worker(args) -> None:
 
     tr = build(shape, device, dtype)
     heads, layers = tr.config.num_attention_heads, tr.config.num_layers
-    f, h, w = shape["grid"]
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(1, 16, f, h * 2, w * 2, generator=g, device=device, dtype=dtype)
-    t = torch.tensor([700.0], device=device)
-    embeds = [
-        torch.randn(1, shape["text_len"], tr.config.text_dim, generator=g, device=device, dtype=dtype) for _ in range(2)
-    ]
+    x, t, *text = inputs(shape, tr, device, dtype)
+    embeds = list(text)
     if layout.cfg_rank == 1:  # as LoadedModel.run(cfg_branch=1): this rank's first forward is the unconditional
         embeds.reverse()
 
     if args.variant == "calibatt":
         masks = local_block_mask(heads, shape["grid"], args.density, BLOCK)
         plan = make_plan(masks, layers).to(device)
-        hl = heads // layout.ulysses
         if layout.ulysses > 1:
-            plan = plan.heads(layout.ulysses_rank * hl, (layout.ulysses_rank + 1) * hl).to(device)
+            plan = plan.heads(*layout.heads(heads)).to(device)
         ctl = SparseController(plan).to(device)
         ctl.reset()
         for i, blk in enumerate(tr.blocks):

@@ -122,17 +122,16 @@ def generate(
         if not g.dense:
             plan, _ = load_cache(cfg)  # validate the cache before spending time on the model
             full_plan = plan
-            heads = ident.heads // layout.ulysses
+            start, stop = layout.heads(ident.heads)
             if layout.ulysses > 1:  # this rank attends over its heads' masks alone
-                start = layout.ulysses_rank * heads
-                plan = plan.heads(start, start + heads).to(torch.device(cfg.model.device))
+                plan = plan.heads(start, stop).to(torch.device(cfg.model.device))
             # Triton must look in the cache's folder before the first kernel launch; strict mode fails at the
             # first compilation, which a complete cache never needs.
             stack.enter_context(aot.kernel_cache(Path(cfg.compile.cache_dir) / "triton"))
             counter = stack.enter_context(aot.CompileCounter(strict=g.strict))
             prewarm(
                 plan,
-                heads=heads,
+                heads=stop - start,
                 head_dim=ident.head_dim,
                 dtype=getattr(torch, cfg.model.dtype),
                 device=cfg.model.device,

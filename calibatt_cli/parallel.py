@@ -61,6 +61,11 @@ class Layout:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def heads(self, total: int) -> tuple[int, int]:
+        """[start, stop) of the heads this process attends over under Ulysses (all of them without it)."""
+        per = total // self.ulysses
+        return self.ulysses_rank * per, (self.ulysses_rank + 1) * per
+
     def shard(self, n: int) -> list[int]:
         """The indices of n items (prompts) this process's data-parallel group renders: strided, so the
         groups' loads differ by at most one item."""

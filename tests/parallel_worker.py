@@ -71,9 +71,7 @@ def sample(cfg, plan, layout, *, parallel_first=False) -> torch.Tensor:
     model = load_model(cfg)
     controller = DenseController()
     if plan is not None:
-        heads = model.ident.heads // layout.ulysses
-        start = layout.ulysses_rank * heads
-        controller = SparseController(plan.heads(start, start + heads) if layout.ulysses > 1 else plan)
+        controller = SparseController(plan.heads(*layout.heads(model.ident.heads)) if layout.ulysses > 1 else plan)
     if parallel_first:  # the install-order guard: a transformer made parallel before our processors go in
         enable_ulysses(model.pipe.transformer, layout)
         model.install(controller)
