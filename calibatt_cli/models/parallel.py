@@ -98,14 +98,6 @@ def context_parallel_attention(
     )
 
 
-def ulysses_heads(parallel_config) -> tuple[int, int] | None:
-    """(this rank's index, degree) in the Ulysses group, or None without context parallelism."""
-    if parallel_config is None or parallel_config.context_parallel_config is None:
-        return None
-    cp = parallel_config.context_parallel_config
-    return cp._ulysses_local_rank, cp.ulysses_degree
-
-
 class CFGParallelHook(ModelHook):
     """The two classifier-free-guidance branches of each step on the two ranks of a `cfg` group.
 

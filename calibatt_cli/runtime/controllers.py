@@ -295,10 +295,6 @@ class SparseController(Controller):
         far (copies); None before the first measured call. Two snapshots' difference is what happened between."""
         return None if self._kept_table is None else (self._kept_table[0].clone(), self._kept_table[1].clone())
 
-    def retained_mass_table(self) -> torch.Tensor | None:
-        """float64 [buckets, layers, heads]: retained_mass() per (bucket, layer, head); NaN where not measured."""
-        return None if self._kept_table is None else mass_table(*self._kept_table)
-
 
 def mass_table(sums: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Mean kept mass per entry from mass_totals()' sums and row counts; NaN where no row was measured."""
