@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from .errors import BundleError
 from .masks import pack_bits, unpack_bits
-from .util import atomic_path, canonical_json, sha256_hex
+from .util import atomic_path, canonical_json, check_output_dir, sha256_hex
 
 SCHEMA_VERSION = 1
 META_KEY = "calibatt_bundle"
@@ -142,8 +142,8 @@ def write_heatmaps(bundle: MaskBundle, out_dir: Path, scale: int = 4) -> list[Pa
     """One PNG per (bucket, layer): the heads' masks side by side, kept blocks white."""
     from PIL import Image
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_output_dir(out_dir, "heatmap")
+    out_dir.mkdir(exist_ok=True)
     masks = bundle.masks.numpy()
     nb, nl, nh, mq, mk = masks.shape
     written = []

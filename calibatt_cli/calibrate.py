@@ -17,7 +17,7 @@ from .bundle import MaskBundle, save_bundle
 from .config import Config, resolve_input
 from .errors import ConfigError
 from .masks import retained_mass, select_blocks
-from .models import load_model, model_identity
+from .models import check_device, load_model, model_identity
 from .runtime import MassRecorder, RecordController
 from .runtime.controllers import mass_from_fixed
 from .util import atomic_path, canonical_json, check_output_path, sha256_hex
@@ -69,6 +69,7 @@ def calibrate(cfg: Config, on_step: Callable[[], None] | None = None) -> Calibra
     """Record the dense model's block mass over the prompts and write the bundle. Under torchrun the prompts
     are shared out over the processes, the fixed-point sums are added across them, and rank 0 writes a bundle
     bit-identical to one process's."""
+    check_device(cfg.model.device)
     c = cfg.calibration
     out_path = check_output_path(Path(c.output), "bundle")
     prompts = read_prompts(c.prompts, cfg)
@@ -89,6 +90,7 @@ def calibrate_shard(cfg: Config, shard: str, on_step: Callable[[], None] | None 
     """`calibrate --shard i/N`: record prompts i, i+N, i+2N, ... and write their block-mass sums to
     calibration.output; `merge_shards` turns the N files into the bundle one process would have written."""
     i, n = parse_shard(shard)
+    check_device(cfg.model.device)
     c = cfg.calibration
     out_path = check_output_path(Path(c.output), "shard")
     prompts = read_prompts(c.prompts, cfg)

@@ -46,13 +46,13 @@ class CalibrationConfig:
     warmup_steps: int = 1  # first denoising steps that always run dense
     block_size: int = 64  # token block size of the masks (query and key)
     seed: int = 0
-    output: str = "out/tiny.bundle.safetensors"
+    output: str | None = None  # None: out/<model.name>.bundle.safetensors
 
 
 @dataclass
 class CompileConfig:
-    bundle: str = "out/tiny.bundle.safetensors"
-    cache_dir: str = "out/tiny.cache"
+    bundle: str | None = None  # None: calibration.output
+    cache_dir: str | None = None  # None: out/<model.name>.cache
     target: str | None = None  # e.g. sm_90: cross-compile kernels without a GPU
 
 
@@ -63,7 +63,7 @@ class GenerateConfig:
     flow_shift: float = 3.0
     negative_prompt: str = ""
     seed: int = 0
-    output: str = "out/tiny.mp4"
+    output: str | None = None  # None: out/<model.name>.mp4
     dense: bool = False  # run the stock pipeline (the baseline) instead of sparse attention
     compile: bool = False  # torch.compile the repeated transformer blocks (fullgraph; our kernel is a custom op)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: checks graphs without codegen)
@@ -219,7 +219,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _apply(cfg, {sec: {key: value}}, f"--set {item}")
     validate(cfg)
     _resolve_auto(cfg)
+    _default_outputs(cfg)
     return cfg
+
+
+def _default_outputs(cfg: Config) -> None:
+    """Output names left unset follow the model, so `--model wan2.1` never writes over out/tiny.*."""
+    stem = f"out/{cfg.model.name}"
+    cfg.calibration.output = cfg.calibration.output or f"{stem}.bundle.safetensors"
+    cfg.compile.bundle = cfg.compile.bundle or cfg.calibration.output
+    cfg.compile.cache_dir = cfg.compile.cache_dir or f"{stem}.cache"
+    cfg.generate.output = cfg.generate.output or f"{stem}.mp4"
 
 
 def _resolve_auto(cfg: Config) -> None:

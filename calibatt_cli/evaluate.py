@@ -26,9 +26,9 @@ from .cache.load import device_info, load_cache, software_versions
 from .config import Config
 from .errors import ConfigError
 from .generate import GenerateResult, check_prompts, generate
-from .models import model_identity
+from .models import check_device, model_identity
 from .runtime.controllers import mass_table
-from .util import canonical_json, check_output_path, sha256_hex, write_text_atomic
+from .util import canonical_json, check_output_dir, sha256_hex, write_text_atomic
 
 LPIPS_NOTE = "not measured: LPIPS needs backbone weights calibatt never downloads"
 STEP_NOTE = "sparse steps include the live mass measurement (one block-mass pass per attention call)"
@@ -97,13 +97,13 @@ def evaluate(
     on_step: Callable[[], None] | None = None,
 ) -> EvalReport:
     """Render each prompt dense and sparse per seed, score sparse against dense, write report.json and
-    index.html into `out_dir` (which must exist), and apply the gate."""
+    index.html into `out_dir` (created if missing; its parent must exist), and apply the gate."""
+    check_device(cfg.model.device)
     prompts = check_prompts(prompts)
     if not seeds:
         raise ConfigError("no seed given; pass --seeds, e.g. 0,1")
-    out_dir = Path(out_dir)
-    json_path = check_output_path(out_dir / "report.json", "report")
-    html_path = check_output_path(out_dir / "index.html", "report")
+    out_dir = check_output_dir(Path(out_dir), "report")
+    json_path, html_path = out_dir / "report.json", out_dir / "index.html"
     plan, manifest = load_cache(cfg)  # no compiled cache: fail before rendering anything
 
     clips: list[ClipEval] = []
@@ -126,6 +126,7 @@ def evaluate(
     ]
     gate_line = _gate_line(clips, failures, min_psnr, min_mass) if failures else None
     data = _report_data(cfg, manifest, clips, runs, kept, density, plan.step_buckets, min_psnr, min_mass, gate_line)
+    out_dir.mkdir(exist_ok=True)
     write_text_atomic(json_path, json.dumps(data, indent=1) + "\n")
     write_text_atomic(html_path, render_html(data, clips))
     return EvalReport(clips, data, json_path, html_path, failures, gate_line)

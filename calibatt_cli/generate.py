@@ -17,7 +17,7 @@ from .cache import aot
 from .cache.load import load_cache, prewarm
 from .config import Config
 from .errors import ConfigError
-from .models import load_model, model_identity
+from .models import check_device, load_model, model_identity
 from .models.parallel import parallelize
 from .runtime import DenseController, SparseController
 from .runtime.guard import Guard
@@ -105,6 +105,7 @@ def generate(
     """Render each prompt to an MP4. Under torchrun the processes split up as `cfg.parallel` says (see
     parallel.py); each video is written once, by its group's first process, and every process returns the
     results of all videos (frames only for its own)."""
+    check_device(cfg.model.device)
     prompts = check_prompts(prompts)
     g = cfg.generate
     paths = output_paths(output or g.output, len(prompts))

@@ -13,22 +13,40 @@ from pathlib import Path
 from .errors import CalibattError
 
 
+# The one rule for outputs: calibatt never creates a missing parent folder. A file goes into a folder that
+# exists; an output that is a folder (a kernel cache, heatmaps, checkpoints, a report) is created if missing,
+# that one level only. A typo in a path then fails at once, instead of scattering folders.
+
+
 def check_output_path(path: Path, what: str) -> Path:
     """Fail early (before any work) if `path`'s folder is missing or not writable."""
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise CalibattError(f"{what} folder '{parent}' does not exist; create it or choose another path")
-    # Probe by creating a file: os.access says yes to root even on read-only mounts.
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".calibatt-probe-", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError:
-        raise CalibattError(f"{what} folder '{parent}' is not writable; choose a writable path") from None
+    _check_writable_folder(path.parent if str(path.parent) else Path("."), what)
     if path.is_dir():
         raise CalibattError(f"{what} path '{path}' is a folder; give a file name")
     return path
+
+
+def check_output_dir(path: Path, what: str) -> Path:
+    """Fail early if `path` cannot become an output folder: it is a folder (or a file) already, or its parent
+    exists and is writable. Create it with `path.mkdir(exist_ok=True)` when writing: one level, no parents."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CalibattError(f"{what} folder '{path}' is a file; choose a folder path")
+    _check_writable_folder(path if path.is_dir() else (path.parent if str(path.parent) else Path(".")), what)
+    return path
+
+
+def _check_writable_folder(folder: Path, what: str) -> None:
+    if not folder.is_dir():
+        raise CalibattError(f"{what} folder '{folder}' does not exist; create it or choose another path")
+    # Probe by creating a file: os.access says yes to root even on read-only mounts.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".calibatt-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError:
+        raise CalibattError(f"{what} folder '{folder}' is not writable; choose a writable path") from None
 
 
 @contextlib.contextmanager

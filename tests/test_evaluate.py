@@ -148,7 +148,7 @@ def test_bad_input(built, tmp_path, monkeypatch, capsys):
     cases = [
         (("--prompts", tmp_path / "missing.txt", "--out", tmp_path), "not found"),
         (("--prompts", prompts, "--seeds", "0,x", "--out", tmp_path), "--seeds"),
-        (("--prompts", prompts, "--out", tmp_path / "nope"), "does not exist"),
+        (("--prompts", prompts, "--out", tmp_path / "nope" / "deeper"), "does not exist"),
         (("--prompts", prompts, "--out", tmp_path, "--set", f"compile.cache_dir={tmp_path}/none"), "no compiled cache"),
     ]
     for args, needle in cases:

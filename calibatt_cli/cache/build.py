@@ -33,7 +33,7 @@ from calibatt_kernels import norm_rope
 from ..bundle import check_bundle_matches, load_bundle
 from ..config import Config, resolve_input
 from ..errors import CacheError
-from ..models import model_identity
+from ..models import check_device, model_identity
 from ..runtime import plan_index, plan_tensors
 from . import aot
 from .load import CACHE_SCHEMA, device_info, lock_file, software_versions, warm_qk_norm_rope
@@ -80,6 +80,7 @@ def compile_cache(
             f"compile.target={cfg.compile.target} cross-compiles the kernels only (no cache); use "
             f"`calibatt compile --target {cfg.compile.target}`, or leave compile.target unset here"
         )
+    check_device(cfg.model.device)
     t0 = time.perf_counter()
     bundle = load_bundle(bundle_path)
     ident = model_identity(cfg)

@@ -216,7 +216,7 @@ def evaluate(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated sampling seeds, e.g. 0,1.")] = "0",
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder (must exist) for report.json and index.html.")] = Path(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for report.json and index.html (its parent must exist).")] = Path(
         "report"
     ),
     min_psnr: Annotated[float | None, typer.Option(help="Gate: exit 1 if a clip's PSNR is below DB.")] = None,
@@ -249,8 +249,11 @@ def inspect(
 ) -> None:
     """Summarise a mask bundle: density by layer and step bucket, retained mass."""
     from ..bundle import load_bundle, write_heatmaps
+    from ..util import check_output_dir
 
     _set_debug(debug)
+    if png is not None:
+        check_output_dir(png, "heatmap")  # before the summary: a bad path fails alone
     b = load_bundle(bundle)
     render.bundle_summary(b, bundle)
     if png is not None:

@@ -39,12 +39,13 @@ def model_identity(cfg: Config) -> ModelIdentity:
 
 def load_model(cfg: Config) -> LoadedModel:
     name = cfg.model.name
-    _check_device(cfg.model.device)
+    check_device(cfg.model.device)
     model_identity(cfg)  # validates the name and the video size before any weights load
     return _family(name).load(cfg, name)
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
+    """Every stage that runs on `model.device` calls this first, so a missing GPU is one line, before any work."""
     import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():

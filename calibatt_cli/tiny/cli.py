@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import CalibattError
+from ..util import check_output_dir, check_output_path
 
 console = Console(stderr=True)
 out = Console()
@@ -70,6 +71,9 @@ def train(
             raise CalibattError(f"--device {device} but no CUDA GPU is visible; use --device cpu")
     if layers is not None and layers < 1:
         raise CalibattError(f"--layers {layers}: give at least 1")
+    check_output_dir(out_dir, "checkpoint")  # both before any training step
+    if export is not None:
+        check_output_path(export, "weights")
     cfg = TrainConfig(
         seed=seed,
         steps=steps,

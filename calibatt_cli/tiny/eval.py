@@ -27,6 +27,7 @@ from ..cache.build import compile_cache
 from ..calibrate import calibrate, read_prompts
 from ..config import load_config
 from ..generate import generate
+from ..util import check_output_path, write_text_atomic
 from .judge import judge
 from .model import weights_sha256
 
@@ -44,6 +45,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="config override section.key=value")
     ap.add_argument("--out", default=None, help="results JSON (default bench/results/eval-tiny-<date>.json)")
     args = ap.parse_args()
+    out = Path(args.out) if args.out else ROOT / f"bench/results/eval-tiny-{dt.date.today().isoformat()}.json"
+    check_output_path(out, "results")  # before minutes of rendering
 
     prompts = read_prompts(args.prompts)
     work = Path(tempfile.mkdtemp(prefix="eval-tiny-"))
@@ -98,9 +101,7 @@ def main() -> None:
         },
         "psnr_db": {"mean": float(np.mean(psnrs)), "min": float(np.min(psnrs)), "per_clip": psnrs},
     }
-    out = Path(args.out) if args.out else ROOT / f"bench/results/eval-tiny-{dt.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_text_atomic(out, json.dumps(result, indent=1) + "\n")
 
     print(f"{'':8} {'score':>6} {'colour':>6} {'shape':>6} {'motion':>6}")
     for name, j in (("dense", dj), ("sparse", sj)):

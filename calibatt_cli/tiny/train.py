@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CalibattError
-from ..util import atomic_path, sha256_hex, write_text_atomic
+from ..util import atomic_path, check_output_dir, check_output_path, sha256_hex, write_text_atomic
 from . import model as tiny
 from . import procedural as P
 from .latent import space_time_to_channel
@@ -177,7 +177,7 @@ class Trainer:
     def save(self, folder: Path) -> Path:
         from safetensors.torch import save_file
 
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(exist_ok=True)  # the one level train() checked (util.check_output_dir)
         tensors = {}
         state = self.opt.state_dict()["state"]
         for k, (n, p) in enumerate(self.named):
@@ -308,7 +308,7 @@ def _arch(cfg: dict) -> dict:
 
 def train(cfg: TrainConfig, out: Path, on_log: Callable[[int, float, float], None] | None = None) -> TrainResult:
     """Train (resuming from `out`/ckpt.* if present) until cfg.steps or cfg.max_seconds; checkpoint to `out`."""
-    out = Path(out)
+    out = check_output_dir(Path(out), "checkpoint")
     t0 = time.perf_counter()
     torch.backends.cuda.matmul.allow_tf32 = True
     trainer = Trainer(cfg)
@@ -340,7 +340,7 @@ def export_weights(ckpt_dir: Path, dest: Path = tiny.WEIGHTS, use_ema: bool = Tr
     """Write the (EMA) weights of a checkpoint as the shipped `tiny` weights + JSON; returns their sha256."""
     from safetensors.torch import load_file, save_file
 
-    ckpt_dir, dest = Path(ckpt_dir), Path(dest)
+    ckpt_dir, dest = Path(ckpt_dir), check_output_path(Path(dest), "weights")
     info = json.loads((ckpt_dir / CKPT_INFO).read_text())
     prefix = "ema." if use_ema else "model."
     state = {}
