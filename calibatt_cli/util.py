@@ -12,7 +12,6 @@ from pathlib import Path
 
 from .errors import CalibattError
 
-
 # The one rule for outputs: calibatt never creates a missing parent folder. A file goes into a folder that
 # exists; an output that is a folder (a kernel cache, heatmaps, checkpoints, a report) is created if missing,
 # that one level only. A typo in a path then fails at once, instead of scattering folders.

@@ -216,9 +216,7 @@ def evaluate(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated sampling seeds, e.g. 0,1.")] = "0",
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for report.json and index.html (its parent must exist).")] = Path(
-        "report"
-    ),
+    out_dir: Annotated[Path, typer.Option("--out", help="Report folder (its parent must exist).")] = Path("report"),
     min_psnr: Annotated[float | None, typer.Option(help="Gate: exit 1 if a clip's PSNR is below DB.")] = None,
     min_mass: Annotated[float | None, typer.Option(help="Gate: exit 1 if a clip's retained mass is below M.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON result line.")] = False,
