@@ -195,3 +195,129 @@ def test_ffn_fusion_swaps_keeps_outputs_and_restores():
         restore_modules(swapped)
     assert [blk.ffn.net[0] for blk in tr.blocks] == originals and not swapped
     assert ((got - want).norm() / want.norm()).item() < 1e-6
+
+
+# --- real-layout weights that do not fit: one line naming the file, the tensor and both shapes ----------------
+
+
+def _copy(checkpoints, tmp_path, layout="original"):
+    import shutil
+
+    dst = tmp_path / f"{layout}-copy"
+    shutil.copytree(checkpoints[layout], dst)
+    return dst
+
+
+def _edit_json(path, **changes):
+    import json
+
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_original_config_without_text_dim_reads_it_from_the_weights(checkpoints):
+    import json
+
+    from calibatt_cli.models.wan_weights import transformer_config
+
+    folder = checkpoints["original"]
+    assert "text_dim" not in json.loads((folder / "config.json").read_text()), "the writer must omit it, as the release"
+    tcfg = transformer_config(str(folder), "original")
+    assert (tcfg["text_dim"], tcfg["in_channels"], tcfg["freq_dim"]) == (32, 16, 32)  # wan_formats.TRANSFORMER
+
+
+@pytest.mark.parametrize(
+    "part, edit, needles",
+    [
+        # config.json's ffn_dim against the weights' FFN
+        (
+            "transformer",
+            lambda f: _edit_json(f / "config.json", ffn_dim=128),
+            ["diffusion_pytorch_model.safetensors", "'blocks.0.ffn.net.0.proj.bias' has shape (96,)", "expects (128,)"],
+        ),
+        # the VAE's config (the folder's own, as calibatt reads it) against Wan2.1_VAE.pth
+        (
+            "vae",
+            lambda f: _edit_json(f / "vae" / "config.json", base_dim=16),
+            ["Wan2.1_VAE.pth", "'decoder.conv_in.bias' has shape (32,)", "expects (64,)"],
+        ),
+        # the text encoder's config against the T5 checkpoint
+        (
+            "t5",
+            lambda f: _edit_json(f / "text_encoder" / "config.json", d_ff=48),
+            ["models_t5_umt5-xxl-enc-bf16.pth", "'encoder.block.0.layer.1.DenseReluDense.wi_0.weight'", "(64, 32)"],
+        ),
+    ],
+)
+def test_shape_mismatch_is_one_line(checkpoints, tmp_path, part, edit, needles):
+    folder = _copy(checkpoints, tmp_path)
+    edit(folder)
+    with pytest.raises(ModelError) as e:
+        load_model(_cfg(tmp_path, folder))
+    msg = str(e.value)
+    assert "\n" not in msg and "expects" in msg, msg
+    for n in needles:
+        assert n in msg, f"{n!r} not in {msg!r}"
+
+
+def test_t5_width_must_match_the_transformers_text_dim(checkpoints, tmp_path):
+    """A T5 checkpoint that fits its own config but not the transformer (text_dim read from the weights)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from calibatt_cli.tiny.model import build_tokenizer
+
+    folder = _copy(checkpoints, tmp_path)
+    te = UMT5EncoderModel(UMT5Config(vocab_size=len(build_tokenizer()), **{**wan_formats.TEXT, "d_model": 48}))
+    torch.save(wan_formats.t5_to_original(te.state_dict()), str(folder / "models_t5_umt5-xxl-enc-bf16.pth"))
+    te.config.to_json_file(str(folder / "text_encoder" / "config.json"))
+    with pytest.raises(ModelError, match=r"models_t5_umt5-xxl-enc-bf16.pth' encodes text of width 48.* takes 32"):
+        load_model(_cfg(tmp_path, folder))
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.999])
+def test_truncated_transformer_safetensors(checkpoints, tmp_path, cut):
+    folder = _copy(checkpoints, tmp_path)
+    f = folder / "diffusion_pytorch_model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: int(len(data) * cut)])
+    for step in (model_identity, load_model):  # caught from the header, before any weights load
+        with pytest.raises(ModelError, match=r"diffusion_pytorch_model.safetensors' is truncated: \d+ bytes"):
+            step(_cfg(tmp_path, folder))
+    f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    with pytest.raises(ModelError, match="not a readable safetensors file"):
+        model_identity(_cfg(tmp_path, folder))
+
+
+def test_named_size_without_weights_fails_at_once_offline(monkeypatch, capsys, tmp_path):
+    """No Hub download behind the user's back: without --weights, loading stops before any network call
+    (offline the Hub client would retry for half a minute) and names the fix."""
+    import socket
+    import sys
+    import time
+
+    from calibatt_cli.cli.app import main
+
+    calls = []
+
+    def no_network(*a, **k):
+        calls.append(a)
+        raise OSError("network is off in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    for name in ("wan2.1-1.3b", "wan2.1-14b"):
+        t0 = time.perf_counter()
+        with pytest.raises(ModelError, match="--weights DIR"):
+            load_model(load_config(None, [f"model.name={name}"]))
+        assert time.perf_counter() - t0 < 5 and not calls, calls
+    # the whole command: one line, with the hint
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(sys, "argv", ["calibatt", "calibrate", "--model", "wan2.1-1.3b"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code != 0 and len(err.splitlines()) == 1 and "--weights DIR" in err and not calls, err
+    assert list((tmp_path / "out").iterdir()) == []

@@ -208,8 +208,7 @@ def write_original(pipe, folder: Path) -> Path:
                 "in_dim": t.in_channels,
                 "out_dim": t.out_channels,
                 "eps": t.eps,
-                "text_len": 512,
-                "text_dim": t.text_dim,  # the real release omits it (always 4096); the tiny test model needs it
+                "text_len": 512,  # no text_dim, as in the real release: calibatt reads it from the weights
             }
         )
     )

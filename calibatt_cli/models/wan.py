@@ -145,12 +145,18 @@ KNOWN_SIZES = {"wan2.1-1.3b": (30, 1536), "wan2.1-14b": (40, 5120)}
 
 
 def _source(cfg: Config, name: str) -> str:
-    from .wan_weights import HUB_IDS, SOURCE_HINT
+    from .wan_weights import HUB_IDS
 
     if cfg.model.path:
         return cfg.model.path
     if name in HUB_IDS:
-        return HUB_IDS[name]  # works when the machine is online; offline it fails with the hint below
+        return HUB_IDS[name]  # the shape of a named size, from configs alone; loading needs model.path
+    _no_weights(name)
+
+
+def _no_weights(name: str):
+    from .wan_weights import SOURCE_HINT
+
     raise ModelError(f"model '{name}' needs local weights: set model.path (or --weights DIR); {SOURCE_HINT}")
 
 
@@ -181,9 +187,14 @@ def identity(cfg: Config, name: str) -> ModelIdentity:
 
 def load(cfg: Config, name: str) -> WanModel:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+    from safetensors import SafetensorError
 
     from .wan_weights import SHIPPED, detect_layout, load_original_modules
 
+    if not cfg.model.path:
+        # No implicit download: offline, the Hub client would retry for half a minute before failing. A Hub
+        # id given as model.path still downloads.
+        _no_weights(name)
     ident = identity(cfg, name)
     src = ident.model_id
     layout = detect_layout(src)
@@ -202,7 +213,7 @@ def load(cfg: Config, name: str) -> WanModel:
             pipe = WanPipeline.from_pretrained(src, vae=vae, dtype=dtype, local_files_only=offline)
     except ModelError:
         raise
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"could not load Wan weights from '{src}' ({first}); check model.path") from None
     sched = pipe.scheduler

@@ -26,7 +26,7 @@ SHIPPED = Path(__file__).resolve().parent.parent.parent / "configs" / "wan2.1"
 HUB_IDS = {"wan2.1-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "wan2.1-14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
 SOURCE_HINT = (
     "download e.g. `huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir DIR` "
-    "(diffusers format) or Wan-AI/Wan2.1-T2V-1.3B (original release)"
+    "(diffusers format) or Wan-AI/Wan2.1-T2V-1.3B (original release); a Hub id as --weights downloads on load"
 )
 
 DIFFUSERS_FILES = {
@@ -73,10 +73,24 @@ def detect_layout(path: str) -> str:
     raise ModelError(f"model.path '{path}' does not exist; point it at local Wan 2.1 weights ({SOURCE_HINT})")
 
 
-def original_to_diffusers_config(orig: dict) -> dict:
-    """The original release's config.json -> WanTransformer3DModel config."""
+# Dimensions the original config.json may omit (the release has no text_dim), read from the tensors that
+# carry them, as diffusers' single-file loader infers its config from the checkpoint:
+# config key -> (tensor, axis).
+FROM_WEIGHTS = {
+    "text_dim": ("text_embedding.0.weight", 1),
+    "in_dim": ("patch_embedding.weight", 1),
+    "freq_dim": ("time_embedding.0.weight", 1),
+}
+
+
+def original_to_diffusers_config(orig: dict, shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
+    """The original release's config.json (+ the checkpoint's tensor shapes) -> WanTransformer3DModel config."""
     if orig.get("model_type", "t2v") != "t2v":
         raise ModelError(f"only text-to-video Wan 2.1 weights are supported, got model_type={orig.get('model_type')}")
+    orig = dict(orig)
+    for key, (tensor, axis) in FROM_WEIGHTS.items():
+        if key not in orig and tensor in (shapes or {}) and len(shapes[tensor]) > axis:
+            orig[key] = shapes[tensor][axis]
     try:
         dim, heads = int(orig["dim"]), int(orig["num_heads"])
         cfg = json.loads((SHIPPED / "transformer_1.3b.json").read_text())
@@ -91,16 +105,42 @@ def original_to_diffusers_config(orig: dict) -> dict:
             eps=float(orig.get("eps", 1e-6)),
             text_dim=int(orig.get("text_dim", 4096)),
         )
-    except (KeyError, ValueError, TypeError) as e:
+    except (KeyError, ValueError, TypeError, ZeroDivisionError) as e:
         raise ModelError(f"original Wan config.json lacks or garbles {e}; is this a Wan 2.1 release folder?") from None
     return cfg
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a .safetensors header (reads the header only), after checking that the file
+    holds every byte the header promises: a truncated download fails here, in one line, before any loading."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in tensors.items()}
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError):
+        raise ModelError(f"'{path}' is not a readable safetensors file; re-download it") from None
+    if 8 + n + end > size:
+        raise ModelError(f"'{path}' is truncated: {size} bytes, its header promises {8 + n + end}; re-download it")
+    return shapes
+
+
+def _original_shards(p: Path) -> list[Path]:
+    return sorted(p.glob("diffusion_pytorch_model*.safetensors"))
 
 
 def transformer_config(path: str, layout: str) -> dict:
     if layout == "diffusers":
         return json.loads((Path(path) / "transformer" / "config.json").read_text())
     if layout == "original":
-        return original_to_diffusers_config(json.loads((Path(path) / "config.json").read_text()))
+        shapes = {k: s for f in _original_shards(Path(path)) for k, s in safetensors_shapes(f).items()}
+        return original_to_diffusers_config(json.loads((Path(path) / "config.json").read_text()), shapes)
     from diffusers import WanTransformer3DModel
 
     return dict(WanTransformer3DModel.load_config(path, subfolder="transformer"))
@@ -174,17 +214,23 @@ def load_original_modules(path: str, dtype: torch.dtype):
     """(tokenizer, text_encoder, transformer, vae) from the original release layout."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers, convert_wan_vae_to_diffusers
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
     p = Path(path)
-    state = {}
-    for f in sorted(p.glob("diffusion_pytorch_model*.safetensors")):
-        state.update(load_file(str(f)))
     with params_on_meta():
         transformer = WanTransformer3DModel.from_config(transformer_config(path, "original"))
-    converted = {k: v.to(dtype) for k, v in convert_wan_transformer_to_diffusers(state).items()}
-    _load_strict(transformer, converted, p / "diffusion_pytorch_model*.safetensors")
+    converted, files = {}, {}
+    for f in _original_shards(p):  # converted shard by shard, so a mismatch names its file
+        try:
+            shard = load_file(str(f))
+        except (SafetensorError, OSError) as e:
+            msg = " ".join(str(e).split())[:120]
+            raise ModelError(f"cannot read '{f}' as safetensors ({msg}); re-download it") from None
+        for k, v in convert_wan_transformer_to_diffusers(shard).items():
+            converted[k], files[k] = v.to(dtype), f
+    _load_strict(transformer, converted, files)
 
     vae_state = convert_wan_vae_to_diffusers(_torch_state(p / "Wan2.1_VAE.pth"))
     with params_on_meta():
@@ -196,6 +242,12 @@ def load_original_modules(path: str, dtype: torch.dtype):
         text_encoder = UMT5EncoderModel(t5_cfg)
     t5_state = {k: v.to(dtype) for k, v in convert_wan_t5(_torch_state(p / "models_t5_umt5-xxl-enc-bf16.pth")).items()}
     _load_strict(text_encoder, t5_state, p / "models_t5_umt5-xxl-enc-bf16.pth")
+    if text_encoder.config.d_model != transformer.config.text_dim:
+        raise ModelError(
+            f"'{p / 'models_t5_umt5-xxl-enc-bf16.pth'}' encodes text of width {text_encoder.config.d_model}, but "
+            f"the transformer's text_embedding.0.weight takes {transformer.config.text_dim}; "
+            "is it the matching release?"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(p / "google" / "umt5-xxl"), local_files_only=True)
     return tokenizer, text_encoder.eval(), transformer.eval(), vae.eval()
 
@@ -230,7 +282,22 @@ def _tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
         return module.get_buffer(name)
 
 
-def _load_strict(module: torch.nn.Module, state: dict, source) -> None:
+def _load_strict(module: torch.nn.Module, state: dict, source: Path | dict[str, Path]) -> None:
+    """Load `state` into `module` (built on meta) or fail in one line; `source` is the file, or the file of
+    each key."""
+    for k, v in sorted(state.items()):  # sorted: the same tensor is named on every run
+        try:
+            want = tuple(_tensor(module, k).shape)
+        except AttributeError:
+            continue  # an unexpected key: reported below
+        if tuple(v.shape) != want:
+            where = source[k] if isinstance(source, dict) else source
+            raise ModelError(
+                f"'{where}': tensor '{k}' has shape {tuple(v.shape)} but the model built from the config expects "
+                f"{want}; is it the matching Wan 2.1 release?"
+            )
+    if isinstance(source, dict):
+        source = ", ".join(sorted({str(f) for f in source.values()}))
     missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
     # tied weights (the T5 embedding) are reported missing under one name yet loaded under the other
     missing = [k for k in missing if _tensor(module, k).device.type == "meta"]
