@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,15 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
             ffmpeg_log_level="error",
         )
         writer.send(None)
-        for f in frames:
-            writer.send(np.ascontiguousarray(f))
+        try:
+            for f in frames:
+                writer.send(np.ascontiguousarray(f))
+        except BaseException:
+            # Stop ffmpeg unfinished: closed normally (or when the generator is collected at exit) it would
+            # finish the file after atomic_path removed it, leaving a temp file behind.
+            with contextlib.suppress(BaseException):
+                writer.throw(KeyboardInterrupt())  # imageio-ffmpeg kills ffmpeg on a KeyboardInterrupt
+            raise
         writer.close()
 
 

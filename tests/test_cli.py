@@ -221,27 +221,116 @@ def test_ctrl_c_during_generate_leaves_nothing(built, tmp_path):
 
 
 def test_interrupt_while_writing_removes_temp_file(tmp_path, monkeypatch):
+    """Ctrl-C lands inside write_mp4, after the encoder has taken some frames: the user's file is untouched
+    and no temp file stays behind."""
+    import imageio_ffmpeg
     import numpy as np
 
     from calibatt_cli import video
 
-    calls = {"n": 0}
-    real = video.to_uint8
+    real_write_frames = imageio_ffmpeg.write_frames
+    seen = {"frames": 0, "temp": None}
+    encoders = []
 
-    def boom(frames):
-        calls["n"] += 1
-        raise KeyboardInterrupt
+    def interrupting_write_frames(path, *args, **kwargs):
+        seen["temp"] = path
+        gen = real_write_frames(path, *args, **kwargs)
+        encoders.append(gen)
+
+        class Encoder:
+            def send(self, frame):
+                if frame is not None:
+                    if seen["frames"] == 3:
+                        raise KeyboardInterrupt  # mid-write: three frames are in the encoder
+                    seen["frames"] += 1
+                gen.send(frame)
+
+            def throw(self, exc):
+                return gen.throw(exc)
+
+            def close(self):
+                gen.close()
+
+        return Encoder()
 
     out = tmp_path / "v.mp4"
-    monkeypatch.setattr(video, "to_uint8", real)
-    frames = np.zeros((5, 32, 32, 3), np.uint8)
-    with pytest.raises(KeyboardInterrupt):
-        with video.atomic_path(out, suffix=".mp4") as tmp:
-            tmp.write_bytes(b"partial")
-            boom(frames)
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    out.write_bytes(b"the user's earlier video")
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", interrupting_write_frames)
+    frames = np.full((8, 32, 32, 3), 128, np.uint8)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            video.write_mp4(out, frames, 8)
+    finally:
+        for gen in encoders:
+            gen.close()  # stop the ffmpeg process the interrupted writer left running
+    assert seen["frames"] == 3 and seen["temp"] != str(out), "the encoder must write to a temp file"
+    assert out.read_bytes() == b"the user's earlier video"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"], "temp file left behind"
+    monkeypatch.undo()
     video.write_mp4(out, frames, 8)
-    assert video.read_mp4(out).shape == (5, 32, 32, 3)
+    assert video.read_mp4(out).shape == (8, 32, 32, 3)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["calibrate"],
+        ["calibrate", "--shard", "0/2", "-o", "{tmp}/part-0.safetensors"],
+        ["compile"],
+        ["generate", PROMPT],
+        ["generate", PROMPT, "--dense"],
+        ["evaluate", "--prompts", "{prompts}", "--out", "{tmp}/report"],
+    ],
+    ids=lambda a: " ".join(a[:3]),
+)
+def test_cuda_without_a_gpu_is_one_line_for_every_command(small_config, tmp_path, monkeypatch, capsys, args):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a GPU machine too is tested as one without
+    args = [a.format(tmp=tmp_path, prompts=small_config.parent / "prompts.txt") for a in args]
+    before = files_in(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--config", small_config, "--set", "model.device=cuda")
+    assert_one_line_error(code, err, "model.device is 'cuda' but no CUDA GPU is visible", "model.device=cpu")
+    assert files_in(tmp_path) == before
+
+
+def test_outputs_never_create_parent_folders(tmp_path, monkeypatch, capsys):
+    """One rule: a file's folder must exist; a folder output is created, one level only."""
+    deep = tmp_path / "nowhere" / "deep"
+    code, _, err = run_cli(monkeypatch, capsys, "inspect", tmp_path / "b.safetensors", "--png", deep / "masks")
+    assert_one_line_error(code, err, "heatmap folder", "nowhere/deep' does not exist")
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--out", deep / "ckpt", "--steps", "1", "--batch", "1")
+    assert_one_line_error(code, err, "checkpoint folder", "nowhere/deep' does not exist")
+    code, _, err = run_cli(
+        monkeypatch, capsys, "train", "--out", tmp_path / "ckpt", "--export", deep / "w.safetensors", "--steps", "1"
+    )
+    assert_one_line_error(code, err, "weights folder", "nowhere/deep' does not exist")
+    (tmp_path / "file").write_text("x")
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--out", tmp_path / "file", "--steps", "1")
+    assert_one_line_error(code, err, "checkpoint folder", "is a file")
+    assert files_in(tmp_path) == ["file"], "nothing may be created before the error"
+
+
+def test_default_output_names_follow_the_model(monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys, "config", "--set", "model.name=wan2.1-1.3b")
+    assert code == 0, err
+    for want in (
+        "output: out/wan2.1-1.3b.bundle.safetensors",
+        "bundle: out/wan2.1-1.3b.bundle.safetensors",
+        "cache_dir: out/wan2.1-1.3b.cache",
+        "output: out/wan2.1-1.3b.mp4",
+    ):
+        assert want in out, f"{want!r} not in the resolved config"
+    assert "out/tiny" not in out
+    tiny = load_config(None)
+    assert (tiny.calibration.output, tiny.compile.cache_dir, tiny.generate.output) == (
+        "out/tiny.bundle.safetensors",
+        "out/tiny.cache",
+        "out/tiny.mp4",
+    )
+    mine = load_config(None, ["calibration.output=runs/b.safetensors", "model.name=tiny-random"])
+    assert mine.compile.bundle == "runs/b.safetensors", "compile reads the bundle calibrate wrote"
+    assert mine.compile.cache_dir == "out/tiny-random.cache"
 
 
 def test_python_m_entry_point_and_console_script(tmp_path):
