@@ -62,11 +62,36 @@ def test_pack_round_trip(mk):
     assert torch.equal(unpack_bits(packed, mk), mask)
 
 
-def test_local_block_mask_keeps_the_nearest_blocks():
+def _nearest_blocks_brute_force(grid, density, block):
+    """For each query block, the Chebyshev distance (normalised frame, row, col) from its token centroid to
+    every key block's, in plain Python floats: the reference `local_block_mask` must agree with."""
+    f, r, c = grid
+    coords = [((t // (r * c)) / f, ((t // c) % r) / r, (t % c) / c) for t in range(f * r * c)]
+    blocks = [coords[i : i + block] for i in range(0, len(coords), block)]  # the last one may be partial
+    cent = [tuple(sum(p[d] for p in b) / len(b) for d in range(3)) for b in blocks]
+    dist = [[max(abs(a[d] - b[d]) for d in range(3)) for b in cent] for a in cent]
+    return dist, max(1, round(density * len(blocks)))
+
+
+@pytest.mark.parametrize(
+    "grid, density, block",
+    [((5, 6, 8), 0.25, 16), ((3, 5, 7), 0.4, 16), ((2, 9, 11), 0.2, 32), ((1, 3, 3), 0.01, 4)],
+)
+def test_local_block_mask_keeps_the_nearest_blocks(grid, density, block):
     from calibatt_cli.masks import local_block_mask
 
-    m = local_block_mask(3, (5, 6, 8), 0.25, 16)  # 240 tokens -> 15 blocks
-    assert m.shape == (3, 15, 15)
-    assert (m.sum(-1) == round(0.25 * 15)).all()
-    assert m[:, range(15), range(15)].all(), "a block is nearest to itself"
-    assert torch.equal(m[0], m[2])
+    heads = 3
+    m = local_block_mask(heads, grid, density, block)
+    dist, keep = _nearest_blocks_brute_force(grid, density, block)
+    mb = len(dist)
+    assert m.shape == (heads, mb, mb) and m.dtype == torch.bool
+    for h in range(heads):
+        for i in range(mb):
+            kept = [j for j in range(mb) if m[h, i, j]]
+            dropped = [j for j in range(mb) if not m[h, i, j]]
+            assert len(kept) == keep, f"head {h} row {i}: kept {len(kept)} blocks, want {keep}"
+            assert i in kept, f"head {h}: block {i} is nearest to itself"
+            # every kept block is at least as near as every dropped one (ties may go either way)
+            far = max(dist[i][j] for j in kept)
+            near = min((dist[i][j] for j in dropped), default=float("inf"))
+            assert far <= near + 1e-6, f"head {h} row {i}: kept one at {far:.4f}, dropped one at {near:.4f}"
