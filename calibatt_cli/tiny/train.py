@@ -56,8 +56,8 @@ class TrainConfig:
     caption_dropout: float = 0.1  # share of empty prompts, for classifier-free guidance
     shift: float = 3.0  # timestep shift of the training sigmas (generate.flow_shift)
     two_objects_p: float = 0.2  # share of clips with a second object
-    # Extra loss weight on the pixels the objects cover (and a 1-pixel rim): an object is 1-10 % of a
-    # frame, so with a uniform loss the flat background dominates and shapes stay blurry (shape was the
+    # Extra loss weight on the pixels the objects cover (and a 1-pixel rim): an object covers a few
+    # percent of a frame, so with a uniform loss the flat background dominates and shapes stay blurry (shape was the
     # judge's weakest attribute). 0: uniform MSE.
     fg_weight: float = 0.0
     device: str = "cpu"

@@ -1,15 +1,15 @@
 """Block-sparse attention forward for Hopper in Gluon: FA3's warp-specialized structure, so that the
 softmax of one warpgroup overlaps the tensor-core work of the other and of its own P @ V -- the overlap
 that Triton's `tl` compiler does not produce on sm_90. Two kernels share that structure (measured on an
-H200 at Wan 1.3B's and 14B's shapes, densities 0.1-1; bench/NOTES.md):
+H200 at Wan 1.3B's and 14B's shapes, densities 0.1-1: bench/results/kernel-nvidia-h200-2026-11-27-s10clock.json):
 - `_gl_attn_persistent` (config kernel "gluon_persistent", the default): one program per SM walks its tiles
   of the schedule; Q is double-buffered and K and V have rings of their own (3 and 2 stages), so the loader
-  fetches the next tile's Q and K/V while the consumers finish this one. 589-641 TFLOP/s. When the tiles are
-  of about equal length and make few waves, the last wave's tiles run as pieces on the idle SMs and
-  `split_merge` merges them (+0.5-1.8 % on Wan 1.3B).
+  fetches the next tile's Q and K/V while the consumers finish this one. When the tiles are of about equal
+  length and make few waves, the last wave's tiles run as pieces on the idle SMs and `split_merge` merges
+  them.
 - `_gl_attn_tile` ("gluon_tile"): one program per 128-row query tile, a joint K/V ring of 3 stages.
-  571-636 TFLOP/s. It is ahead of the persistent kernel on some dense rows, so `calibatt compile` measures
-  both. It also has the profiling build (see "Profiling" below).
+  It is ahead of the persistent kernel on some rows, so `calibatt compile` measures both. It also has the
+  profiling build (see "Profiling" below).
 
 Same contract as `attn_tl._block_sparse_fwd` for the cases they take (`supports`; `dispatch` runs the
 tl kernel otherwise): sm_90, bf16/fp16, head dim 64 or 128, kernel tile = mask block =
@@ -102,7 +102,7 @@ TRACE_SLOTS = (
     "descriptors_made",
     "loader_start",
 )
-DEFAULT_STAGES = 3  # 2 stages measured 398-455 TFLOP/s: the loader cannot run ahead of the consumers
+DEFAULT_STAGES = 3  # with 2 the loader cannot run ahead of the consumers, and they wait on it
 
 
 # The head origins' terms and the output's strides are only multiplied: specialising on their values (1, or
@@ -167,7 +167,7 @@ if HAVE_GLUON:
     def _gl_store_rows(acc, l_i, q_half, o_desc, o_row, oc, o_base, stride_om, start, N, o_layout: gl.constexpr):
         """A consumer's epilogue: its 64 rows O / l, from `start` of the head at (o_row, oc) of the output's row
         view. By TMA store, staged in the warpgroup's half of Q's buffer (only it reads those rows, and its
-        last wgmma has completed; registers -> global memory measured ~1.3 us slower per tile), except the
+        last wgmma has completed; registers -> global memory was slower per tile), except the
         head's last rows: a TMA store through the row view would run past N into the next head's rows, so
         these go from registers with rows >= N masked (o_base: the head's first output element)."""
         HALF: gl.constexpr = q_half.shape[0]
@@ -678,7 +678,7 @@ if HAVE_GLUON:
             _gl_stamp(Trace, trace_at + 7, 4, 3, cnt)
             _gl_stamp(Trace, trace_at + 10, 4, 0, 0)  # the index entries have arrived
         # Where head (b, h) starts in each host-side row view (`_row_view`, `_row_terms`): int32 multiply-adds
-        # of terms the host divided out (the 64-bit divisions here took ~0.6 us of each program's prologue).
+        # of terms the host divided out (64-bit divisions here lengthened every program's prologue).
         qr = b * q_batch_row + h * q_head_row
         kr = b * k_batch_row + h * k_head_row
         vr = b * v_batch_row + h * v_head_row

@@ -410,8 +410,7 @@ def attention_with_block_mass(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dense attention output like q's layout, block_mass) of one call: what calibration records. On the
     GPU, SDPA and the block_mass kernel; where Triton cannot run, one pass of the reference gives both from
-    the same probabilities (one softmax instead of SDPA plus block_mass_ref's own: ~25 % less calibration
-    time on the CPU)."""
+    the same probabilities (one softmax instead of SDPA plus block_mass_ref's own)."""
     if triton_usable(q.device) and q.shape[-1] in (64, 128):
         RECORD.note("attention_with_block_mass", "triton")
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)

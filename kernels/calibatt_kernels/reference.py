@@ -96,7 +96,7 @@ def block_mass_ref(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """mass[b, h, i, j] = mean over the valid queries of block i of the softmax weight on key block j.
     Query blocks are processed in chunks (default: ~1M probabilities, 4 MB, at a time: cache-sized chunks
-    made the CPU pass 1.9x faster than 16M-probability ones at the tiny model's shape), never all N x N.
+    make the CPU pass faster than larger ones), never all N x N.
     With `v`, returns (mass, attention output like q's layout) from the same probabilities."""
     B, H, N, D = q.shape
     bm, bn = block_size

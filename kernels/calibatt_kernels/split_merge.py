@@ -26,8 +26,8 @@ import triton.language as tl
 
 SPLIT_ROWS = 128  # a tile's query rows (the Gluon kernel's BLOCK)
 # Split only when the whole tiles make at most this many waves: the last wave is then >= 3 % of the call.
-# (Wan 14B's 23,640 tiles make 179 waves on 132 SMs: its split measured 0.5-1 % slower, the merge and the
-# pieces' own prologues costing more than the < 0.6 % a full last wave can give.)
+# (Wan 14B's 23,640 tiles make 179 waves on 132 SMs: its split measured slower, the merge and the pieces'
+# own prologues costing more than the < 0.6 % a full last wave can give.)
 MAX_WAVES = 32
 
 
