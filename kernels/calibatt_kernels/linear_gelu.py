@@ -8,9 +8,9 @@ Why: compiled with the rest of the block (compile_repeated_blocks), the FFN's fi
 then writes it again. On Wan 2.1 1.3B at 480p that tensor is 587 MB per call (32,760 x 8,960 bf16); without
 this fusion the compiled step is 475.2 ms instead of 458.9 ms on an H200
 (bench/results/e2e-nvidia-h200-2026-11-27-fused-ffn.json). cuBLASLt can apply bias + tanh-GELU to the
-accumulator before it stores it (its GELU_BIAS epilogue), which torch exposes as `torch._addmm_activation(..., use_gelu=True)`:
-the output is written once and never re-read, and the GELU is computed from the fp32 accumulator instead of
-the rounded bf16 product.
+accumulator before it stores it (its GELU_BIAS epilogue), which torch exposes as
+`torch._addmm_activation(..., use_gelu=True)`: the output is written once and never re-read, and the GELU is
+computed from the fp32 accumulator instead of the rounded bf16 product.
 
 Not a Triton kernel: cuBLAS's GEMM already runs at ~720 TFLOP/s here, and an epilogue is all that is missing.
 On the CPU `_addmm_activation` applies the exact (erf) GELU, not the tanh one, so the CPU path is the
