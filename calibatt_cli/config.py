@@ -54,6 +54,8 @@ class CompileConfig:
     bundle: str = "out/tiny.bundle.safetensors"
     cache_dir: str = "out/tiny.cache"
     target: str | None = None  # e.g. sm_90: cross-compile kernels without a GPU
+    # use a bundle or cache made for other weights or sampling settings (--force): warned and recorded
+    force: bool = False
 
 
 @dataclass

@@ -43,7 +43,7 @@ class ModelIdentity:
 
     name: str  # the model name from the config (tiny, wan2.1-1.3b, ...)
     model_id: str  # what is loaded: built-in id, local path or Hub id
-    model_hash: str  # hash of the transformer config and the weights' identity
+    model_hash: str  # hash of the transformer config and the weights' content (models/fingerprint.py)
     layers: int
     heads: int
     head_dim: int
@@ -57,6 +57,8 @@ class ModelIdentity:
     qk_norm_rope: bool = False
     # The transformer has a context-parallel plan in diffusers (Wan): Ulysses can split its tokens.
     sequence_parallel: bool = False
+    scheduler: str = ""  # the pipeline's scheduler class: a bundle is tied to it
+    flow_shift: bool = True  # generate.flow_shift sets the scheduler's shift (Mochi keeps its own)
 
     def token_grid(self, frames: int, height: int, width: int) -> list[int]:
         st, sh, sw = self.vae_stride
@@ -92,6 +94,8 @@ def identity_from_config(
     patch=None,
     joint_attention: bool = False,
     qk_norm_rope: bool = False,
+    scheduler: str = "",
+    flow_shift: bool = True,
 ) -> ModelIdentity:
     """Identity from configs alone. The transformer is instantiated on the meta device (no memory) so its
     config carries every default, whether or not config.json spelled it out: equal models hash equal.
@@ -114,7 +118,23 @@ def identity_from_config(
         joint_attention=joint_attention,
         qk_norm_rope=qk_norm_rope,
         sequence_parallel=getattr(model_cls, "_cp_plan", None) is not None,
+        scheduler=scheduler,
+        flow_shift=flow_shift,
     )
+
+
+def scheduler_class(folder) -> str:
+    """The scheduler class a diffusers-layout folder's pipeline samples with (its scheduler/ config)."""
+    import json
+    from pathlib import Path
+
+    from ..errors import ModelError
+
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    try:
+        return str(json.loads(path.read_text())["_class_name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ModelError(f"'{path}' is missing or unreadable; check model.path") from None
 
 
 def restore_modules(swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]]) -> None:

@@ -60,7 +60,7 @@ def _tensor_probes(header: dict, start: int, size: int, path: Path) -> list[tupl
         try:
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise ModelError(f"weights file '{path}' has a malformed entry for tensor '{name}'; is it complete?") from None
+            raise ModelError(f"weights file '{path}': malformed header entry '{name}'; is it complete?") from None
         if not 0 <= begin <= end or start + end > size:
             raise ModelError(
                 f"weights file '{path}': tensor '{name}' lies outside the file ({begin}..{end}); it is truncated "
@@ -106,7 +106,8 @@ def file_fingerprint(path: str | Path) -> str:
         st = p.stat()
         return _cached(str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
     except OSError as e:
-        raise ModelError(f"cannot read weights file '{p}' ({e.strerror or type(e).__name__}); check model.path") from None
+        why = e.strerror or type(e).__name__
+        raise ModelError(f"cannot read weights file '{p}' ({why}); check model.path") from None
 
 
 def folder_fingerprint(root: str | Path, subdirs: tuple[str, ...] = ()) -> str:
