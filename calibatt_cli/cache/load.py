@@ -102,11 +102,13 @@ def _manifest_inconsistency(manifest: dict) -> str | None:
     layer) of the step buckets once."""
     buckets = manifest["step_buckets"]
     nb = 1 + max(buckets, default=-1)
-    if len(buckets) != manifest["steps"] or nb < 1 or sorted(set(buckets) - {-1}) != list(range(nb)):
-        return f"step_buckets {buckets} do not map {manifest['steps']} steps onto buckets 0..n-1"
+    # sizes are compared before any range is built from them: a corrupt 10**40 must not become a list
+    if not (len(buckets) == manifest["steps"] and 1 <= nb <= len(buckets)) or set(buckets) - {-1} != set(range(nb)):
+        return f"step_buckets {buckets[:8]}... do not map {manifest['steps']} steps onto buckets 0..n-1"
     keys = [(g["bucket"], g["layer"]) for g in manifest["groups"]]
     layers = 1 + max((layer for _, layer in keys), default=-1)
-    if manifest["block_size"] < 1 or sorted(keys) != [(b, layer) for b in range(nb) for layer in range(layers)]:
+    cover = nb * layers == len(keys) and sorted(keys) == [(b, layer) for b in range(nb) for layer in range(layers)]
+    if manifest["block_size"] < 1 or not cover:
         return f"its groups do not cover {nb} buckets x {layers} layers once each"
     return None
 
@@ -172,7 +174,7 @@ def load_cache(cfg: Config, cache_dir: str | Path | None = None) -> tuple[Sparse
         try:
             manifest = json.loads(mpath.read_text())
             schema = manifest["schema_version"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise CacheError(f"cache manifest '{mpath}' is corrupt; {fix}") from None
         if schema != CACHE_SCHEMA:
             raise CacheError(

@@ -8,6 +8,8 @@ else imports model internals.
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -83,6 +85,17 @@ class ModelIdentity:
             )
 
 
+@functools.lru_cache(maxsize=16)
+def _full_config(model_cls, transformer_config: str) -> str:
+    """The transformer's config with every default filled in (as JSON: the cache hands out copies).
+    Instantiating on the meta device costs tens of ms; a run asks for its identity several times."""
+    from ..util import canonical_json
+
+    with torch.device("meta"):
+        tcfg = dict(model_cls.from_config(json.loads(transformer_config)).config)
+    return canonical_json({k: v for k, v in tcfg.items() if not k.startswith("_")})
+
+
 def identity_from_config(
     family: str,
     model_cls,
@@ -102,9 +115,7 @@ def identity_from_config(
     `patch` maps the full config to the (time, height, width) patch; default: its `patch_size`."""
     from ..util import canonical_json, sha256_hex
 
-    with torch.device("meta"):
-        tcfg = dict(model_cls.from_config(transformer_config).config)
-    tcfg = {k: v for k, v in tcfg.items() if not k.startswith("_")}
+    tcfg = json.loads(_full_config(model_cls, canonical_json(transformer_config)))
     h = sha256_hex(canonical_json({"family": family, "name": name, "config": tcfg, "weights": weights_id}))[:16]
     return ModelIdentity(
         name=name,
