@@ -42,7 +42,7 @@ MANIFEST_SPEC = {
     "device": {"type": str, "name": str},
     "versions": dict,
     "kernel_class": {"dtype": str},
-    "kernels": dict,
+    "kernels": {"triton_files": int},
     "groups": [{"bucket": int, "layer": int, "density": float}],
     "plan_sha256": str,
 }
