@@ -186,7 +186,7 @@ def _abbrev(value, width: int = 40) -> str:
 
 
 def _model(name, digest) -> str:
-    return f"'{name}' ({str(digest)[:12]})"
+    return f"'{name}' (hash {str(digest)[:12]})"
 
 
 def identity_differences(meta: dict, cfg: Config) -> list[Difference]:

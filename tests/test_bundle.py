@@ -133,7 +133,7 @@ FIELDS = [
     ("generate.guidance=4.0", "generate.guidance", "5.0", "4.0", True),
     ("generate.flow_shift=5.0", "generate.flow_shift", "3.0", "5.0", True),
     ('generate.negative_prompt="blurry, static"', "generate.negative_prompt", '""', '"blurry, static"', True),
-    ("model.seed=1", "model", "'tiny-random' (", "'tiny-random' (", True),
+    ("model.seed=1", "model", "'tiny-random' (hash ", "'tiny-random' (hash ", True),
     ("generate.steps=5", "generate.steps", "4", "5", False),
     ("video.height=64", "token grid", "[3, 8, 8]", "[3, 16, 8]", False),
 ]
