@@ -116,6 +116,16 @@ def test_well_typed_but_inconsistent_metadata_is_refused(saved):
         assert needle in str(e.value)
 
 
+def test_bundle_of_an_older_schema_asks_to_recalibrate(saved, monkeypatch):
+    """Bundles written before the identity covered sampling settings and weights' content are refused."""
+    cfg, p, b = saved
+    monkeypatch.setattr(bundle_mod, "SCHEMA_VERSION", 1)
+    save_bundle(p, b.masks, _full_meta(cfg, b.masks))
+    monkeypatch.undo()
+    with pytest.raises(BundleError, match="schema version 1, this calibatt reads 2; re-run `calibatt calibrate`"):
+        load_bundle(p)
+
+
 def test_other_files_are_refused(tmp_path):
     p = tmp_path / "weights.safetensors"
     save_file({"w": torch.zeros(2)}, str(p))
@@ -291,3 +301,24 @@ def test_tiny_model_identity_follows_its_weights_content(tmp_path, monkeypatch, 
     edited.write_bytes(bytes(data))
     monkeypatch.setattr(tiny_family, "WEIGHTS", edited)
     assert model_identity(cfg).model_hash != shipped
+
+
+def test_wan_folder_identity_follows_the_weights_content(tmp_path):
+    """Two Wan checkpoints of one architecture and one file layout (a base and a 'fine-tune') get different
+    identities; a copy of one in another folder gets the same."""
+    import wan_formats
+
+    base = wan_formats.write_diffusers(wan_formats.tiny_wan_pipeline(seed=0), tmp_path / "base")
+    tuned = wan_formats.write_diffusers(wan_formats.tiny_wan_pipeline(seed=1), tmp_path / "tuned")
+    copy = shutil.copytree(base, tmp_path / "copy")
+    files = sorted(p.relative_to(base) for p in base.rglob("*.safetensors"))
+    assert files == sorted(p.relative_to(tuned) for p in tuned.rglob("*.safetensors"))
+    assert all((base / f).stat().st_size == (tuned / f).stat().st_size for f in files)
+
+    def model_hash(path):
+        return model_identity(
+            load_config(None, ["model.name=wan2.1", f"model.path={path}", "video.frames=9"])
+        ).model_hash
+
+    assert model_hash(base) != model_hash(tuned)
+    assert model_hash(copy) == model_hash(base)
