@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import __version__, parallel
-from .bundle import MaskBundle, save_bundle
+from .bundle import MaskBundle, sampling_identity, save_bundle
 from .config import Config, resolve_input
 from .errors import ConfigError
 from .masks import retained_mass, select_blocks
@@ -218,7 +218,7 @@ def bundle_meta(cfg: Config, prompts: list[str]) -> dict:
         "step_buckets": step_buckets(cfg.generate.steps, c.warmup_steps, c.buckets),
         "warmup_steps": c.warmup_steps,
         "epsilon": c.epsilon,
-        "guidance": cfg.generate.guidance,
+        "sampling": sampling_identity(cfg, ident),
         "prompts": prompts,
     }
 

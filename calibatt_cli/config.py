@@ -54,6 +54,8 @@ class CompileConfig:
     bundle: str | None = None  # None: calibration.output
     cache_dir: str | None = None  # None: out/<model.name>.cache
     target: str | None = None  # e.g. sm_90: cross-compile kernels without a GPU
+    # use a bundle or cache made for other weights or sampling settings (--force): warned and recorded
+    force: bool = False
 
 
 @dataclass

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .bundle import forced_record
 from .cache.load import device_info, load_cache, software_versions
 from .config import Config
 from .errors import ConfigError
@@ -193,6 +194,7 @@ def _report_data(cfg, manifest, clips, runs, kept, density, step_buckets, min_ps
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "model": {"name": ident.name, "id": ident.model_id, "hash": ident.model_hash},
         "bundle": {"content_hash": manifest["bundle"]["content_hash"], "path": manifest["bundle"]["path"]},
+        "forced": forced_record(manifest, cfg),  # identity differences --force let through
         "config_hash": sha256_hex(canonical_json(cfg.to_dict())),
         "config": cfg.to_dict(),
         "versions": {

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import parallel
+from .bundle import forced_record
 from .cache import aot
 from .cache.load import load_cache, prewarm
 from .config import Config
@@ -53,6 +54,7 @@ class GenerateResult:
     compilations: int | None = None  # Triton kernels compiled during the run (0 with a warm cache)
     layout: str = "1 process"  # how the run was spread over processes (parallel.Layout.describe)
     guard: dict | None = None  # the live check of the masks (Guard.report, or why it did not run); None: dense
+    forced: list[dict] = field(default_factory=list)  # identity differences --force let through (bundle.py)
 
     def summary(self) -> dict:
         return {
@@ -71,6 +73,7 @@ class GenerateResult:
             "step_seconds": [[round(t, 4) for t in v.step_seconds] for v in self.videos],
             "layout": self.layout,
             "guard": self.guard,
+            "forced": self.forced,
         }
 
 
@@ -118,10 +121,12 @@ def generate(
     cfg = replace(cfg, model=replace(cfg.model, device=parallel.process_device(cfg.model.device, layout)))
     mine = layout.shard(len(prompts))
     plan = full_plan = None
+    forced = []
     with contextlib.ExitStack() as stack:
         counter = None
         if not g.dense:
-            plan, _ = load_cache(cfg)  # validate the cache before spending time on the model
+            plan, manifest = load_cache(cfg)  # validate the cache before spending time on the model
+            forced = forced_record(manifest, cfg)
             full_plan = plan
             start, stop = layout.heads(ident.heads)
             if layout.ulysses > 1:  # this rank attends over its heads' masks alone
@@ -150,6 +155,7 @@ def generate(
             measure_mass=measure_mass,
         )
     res.compilations = None if counter is None else counter.count
+    res.forced = forced
     if full_plan is not None:  # the whole model's density, not this rank's heads'
         res.mean_density, res.sparse_density = full_plan.mean_density()
     if layout.distributed:

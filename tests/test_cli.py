@@ -115,9 +115,9 @@ def test_corrupt_and_truncated_bundles(built, tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ("model.seed=5", "calibrated for model"),
+        ("model.seed=5", "calibrated with model="),
         ("video.height=64", "token grid"),
-        ("generate.steps=6", "calibrated for 4 steps"),
+        ("generate.steps=6", "calibrated with generate.steps=4"),
     ],
 )
 def test_bundle_for_another_model_grid_or_steps(built, monkeypatch, capsys, tmp_path, override, needle):
@@ -140,7 +140,7 @@ def test_generate_bad_inputs(built, tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "generate", PROMPT, "--config", built, "-o", tmp_path / "v.gif")
     assert_one_line_error(code, err, "must end in .mp4")
     code, _, err = run_cli(monkeypatch, capsys, "generate", PROMPT, "--config", built, "--steps", "6")
-    assert_one_line_error(code, err, "built for 4 steps", "compile")
+    assert_one_line_error(code, err, "built with generate.steps=4", "compile")
     code, _, err = run_cli(
         monkeypatch,
         capsys,

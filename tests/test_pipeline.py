@@ -104,7 +104,7 @@ def test_cache_is_validated_against_the_config(calibrated):
     assert plan.step_buckets == [-1, 0, 0, 1]
     assert compile_cache(cfg).reused, "an up-to-date cache is reused"
     cfg.generate.steps = 5
-    with pytest.raises(CacheError, match="built for 4 steps"):
+    with pytest.raises(CacheError, match="built with generate.steps=4"):
         load_cache(cfg)
     cfg.generate.steps = 4
     cfg.video.frames = 9

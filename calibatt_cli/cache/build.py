@@ -35,6 +35,7 @@ from ..config import Config, resolve_input
 from ..errors import CacheError
 from ..models import check_device, model_identity
 from ..runtime import plan_index, plan_tensors
+from ..util import sha256_hex
 from . import aot
 from .load import CACHE_SCHEMA, device_info, lock_file, software_versions, warm_qk_norm_rope
 from .tune import tune_kernels
@@ -55,6 +56,7 @@ def write_cache(cache_dir: Path, build: Path, tensors: dict[str, torch.Tensor], 
     aot.relink_groups(triton_dir, absolute=False)  # no build path may leak into the cache
     manifest.setdefault("kernels", {})["triton_files"] = len(list(triton_dir.glob("*/__grp__*.json")))
     save_file(tensors, str(build / "plan.safetensors"))
+    manifest["plan_sha256"] = sha256_hex((build / "plan.safetensors").read_bytes())  # checked by read_plan
     (build / "manifest.json").write_text(json.dumps(manifest, indent=1))
     _swap_in(build, cache_dir)
 
@@ -85,17 +87,7 @@ def compile_cache(
     bundle = load_bundle(bundle_path)
     ident = model_identity(cfg)
     grid = ident.token_grid(cfg.video.frames, cfg.video.height, cfg.video.width)
-    check_bundle_matches(
-        bundle,
-        where=f"bundle '{bundle_path}'",
-        model_name=ident.name,
-        model_hash=ident.model_hash,
-        grid=grid,
-        steps=cfg.generate.steps,
-        block_size=cfg.calibration.block_size,
-        layers=ident.layers,
-        heads=ident.heads,
-    )
+    forced = check_bundle_matches(bundle, cfg, where=f"bundle '{bundle_path}'")
     parent = cache_dir.parent if str(cache_dir.parent) else Path(".")
     if not parent.is_dir():
         raise CacheError(f"cache folder's parent '{parent}' does not exist; create it or choose another --cache-dir")
@@ -112,6 +104,8 @@ def compile_cache(
         "grid": bundle.meta["grid"],
         "block_size": bundle.block_size,
         "steps": bundle.meta["steps"],
+        "sampling": bundle.meta["sampling"],
+        "forced": forced,  # the differences from compile's config that --force let through
         "epsilon": bundle.meta.get("epsilon"),  # what generate's guard checks against
         "step_buckets": bundle.step_buckets,
         "device": device_info(cfg.model.device),

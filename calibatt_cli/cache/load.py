@@ -19,15 +19,33 @@ from safetensors import safe_open
 import calibatt_kernels as ck
 from calibatt_kernels import KernelConfig
 
-from .. import __version__
-from ..bundle import META_KEY, identity_mismatch
+from .. import __version__, records
+from ..bundle import META_KEY, META_SPEC, check_header_length, check_identity
 from ..config import Config, resolve_input
 from ..errors import CacheError
-from ..models import model_identity
 from ..runtime import SparsePlan, plan_index
+from ..util import sha256_hex
 
 CACHE_SCHEMA = 3  # 3: compressed-row index (offsets + flat indices)
 RECOMPILE = "run `calibatt compile --recompile`"
+
+# What load_cache requires of a manifest; the code that reads a cache relies on nothing else.
+MANIFEST_SPEC = {
+    "bundle": {"path": str, "content_hash": str},
+    "model": META_SPEC["model"],
+    "grid": {"tokens": [int]},
+    "block_size": int,
+    "steps": int,
+    "sampling": META_SPEC["sampling"],
+    "epsilon": (float, None),
+    "step_buckets": [int],
+    "device": {"type": str, "name": str},
+    "versions": dict,
+    "kernel_class": {"dtype": str},
+    "kernels": {"triton_files": int},
+    "groups": [{"bucket": int, "layer": int, "density": float}],
+    "plan_sha256": str,
+}
 
 
 def device_info(device: str) -> dict:
@@ -79,25 +97,46 @@ def _bundle_hash(path: Path) -> str | None:
         return None
 
 
+def _manifest_inconsistency(manifest: dict) -> str | None:
+    """What in a well-typed manifest disagrees with itself, or None: the groups must cover every (bucket,
+    layer) of the step buckets once."""
+    buckets = manifest["step_buckets"]
+    nb = 1 + max(buckets, default=-1)
+    # sizes are compared before any range is built from them: a corrupt 10**40 must not become a list
+    if not (len(buckets) == manifest["steps"] and 1 <= nb <= len(buckets)) or set(buckets) - {-1} != set(range(nb)):
+        return f"step_buckets {buckets[:8]}... do not map {manifest['steps']} steps onto buckets 0..n-1"
+    keys = [(g["bucket"], g["layer"]) for g in manifest["groups"]]
+    layers = 1 + max((layer for _, layer in keys), default=-1)
+    cover = nb * layers == len(keys) and sorted(keys) == [(b, layer) for b in range(nb) for layer in range(layers)]
+    if manifest["block_size"] < 1 or not cover:
+        return f"its groups do not cover {nb} buckets x {layers} layers once each"
+    return None
+
+
 def read_plan(cache_dir: Path, manifest: dict) -> SparsePlan:
     """The plan of a cache on the CPU, with the kernel config chosen per (bucket, layer)."""
     keys = [(g["bucket"], g["layer"]) for g in manifest["groups"]]
+    path = cache_dir / "plan.safetensors"
+    broken = f"cache plan in '{cache_dir}' is corrupt or incomplete"
     try:
-        with safe_open(str(cache_dir / "plan.safetensors"), framework="pt") as f:
+        check_header_length(path, CacheError, RECOMPILE)
+        if sha256_hex(path.read_bytes()) != manifest["plan_sha256"]:
+            raise CacheError(f"{broken} (it fails the manifest's plan_sha256); {RECOMPILE}")
+        with safe_open(str(path), framework="pt") as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
         index = plan_index(tensors, keys)
+        configs = {
+            (g["bucket"], g["layer"]): KernelConfig.from_manifest(g["config"])
+            for g in manifest["groups"]
+            if g.get("config")
+        }
+    except CacheError:
+        raise
     except Exception as e:  # safetensors raises several types for truncated or garbled files
-        raise CacheError(
-            f"cache plan in '{cache_dir}' is corrupt or incomplete ({type(e).__name__}); {RECOMPILE}"
-        ) from None
+        raise CacheError(f"{broken} ({type(e).__name__}); {RECOMPILE}") from None
     nb = 1 + max(manifest["step_buckets"])
     density = torch.tensor([[g["density"] for g in manifest["groups"] if g["bucket"] == b] for b in range(nb)])
     density = density.unsqueeze(-1)  # [buckets, layers, 1]: per-group figures
-    configs = {
-        (g["bucket"], g["layer"]): KernelConfig.from_manifest(g["config"])
-        for g in manifest["groups"]
-        if g.get("config")
-    }
     # caches built before the guard carry no epsilon: the plan has none and generate runs unguarded
     epsilon = manifest.get("epsilon")
     return SparsePlan(manifest["block_size"], manifest["step_buckets"], index, density, configs, epsilon)
@@ -135,25 +174,17 @@ def load_cache(cfg: Config, cache_dir: str | Path | None = None) -> tuple[Sparse
         try:
             manifest = json.loads(mpath.read_text())
             schema = manifest["schema_version"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise CacheError(f"cache manifest '{mpath}' is corrupt; {fix}") from None
         if schema != CACHE_SCHEMA:
             raise CacheError(
                 f"cache '{cache_dir}' has schema {schema}, this calibatt reads {CACHE_SCHEMA}; {RECOMPILE}"
             )
-        ident = model_identity(cfg)
-        grid = ident.token_grid(cfg.video.frames, cfg.video.height, cfg.video.width)
-        problem = identity_mismatch(
-            manifest,
-            where=f"cache '{cache_dir}'",
-            verb="built",
-            model_name=ident.name,
-            model_hash=ident.model_hash,
-            grid=grid,
-            steps=cfg.generate.steps,
-        )
+        problem = records.problem(manifest, MANIFEST_SPEC) or _manifest_inconsistency(manifest)
         if problem:
-            raise CacheError(f"{problem}; calibrate and compile for this config")
+            raise CacheError(f"cache manifest '{mpath}' is inconsistent ({problem}); {RECOMPILE}")
+        where, fix = f"cache '{cache_dir}'", "calibrate and compile for this config"
+        check_identity(manifest, cfg, where=where, verb="built", fix=fix, error=CacheError)
         bundle_path = resolve_input(cfg.compile.bundle, cfg)
         now = _bundle_hash(bundle_path) if bundle_path.is_file() else None
         if now is not None and now != manifest["bundle"]["content_hash"]:

@@ -24,6 +24,14 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a conf
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Model name (model.name).")]
 WeightsOpt = Annotated[Path | None, typer.Option("--weights", help="Local weights folder (model.path).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Use a bundle or cache made for other weights or sampling settings (compile.force); each "
+        "difference is warned of and recorded.",
+    ),
+]
 
 _debug = False
 
@@ -124,6 +132,7 @@ def compile_cmd(
         ),
     ] = None,
     recompile: Annotated[bool, typer.Option(help="Rebuild even if the cache is up to date.")] = False,
+    force: ForceOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Turn a mask bundle into a kernel cache directory for generate (or, with --target, cross-compile)."""
@@ -140,6 +149,7 @@ def compile_cmd(
             "compile.bundle": _s(bundle),
             "compile.cache_dir": _s(cache_dir),
             "compile.target": target,
+            "compile.force": True if force else None,
         },
     )
     if cfg.compile.target is not None:
@@ -172,6 +182,7 @@ def generate(
     ulysses: Annotated[
         int | None, typer.Option(help="Under torchrun: sequence parallel over K processes (parallel.ulysses).")
     ] = None,
+    force: ForceOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Generate MP4s with the compiled sparse attention (under torchrun: spread over the processes)."""
@@ -192,6 +203,7 @@ def generate(
             "generate.strict": True if strict else None,
             "parallel.cfg_parallel": True if cfg_parallel else None,
             "parallel.ulysses": ulysses,
+            "compile.force": True if force else None,
         },
     )
     if prompts is not None and prompt is not None:
@@ -220,6 +232,7 @@ def evaluate(
     min_psnr: Annotated[float | None, typer.Option(help="Gate: exit 1 if a clip's PSNR is below DB.")] = None,
     min_mass: Annotated[float | None, typer.Option(help="Gate: exit 1 if a clip's retained mass is below M.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON result line.")] = False,
+    force: ForceOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Score sparse against dense on your prompts: a report page, and a CI gate (exit 1 below the limits)."""
@@ -228,7 +241,11 @@ def evaluate(
     from ..evaluate import parse_seeds
 
     _set_debug(debug)
-    cfg = _load(config, set_, **{"model.name": model, "model.path": _s(weights)})
+    cfg = _load(
+        config,
+        set_,
+        **{"model.name": model, "model.path": _s(weights), "compile.force": True if force else None},
+    )
     todo, seed_list = read_prompts(prompts), parse_seeds(seeds)
     with render.progress() as bar:
         task = bar.add_task("evaluating", total=2 * len(todo) * len(seed_list) * cfg.generate.steps)

@@ -212,6 +212,7 @@ def evaluation(rep, json_out: bool) -> None:
         line = {
             "summary": d["summary"],
             "gate": d["gate"],
+            "forced": d["forced"],
             "clips": [{k: c[k] for k in per_clip} for c in d["clips"]],
             "report": str(rep.json_path),
             "page": str(rep.html_path),

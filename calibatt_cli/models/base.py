@@ -8,6 +8,8 @@ else imports model internals.
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -43,7 +45,7 @@ class ModelIdentity:
 
     name: str  # the model name from the config (tiny, wan2.1-1.3b, ...)
     model_id: str  # what is loaded: built-in id, local path or Hub id
-    model_hash: str  # hash of the transformer config and the weights' identity
+    model_hash: str  # hash of the transformer config and the weights' content (models/fingerprint.py)
     layers: int
     heads: int
     head_dim: int
@@ -57,6 +59,8 @@ class ModelIdentity:
     qk_norm_rope: bool = False
     # The transformer has a context-parallel plan in diffusers (Wan): Ulysses can split its tokens.
     sequence_parallel: bool = False
+    scheduler: str = ""  # the pipeline's scheduler class: a bundle is tied to it
+    flow_shift: bool = True  # generate.flow_shift sets the scheduler's shift (Mochi keeps its own)
 
     def token_grid(self, frames: int, height: int, width: int) -> list[int]:
         st, sh, sw = self.vae_stride
@@ -81,6 +85,17 @@ class ModelIdentity:
             )
 
 
+@functools.lru_cache(maxsize=16)
+def _full_config(model_cls, transformer_config: str) -> str:
+    """The transformer's config with every default filled in (as JSON: the cache hands out copies).
+    Instantiating on the meta device costs tens of ms; a run asks for its identity several times."""
+    from ..util import canonical_json
+
+    with torch.device("meta"):
+        tcfg = dict(model_cls.from_config(json.loads(transformer_config)).config)
+    return canonical_json({k: v for k, v in tcfg.items() if not k.startswith("_")})
+
+
 def identity_from_config(
     family: str,
     model_cls,
@@ -92,15 +107,15 @@ def identity_from_config(
     patch=None,
     joint_attention: bool = False,
     qk_norm_rope: bool = False,
+    scheduler: str = "",
+    flow_shift: bool = True,
 ) -> ModelIdentity:
     """Identity from configs alone. The transformer is instantiated on the meta device (no memory) so its
     config carries every default, whether or not config.json spelled it out: equal models hash equal.
     `patch` maps the full config to the (time, height, width) patch; default: its `patch_size`."""
     from ..util import canonical_json, sha256_hex
 
-    with torch.device("meta"):
-        tcfg = dict(model_cls.from_config(transformer_config).config)
-    tcfg = {k: v for k, v in tcfg.items() if not k.startswith("_")}
+    tcfg = json.loads(_full_config(model_cls, canonical_json(transformer_config)))
     h = sha256_hex(canonical_json({"family": family, "name": name, "config": tcfg, "weights": weights_id}))[:16]
     return ModelIdentity(
         name=name,
@@ -114,7 +129,23 @@ def identity_from_config(
         joint_attention=joint_attention,
         qk_norm_rope=qk_norm_rope,
         sequence_parallel=getattr(model_cls, "_cp_plan", None) is not None,
+        scheduler=scheduler,
+        flow_shift=flow_shift,
     )
+
+
+def scheduler_class(folder) -> str:
+    """The scheduler class a diffusers-layout folder's pipeline samples with (its scheduler/ config)."""
+    import json
+    from pathlib import Path
+
+    from ..errors import ModelError
+
+    path = Path(folder) / "scheduler" / "scheduler_config.json"
+    try:
+        return str(json.loads(path.read_text())["_class_name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ModelError(f"'{path}' is missing or unreadable; check model.path") from None
 
 
 def restore_modules(swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]]) -> None:

@@ -28,8 +28,15 @@ from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
 from ..config import Config
 from ..errors import ModelError
-from ..util import canonical_json, sha256_hex
-from .base import LoadedModel, ModelIdentity, carry_parallel_config, identity_from_config, refuse_context_parallel
+from .base import (
+    LoadedModel,
+    ModelIdentity,
+    carry_parallel_config,
+    identity_from_config,
+    refuse_context_parallel,
+    scheduler_class,
+)
+from .fingerprint import folder_fingerprint
 
 if TYPE_CHECKING:
     from ..runtime import Controller
@@ -37,6 +44,7 @@ if TYPE_CHECKING:
 VAE_STRIDE = (6, 8, 8)  # MochiPipeline's vae_temporal_scale_factor and vae_spatial_scale_factor
 
 # mochi-tiny-random: heads x head dim 2 x 64 (64: the Triton kernels' smallest head dim), 2 blocks.
+TINY_SCHEDULER = "FlowMatchEulerDiscreteScheduler"  # build_tiny_pipeline's; also the unloaded mochi-1's
 TINY_TRANSFORMER = dict(
     patch_size=2,
     num_attention_heads=2,
@@ -153,7 +161,9 @@ class MochiModel(LoadedModel):
         module.processor = processor  # MochiAttention has no set_processor
 
 
-def mochi_identity(name: str, model_id: str, transformer_config: dict, weights_id: str) -> ModelIdentity:
+def mochi_identity(
+    name: str, model_id: str, transformer_config: dict, weights_id: str, scheduler: str = TINY_SCHEDULER
+) -> ModelIdentity:
     from diffusers import MochiTransformer3DModel
 
     # PatchEmbed patches each latent frame in 2-D
@@ -167,6 +177,8 @@ def mochi_identity(name: str, model_id: str, transformer_config: dict, weights_i
         VAE_STRIDE,
         patch=lambda c: (1, c["patch_size"], c["patch_size"]),
         joint_attention=True,
+        scheduler=scheduler,
+        flow_shift=False,  # the pipeline keeps its scheduler's shift
     )
 
 
@@ -245,12 +257,6 @@ def check_checkpoint(path: Path) -> None:
         )
 
 
-def _weights_id(path: Path) -> str:
-    """The weights' identity without reading gigabytes: names and sizes of the transformer's files."""
-    files = sorted(p for p in (path / "transformer").iterdir() if p.is_file())
-    return sha256_hex(canonical_json([[p.name, p.stat().st_size] for p in files]))
-
-
 def identity(cfg: Config, name: str) -> ModelIdentity:
     if name == "mochi-tiny-random":
         return mochi_identity(name, f"builtin:{name}", TINY_TRANSFORMER, f"random-seed-{cfg.model.seed}")
@@ -261,7 +267,7 @@ def identity(cfg: Config, name: str) -> ModelIdentity:
     path = _require_path(cfg)
     check_checkpoint(path)
     tcfg = json.loads((path / "transformer" / "config.json").read_text())
-    return mochi_identity(name, str(path.resolve()), tcfg, _weights_id(path))
+    return mochi_identity(name, str(path.resolve()), tcfg, folder_fingerprint(path), scheduler_class(path))
 
 
 def load(cfg: Config, name: str) -> MochiModel:

@@ -11,15 +11,23 @@ from __future__ import annotations
 import torch
 
 from ..config import Config
-from ..tiny.model import LATENT, MAX_TEXT_TOKENS, TRANSFORMER, build_tiny_pipeline, load_trained, weights_sha256
+from ..tiny.model import LATENT, MAX_TEXT_TOKENS, TRANSFORMER, WEIGHTS, build_tiny_pipeline, load_trained
+from ..tiny.model import weights_sha256 as check_weights
 from .base import ModelIdentity
+from .fingerprint import file_fingerprint
 from .wan import WanModel, wan_identity
+
+SCHEDULER = "FlowMatchEulerDiscreteScheduler"  # build_tiny_pipeline's
 
 
 def identity(cfg: Config, name: str) -> ModelIdentity:
-    # `tiny` is tied to the bytes of its weights file: retraining invalidates bundles made before.
-    weights_id = f"sha256:{weights_sha256()}" if name == "tiny" else f"random-seed-{cfg.model.seed}"
-    return wan_identity(name, f"builtin:{name}", TRANSFORMER, LATENT, weights_id)
+    # `tiny` is tied to the content of its weights file: retraining invalidates bundles made before.
+    if name == "tiny":
+        check_weights()  # a clear error if the file is missing
+        weights_id = file_fingerprint(WEIGHTS)
+    else:
+        weights_id = f"random-seed-{cfg.model.seed}"
+    return wan_identity(name, f"builtin:{name}", TRANSFORMER, LATENT, weights_id, SCHEDULER)
 
 
 def load(cfg: Config, name: str) -> WanModel:

@@ -17,7 +17,7 @@ from calibatt_kernels import ops as ck_ops
 
 from ..config import Config
 from ..errors import ModelError
-from .base import LoadedModel, ModelIdentity, carry_parallel_config, identity_from_config
+from .base import LoadedModel, ModelIdentity, carry_parallel_config, identity_from_config, scheduler_class
 from .parallel import context_parallel_attention
 
 if TYPE_CHECKING:
@@ -128,14 +128,22 @@ class WanModel(LoadedModel):
 
 
 def wan_identity(
-    name: str, model_id: str, transformer_config: dict, vae_config: dict, weights_id: str
+    name: str, model_id: str, transformer_config: dict, vae_config: dict, weights_id: str, scheduler: str
 ) -> ModelIdentity:
     from diffusers import WanTransformer3DModel
 
     st = vae_config.get("scale_factor_temporal") or 4
     ss = vae_config.get("scale_factor_spatial") or 8
     return identity_from_config(
-        "wan", WanTransformer3DModel, name, model_id, transformer_config, weights_id, (st, ss, ss), qk_norm_rope=True
+        "wan",
+        WanTransformer3DModel,
+        name,
+        model_id,
+        transformer_config,
+        weights_id,
+        (st, ss, ss),
+        qk_norm_rope=True,
+        scheduler=scheduler,
     )
 
 
@@ -162,18 +170,22 @@ def _no_weights(name: str):
 
 def identity(cfg: Config, name: str) -> ModelIdentity:
     """The identity of a real Wan 2.1 model (the family's registry entry)."""
-    from .wan_weights import SHIPPED, detect_layout, transformer_config, vae_config, weights_id
+    from .fingerprint import folder_fingerprint
+    from .wan_weights import SHIPPED, detect_layout, transformer_config, vae_config
 
     if not cfg.model.path and name in KNOWN_SIZES:
         # No weights named yet: the shipped config of that size gives the shape (for `calibatt config`,
         # presets and grids); loading will still require the weights.
         size = "1.3b" if name.endswith("1.3b") else "14b"
         tcfg = json.loads((SHIPPED / f"transformer_{size}.json").read_text())
-        return wan_identity(name, _source(cfg, name), tcfg, {}, f"hub:{_source(cfg, name)}")
+        src = _source(cfg, name)
+        return wan_identity(name, src, tcfg, {}, f"hub:{src}", _scheduler(src, "hub"))
     src = _source(cfg, name)
     layout = detect_layout(src)
     tcfg = transformer_config(src, layout)
-    ident = wan_identity(name, src, tcfg, vae_config(src, layout), weights_id(src, layout))
+    # A Hub id names a repository, not bytes: its content is known only once downloaded.
+    weights = f"hub:{src}" if layout == "hub" else folder_fingerprint(src)
+    ident = wan_identity(name, src, tcfg, vae_config(src, layout), weights, _scheduler(src, layout))
     if name in KNOWN_SIZES:
         layers, dim = KNOWN_SIZES[name]
         if (ident.layers, ident.heads * ident.head_dim) != (layers, dim):
@@ -183,6 +195,14 @@ def identity(cfg: Config, name: str) -> ModelIdentity:
                 f"not {name} ({layers} x {dim}); use --model wan2.1 to take the size from the weights"
             )
     return ident
+
+
+def _scheduler(src: str, layout: str) -> str:
+    """The scheduler class the pipeline will sample with: a diffusers folder's own, else the one the original
+    release is loaded with (configs/wan2.1/scheduler), which the Hub's Wan 2.1 repositories also use."""
+    from .wan_weights import SHIPPED
+
+    return scheduler_class(src if layout == "diffusers" else SHIPPED)
 
 
 def load(cfg: Config, name: str) -> WanModel:

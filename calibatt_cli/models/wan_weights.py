@@ -154,15 +154,6 @@ def vae_config(path: str, layout: str) -> dict:
     return json.loads((_local_or_shipped(Path(path), "vae") / "config.json").read_text())
 
 
-def weights_id(path: str, layout: str) -> str:
-    """Names and sizes of the weight files: cheap (no hashing of tens of GB) and stable across copies."""
-    if layout == "hub":
-        return f"hub:{path}"
-    p = Path(path)
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".pth", ".bin"))
-    return ";".join(f"{f.relative_to(p)}:{f.stat().st_size}" for f in files)
-
-
 # --- original layout -> diffusers modules -------------------------------------------------------------
 
 
