@@ -53,6 +53,7 @@ kernel's code rather than living in a copy on the bench side, so a trace measure
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -1241,20 +1242,34 @@ def supports(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: tuple[int, int], *, return_lse: bool = False
 ) -> bool:
     """Whether the Gluon kernels take this call (else `dispatch` runs the `tl` kernel)."""
-    if not HAVE_GLUON or return_lse or q.device.type != "cuda":
-        return False
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
-        return False
-    if tuple(block_size) != (BLOCK, BLOCK) or q.dtype not in (torch.bfloat16, torch.float16):
-        return False
+    return why_not(q, k, v, block_size, return_lse=return_lse) is None
+
+
+def why_not(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: tuple[int, int], *, return_lse: bool = False
+) -> str | None:
+    """Why the Gluon kernels cannot take this call (what a fallback's record and warning say); None: they can."""
+    if not HAVE_GLUON:
+        return "this triton has no Gluon"
+    if q.device.type != "cuda":
+        return f"Gluon runs on CUDA GPUs, not {q.device.type}"
+    if return_lse:
+        return "the call needs the row log-sum-exp, which the Gluon kernels do not return"
+    cap = torch.cuda.get_device_capability(q.device)
+    if cap[0] != 9:
+        return f"the Gluon kernels are sm_90 code; this GPU is sm_{cap[0]}{cap[1]}"
+    if tuple(block_size) != (BLOCK, BLOCK):
+        return f"block {tuple(block_size)} (the Gluon kernels take {BLOCK} x {BLOCK})"
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype} (the Gluon kernels take bf16 or fp16)"
     if q.shape[-1] not in (64, 128):
-        return False
-    for t in (q, k, v):
+        return f"head dim {q.shape[-1]} (the Gluon kernels take 64 or 128)"
+    for name, t in zip("qkv", (q, k, v), strict=True):
         if t.stride(-1) != 1 or (t.stride(2) * t.element_size()) % 16 or t.data_ptr() % 16:
-            return False
+            return f"{name} is not TMA-aligned (unit last stride, 16-byte rows and base)"
         if not _row_view_ok(t):  # host-side descriptors over a [rows, stride_n] view
-            return False
-    return True
+            return f"{name}'s heads do not start on rows of its memory (strides {tuple(t.stride())})"
+    return None
 
 
 def _row_view_ok(t: torch.Tensor) -> bool:
@@ -1521,6 +1536,25 @@ def cached_records(index: BlockIndex, device: torch.device, persistent: bool, re
     return index.derived[key]
 
 
+def compile_failure(e: BaseException) -> bool:
+    """Whether `e` comes from making the kernel's binary, not from running it: triton's compile errors (its
+    front end's CompilationError, ptxas, a binary that needs more shared memory than the GPU has), or any
+    error raised inside triton's compiler package (an MLIR pass fails with a plain RuntimeError,
+    "PassManager::run failed")."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    if isinstance(e, (CompilationError, PTXASError, OutOfResources)):
+        return True
+    compiler_dir = os.path.dirname(triton.compiler.__file__) + os.sep
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(compiler_dir):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 class GluonBackend:
     """The Gluon kernels as a `dispatch` backend."""
 
@@ -1538,9 +1572,9 @@ class GluonBackend:
 
     def launch(self, q, k, v, index, *, block_size, scale, out, config, return_lse):
         """Raises `BackendUnavailable` when the installed triton fails to compile the kernel (a Gluon API the
-        kernel does not know): that happens before anything runs on the GPU."""
-        from triton.compiler.errors import CompilationError
-
+        kernel does not know, an MLIR pass, ptxas) or the binary does not fit the GPU: that happens before
+        anything runs on the GPU (`compile_failure`). Out of memory and CUDA errors of the launch propagate:
+        they say nothing about the backend."""
         out = check_attention_call(q, k, v, index, block_size, out)
         counts, offsets, ids, id_words, schedule = index_on_device(index, q.device)
         words = ids if id_words else index_words(ids)  # the Gluon kernel reads int16 ids only
@@ -1562,9 +1596,11 @@ class GluonBackend:
                 records=records,
                 splits=splits,
             )
-        except (CompilationError, RuntimeError) as e:
+        except Exception as e:
+            if not compile_failure(e):
+                raise
             raise BackendUnavailable(
-                f"the Gluon kernel failed to compile with triton {triton.__version__} "
+                f"the Gluon kernel failed to compile or fit with triton {triton.__version__} "
                 f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
             ) from e
 
