@@ -544,29 +544,37 @@ def qk_norm_rope(
     *,
     heads: int,
     eps: float,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Wan's q/k preparation: RMS norm of q and k [B, N, C] over their C channels, then the interleaved
-    rotary embedding (cos, sin: [1, N, 1, D] or [N, D]). Returns contiguous [B, N, heads, D] tensors."""
+    rotary embedding (cos, sin: [1, N, 1, D] or [N, D]). Returns contiguous [B, N, heads, D] tensors (or
+    writes `out`, two such tensors)."""
     if triton_usable(q.device):
         RECORD.note("qk_norm_rope", "triton")
-        return _norm_rope.qk_norm_rope_triton(q, k, weight_q, weight_k, cos, sin, heads=heads, eps=eps)
+        return _norm_rope.qk_norm_rope_triton(q, k, weight_q, weight_k, cos, sin, heads=heads, eps=eps, out=out)
     if q.is_cuda:
         RECORD.fallback("qk_norm_rope", "triton", "reference", f"Triton unavailable for {q.device.type}")
     RECORD.note("qk_norm_rope", "reference")
-    return reference.qk_norm_rope_ref(q, k, weight_q, weight_k, cos, sin, heads=heads, eps=eps)
+    res = reference.qk_norm_rope_ref(q, k, weight_q, weight_k, cos, sin, heads=heads, eps=eps)
+    if out is None:
+        return res
+    return out[0].copy_(res[0]), out[1].copy_(res[1])
 
 
 @_on_tensor_device
-def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear_gelu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """gelu(x @ weight.T + bias, approximate="tanh"): cuBLASLt's fused epilogue on the GPU, else the reference
-    (on the CPU the reference is the path by design: torch's CPU epilogue applies the erf GELU)."""
+    (on the CPU the reference is the path by design: torch's CPU epilogue applies the erf GELU). `out`: a
+    contiguous [..., M] tensor to write."""
     if _linear_gelu.fusable(x, weight, bias):
         RECORD.note("linear_gelu", "cublaslt")
     else:
         if x.is_cuda:
             RECORD.fallback("linear_gelu", "cublaslt", "reference", "no bias, mixed dtypes or an empty input")
         RECORD.note("linear_gelu", "reference")
-    return _linear_gelu.linear_gelu(x, weight, bias)
+    return _linear_gelu.linear_gelu(x, weight, bias, out)
 
 
 __all__ = [
