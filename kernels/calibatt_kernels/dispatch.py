@@ -138,7 +138,9 @@ class RunRecord:
         self.last: dict[str, str] = {}  # op -> what ran its latest call
         self.fallbacks: Counter = Counter()  # (op, wanted, ran, reason) -> calls
         self.scoped: Counter = Counter()  # (scope, ran) -> attention calls
-        # scope -> [computed blocks (a device tensor: summing the counts must not wait for the GPU), blocks]
+        # scope -> {"total": blocks of its calls, and the blocks they computed as device tensors (summing the
+        # counts must not wait for the GPU): "per_index": {id: [a plan index's sum, calls x batch repeats]},
+        # "running": the sum of the one-call indexes'}
         self.blocks: dict = {}
         self.strict = False  # a fallback raises KernelFallback (strict_fallbacks)
         self._warned: set = set()
@@ -149,22 +151,27 @@ class RunRecord:
 
     def note_attention(self, ran: str, q: torch.Tensor, index: BlockIndex, block_size: tuple[int, int]) -> None:
         """An attention call that ran `ran`, under the current scope, with the blocks its index lists out of
-        all B x H x Mq x Mk."""
+        all B x H x Mq x Mk. The listed blocks are summed on the index's device, never waited for: a plan's
+        index (kept alive by the plan) sums once and is counted per call here; an index made for one call
+        (the custom op's) adds its sum to the scope's running total, one small kernel."""
         self.note("attention", ran)
         self.scoped[_scope, ran] += 1
         B, H, N, _ = q.shape
         mq, mk = -(-N // block_size[0]), -(-N // block_size[1])
+        reps = B // index.counts.shape[0]
+        entry = self.blocks.setdefault(_scope, {"total": 0, "per_index": {}, "running": None})
+        entry["total"] += B * H * mq * mk
         kept = index.derived.get("kept_blocks")
-        if kept is None:  # (a plan's index sums once; the custom op's is new at every call)
-            kept = index.derived["kept_blocks"] = index.counts.sum(dtype=torch.int64)
-        kept = kept * (B // index.counts.shape[0])
-        entry = self.blocks.get(_scope)
-        if entry is None or entry[0].device != kept.device:
-            self.blocks[_scope] = entry = (
-                [kept.new_zeros(()), 0] if entry is None else [entry[0].to(kept.device), entry[1]]
-            )
-        entry[0] += kept
-        entry[1] += B * H * mq * mk
+        if kept is not None or index.derived.get("seen"):
+            if kept is None:
+                kept = index.derived["kept_blocks"] = index.counts.sum(dtype=torch.int64)
+            held = entry["per_index"].setdefault(id(kept), [kept, 0])
+            held[1] += reps
+            return
+        index.derived["seen"] = True  # a second call with this index object: it lives on, sum it once
+        kept = index.counts.sum(dtype=torch.int64) * reps
+        running = entry["running"]
+        entry["running"] = kept if running is None else running.add_(kept.to(running.device))
 
     def fallback(self, op: str, wanted: str, ran: str, reason: str) -> None:
         where = "" if _scope is None else f" at {_scope_label(_scope)}"
@@ -181,8 +188,10 @@ class RunRecord:
         scopes = {}
         for (key, ran), n in self.scoped.items():
             scopes.setdefault(key, {"scope": key, "ran": {}})["ran"][ran] = n
-        for key, (kept, total) in self.blocks.items():
-            scopes[key].update(blocks=int(kept), total_blocks=total)
+        for key, entry in self.blocks.items():
+            kept = sum(int(t) * n for t, n in entry["per_index"].values())
+            kept += 0 if entry["running"] is None else int(entry["running"])
+            scopes[key].update(blocks=kept, total_blocks=entry["total"])
         return {
             "calls": {f"{op}:{ran}": n for (op, ran), n in self.calls.items()},
             "last": dict(self.last),
