@@ -69,7 +69,7 @@ class GenerateConfig:
     dense: bool = False  # run the stock pipeline (the baseline) instead of sparse attention
     compile: bool = False  # torch.compile the repeated transformer blocks (fullgraph; our kernel is a custom op)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: checks graphs without codegen)
-    strict: bool = False  # fail if generate compiles any kernel
+    strict: bool = False  # fail if generate compiles any kernel, falls back to another, or runs a sparse layer dense
     guard: bool = False  # check the masks live at each bucket's first sparse step; run heads that lose mass dense
     guard_factor: float = 2.0  # the guard widens a head keeping < 1 - guard_factor * (the bundle's epsilon)
 

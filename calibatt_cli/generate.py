@@ -12,12 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import calibatt_kernels as ck
+
 from . import parallel
 from .bundle import forced_record
 from .cache import aot
 from .cache.load import load_cache, prewarm
 from .config import Config
-from .errors import ConfigError
+from .errors import CacheError, ConfigError
 from .models import check_device, load_model, model_identity
 from .models.parallel import parallelize
 from .runtime import DenseController, SparseController
@@ -55,6 +57,9 @@ class GenerateResult:
     layout: str = "1 process"  # how the run was spread over processes (parallel.Layout.describe)
     guard: dict | None = None  # the live check of the masks (Guard.report, or why it did not run); None: dense
     forced: list[dict] = field(default_factory=list)  # identity differences --force let through (bundle.py)
+    # what the attention calls actually ran (kernel_report): kernels per (bucket, layer), fallbacks, and the
+    # density of the blocks they computed; None: dense
+    kernels: dict | None = None
 
     def summary(self) -> dict:
         return {
@@ -74,6 +79,9 @@ class GenerateResult:
             "layout": self.layout,
             "guard": self.guard,
             "forced": self.forced,
+            "measured_density": None if self.kernels is None else self.kernels["measured_density"],
+            "measured_sparse_density": None if self.kernels is None else self.kernels["measured_sparse_density"],
+            "kernels": self.kernels,
         }
 
 
@@ -124,6 +132,8 @@ def generate(
     forced = []
     with contextlib.ExitStack() as stack:
         counter = None
+        # strict: a kernel fallback (another kernel than the cache chose, a PyTorch path on the GPU) is an error
+        stack.enter_context(_fallbacks_as_errors(g.strict))
         if not g.dense:
             plan, manifest = load_cache(cfg)  # validate the cache before spending time on the model
             forced = forced_record(manifest, cfg)
@@ -144,6 +154,7 @@ def generate(
                 return_lse=ident.joint_attention,
                 qk_norm_rope=ident.qk_norm_rope,
             )
+        ck.reset_what_ran()  # (prewarm's launches are not the run's)
         res = _sample(
             cfg,
             [prompts[i] for i in mine],
@@ -158,6 +169,9 @@ def generate(
     res.forced = forced
     if full_plan is not None:  # the whole model's density, not this rank's heads'
         res.mean_density, res.sparse_density = full_plan.mean_density()
+        res.kernels = kernel_report(plan, ck.what_ran())
+        if g.strict and res.kernels["dense"]:
+            raise CacheError(dense_error(res.kernels["dense"]))
     if layout.distributed:
         res.videos = _gather_videos(res.videos, mine, layout)
         res.layout = layout.describe()
@@ -332,3 +346,88 @@ class StepClock:
 
     def close(self) -> None:
         self._handle.remove()
+
+
+@contextlib.contextmanager
+def _fallbacks_as_errors(strict: bool):
+    """With `strict`, a kernel fallback stops the run with a one-line CacheError naming it."""
+    try:
+        with ck.dispatch.strict_fallbacks(strict):
+            yield
+    except ck.dispatch.KernelFallback as e:
+        raise CacheError(
+            f"strict mode: {e}; run without --strict to accept the fallback, or `calibatt compile --recompile` "
+            f"on this machine"
+        ) from e
+
+
+def kernel_report(plan, ran: dict) -> dict:
+    """What the sparse run's attention calls actually ran (`ran`: calibatt_kernels.what_ran()), against the
+    plan: per (bucket, layer) the kernels and the density of the blocks they computed; "dense": the groups
+    with fewer calls than the others of their bucket (each forward calls every layer once, so the difference
+    ran outside calibatt's kernels: dense), or a bucket with none at all; the densities over all steps
+    (warm-up steps and dense calls count 1.0) and over the sparse steps. Under torch.compile the processors
+    cannot label their calls with the layer, so the groups are per bucket (layer "*")."""
+    layers = sorted({key[1] for key in plan.index})
+    buckets = sorted({b for b in plan.step_buckets if b >= 0})
+    scopes = {tuple(s["scope"]): s for s in ran["scopes"] if isinstance(s["scope"], (list, tuple))}
+    per_layer = not any(layer is None for _, layer in scopes)
+    empty = {"ran": {}, "blocks": 0, "total_blocks": 0}
+    groups, dense, density = [], [], {}
+    for b in buckets:
+        keys = [(b, layer) for layer in layers] if per_layer else [(b, None)]
+        calls = {key: sum(scopes.get(key, empty)["ran"].values()) for key in keys}
+        n_calls = sum(calls.values())
+        if n_calls == 0:
+            dense.append({"bucket": b, "layer": "*", "missing": None, "expected": None})
+        # the calls each group should have made: every layer runs once per forward
+        expected = max(calls.values()) if per_layer else -(-n_calls // len(layers)) * len(layers)
+        blocks = sum(scopes.get(key, empty)["blocks"] for key in keys)
+        total = sum(scopes.get(key, empty)["total_blocks"] for key in keys)
+        per_call = total / n_calls if n_calls else 0  # blocks of one call (a dense call computes them all)
+        for key in keys:
+            s = scopes.get(key, empty)
+            layer = "*" if key[1] is None else key[1]
+            missing = expected - calls[key]
+            if missing:
+                dense.append({"bucket": b, "layer": layer, "missing": missing, "expected": expected})
+                blocks += missing * per_call
+                total += missing * per_call
+            groups.append(
+                {
+                    "bucket": b,
+                    "layer": layer,
+                    "ran": dict(s["ran"]),
+                    "dense_calls": missing,
+                    "density": round(s["blocks"] / s["total_blocks"], 6) if s["total_blocks"] else 1.0,
+                }
+            )
+        density[b] = blocks / total if total else 1.0
+    per_step = [1.0 if b < 0 else density[b] for b in plan.step_buckets]
+    sparse = [density[b] for b in plan.step_buckets if b >= 0]
+    calls: dict[str, int] = {}
+    for key, n in ran["calls"].items():
+        op, kernel = key.split(":", 1)
+        if op == "attention":
+            calls[kernel] = calls.get(kernel, 0) + n
+    return {
+        "calls": calls,  # attention calls per kernel
+        "fallbacks": ran["fallbacks"],  # every operation's
+        "groups": groups,
+        "dense": dense,
+        "measured_density": round(sum(per_step) / len(per_step), 6),
+        "measured_sparse_density": round(sum(sparse) / len(sparse), 6) if sparse else 1.0,
+    }
+
+
+def dense_error(dense: list[dict]) -> str:
+    """strict mode's one line for groups that ran dense where the plan is sparse (kernel_report's "dense")."""
+    d = dense[0]
+    where = f"bucket {d['bucket']}" + ("" if d["layer"] == "*" else f", layer {d['layer']}")
+    what = (
+        "ran no attention call through calibatt's kernels"
+        if d["missing"] is None
+        else f"ran {d['missing']} of {d['expected']} attention calls outside calibatt's kernels"
+    )
+    more = f" (and {len(dense) - 1} more group(s))" if len(dense) > 1 else ""
+    return f"strict mode: {where} {what} (dense) where the plan is sparse{more}; run without --strict to accept it"

@@ -42,17 +42,31 @@ def _rel_err(out, q, k, v, mask, bs):
     return ((o - ref).norm() / ref.norm()).item(), (o - ref).abs().max().item()
 
 
-def _gluon_against_tl(q, k, v, index, config):
-    """Run a Gluon config into a poisoned output, check that every element was written and that every head
-    agrees with the tl kernel (itself checked against the reference above); returns the output."""
-    from calibatt_kernels import KernelConfig, block_sparse_attention_indexed
+def _run_exactly(config, *args, **kwargs):
+    """block_sparse_attention_indexed with `config`, asserting that the kernel it names ran: under
+    strict_fallbacks a fallback (a disabled Gluon backend, a call it cannot take) raises instead of running
+    another kernel, and the record must show this one call of this kernel."""
+    from calibatt_kernels import block_sparse_attention_indexed, dispatch
 
-    out = torch.full_like(q, float("nan"))
-    block_sparse_attention_indexed(q, k, v, index, block_size=(128, 128), out=out, config=config)
+    ck.reset_what_ran()
+    with dispatch.strict_fallbacks():
+        res = block_sparse_attention_indexed(*args, config=config, **kwargs)
+    ran = ck.what_ran()
+    assert ran["calls"] == {f"attention:{config.kernel}": 1} and not ran["fallbacks"], ran
+    return res
+
+
+def _gluon_against_tl(q, k, v, index, config):
+    """Run a Gluon config into a poisoned output, check that the Gluon kernel ran (not a fallback), that every
+    element was written and that every head agrees with the tl kernel (itself checked against the reference
+    above; asserted to be the tl kernel too); returns the output."""
+    from calibatt_kernels import KernelConfig
+
+    out = torch.full_like(q, float("nan"))  # poison: the very buffer the kernel writes
+    _run_exactly(config, q, k, v, index, block_size=(128, 128), out=out)
     torch.cuda.synchronize()
-    assert ck.what_ran()["last"]["attention"] == config.kernel, ck.what_ran()  # no fallback to the tl kernel
     assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements not written"
-    tl_out = block_sparse_attention_indexed(q, k, v, index, block_size=(128, 128), config=KernelConfig())
+    tl_out = _run_exactly(KernelConfig(), q, k, v, index, block_size=(128, 128))
     rel_tl = ((out.float() - tl_out.float()).norm() / tl_out.float().norm()).item()
     assert rel_tl <= 1e-2, f"all heads vs the tl kernel: rel={rel_tl:.2e}"
     return out
@@ -73,14 +87,18 @@ def _gluon_against_tl(q, k, v, index, config):
     ],
 )
 def test_block_sparse_wan_size(bs, cfg):
-    from calibatt_kernels import KernelConfig, block_sparse_attention_indexed
+    """Each config at Wan 1.3B's size against the fp32 reference; the kernel it names ran (a Gluon config
+    that fell back to the tl kernel would compare tl with the reference and pass). Without a config, the
+    default config of this GPU, block size and head dim ran."""
+    from calibatt_kernels import KernelConfig, dispatch
 
     q, k, v = _wan_qkv(seed=0)
     mask = _random_mask(seed=1, density=0.3, bs=bs)
     out = torch.full_like(q, float("nan"))  # poison: unwritten elements stay NaN
-    block_sparse_attention_indexed(
-        q, k, v, mask_to_index(mask), block_size=bs, out=out, config=KernelConfig(**cfg) if cfg else None
-    )
+    config = KernelConfig(**cfg) if cfg else dispatch.default_config(q.device, bs, D)
+    if config.backend == "gluon" and not dispatch.attn_gluon.takes_shape(torch.cuda.get_device_capability(), bs, D):
+        pytest.skip("the Gluon kernels need sm_90")
+    _run_exactly(config, q, k, v, mask_to_index(mask), block_size=bs, out=out)
     torch.cuda.synchronize()
     assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements not written"
     rel, max_diff = _rel_err(out, q, k, v, mask, bs)
@@ -171,10 +189,12 @@ def test_qk_norm_rope_at_wan_size(heads):
     wq, wk = (torch.rand(2, heads * d, device="cuda", generator=gen) + 0.5).to(torch.bfloat16)
     rope = WanRotaryPosEmbed(d, (1, 2, 2), 1024).cuda()
     cos, sin = rope(torch.empty(1, 16, grid[0], 2 * grid[1], 2 * grid[2], device="cuda"))
-    # the outputs are fresh torch.empty tensors: leave NaN in the allocator's pool so unwritten elements show
-    poison = torch.full((4, n, heads, d), float("nan"), device="cuda", dtype=torch.bfloat16)
-    del poison
-    got = ck.qk_norm_rope(q, k, wq, wk, cos, sin, heads=heads, eps=1e-6)
+    # poison the very buffers the kernel writes: unwritten elements stay NaN
+    poison = tuple(torch.full((1, n, heads, d), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ck.reset_what_ran()
+    got = ck.qk_norm_rope(q, k, wq, wk, cos, sin, heads=heads, eps=1e-6, out=poison)
+    assert ck.what_ran()["calls"] == {"qk_norm_rope:triton": 1}, ck.what_ran()
+    assert all(g.data_ptr() == p.data_ptr() for g, p in zip(got, poison, strict=True)), "out= not written"
     want = ck.qk_norm_rope_ref(q, k, wq, wk, cos, sin, heads=heads, eps=1e-6)
     for g, w in zip(got, want, strict=True):
         assert not g.isnan().any(), "unwritten output elements"
@@ -199,9 +219,12 @@ def test_linear_gelu_at_wan_size(dim, ffn):
         mod = mod.to(torch.bfloat16)
         xb = x.to(torch.bfloat16)
         assert fusable(xb, mod.proj.weight, mod.proj.bias)
+        # poison the very buffer the GEMM writes: unwritten elements stay NaN
         poison = torch.full((1, 4096 + 37, ffn), float("nan"), device="cuda", dtype=torch.bfloat16)
-        del poison
-        got = ck.linear_gelu(xb, mod.proj.weight, mod.proj.bias)
+        ck.reset_what_ran()
+        got = ck.linear_gelu(xb, mod.proj.weight, mod.proj.bias, out=poison)
+        assert ck.what_ran()["calls"] == {"linear_gelu:cublaslt": 1}, ck.what_ran()
+        assert got.data_ptr() == poison.data_ptr(), "out= not written"
         stock = mod(xb)
     assert got.shape == want.shape and got.dtype == torch.bfloat16 and not got.isnan().any()
     rel = ((got.float() - want).norm() / want.norm()).item()

@@ -92,8 +92,17 @@ def _qkv(b, h, n, d, dtype, gen, transposed=False):
     return tuple(torch.randn(b, h, n, d, generator=gen).to(dtype) for _ in range(3))
 
 
+def _dense_masked64(q, k, v, mask, bs):
+    """Block-sparse attention written out at token level in float64: the block mask expanded to tokens, a
+    masked softmax (rows with no key give zeros); independent of the package's reference."""
+    n = q.shape[2]
+    tok = ck.expand_block_mask(mask, n, n, bs)
+    s = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return torch.softmax(s.masked_fill(~tok, float("-inf")), -1).nan_to_num(0.0) @ v.double()
+
+
 def _errors(out, ref):
-    out = out.float()
+    out = out.to(ref.dtype)
     return dict(rel=((out - ref).norm() / ref.norm()).item(), max_diff=(out - ref).abs().max().item())
 
 
@@ -109,9 +118,9 @@ def run_sparse(name):
     ck.block_sparse_attention_indexed(
         q, k, v, mask_to_index(mask), block_size=bs, out=out, config=ck.KernelConfig(**cfg)
     )
-    ref = block_sparse_attention_ref(q.float(), k.float(), v.float(), mask, bs)
+    ref = _dense_masked64(q, k, v, mask, bs)
     return dict(
-        _errors(out, ref),
+        _errors(out.double(), ref),
         nan=bool(out.isnan().any()),
         empty_row_zero=bool((out[:, :, : bs[0]] == 0).all()),
         ran=ck.what_ran(),
@@ -160,32 +169,75 @@ def run_layout():
 
 
 def run_gluon_compile_failure():
-    """A triton whose Gluon API we do not know: the first call's compile error switches to the tl kernel for
-    good (same results), and the Gluon kernel is not tried again."""
+    """The Gluon launcher's errors: one of the launch (a CUDA error) propagates and leaves Gluon enabled; a
+    compile error under strict_fallbacks raises KernelFallback naming what fell back and why, without running
+    the tl kernel; without strict, the compile error switches to the tl kernel for good (same results,
+    recorded as a fallback) and the Gluon kernel is not tried again."""
+    from triton.compiler.errors import CompilationError
+
     from calibatt_kernels import attn_gluon, dispatch
 
     tries = []
+    error = [RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered")]
 
     def failing(*a, **kw):
         tries.append(1)
-        raise RuntimeError("PassManager::run failed")
+        raise error[0]
 
     attn_gluon.supports, attn_gluon.block_sparse_attention_gluon = (lambda *a, **kw: True), failing
     gen = torch.Generator().manual_seed(4)
     q, k, v = _qkv(1, 2, 300, 64, torch.float32, gen, transposed=True)
     mask = torch.rand(2, 3, 3, generator=gen) < 0.6
     cfg = attn_gluon.GLUON_PERSISTENT
-    outs = [
-        ck.block_sparse_attention_indexed(q, k, v, mask_to_index(mask), block_size=(128, 128), config=cfg)
-        for _ in range(2)
-    ]
+
+    def call():
+        return ck.block_sparse_attention_indexed(q, k, v, mask_to_index(mask), block_size=(128, 128), config=cfg)
+
+    res = {}
+    try:
+        call()
+        res["launch_error"] = None
+    except RuntimeError as e:
+        res["launch_error"] = type(e).__name__ + ": " + str(e)
+    res["disabled_after_launch_error"] = "gluon" in dispatch.disabled_backends()
+    error[0] = CompilationError(None, None, "unknown Gluon API")
+    ck.reset_what_ran()
+    dispatch.set_scope((1, 2))
+    try:
+        with dispatch.strict_fallbacks():
+            call()
+        res["strict_error"] = None
+    except dispatch.KernelFallback as e:
+        res["strict_error"] = str(e)
+    res["strict_calls"] = ck.what_ran()["calls"]
+    dispatch.set_scope(None)
+    outs = [call() for _ in range(2)]
     ref = block_sparse_attention_ref(q, k, v, mask, (128, 128))
     return dict(
-        _errors(outs[1], ref),
+        res,
+        **_errors(outs[1], ref),
         tries=len(tries),
         broken="gluon" in dispatch.disabled_backends(),
         same=bool(torch.equal(outs[0], outs[1])),
+        ran=ck.what_ran(),
     )
+
+
+def run_scopes():
+    """what_ran per scope: the kernel each (bucket, layer) ran and the blocks its index lists."""
+    from calibatt_kernels import dispatch
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = _qkv(2, 2, 200, 64, torch.float32, gen, transposed=True)
+    masks = [torch.rand(1, 2, 4, 4, generator=gen) < p for p in (0.3, 0.7)]
+    ck.reset_what_ran()
+    for key, mask in zip([(0, 0), (0, 1)], masks, strict=True):
+        dispatch.set_scope(key)
+        ck.block_sparse_attention_indexed(q, k, v, mask_to_index(mask), block_size=(64, 64))
+        ck.block_sparse_attention_indexed(q, k, v, mask_to_index(mask), block_size=(64, 64))
+    dispatch.set_scope(None)
+    # per call: the mask's blocks for each of the batch's 2 entries, of B x H x Mq x Mk = 2 x 2 x 4 x 4
+    return dict(ran=ck.what_ran(), kept=[int(m.sum()) * 2 for m in masks], total=2 * 2 * 4 * 4)
 
 
 def run_dense():
@@ -297,6 +349,7 @@ def _all_cases():
     jobs["layout"] = (run_layout,)
     jobs["dense"] = (run_dense,)
     jobs["split-merge"] = (run_split_merge,)
+    jobs["scopes"] = (run_scopes,)
     jobs["gluon-compile-failure"] = (run_gluon_compile_failure,)  # last: it patches the Gluon module
     res = {}
     for key, (fn, *args) in jobs.items():
@@ -366,8 +419,28 @@ def test_block_sparse_records_what_ran(results, name):
 
 def test_gluon_compile_failure_falls_back_to_tl(results):
     r = _get(results, "gluon-compile-failure")
-    assert r["broken"] and r["tries"] == 1, r
+    assert r["launch_error"] and "illegal memory access" in r["launch_error"], r  # propagated, not swallowed
+    assert not r["disabled_after_launch_error"], r
+    assert r["strict_error"] is not None, r
+    for part in ("attention at bucket 1, layer 2", "wanted gluon_persistent", "would run tl_tile", "unknown Gluon API"):
+        assert part in r["strict_error"], (part, r["strict_error"])
+    assert r["strict_calls"] == {}, r  # under strict nothing ran in its place
+    assert r["broken"] and r["tries"] == 2, r  # the launch error's try and the compile error's: none after
     assert r["same"] and r["rel"] < 1e-5, r
+    assert r["ran"]["calls"] == {"attention:tl_tile": 2}, r
+    assert [(f["wanted"], f["ran"], f["calls"]) for f in r["ran"]["fallbacks"]] == [
+        ("gluon_persistent", "tl_tile", 2)
+    ], r
+
+
+def test_what_ran_per_scope(results):
+    """Each scope's calls and blocks as the index lists them (independently: the masks' true entries)."""
+    r = _get(results, "scopes")
+    scopes = {tuple(s["scope"]): s for s in r["ran"]["scopes"]}
+    assert set(scopes) == {(0, 0), (0, 1)}, scopes
+    for key, kept in zip([(0, 0), (0, 1)], r["kept"], strict=True):
+        assert scopes[key]["ran"] == {"tl_tile": 2}, scopes[key]
+        assert (scopes[key]["blocks"], scopes[key]["total_blocks"]) == (2 * kept, 2 * r["total"]), scopes[key]
 
 
 @pytest.mark.parametrize("name", list(MASS_CASES))

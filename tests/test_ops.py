@@ -78,9 +78,16 @@ def test_linear_gelu_op_matches_diffusers_gelu_module_and_its_fake():
         want = mod(x)
         got = linear_gelu_op(x, mod.proj.weight, mod.proj.bias)
         erf = torch.nn.functional.gelu(mod.proj(x))
+        # the tanh GELU written out, in float64 (torch's gelu is not asked, so a shared mistake cannot hide)
+        y = x.double() @ mod.proj.weight.double().T + mod.proj.bias.double()
+        formula = 0.5 * y * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (y + 0.044715 * y**3)))
+        out = torch.full((2, 7, 80), float("nan"))
+        ck.linear_gelu(x, mod.proj.weight, mod.proj.bias, out=out)
     assert got.shape == (2, 7, 80)
-    assert (got - want).abs().max() < 1e-6
-    assert (erf - want).abs().max() > 1e-4, "the reference must be the tanh GELU"
+    assert (got.double() - formula).abs().max() < 1e-5, f"max_diff={(got.double() - formula).abs().max():.2e}"
+    assert (got - want).abs().max() < 1e-6  # diffusers' own module
+    assert (erf.double() - formula).abs().max() > 1e-4, "the reference must be the tanh GELU"
+    assert torch.equal(out, got), "out= must hold the result, every element written"
     assert not fusable(x, mod.proj.weight, mod.proj.bias)  # the CPU takes the reference
     torch.library.opcheck(
         linear_gelu_op,

@@ -188,10 +188,36 @@ def test_cpu_rows_path_matches_the_reference(n, block_size, batch_mask):
     mask[..., 1:3, :] = True  # a run of full rows
     mask[..., -1, :] = True  # a full last row
     got = block_sparse_attention_rows(q, k, v, ck.mask_to_index(mask), block_size=block_size)
-    want = ck.block_sparse_attention_ref(q, k, v, mask, block_size)
+    want = dense_masked(q, k, v, mask, block_size)  # float64, token level
     assert got.shape == q.shape and got.stride() == q.stride()
-    assert (got - want).abs().max() < 1e-5
+    assert (got.double() - want).abs().max() < 1e-5, f"max_diff={(got.double() - want).abs().max():.2e}"
     assert not got[:, :, : block_size[0]].any()
     # through the public entry, as the CPU processors call it
+    ck.reset_what_ran()
     via = ck.block_sparse_attention_indexed(q, k, v, ck.mask_to_index(mask), block_size=block_size)
-    assert (via - want).abs().max() < 1e-5
+    assert ck.what_ran()["calls"] == {"attention:cpu": 1}, ck.what_ran()
+    assert (via.double() - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("n, block_size", [(200, (64, 64)), (301, (64, 32)), (77, (32, 16))])
+def test_cpu_rows_gather_every_row(n, block_size):
+    """Every row keeps some key blocks but never all (so no row takes the whole-sequence SDPA shortcut and each
+    goes through the gather of its listed keys), the partial last key block among them: against float64
+    token-level attention, and visibly different from dense attention."""
+    g = torch.Generator().manual_seed(n + 1)
+    q, k, v = (torch.randn(2, n, 3, 32, generator=g).transpose(1, 2) * 2 for _ in range(3))
+    mq, mk = ck.num_blocks(n, block_size[0]), ck.num_blocks(n, block_size[1])
+    mask = torch.rand(2, 3, mq, mk, generator=g) < 0.5
+    mask[..., 0] = True  # never empty
+    mask[..., -1] = False  # never full: every row is gathered
+    mask[..., 1, -1] = True  # but row 1 keeps the partial last key block (and drops block 0)
+    mask[..., 1, 0] = False
+    assert not mask.all(-1).any() and mask.any(-1).all()
+    ck.reset_what_ran()
+    got = ck.block_sparse_attention_indexed(q, k, v, ck.mask_to_index(mask), block_size=block_size)
+    assert ck.what_ran()["calls"] == {"attention:cpu": 1}, ck.what_ran()
+    want = dense_masked(q, k, v, mask, block_size)
+    err = (got.double() - want).abs().max().item()
+    assert err < 1e-5, f"max_diff={err:.2e}"
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert (got - dense).abs().max() > 1e-2, "the mask must matter"

@@ -111,7 +111,18 @@ def compile_cache(
         "device": device_info(cfg.model.device),
         "versions": software_versions(),
         "kernel_class": kernel_class(cfg, ident),
-        "kernels": {"backend": "triton" if ck.triton_usable(device) else "reference", "tuned": tuned},
+        # the attention backend the calls will run ("gluon", "tl", "cpu" or "reference": the fp32 reference
+        # for a head dim the kernels do not take)
+        "kernels": {
+            "backend": ck.dispatch.attention_backend(
+                device,
+                (bundle.block_size, bundle.block_size),
+                ident.head_dim,
+                getattr(torch, cfg.model.dtype),
+                return_lse=ident.joint_attention,
+            ),
+            "tuned": tuned,
+        },
     }
     with FileLock(lock_file(cache_dir)):
         if not recompile and _up_to_date(cache_dir, manifest):

@@ -83,7 +83,8 @@ def tune_kernels(
             qq, kk, vv, ix, block_size=bs, out=oo, config=c, return_lse=return_lse
         )
 
-    with aot.CompileCounter() as counter:
+    # strict_fallbacks: a config whose kernel cannot run here is rejected, never timed as another kernel
+    with aot.CompileCounter() as counter, dispatch.strict_fallbacks():
         usable, rejected = [], {}
         for c in dispatch.candidate_configs(cap, bs, head_dim, dtype, return_lse=return_lse):
             try:  # compiles; a config that does not fit this GPU fails here (out of shared memory, ...)

@@ -141,6 +141,9 @@ def cache(res) -> None:
         if k.get("tuned")
         else ""
     )
+    rejected = k.get("rejected") or {}
+    if rejected:
+        tuned += f", {len(rejected)} rejected ({'; '.join(f'{c}: {why}' for c, why in rejected.items())})"
     index = f", mask index {m['index_bytes'] / 2**20:.1f} MiB" if "index_bytes" in m else ""
     console.print(f"device {m['device']['name']}, backend {k['backend']}{tuned}{index}, {res.seconds:.2f} s")
     out.print(str(res.cache_dir), highlight=False)
@@ -150,16 +153,33 @@ def generation(res) -> None:
     s = res.summary()
     for v in res.videos:
         console.print(f"wrote {v.output} ({v.shape[0]} frames {v.shape[2]}x{v.shape[1]}, {v.seconds:.1f} s)")
-    mode = (
-        "dense (stock pipeline)"
-        if res.dense
-        else (f"sparse: mean density {res.mean_density:.3f} (sparse steps {res.sparse_density:.3f})")
-    )
+    k = res.kernels
+    if res.dense:
+        mode = "dense (stock pipeline)"
+    elif k is None:
+        mode = f"sparse: planned density {res.mean_density:.3f} (sparse steps {res.sparse_density:.3f})"
+    else:  # the density of the blocks the kernels computed, not the plan's
+        mode = (
+            f"sparse: density {k['measured_density']:.3f} as run (sparse steps {k['measured_sparse_density']:.3f}; "
+            f"planned {res.sparse_density:.3f})"
+        )
     kept = "" if res.retained_mass is None else f", retained mass {res.retained_mass:.5f}"
     console.print(
         f"{len(res.videos)} video(s), {res.steps} steps, {mode}{kept}, {s['seconds']:.1f} s sampling, "
         f"{res.load_seconds:.1f} s model load" + ("" if res.layout == "1 process" else f"; {res.layout}")
     )
+    if k is not None:
+        ran = ", ".join(f"{kernel} {n}" for kernel, n in sorted(k["calls"].items(), key=lambda x: -x[1]))
+        console.print(f"attention calls: {ran or 'none through calibatt'}", highlight=False)
+        for f in k["fallbacks"]:
+            console.print(
+                f"fallback: {f['op']} wanted {f['wanted']}, ran {f['ran']} in {f['calls']} call(s): {f['reason']}",
+                highlight=False,
+            )
+        for d in k["dense"]:
+            where = f"bucket {d['bucket']}" + ("" if d["layer"] == "*" else f", layer {d['layer']}")
+            n = "every call" if d["missing"] is None else f"{d['missing']} of {d['expected']} calls"
+            console.print(f"dense: {where} ran {n} outside calibatt's kernels where the plan is sparse")
     g = res.guard
     if g and g.get("widened"):
         worst = min(g["widened"], key=lambda w: w["mass"])

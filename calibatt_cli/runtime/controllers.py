@@ -205,6 +205,8 @@ class SparseController(Controller):
             self.dense_now = bucket < 0
             self.bucket = max(bucket, 0)
             self.bucket_t.fill_(self.bucket)
+            # what ran is recorded per (bucket, layer): the processors name the layer, where they can
+            ck.dispatch.set_scope(None if self.dense_now else (self.bucket, None))
 
     def sparse_layer(self, layer: int) -> SparseLayer:
         """What a processor of `layer` holds to take the fast path (fast_sparse)."""
@@ -244,6 +246,7 @@ class SparseController(Controller):
         index = self.plan.index[(bucket, layer)]
         if self.measure_mass:
             self._measure(q, k, index, bs, bucket, layer)
+        ck.dispatch.set_scope((bucket, layer))
         return ck.block_sparse_attention_indexed(
             q, k, v, index, block_size=bs, config=self.plan.configs.get((bucket, layer))
         )
@@ -259,6 +262,7 @@ class SparseController(Controller):
         index = self.plan.index[(bucket, layer)]
         if self.measure_mass:
             self._measure(q, k, index, bs, bucket, layer)
+        ck.dispatch.set_scope((bucket, layer))
         out_vis, lse_vis = ck.block_sparse_attention_indexed(
             q, k, v, index, block_size=bs, config=self.plan.configs.get((bucket, layer)), return_lse=True
         )

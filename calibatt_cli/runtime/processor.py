@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from calibatt_kernels import dispatch as ck_dispatch
 from calibatt_kernels import ops as ck_ops
 
 if TYPE_CHECKING:  # the controller builds these layers (SparseController.sparse_layer)
@@ -33,6 +34,8 @@ class SparseLayer:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b = self.controller.bucket_t
+        if not torch.compiler.is_compiling():  # (compiled, the calls keep the controller's (bucket, "*") scope)
+            ck_dispatch.set_scope((self.controller.bucket, self.layer))
         return ck_ops.block_sparse_attention_op(
             q,
             k,

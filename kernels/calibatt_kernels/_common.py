@@ -35,7 +35,7 @@ class KernelConfig:
     num_warps: int = 8
     num_stages: int = 3
     use_tma: bool | None = None  # None: on Hopper+ when strides allow it
-    # tl only: tl.range(..., warp_specialize=True) on the key loop (triton >= 3.5)
+    # tl only: tl.range(..., warp_specialize=True) on the key loop
     tl_warp_specialize: bool = False
     # tl only: FA3-style software pipelining inside one program: the scores of key tile j+1 are issued (an
     # async wgmma on Hopper) before the softmax and PV of tile j, so tensor cores and MUFU/ALU could overlap.
@@ -183,6 +183,14 @@ def check_attention_call(
 
 
 class BackendUnavailable(RuntimeError):
-    """Raised by a backend's launch when it cannot run in this process at all (a triton whose Gluon API the
-    kernel does not know fails to compile it). It is raised before anything runs on the GPU, so `dispatch`
-    disables the backend for the rest of the process and runs the call on the next one."""
+    """Raised by a backend's launch when it cannot run in this process at all: the installed triton fails to
+    compile its kernel (a Gluon API the kernel does not know) or the binary does not fit the GPU. Both happen
+    before anything runs on the GPU and hold for every later call, so `dispatch` disables the backend for the
+    rest of the process and runs the call on the next one (a recorded fallback). Errors of the launch itself
+    (out of memory, a CUDA error) are not this: they propagate."""
+
+
+class KernelFallback(RuntimeError):
+    """Raised inside `dispatch.strict_fallbacks()` where a call would run another kernel than the one it asked
+    for, or a PyTorch path on a GPU: the message names the operation, where (the scope), what it wanted, what
+    would run and why."""

@@ -53,32 +53,28 @@ kernel's code rather than living in a copy on the bench side, so a trace measure
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 
 from . import split_merge
 from ._common import LOG2E, BackendUnavailable, KernelConfig, aot_signature, check_attention_call, num_sms
 from .index import BlockIndex, index_on_device, index_words
 
-try:  # Gluon ships with triton >= 3.5; older installs keep the `tl` kernel only
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-
-    # triton 3.6 names the TMA copies async_copy_global_to_shared / async_copy_shared_to_global; later
-    # releases call them async_load / async_store (and make the old names raise). Same arguments.
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-    HAVE_GLUON = True
-except ImportError:  # pragma: no cover - depends on the installed triton
-    HAVE_GLUON = False
+# triton 3.6 names the TMA copies async_copy_global_to_shared / async_copy_shared_to_global; later
+# releases call them async_load / async_store (and make the old names raise). Same arguments.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
 
 BLOCK = 128  # the one tile shape this kernel takes: mask block = kernel tile = 128 x 128
@@ -114,99 +110,255 @@ _ROW_TERMS = [f"{t}_{p}" for t in "qkvo" for p in ("batch_row", "head_row", "hea
     "stride_om",
 ]
 
-if HAVE_GLUON:
 
-    @gluon.jit
-    def _gl_block_id(Words, e):
-        # int16 block ids, two to an int32 word (see attn_tl._block_id)
-        w = gl.load(Words + (e >> 1))
-        return (w >> ((e & 1) * 16)) & 0xFFFF
+@gluon.jit
+def _gl_block_id(Words, e):
+    # int16 block ids, two to an int32 word (see attn_tl._block_id)
+    w = gl.load(Words + (e >> 1))
+    return (w >> ((e & 1) * 16)) & 0xFFFF
 
-    @gluon.jit
-    def _gl_record(Records, tile, REPS, Mq, H):
-        """Work item `tile` (a schedule position times the batch repeats) from its record (`tile_records`):
-        (b, h, query block, block count, offset of its block ids). The record's loads are independent: one
-        round trip, where schedule -> count and offset -> block id were three."""
-        rec = Records + (tile // REPS) * 4
-        row = gl.load(rec)
-        return row // (Mq * H) + tile % REPS, (row // Mq) % H, row % Mq, gl.load(rec + 1), gl.load(rec + 2)
 
-    @gluon.jit
-    def _gl_slot(Records, tile, REPS):
-        """The workspace slot of a piece of a split tile (split_merge.split_last_wave), -1 for a whole tile."""
-        return (gl.load(Records + (tile // REPS) * 4 + 3) >> 16) - 1
+@gluon.jit
+def _gl_record(Records, tile, REPS, Mq, H):
+    """Work item `tile` (a schedule position times the batch repeats) from its record (`tile_records`):
+    (b, h, query block, block count, offset of its block ids). The record's loads are independent: one
+    round trip, where schedule -> count and offset -> block id were three."""
+    rec = Records + (tile // REPS) * 4
+    row = gl.load(rec)
+    return row // (Mq * H) + tile % REPS, (row // Mq) % H, row % Mq, gl.load(rec + 1), gl.load(rec + 2)
 
-    @gluon.jit
-    def _gl_store_partial(
-        acc, m_i, l_i, WsO, WsML, slot, WG: gl.constexpr, o_layout: gl.constexpr, s_layout: gl.constexpr
-    ):
-        """A piece's epilogue (split_merge): its 64 rows unnormalised, fp32, and their max and sum (base 2),
-        for `split_merge._merge_splits`. Registers -> global memory: only the last wave's pieces come here."""
-        HALF: gl.constexpr = acc.shape[0]
-        HEAD_DIM: gl.constexpr = acc.shape[1]
-        rows = slot * (2 * HALF) + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
+
+@gluon.jit
+def _gl_slot(Records, tile, REPS):
+    """The workspace slot of a piece of a split tile (split_merge.split_last_wave), -1 for a whole tile."""
+    return (gl.load(Records + (tile // REPS) * 4 + 3) >> 16) - 1
+
+
+@gluon.jit
+def _gl_store_partial(acc, m_i, l_i, WsO, WsML, slot, WG: gl.constexpr, o_layout: gl.constexpr, s_layout: gl.constexpr):
+    """A piece's epilogue (split_merge): its 64 rows unnormalised, fp32, and their max and sum (base 2),
+    for `split_merge._merge_splits`. Registers -> global memory: only the last wave's pieces come here."""
+    HALF: gl.constexpr = acc.shape[0]
+    HEAD_DIM: gl.constexpr = acc.shape[1]
+    rows = slot * (2 * HALF) + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    gl.store(WsO + gl.expand_dims(rows * HEAD_DIM, 1) + gl.expand_dims(cols, 0), acc)
+    ml = WsML + slot * (4 * HALF) + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
+    gl.store(ml, m_i)
+    gl.store(ml + 2 * HALF, l_i)
+
+
+@gluon.jit
+def _gl_softmax(s, m_i, l_i, kn, N, qk_scale, s_layout: gl.constexpr, BN: gl.constexpr, MASK: gl.constexpr):
+    """Online-softmax update for scores s of the key tile at kn: (p, alpha, m_new, l_new), base 2."""
+    if MASK:  # the last listed block may hold keys >= N (TMA filled them with zeros)
+        offs_n = kn + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where(gl.expand_dims(offs_n < N, 0), s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+    l_new = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, m_new, l_new
+
+
+@gluon.jit
+def _gl_store_rows(acc, l_i, q_half, o_desc, o_row, oc, o_base, stride_om, start, N, o_layout: gl.constexpr):
+    """A consumer's epilogue: its 64 rows O / l, from `start` of the head at (o_row, oc) of the output's row
+    view. By TMA store, staged in the warpgroup's half of Q's buffer (only it reads those rows, and its
+    last wgmma has completed; registers -> global memory was slower per tile), except the
+    head's last rows: a TMA store through the row view would run past N into the next head's rows, so
+    these go from registers with rows >= N masked (o_base: the head's first output element)."""
+    HALF: gl.constexpr = q_half.shape[0]
+    HEAD_DIM: gl.constexpr = q_half.shape[1]
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    l_o = gl.where(l_o == 0.0, 1.0, l_o)
+    out = (acc / gl.expand_dims(l_o, 1)).to(q_half.dtype)
+    if start + HALF <= N:
+        q_half.store(out)
+        fence_async_shared()
+        _tma_store(o_desc, [o_row + start, oc], q_half)
+        tma.store_wait(0)
+    else:
+        offs_m = start + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        gl.store(WsO + gl.expand_dims(rows * HEAD_DIM, 1) + gl.expand_dims(cols, 0), acc)
-        ml = WsML + slot * (4 * HALF) + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, s_layout))
-        gl.store(ml, m_i)
-        gl.store(ml + 2 * HALF, l_i)
+        ptrs = o_base + gl.expand_dims(offs_m.to(gl.int64) * stride_om, 1) + gl.expand_dims(cols, 0)
+        gl.store(ptrs, out, mask=gl.expand_dims(offs_m < N, 1))
 
-    @gluon.jit
-    def _gl_softmax(s, m_i, l_i, kn, N, qk_scale, s_layout: gl.constexpr, BN: gl.constexpr, MASK: gl.constexpr):
-        """Online-softmax update for scores s of the key tile at kn: (p, alpha, m_new, l_new), base 2."""
-        if MASK:  # the last listed block may hold keys >= N (TMA filled them with zeros)
-            offs_n = kn + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
-            s = gl.where(gl.expand_dims(offs_n < N, 0), s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-        alpha = gl.exp2(m_i - m_new)
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
-        l_new = l_i * alpha + gl.sum(p, axis=1)
-        return p, alpha, m_new, l_new
 
-    @gluon.jit
-    def _gl_store_rows(acc, l_i, q_half, o_desc, o_row, oc, o_base, stride_om, start, N, o_layout: gl.constexpr):
-        """A consumer's epilogue: its 64 rows O / l, from `start` of the head at (o_row, oc) of the output's row
-        view. By TMA store, staged in the warpgroup's half of Q's buffer (only it reads those rows, and its
-        last wgmma has completed; registers -> global memory was slower per tile), except the
-        head's last rows: a TMA store through the row view would run past N into the next head's rows, so
-        these go from registers with rows >= N masked (o_base: the head's first output element)."""
-        HALF: gl.constexpr = q_half.shape[0]
-        HEAD_DIM: gl.constexpr = q_half.shape[1]
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-        l_o = gl.where(l_o == 0.0, 1.0, l_o)
-        out = (acc / gl.expand_dims(l_o, 1)).to(q_half.dtype)
-        if start + HALF <= N:
-            q_half.store(out)
-            fence_async_shared()
-            _tma_store(o_desc, [o_row + start, oc], q_half)
-            tma.store_wait(0)
-        else:
-            offs_m = start + gl.arange(0, HALF, layout=gl.SliceLayout(1, o_layout))
-            cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-            ptrs = o_base + gl.expand_dims(offs_m.to(gl.int64) * stride_om, 1) + gl.expand_dims(cols, 0)
-            gl.store(ptrs, out, mask=gl.expand_dims(offs_m < N, 1))
+@gluon.jit
+def _gl_stamp(Trace, slot, WARPS: gl.constexpr, WHAT: gl.constexpr, value):
+    """Profiling (TRACE, bench/trace_gluon.py): Trace[slot] = the SM's cycle counter (WHAT 0; the global
+    ns timer ticks too coarsely on some parts), the low word of %globaltimer in ns (1), the SM's id (2) or
+    `value` (3), written by one thread of the calling partition. (Every argument is passed: triton 3.6
+    does not take defaults for constexpr parameters of a called function.)"""
+    offs = gl.arange(0, 32 * WARPS, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
+    if WHAT == 3:
+        t = offs * 0 + value
+    elif WHAT == 2:
+        t = gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [offs], dtype=gl.int32, is_pure=False, pack=1)
+    elif WHAT == 0:
+        t = gl.inline_asm_elementwise("mov.u32 $0, %clock;", "=r,r", [offs], dtype=gl.int32, is_pure=False, pack=1)
+    else:
+        t = gl.inline_asm_elementwise(
+            "mov.u32 $0, %globaltimer_lo;", "=r,r", [offs], dtype=gl.int32, is_pure=False, pack=1
+        )
+    gl.store(Trace + slot + offs, t, mask=offs == 0)
 
-    @gluon.jit
-    def _gl_stamp(Trace, slot, WARPS: gl.constexpr, WHAT: gl.constexpr, value):
-        """Profiling (TRACE, bench/trace_gluon.py): Trace[slot] = the SM's cycle counter (WHAT 0; the global
-        ns timer ticks too coarsely on some parts), the low word of %globaltimer in ns (1), the SM's id (2) or
-        `value` (3), written by one thread of the calling partition. (Every argument is passed: triton 3.6
-        does not take defaults for constexpr parameters of a called function.)"""
-        offs = gl.arange(0, 32 * WARPS, layout=gl.BlockedLayout([1], [32], [WARPS], [0]))
-        if WHAT == 3:
-            t = offs * 0 + value
-        elif WHAT == 2:
-            t = gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [offs], dtype=gl.int32, is_pure=False, pack=1)
-        elif WHAT == 0:
-            t = gl.inline_asm_elementwise("mov.u32 $0, %clock;", "=r,r", [offs], dtype=gl.int32, is_pure=False, pack=1)
-        else:
-            t = gl.inline_asm_elementwise(
-                "mov.u32 $0, %globaltimer_lo;", "=r,r", [offs], dtype=gl.int32, is_pure=False, pack=1
-            )
-        gl.store(Trace + slot + offs, t, mask=offs == 0)
 
-    @gluon.jit
-    def _tile_load(
+@gluon.jit
+def _tile_load(
+    k_desc,
+    v_desc,
+    q_desc,
+    q_smem,
+    k_smem,
+    v_smem,
+    q_bar,
+    ready,
+    empty,
+    Words,
+    e0,
+    cnt,
+    first,
+    q_row,
+    qc,
+    kr,
+    kc,
+    vr,
+    vc,
+    Trace,
+    trace_at,
+    TRACE: gl.constexpr,
+):
+    # (partition arguments are runtime values: the tile constants come from the buffers' shapes)
+    STAGES: gl.constexpr = k_smem.shape[0]
+    BN: gl.constexpr = k_smem.shape[1]
+    if TRACE:
+        _gl_stamp(Trace, trace_at + 12, 1, 0, 0)  # the loader warp starts
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    _tma_load(q_desc, [q_row, qc], q_bar, q_smem)
+    if cnt > 0:  # the first block's id came with the tile's record: no dependent load before its TMA
+        bar = ready.index(0)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        _tma_load(k_desc, [kr + first * BN, kc], bar, k_smem.index(0))
+        _tma_load(v_desc, [vr + first * BN, vc], bar, v_smem.index(0))
+        if TRACE:
+            _gl_stamp(Trace, trace_at + 2, 1, 0, 0)  # Q and the first K/V requested
+    for j in range(1, cnt):
+        stage = j % STAGES
+        if j >= STAGES:  # wait until both consumers are done with the tile that last used this stage
+            mbarrier.wait(empty.index(stage), ((j // STAGES) - 1) & 1)
+        kn = _gl_block_id(Words, e0 + j) * BN
+        bar = ready.index(stage)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        _tma_load(k_desc, [kr + kn, kc], bar, k_smem.index(stage))
+        _tma_load(v_desc, [vr + kn, vc], bar, v_smem.index(stage))
+
+
+@gluon.jit
+def _tile_consume(
+    o_base,
+    stride_om,
+    o_desc,
+    o_row,
+    oc,
+    q_smem,
+    k_smem,
+    v_smem,
+    q_bar,
+    ready,
+    empty,
+    Words,
+    e0,
+    cnt,
+    first,
+    start_m,
+    N,
+    qk_scale,
+    Trace,
+    trace_at,
+    TRACE: gl.constexpr,
+    WG: gl.constexpr,
+):
+    dtype: gl.constexpr = q_smem.dtype
+    HALF: gl.constexpr = q_smem.shape[0] // 2
+    HEAD_DIM: gl.constexpr = q_smem.shape[1]
+    STAGES: gl.constexpr = k_smem.shape[0]
+    BN: gl.constexpr = k_smem.shape[1]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    q_half = q_smem.slice(WG * HALF, HALF)  # this warpgroup's 64 query rows
+    m_i = gl.full([HALF], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([HALF], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([HALF, BN], gl.float32, layout=s_layout)
+    mbarrier.wait(q_bar, 0)
+    if cnt > 0:
+        kn = first * BN
+        mbarrier.wait(ready.index(0), 0)
+        if TRACE:
+            if WG == 0:
+                _gl_stamp(Trace, trace_at + 3, 4, 0, 0)  # Q and the first K/V have arrived
+        qk = warpgroup_mma(q_half, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
+        p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, True)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        for j in range(1, cnt):
+            stage = j % STAGES
+            prev = (j - 1) % STAGES
+            kn = _gl_block_id(Words, e0 + j) * BN
+            mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
+            s_tok = warpgroup_mma(q_half, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+            if j == cnt - 1:
+                p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, True)
+            else:
+                p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, False)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
+            mbarrier.arrive(empty.index(prev), count=1)  # K and V of tile j-1: this warpgroup is done
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+        if TRACE:
+            if WG == 0:
+                _gl_stamp(Trace, trace_at + 4, 4, 0, 0)  # the loop is done: the last P V and the epilogue remain
+        acc = warpgroup_mma(p_op, v_smem.index((cnt - 1) % STAGES), acc)
+    _gl_store_rows(acc, l_i, q_half, o_desc, o_row, oc, o_base, stride_om, start_m + WG * HALF, N, o_layout)
+    if TRACE:
+        _gl_stamp(Trace, trace_at + 5 + WG, 4, 0, 0)  # this warpgroup's rows are stored
+        if WG == 0:
+            _gl_stamp(Trace, trace_at + 9, 4, 1, 0)
+
+
+# The partitions: constexpr arguments reach a partition as runtime values on triton 3.6, so the warpgroup
+# number and TRACE are bound here, one wrapper per combination.
+@gluon.jit
+def _tile_loader(
+    k_desc,
+    v_desc,
+    q_desc,
+    q_smem,
+    k_smem,
+    v_smem,
+    q_bar,
+    ready,
+    empty,
+    Words,
+    e0,
+    cnt,
+    first,
+    q_row,
+    qc,
+    kr,
+    kc,
+    vr,
+    vc,
+    Trace,
+    trace_at,
+):
+    _tile_load(
         k_desc,
         v_desc,
         q_desc,
@@ -228,34 +380,84 @@ if HAVE_GLUON:
         vc,
         Trace,
         trace_at,
-        TRACE: gl.constexpr,
-    ):
-        # (partition arguments are runtime values: the tile constants come from the buffers' shapes)
-        STAGES: gl.constexpr = k_smem.shape[0]
-        BN: gl.constexpr = k_smem.shape[1]
-        if TRACE:
-            _gl_stamp(Trace, trace_at + 12, 1, 0, 0)  # the loader warp starts
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        _tma_load(q_desc, [q_row, qc], q_bar, q_smem)
-        if cnt > 0:  # the first block's id came with the tile's record: no dependent load before its TMA
-            bar = ready.index(0)
-            mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-            _tma_load(k_desc, [kr + first * BN, kc], bar, k_smem.index(0))
-            _tma_load(v_desc, [vr + first * BN, vc], bar, v_smem.index(0))
-            if TRACE:
-                _gl_stamp(Trace, trace_at + 2, 1, 0, 0)  # Q and the first K/V requested
-        for j in range(1, cnt):
-            stage = j % STAGES
-            if j >= STAGES:  # wait until both consumers are done with the tile that last used this stage
-                mbarrier.wait(empty.index(stage), ((j // STAGES) - 1) & 1)
-            kn = _gl_block_id(Words, e0 + j) * BN
-            bar = ready.index(stage)
-            mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-            _tma_load(k_desc, [kr + kn, kc], bar, k_smem.index(stage))
-            _tma_load(v_desc, [vr + kn, vc], bar, v_smem.index(stage))
+        False,
+    )
 
-    @gluon.jit
-    def _tile_consume(
+
+@gluon.jit
+def _tile_loader_traced(
+    k_desc,
+    v_desc,
+    q_desc,
+    q_smem,
+    k_smem,
+    v_smem,
+    q_bar,
+    ready,
+    empty,
+    Words,
+    e0,
+    cnt,
+    first,
+    q_row,
+    qc,
+    kr,
+    kc,
+    vr,
+    vc,
+    Trace,
+    trace_at,
+):
+    _tile_load(
+        k_desc,
+        v_desc,
+        q_desc,
+        q_smem,
+        k_smem,
+        v_smem,
+        q_bar,
+        ready,
+        empty,
+        Words,
+        e0,
+        cnt,
+        first,
+        q_row,
+        qc,
+        kr,
+        kc,
+        vr,
+        vc,
+        Trace,
+        trace_at,
+        True,
+    )
+
+
+@gluon.jit
+def _tile_consumer0(
+    o_base,
+    stride_om,
+    o_desc,
+    o_row,
+    oc,
+    q_smem,
+    k_smem,
+    v_smem,
+    q_bar,
+    ready,
+    empty,
+    Words,
+    e0,
+    cnt,
+    first,
+    start_m,
+    N,
+    qk_scale,
+    Trace,
+    trace_at,
+):
+    _tile_consume(
         o_base,
         stride_om,
         o_desc,
@@ -276,691 +478,526 @@ if HAVE_GLUON:
         qk_scale,
         Trace,
         trace_at,
-        TRACE: gl.constexpr,
-        WG: gl.constexpr,
-    ):
-        dtype: gl.constexpr = q_smem.dtype
-        HALF: gl.constexpr = q_smem.shape[0] // 2
-        HEAD_DIM: gl.constexpr = q_smem.shape[1]
-        STAGES: gl.constexpr = k_smem.shape[0]
-        BN: gl.constexpr = k_smem.shape[1]
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16]
+        False,
+        0,
+    )
+
+
+@gluon.jit
+def _tile_consumer1(
+    o_base,
+    stride_om,
+    o_desc,
+    o_row,
+    oc,
+    q_smem,
+    k_smem,
+    v_smem,
+    q_bar,
+    ready,
+    empty,
+    Words,
+    e0,
+    cnt,
+    first,
+    start_m,
+    N,
+    qk_scale,
+    Trace,
+    trace_at,
+):
+    _tile_consume(
+        o_base,
+        stride_om,
+        o_desc,
+        o_row,
+        oc,
+        q_smem,
+        k_smem,
+        v_smem,
+        q_bar,
+        ready,
+        empty,
+        Words,
+        e0,
+        cnt,
+        first,
+        start_m,
+        N,
+        qk_scale,
+        Trace,
+        trace_at,
+        False,
+        1,
+    )
+
+
+@gluon.jit
+def _tile_consumer0_traced(
+    o_base,
+    stride_om,
+    o_desc,
+    o_row,
+    oc,
+    q_smem,
+    k_smem,
+    v_smem,
+    q_bar,
+    ready,
+    empty,
+    Words,
+    e0,
+    cnt,
+    first,
+    start_m,
+    N,
+    qk_scale,
+    Trace,
+    trace_at,
+):
+    _tile_consume(
+        o_base,
+        stride_om,
+        o_desc,
+        o_row,
+        oc,
+        q_smem,
+        k_smem,
+        v_smem,
+        q_bar,
+        ready,
+        empty,
+        Words,
+        e0,
+        cnt,
+        first,
+        start_m,
+        N,
+        qk_scale,
+        Trace,
+        trace_at,
+        True,
+        0,
+    )
+
+
+@gluon.jit
+def _tile_consumer1_traced(
+    o_base,
+    stride_om,
+    o_desc,
+    o_row,
+    oc,
+    q_smem,
+    k_smem,
+    v_smem,
+    q_bar,
+    ready,
+    empty,
+    Words,
+    e0,
+    cnt,
+    first,
+    start_m,
+    N,
+    qk_scale,
+    Trace,
+    trace_at,
+):
+    _tile_consume(
+        o_base,
+        stride_om,
+        o_desc,
+        o_row,
+        oc,
+        q_smem,
+        k_smem,
+        v_smem,
+        q_bar,
+        ready,
+        empty,
+        Words,
+        e0,
+        cnt,
+        first,
+        start_m,
+        N,
+        qk_scale,
+        Trace,
+        trace_at,
+        True,
+        1,
+    )
+
+
+# (index pointers: no alignment specialisation, as for the tl kernel; see attn_tl.INDEX_POINTERS)
+@gluon.jit(do_not_specialize=["N", "Mq", *_ROW_TERMS], do_not_specialize_on_alignment=["Records", "Words", "Trace"])
+def _gl_attn_tile(
+    q_desc,
+    k_desc,
+    v_desc,
+    o_desc,
+    Out,
+    Records,
+    Words,
+    Trace,
+    q_batch_row,
+    q_head_row,
+    q_head_col,
+    k_batch_row,
+    k_head_row,
+    k_head_col,
+    v_batch_row,
+    v_head_row,
+    v_head_col,
+    o_batch_row,
+    o_head_row,
+    o_head_col,
+    stride_oz,
+    stride_oh,
+    stride_om,
+    H,
+    N,
+    Mq,
+    REPS,
+    qk_scale,
+    STAGES: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
+    TRACE: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+    dtype: gl.constexpr = q_desc.dtype
+    BM: gl.constexpr = q_desc.block_type.shape[0]
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+    BN: gl.constexpr = k_desc.block_type.shape[0]
+    tile = gl.program_id(0)
+    trace_at = tile * 13  # TRACE: 13 int32 per program, TRACE_SLOTS
+    if TRACE:
+        _gl_stamp(Trace, trace_at, 4, 2, 0)
+        _gl_stamp(Trace, trace_at + 1, 4, 0, 0)  # the program starts
+        _gl_stamp(Trace, trace_at + 8, 4, 1, 0)
+    b, h, m_blk, cnt, e0 = _gl_record(Records, tile, REPS, Mq, H)
+    first = gl.load(Records + (tile // REPS) * 4 + 3) & 0xFFFF  # the first block id: its K/V goes out at once
+    start_m = m_blk * BM
+    if TRACE:
+        _gl_stamp(Trace, trace_at + 7, 4, 3, cnt)
+        _gl_stamp(Trace, trace_at + 10, 4, 0, 0)  # the index entries have arrived
+    # Where head (b, h) starts in each host-side row view (`_row_view`, `_row_terms`): int32 multiply-adds
+    # of terms the host divided out (64-bit divisions here lengthened every program's prologue).
+    qr = b * q_batch_row + h * q_head_row
+    kr = b * k_batch_row + h * k_head_row
+    vr = b * v_batch_row + h * v_head_row
+    o_row = b * o_batch_row + h * o_head_row
+    o_base = Out + b.to(gl.int64) * stride_oz + h.to(gl.int64) * stride_oh
+    q_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for st in gl.static_range(STAGES):
+        mbarrier.init(ready.index(st), count=1)
+        mbarrier.init(empty.index(st), count=2)  # one arrival per consumer warpgroup
+    if TRACE:
+        _gl_stamp(Trace, trace_at + 11, 4, 0, 0)  # barriers set up
+    consumer_args = (
+        o_base,
+        stride_om,
+        o_desc,
+        o_row,
+        h * o_head_col,
+        q_smem,
+        k_smem,
+        v_smem,
+        q_bar,
+        ready,
+        empty,
+        Words,
+        e0,
+        cnt,
+        first,
+        start_m,
+        N,
+        qk_scale,
+        Trace,
+        trace_at,
+    )
+    loader_args = (
+        k_desc,
+        v_desc,
+        q_desc,
+        q_smem,
+        k_smem,
+        v_smem,
+        q_bar,
+        ready,
+        empty,
+        Words,
+        e0,
+        cnt,
+        first,
+        qr + start_m,
+        h * q_head_col,
+        kr,
+        h * k_head_col,
+        vr,
+        h * v_head_col,
+        Trace,
+        trace_at,
+    )
+    if TRACE:
+        gl.warp_specialize(
+            [
+                (_tile_consumer0_traced, consumer_args),
+                (_tile_consumer1_traced, consumer_args),
+                (_tile_loader_traced, loader_args),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, 24],
         )
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+    else:
+        gl.warp_specialize(
+            [(_tile_consumer0, consumer_args), (_tile_consumer1, consumer_args), (_tile_loader, loader_args)],
+            [4, 1],
+            [CONSUMER_REGS, 24],
         )
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        q_half = q_smem.slice(WG * HALF, HALF)  # this warpgroup's 64 query rows
+    mbarrier.invalidate(q_bar)
+    for st in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(st))
+        mbarrier.invalidate(empty.index(st))
+
+
+# ---- the persistent kernel: Q double-buffered, K and V in separate rings ----
+# The per-tile kernel's trace puts ~2 block-times per tile outside the key loop (first K/V's latency, the
+# last P V, the output store, the next program's launch), none of it overlapped: one program fills an SM's
+# shared memory. Here one program per SM walks its tiles while the loader already fetches the next tile's
+# Q and K/V. Q needs two buffers for that (with one, its reload lands on the tile boundary); they fit
+# beside K and V rings of 3 + 2 stages (224 KiB) because a K stage is freed right after its Q K^T and a V
+# stage after its P V, so the shallower V ring still runs a block ahead (a joint ring of 2 does not).
+
+
+@gluon.jit
+def _persistent_loader(
+    q_desc,
+    k_desc,
+    v_desc,
+    q_smem,
+    k_smem,
+    v_smem,
+    q_ready,
+    q_empty,
+    k_ready,
+    k_empty,
+    v_ready,
+    v_empty,
+    Words,
+    Records,
+    H,
+    Mq,
+    REPS,
+    q_batch_row,
+    q_head_row,
+    q_head_col,
+    k_batch_row,
+    k_head_row,
+    k_head_col,
+    v_batch_row,
+    v_head_row,
+    v_head_col,
+    first,
+    num_tiles,
+    step,
+):
+    KS: gl.constexpr = k_smem.shape[0]
+    VS: gl.constexpr = v_smem.shape[0]
+    BM: gl.constexpr = q_smem.shape[1]
+    BN: gl.constexpr = k_smem.shape[1]
+    it = 0
+    t = 0
+    for tile in range(first, num_tiles, step):
+        # (the record is read here, not carried from the previous iteration: triton 3.6 drops a value
+        # carried across this loop and used only as the inner loop's bound, and the kernel hangs)
+        b, h, m_blk, cnt, e0 = _gl_record(Records, tile, REPS, Mq, H)
+        qb = t % 2
+        if t >= 2:  # both consumers are done with the Q of two tiles ago
+            mbarrier.wait(q_empty.index(qb), ((t // 2) - 1) & 1)
+        mbarrier.expect(q_ready.index(qb), q_desc.block_type.nbytes)
+        _tma_load(
+            q_desc,
+            [b * q_batch_row + h * q_head_row + m_blk * BM, h * q_head_col],
+            q_ready.index(qb),
+            q_smem.index(qb),
+        )
+        kr = b * k_batch_row + h * k_head_row
+        vr = b * v_batch_row + h * v_head_row
+        for j in range(cnt):
+            kn = _gl_block_id(Words, e0 + j) * BN
+            ks = it % KS
+            if it >= KS:
+                mbarrier.wait(k_empty.index(ks), ((it // KS) - 1) & 1)
+            mbarrier.expect(k_ready.index(ks), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [kr + kn, h * k_head_col], k_ready.index(ks), k_smem.index(ks))
+            vs = it % VS
+            if it >= VS:
+                mbarrier.wait(v_empty.index(vs), ((it // VS) - 1) & 1)
+            mbarrier.expect(v_ready.index(vs), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [vr + kn, h * v_head_col], v_ready.index(vs), v_smem.index(vs))
+            it += 1
+        t += 1
+
+
+@gluon.jit
+def _persistent_consume(
+    Out,
+    q_smem,
+    k_smem,
+    v_smem,
+    q_ready,
+    q_empty,
+    k_ready,
+    k_empty,
+    v_ready,
+    v_empty,
+    Words,
+    Records,
+    o_desc,
+    o_batch_row,
+    o_head_row,
+    o_head_col,
+    H,
+    Mq,
+    REPS,
+    stride_oz,
+    stride_oh,
+    stride_om,
+    N,
+    qk_scale,
+    first,
+    num_tiles,
+    step,
+    WsO,
+    WsML,
+    WG: gl.constexpr,
+):
+    dtype: gl.constexpr = q_smem.dtype
+    HALF: gl.constexpr = q_smem.shape[1] // 2
+    HEAD_DIM: gl.constexpr = q_smem.shape[2]
+    KS: gl.constexpr = k_smem.shape[0]
+    VS: gl.constexpr = v_smem.shape[0]
+    BN: gl.constexpr = k_smem.shape[1]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_zero = gl.zeros([HALF, BN], gl.float32, layout=s_layout)
+    it = 0
+    t = 0
+    b, h, m_blk, cnt, e0 = _gl_record(Records, first, REPS, Mq, H)
+    slot = _gl_slot(Records, first, REPS)
+    for tile in range(first, num_tiles, step):
+        # the next tile's record now, so that its latency hides behind this tile
+        nb, nh, nm, ncnt, ne0 = _gl_record(Records, gl.minimum(tile + step, num_tiles - 1), REPS, Mq, H)
+        nslot = _gl_slot(Records, gl.minimum(tile + step, num_tiles - 1), REPS)
+        # only the row's last block can hold keys >= N (ids ascend): its id, read now, is used at the end
+        kn_last = _gl_block_id(Words, gl.where(cnt > 0, e0 + cnt - 1, 0)) * BN
+        qb = t % 2
+        q_half = q_smem.index(qb).slice(WG * HALF, HALF)  # this warpgroup's 64 query rows
         m_i = gl.full([HALF], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([HALF], gl.float32, layout=gl.SliceLayout(1, s_layout))
         acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
-        s_zero = gl.zeros([HALF, BN], gl.float32, layout=s_layout)
-        mbarrier.wait(q_bar, 0)
+        mbarrier.wait(q_ready.index(qb), (t // 2) & 1)
         if cnt > 0:
-            kn = first * BN
-            mbarrier.wait(ready.index(0), 0)
-            if TRACE:
-                if WG == 0:
-                    _gl_stamp(Trace, trace_at + 3, 4, 0, 0)  # Q and the first K/V have arrived
-            qk = warpgroup_mma(q_half, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
-            p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, True)
+            ks = it % KS
+            mbarrier.wait(k_ready.index(ks), (it // KS) & 1)
+            qk = warpgroup_mma(q_half, k_smem.index(ks).permute((1, 0)), s_zero, use_acc=False)
+            mbarrier.arrive(k_empty.index(ks), count=1)
+            if cnt == 1:
+                p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn_last, N, qk_scale, s_layout, BN, True)
+            else:
+                p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn_last, N, qk_scale, s_layout, BN, False)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             for j in range(1, cnt):
-                stage = j % STAGES
-                prev = (j - 1) % STAGES
-                kn = _gl_block_id(Words, e0 + j) * BN
-                mbarrier.wait(ready.index(stage), (j // STAGES) & 1)
-                s_tok = warpgroup_mma(q_half, k_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                o_tok = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                itj = it + j
+                ks = itj % KS
+                vs = (itj - 1) % VS
+                mbarrier.wait(k_ready.index(ks), (itj // KS) & 1)
+                mbarrier.wait(v_ready.index(vs), ((itj - 1) // VS) & 1)
+                s_tok = warpgroup_mma(q_half, k_smem.index(ks).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                o_tok = warpgroup_mma(p_op, v_smem.index(vs), acc, is_async=True)
                 qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+                mbarrier.arrive(k_empty.index(ks), count=1)  # K of block j: this warpgroup is done
                 if j == cnt - 1:
-                    p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, True)
-                else:
-                    p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn, N, qk_scale, s_layout, BN, False)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
-                mbarrier.arrive(empty.index(prev), count=1)  # K and V of tile j-1: this warpgroup is done
-                acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
-            if TRACE:
-                if WG == 0:
-                    _gl_stamp(Trace, trace_at + 4, 4, 0, 0)  # the loop is done: the last P V and the epilogue remain
-            acc = warpgroup_mma(p_op, v_smem.index((cnt - 1) % STAGES), acc)
-        _gl_store_rows(acc, l_i, q_half, o_desc, o_row, oc, o_base, stride_om, start_m + WG * HALF, N, o_layout)
-        if TRACE:
-            _gl_stamp(Trace, trace_at + 5 + WG, 4, 0, 0)  # this warpgroup's rows are stored
-            if WG == 0:
-                _gl_stamp(Trace, trace_at + 9, 4, 1, 0)
-
-    # The partitions: constexpr arguments reach a partition as runtime values on triton 3.6, so the warpgroup
-    # number and TRACE are bound here, one wrapper per combination.
-    @gluon.jit
-    def _tile_loader(
-        k_desc,
-        v_desc,
-        q_desc,
-        q_smem,
-        k_smem,
-        v_smem,
-        q_bar,
-        ready,
-        empty,
-        Words,
-        e0,
-        cnt,
-        first,
-        q_row,
-        qc,
-        kr,
-        kc,
-        vr,
-        vc,
-        Trace,
-        trace_at,
-    ):
-        _tile_load(
-            k_desc,
-            v_desc,
-            q_desc,
-            q_smem,
-            k_smem,
-            v_smem,
-            q_bar,
-            ready,
-            empty,
-            Words,
-            e0,
-            cnt,
-            first,
-            q_row,
-            qc,
-            kr,
-            kc,
-            vr,
-            vc,
-            Trace,
-            trace_at,
-            False,
-        )
-
-    @gluon.jit
-    def _tile_loader_traced(
-        k_desc,
-        v_desc,
-        q_desc,
-        q_smem,
-        k_smem,
-        v_smem,
-        q_bar,
-        ready,
-        empty,
-        Words,
-        e0,
-        cnt,
-        first,
-        q_row,
-        qc,
-        kr,
-        kc,
-        vr,
-        vc,
-        Trace,
-        trace_at,
-    ):
-        _tile_load(
-            k_desc,
-            v_desc,
-            q_desc,
-            q_smem,
-            k_smem,
-            v_smem,
-            q_bar,
-            ready,
-            empty,
-            Words,
-            e0,
-            cnt,
-            first,
-            q_row,
-            qc,
-            kr,
-            kc,
-            vr,
-            vc,
-            Trace,
-            trace_at,
-            True,
-        )
-
-    @gluon.jit
-    def _tile_consumer0(
-        o_base,
-        stride_om,
-        o_desc,
-        o_row,
-        oc,
-        q_smem,
-        k_smem,
-        v_smem,
-        q_bar,
-        ready,
-        empty,
-        Words,
-        e0,
-        cnt,
-        first,
-        start_m,
-        N,
-        qk_scale,
-        Trace,
-        trace_at,
-    ):
-        _tile_consume(
-            o_base,
-            stride_om,
-            o_desc,
-            o_row,
-            oc,
-            q_smem,
-            k_smem,
-            v_smem,
-            q_bar,
-            ready,
-            empty,
-            Words,
-            e0,
-            cnt,
-            first,
-            start_m,
-            N,
-            qk_scale,
-            Trace,
-            trace_at,
-            False,
-            0,
-        )
-
-    @gluon.jit
-    def _tile_consumer1(
-        o_base,
-        stride_om,
-        o_desc,
-        o_row,
-        oc,
-        q_smem,
-        k_smem,
-        v_smem,
-        q_bar,
-        ready,
-        empty,
-        Words,
-        e0,
-        cnt,
-        first,
-        start_m,
-        N,
-        qk_scale,
-        Trace,
-        trace_at,
-    ):
-        _tile_consume(
-            o_base,
-            stride_om,
-            o_desc,
-            o_row,
-            oc,
-            q_smem,
-            k_smem,
-            v_smem,
-            q_bar,
-            ready,
-            empty,
-            Words,
-            e0,
-            cnt,
-            first,
-            start_m,
-            N,
-            qk_scale,
-            Trace,
-            trace_at,
-            False,
-            1,
-        )
-
-    @gluon.jit
-    def _tile_consumer0_traced(
-        o_base,
-        stride_om,
-        o_desc,
-        o_row,
-        oc,
-        q_smem,
-        k_smem,
-        v_smem,
-        q_bar,
-        ready,
-        empty,
-        Words,
-        e0,
-        cnt,
-        first,
-        start_m,
-        N,
-        qk_scale,
-        Trace,
-        trace_at,
-    ):
-        _tile_consume(
-            o_base,
-            stride_om,
-            o_desc,
-            o_row,
-            oc,
-            q_smem,
-            k_smem,
-            v_smem,
-            q_bar,
-            ready,
-            empty,
-            Words,
-            e0,
-            cnt,
-            first,
-            start_m,
-            N,
-            qk_scale,
-            Trace,
-            trace_at,
-            True,
-            0,
-        )
-
-    @gluon.jit
-    def _tile_consumer1_traced(
-        o_base,
-        stride_om,
-        o_desc,
-        o_row,
-        oc,
-        q_smem,
-        k_smem,
-        v_smem,
-        q_bar,
-        ready,
-        empty,
-        Words,
-        e0,
-        cnt,
-        first,
-        start_m,
-        N,
-        qk_scale,
-        Trace,
-        trace_at,
-    ):
-        _tile_consume(
-            o_base,
-            stride_om,
-            o_desc,
-            o_row,
-            oc,
-            q_smem,
-            k_smem,
-            v_smem,
-            q_bar,
-            ready,
-            empty,
-            Words,
-            e0,
-            cnt,
-            first,
-            start_m,
-            N,
-            qk_scale,
-            Trace,
-            trace_at,
-            True,
-            1,
-        )
-
-    # (index pointers: no alignment specialisation, as for the tl kernel; see attn_tl.INDEX_POINTERS)
-    @gluon.jit(do_not_specialize=["N", "Mq", *_ROW_TERMS], do_not_specialize_on_alignment=["Records", "Words", "Trace"])
-    def _gl_attn_tile(
-        q_desc,
-        k_desc,
-        v_desc,
-        o_desc,
-        Out,
-        Records,
-        Words,
-        Trace,
-        q_batch_row,
-        q_head_row,
-        q_head_col,
-        k_batch_row,
-        k_head_row,
-        k_head_col,
-        v_batch_row,
-        v_head_row,
-        v_head_col,
-        o_batch_row,
-        o_head_row,
-        o_head_col,
-        stride_oz,
-        stride_oh,
-        stride_om,
-        H,
-        N,
-        Mq,
-        REPS,
-        qk_scale,
-        STAGES: gl.constexpr,
-        CONSUMER_REGS: gl.constexpr,
-        TRACE: gl.constexpr,
-        num_warps: gl.constexpr,
-    ):
-        gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
-        dtype: gl.constexpr = q_desc.dtype
-        BM: gl.constexpr = q_desc.block_type.shape[0]
-        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
-        BN: gl.constexpr = k_desc.block_type.shape[0]
-        tile = gl.program_id(0)
-        trace_at = tile * 13  # TRACE: 13 int32 per program, TRACE_SLOTS
-        if TRACE:
-            _gl_stamp(Trace, trace_at, 4, 2, 0)
-            _gl_stamp(Trace, trace_at + 1, 4, 0, 0)  # the program starts
-            _gl_stamp(Trace, trace_at + 8, 4, 1, 0)
-        b, h, m_blk, cnt, e0 = _gl_record(Records, tile, REPS, Mq, H)
-        first = gl.load(Records + (tile // REPS) * 4 + 3) & 0xFFFF  # the first block id: its K/V goes out at once
-        start_m = m_blk * BM
-        if TRACE:
-            _gl_stamp(Trace, trace_at + 7, 4, 3, cnt)
-            _gl_stamp(Trace, trace_at + 10, 4, 0, 0)  # the index entries have arrived
-        # Where head (b, h) starts in each host-side row view (`_row_view`, `_row_terms`): int32 multiply-adds
-        # of terms the host divided out (64-bit divisions here lengthened every program's prologue).
-        qr = b * q_batch_row + h * q_head_row
-        kr = b * k_batch_row + h * k_head_row
-        vr = b * v_batch_row + h * v_head_row
-        o_row = b * o_batch_row + h * o_head_row
-        o_base = Out + b.to(gl.int64) * stride_oz + h.to(gl.int64) * stride_oh
-        q_smem = gl.allocate_shared_memory(dtype, [BM, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, BN, HEAD_DIM], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for st in gl.static_range(STAGES):
-            mbarrier.init(ready.index(st), count=1)
-            mbarrier.init(empty.index(st), count=2)  # one arrival per consumer warpgroup
-        if TRACE:
-            _gl_stamp(Trace, trace_at + 11, 4, 0, 0)  # barriers set up
-        consumer_args = (
-            o_base,
-            stride_om,
-            o_desc,
-            o_row,
-            h * o_head_col,
-            q_smem,
-            k_smem,
-            v_smem,
-            q_bar,
-            ready,
-            empty,
-            Words,
-            e0,
-            cnt,
-            first,
-            start_m,
-            N,
-            qk_scale,
-            Trace,
-            trace_at,
-        )
-        loader_args = (
-            k_desc,
-            v_desc,
-            q_desc,
-            q_smem,
-            k_smem,
-            v_smem,
-            q_bar,
-            ready,
-            empty,
-            Words,
-            e0,
-            cnt,
-            first,
-            qr + start_m,
-            h * q_head_col,
-            kr,
-            h * k_head_col,
-            vr,
-            h * v_head_col,
-            Trace,
-            trace_at,
-        )
-        if TRACE:
-            gl.warp_specialize(
-                [
-                    (_tile_consumer0_traced, consumer_args),
-                    (_tile_consumer1_traced, consumer_args),
-                    (_tile_loader_traced, loader_args),
-                ],
-                [4, 1],
-                [CONSUMER_REGS, 24],
-            )
-        else:
-            gl.warp_specialize(
-                [(_tile_consumer0, consumer_args), (_tile_consumer1, consumer_args), (_tile_loader, loader_args)],
-                [4, 1],
-                [CONSUMER_REGS, 24],
-            )
-        mbarrier.invalidate(q_bar)
-        for st in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(st))
-            mbarrier.invalidate(empty.index(st))
-
-    # ---- the persistent kernel: Q double-buffered, K and V in separate rings ----
-    # The per-tile kernel's trace puts ~2 block-times per tile outside the key loop (first K/V's latency, the
-    # last P V, the output store, the next program's launch), none of it overlapped: one program fills an SM's
-    # shared memory. Here one program per SM walks its tiles while the loader already fetches the next tile's
-    # Q and K/V. Q needs two buffers for that (with one, its reload lands on the tile boundary); they fit
-    # beside K and V rings of 3 + 2 stages (224 KiB) because a K stage is freed right after its Q K^T and a V
-    # stage after its P V, so the shallower V ring still runs a block ahead (a joint ring of 2 does not).
-
-    @gluon.jit
-    def _persistent_loader(
-        q_desc,
-        k_desc,
-        v_desc,
-        q_smem,
-        k_smem,
-        v_smem,
-        q_ready,
-        q_empty,
-        k_ready,
-        k_empty,
-        v_ready,
-        v_empty,
-        Words,
-        Records,
-        H,
-        Mq,
-        REPS,
-        q_batch_row,
-        q_head_row,
-        q_head_col,
-        k_batch_row,
-        k_head_row,
-        k_head_col,
-        v_batch_row,
-        v_head_row,
-        v_head_col,
-        first,
-        num_tiles,
-        step,
-    ):
-        KS: gl.constexpr = k_smem.shape[0]
-        VS: gl.constexpr = v_smem.shape[0]
-        BM: gl.constexpr = q_smem.shape[1]
-        BN: gl.constexpr = k_smem.shape[1]
-        it = 0
-        t = 0
-        for tile in range(first, num_tiles, step):
-            # (the record is read here, not carried from the previous iteration: triton 3.6 drops a value
-            # carried across this loop and used only as the inner loop's bound, and the kernel hangs)
-            b, h, m_blk, cnt, e0 = _gl_record(Records, tile, REPS, Mq, H)
-            qb = t % 2
-            if t >= 2:  # both consumers are done with the Q of two tiles ago
-                mbarrier.wait(q_empty.index(qb), ((t // 2) - 1) & 1)
-            mbarrier.expect(q_ready.index(qb), q_desc.block_type.nbytes)
-            _tma_load(
-                q_desc,
-                [b * q_batch_row + h * q_head_row + m_blk * BM, h * q_head_col],
-                q_ready.index(qb),
-                q_smem.index(qb),
-            )
-            kr = b * k_batch_row + h * k_head_row
-            vr = b * v_batch_row + h * v_head_row
-            for j in range(cnt):
-                kn = _gl_block_id(Words, e0 + j) * BN
-                ks = it % KS
-                if it >= KS:
-                    mbarrier.wait(k_empty.index(ks), ((it // KS) - 1) & 1)
-                mbarrier.expect(k_ready.index(ks), k_desc.block_type.nbytes)
-                _tma_load(k_desc, [kr + kn, h * k_head_col], k_ready.index(ks), k_smem.index(ks))
-                vs = it % VS
-                if it >= VS:
-                    mbarrier.wait(v_empty.index(vs), ((it // VS) - 1) & 1)
-                mbarrier.expect(v_ready.index(vs), v_desc.block_type.nbytes)
-                _tma_load(v_desc, [vr + kn, h * v_head_col], v_ready.index(vs), v_smem.index(vs))
-                it += 1
-            t += 1
-
-    @gluon.jit
-    def _persistent_consume(
-        Out,
-        q_smem,
-        k_smem,
-        v_smem,
-        q_ready,
-        q_empty,
-        k_ready,
-        k_empty,
-        v_ready,
-        v_empty,
-        Words,
-        Records,
-        o_desc,
-        o_batch_row,
-        o_head_row,
-        o_head_col,
-        H,
-        Mq,
-        REPS,
-        stride_oz,
-        stride_oh,
-        stride_om,
-        N,
-        qk_scale,
-        first,
-        num_tiles,
-        step,
-        WsO,
-        WsML,
-        WG: gl.constexpr,
-    ):
-        dtype: gl.constexpr = q_smem.dtype
-        HALF: gl.constexpr = q_smem.shape[1] // 2
-        HEAD_DIM: gl.constexpr = q_smem.shape[2]
-        KS: gl.constexpr = k_smem.shape[0]
-        VS: gl.constexpr = v_smem.shape[0]
-        BN: gl.constexpr = k_smem.shape[1]
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 16]
-        )
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
-        )
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        s_zero = gl.zeros([HALF, BN], gl.float32, layout=s_layout)
-        it = 0
-        t = 0
-        b, h, m_blk, cnt, e0 = _gl_record(Records, first, REPS, Mq, H)
-        slot = _gl_slot(Records, first, REPS)
-        for tile in range(first, num_tiles, step):
-            # the next tile's record now, so that its latency hides behind this tile
-            nb, nh, nm, ncnt, ne0 = _gl_record(Records, gl.minimum(tile + step, num_tiles - 1), REPS, Mq, H)
-            nslot = _gl_slot(Records, gl.minimum(tile + step, num_tiles - 1), REPS)
-            # only the row's last block can hold keys >= N (ids ascend): its id, read now, is used at the end
-            kn_last = _gl_block_id(Words, gl.where(cnt > 0, e0 + cnt - 1, 0)) * BN
-            qb = t % 2
-            q_half = q_smem.index(qb).slice(WG * HALF, HALF)  # this warpgroup's 64 query rows
-            m_i = gl.full([HALF], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-            l_i = gl.zeros([HALF], gl.float32, layout=gl.SliceLayout(1, s_layout))
-            acc = gl.zeros([HALF, HEAD_DIM], gl.float32, layout=o_layout)
-            mbarrier.wait(q_ready.index(qb), (t // 2) & 1)
-            if cnt > 0:
-                ks = it % KS
-                mbarrier.wait(k_ready.index(ks), (it // KS) & 1)
-                qk = warpgroup_mma(q_half, k_smem.index(ks).permute((1, 0)), s_zero, use_acc=False)
-                mbarrier.arrive(k_empty.index(ks), count=1)
-                if cnt == 1:
                     p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn_last, N, qk_scale, s_layout, BN, True)
                 else:
                     p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn_last, N, qk_scale, s_layout, BN, False)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
+                mbarrier.arrive(v_empty.index(vs), count=1)  # V of block j-1
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
-                for j in range(1, cnt):
-                    itj = it + j
-                    ks = itj % KS
-                    vs = (itj - 1) % VS
-                    mbarrier.wait(k_ready.index(ks), (itj // KS) & 1)
-                    mbarrier.wait(v_ready.index(vs), ((itj - 1) // VS) & 1)
-                    s_tok = warpgroup_mma(
-                        q_half, k_smem.index(ks).permute((1, 0)), s_zero, use_acc=False, is_async=True
-                    )
-                    o_tok = warpgroup_mma(p_op, v_smem.index(vs), acc, is_async=True)
-                    qk = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-                    mbarrier.arrive(k_empty.index(ks), count=1)  # K of block j: this warpgroup is done
-                    if j == cnt - 1:
-                        p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn_last, N, qk_scale, s_layout, BN, True)
-                    else:
-                        p, alpha, m_i, l_i = _gl_softmax(qk, m_i, l_i, kn_last, N, qk_scale, s_layout, BN, False)
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
-                    mbarrier.arrive(v_empty.index(vs), count=1)  # V of block j-1
-                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-                    p_op = gl.convert_layout(p.to(dtype), p_layout)
-                vs = (it + cnt - 1) % VS
-                mbarrier.wait(v_ready.index(vs), ((it + cnt - 1) // VS) & 1)
-                acc = warpgroup_mma(p_op, v_smem.index(vs), acc)
-                mbarrier.arrive(v_empty.index(vs), count=1)
-                it += cnt
-            if slot >= 0:  # a piece of a split tile: split_merge._merge_splits finishes its rows
-                _gl_store_partial(acc, m_i, l_i, WsO, WsML, slot, WG, o_layout, s_layout)
-            else:
-                # (staged in the tile's own Q buffer, which goes back to the loader only after the store: two
-                # tiles before it is needed again)
-                _gl_store_rows(
-                    acc,
-                    l_i,
-                    q_half,
-                    o_desc,
-                    b * o_batch_row + h * o_head_row,
-                    h * o_head_col,
-                    Out + b.to(gl.int64) * stride_oz + h.to(gl.int64) * stride_oh,
-                    stride_om,
-                    m_blk * (2 * HALF) + WG * HALF,
-                    N,
-                    o_layout,
-                )
-            mbarrier.arrive(q_empty.index(qb), count=1)
-            b, h, m_blk, cnt, e0, slot = nb, nh, nm, ncnt, ne0, nslot
-            t += 1
+            vs = (it + cnt - 1) % VS
+            mbarrier.wait(v_ready.index(vs), ((it + cnt - 1) // VS) & 1)
+            acc = warpgroup_mma(p_op, v_smem.index(vs), acc)
+            mbarrier.arrive(v_empty.index(vs), count=1)
+            it += cnt
+        if slot >= 0:  # a piece of a split tile: split_merge._merge_splits finishes its rows
+            _gl_store_partial(acc, m_i, l_i, WsO, WsML, slot, WG, o_layout, s_layout)
+        else:
+            # (staged in the tile's own Q buffer, which goes back to the loader only after the store: two
+            # tiles before it is needed again)
+            _gl_store_rows(
+                acc,
+                l_i,
+                q_half,
+                o_desc,
+                b * o_batch_row + h * o_head_row,
+                h * o_head_col,
+                Out + b.to(gl.int64) * stride_oz + h.to(gl.int64) * stride_oh,
+                stride_om,
+                m_blk * (2 * HALF) + WG * HALF,
+                N,
+                o_layout,
+            )
+        mbarrier.arrive(q_empty.index(qb), count=1)
+        b, h, m_blk, cnt, e0, slot = nb, nh, nm, ncnt, ne0, nslot
+        t += 1
 
-    @gluon.jit
-    def _persistent_consumer0(
+
+@gluon.jit
+def _persistent_consumer0(
+    Out,
+    q_smem,
+    k_smem,
+    v_smem,
+    q_ready,
+    q_empty,
+    k_ready,
+    k_empty,
+    v_ready,
+    v_empty,
+    Words,
+    Records,
+    o_desc,
+    o_batch_row,
+    o_head_row,
+    o_head_col,
+    H,
+    Mq,
+    REPS,
+    stride_oz,
+    stride_oh,
+    stride_om,
+    N,
+    qk_scale,
+    first,
+    num_tiles,
+    step,
+    WsO,
+    WsML,
+):
+    _persistent_consume(
         Out,
         q_smem,
         k_smem,
@@ -990,119 +1027,191 @@ if HAVE_GLUON:
         step,
         WsO,
         WsML,
-    ):
-        _persistent_consume(
-            Out,
-            q_smem,
-            k_smem,
-            v_smem,
-            q_ready,
-            q_empty,
-            k_ready,
-            k_empty,
-            v_ready,
-            v_empty,
-            Words,
-            Records,
-            o_desc,
-            o_batch_row,
-            o_head_row,
-            o_head_col,
-            H,
-            Mq,
-            REPS,
-            stride_oz,
-            stride_oh,
-            stride_om,
-            N,
-            qk_scale,
-            first,
-            num_tiles,
-            step,
-            WsO,
-            WsML,
-            0,
-        )
-
-    @gluon.jit
-    def _persistent_consumer1(
-        Out,
-        q_smem,
-        k_smem,
-        v_smem,
-        q_ready,
-        q_empty,
-        k_ready,
-        k_empty,
-        v_ready,
-        v_empty,
-        Words,
-        Records,
-        o_desc,
-        o_batch_row,
-        o_head_row,
-        o_head_col,
-        H,
-        Mq,
-        REPS,
-        stride_oz,
-        stride_oh,
-        stride_om,
-        N,
-        qk_scale,
-        first,
-        num_tiles,
-        step,
-        WsO,
-        WsML,
-    ):
-        _persistent_consume(
-            Out,
-            q_smem,
-            k_smem,
-            v_smem,
-            q_ready,
-            q_empty,
-            k_ready,
-            k_empty,
-            v_ready,
-            v_empty,
-            Words,
-            Records,
-            o_desc,
-            o_batch_row,
-            o_head_row,
-            o_head_col,
-            H,
-            Mq,
-            REPS,
-            stride_oz,
-            stride_oh,
-            stride_om,
-            N,
-            qk_scale,
-            first,
-            num_tiles,
-            step,
-            WsO,
-            WsML,
-            1,
-        )
-
-    @gluon.jit(
-        do_not_specialize=["N", "Mq", "num_tiles", *_ROW_TERMS],
-        do_not_specialize_on_alignment=["Records", "Words", "WsO", "WsML"],
+        0,
     )
-    def _gl_attn_persistent(
+
+
+@gluon.jit
+def _persistent_consumer1(
+    Out,
+    q_smem,
+    k_smem,
+    v_smem,
+    q_ready,
+    q_empty,
+    k_ready,
+    k_empty,
+    v_ready,
+    v_empty,
+    Words,
+    Records,
+    o_desc,
+    o_batch_row,
+    o_head_row,
+    o_head_col,
+    H,
+    Mq,
+    REPS,
+    stride_oz,
+    stride_oh,
+    stride_om,
+    N,
+    qk_scale,
+    first,
+    num_tiles,
+    step,
+    WsO,
+    WsML,
+):
+    _persistent_consume(
+        Out,
+        q_smem,
+        k_smem,
+        v_smem,
+        q_ready,
+        q_empty,
+        k_ready,
+        k_empty,
+        v_ready,
+        v_empty,
+        Words,
+        Records,
+        o_desc,
+        o_batch_row,
+        o_head_row,
+        o_head_col,
+        H,
+        Mq,
+        REPS,
+        stride_oz,
+        stride_oh,
+        stride_om,
+        N,
+        qk_scale,
+        first,
+        num_tiles,
+        step,
+        WsO,
+        WsML,
+        1,
+    )
+
+
+@gluon.jit(
+    do_not_specialize=["N", "Mq", "num_tiles", *_ROW_TERMS],
+    do_not_specialize_on_alignment=["Records", "Words", "WsO", "WsML"],
+)
+def _gl_attn_persistent(
+    q_desc,
+    k_desc,
+    v_desc,
+    o_desc,
+    Out,
+    Records,
+    Words,
+    WsO,
+    WsML,
+    q_batch_row,
+    q_head_row,
+    q_head_col,
+    k_batch_row,
+    k_head_row,
+    k_head_col,
+    v_batch_row,
+    v_head_row,
+    v_head_col,
+    o_batch_row,
+    o_head_row,
+    o_head_col,
+    stride_oz,
+    stride_oh,
+    stride_om,
+    H,
+    N,
+    Mq,
+    REPS,
+    num_tiles,
+    qk_scale,
+    K_STAGES: gl.constexpr,
+    V_STAGES: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
+    LOADER_REGS: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+    dtype: gl.constexpr = q_desc.dtype
+    BM: gl.constexpr = q_desc.block_type.shape[0]
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+    BN: gl.constexpr = k_desc.block_type.shape[0]
+    first = gl.program_id(0)
+    step = gl.num_programs(0)
+    q_smem = gl.allocate_shared_memory(dtype, [2, BM, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BN, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BN, HEAD_DIM], v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer warpgroup
+    for i in gl.static_range(K_STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+    for i in gl.static_range(V_STAGES):
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=2)
+    consumer_args = (
+        Out,
+        q_smem,
+        k_smem,
+        v_smem,
+        q_ready,
+        q_empty,
+        k_ready,
+        k_empty,
+        v_ready,
+        v_empty,
+        Words,
+        Records,
+        o_desc,
+        o_batch_row,
+        o_head_row,
+        o_head_col,
+        H,
+        Mq,
+        REPS,
+        stride_oz,
+        stride_oh,
+        stride_om,
+        N,
+        qk_scale,
+        first,
+        num_tiles,
+        step,
+        WsO,
+        WsML,
+    )
+    loader_args = (
         q_desc,
         k_desc,
         v_desc,
-        o_desc,
-        Out,
-        Records,
+        q_smem,
+        k_smem,
+        v_smem,
+        q_ready,
+        q_empty,
+        k_ready,
+        k_empty,
+        v_ready,
+        v_empty,
         Words,
-        WsO,
-        WsML,
+        Records,
+        H,
+        Mq,
+        REPS,
         q_batch_row,
         q_head_row,
         q_head_col,
@@ -1112,149 +1221,60 @@ if HAVE_GLUON:
         v_batch_row,
         v_head_row,
         v_head_col,
-        o_batch_row,
-        o_head_row,
-        o_head_col,
-        stride_oz,
-        stride_oh,
-        stride_om,
-        H,
-        N,
-        Mq,
-        REPS,
+        first,
         num_tiles,
-        qk_scale,
-        K_STAGES: gl.constexpr,
-        V_STAGES: gl.constexpr,
-        CONSUMER_REGS: gl.constexpr,
-        LOADER_REGS: gl.constexpr,
-        num_warps: gl.constexpr,
-    ):
-        gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
-        dtype: gl.constexpr = q_desc.dtype
-        BM: gl.constexpr = q_desc.block_type.shape[0]
-        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
-        BN: gl.constexpr = k_desc.block_type.shape[0]
-        first = gl.program_id(0)
-        step = gl.num_programs(0)
-        q_smem = gl.allocate_shared_memory(dtype, [2, BM, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BN, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BN, HEAD_DIM], v_desc.layout)
-        q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(q_ready.index(i), count=1)
-            mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer warpgroup
-        for i in gl.static_range(K_STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)
-        for i in gl.static_range(V_STAGES):
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(v_empty.index(i), count=2)
-        consumer_args = (
-            Out,
-            q_smem,
-            k_smem,
-            v_smem,
-            q_ready,
-            q_empty,
-            k_ready,
-            k_empty,
-            v_ready,
-            v_empty,
-            Words,
-            Records,
-            o_desc,
-            o_batch_row,
-            o_head_row,
-            o_head_col,
-            H,
-            Mq,
-            REPS,
-            stride_oz,
-            stride_oh,
-            stride_om,
-            N,
-            qk_scale,
-            first,
-            num_tiles,
-            step,
-            WsO,
-            WsML,
-        )
-        loader_args = (
-            q_desc,
-            k_desc,
-            v_desc,
-            q_smem,
-            k_smem,
-            v_smem,
-            q_ready,
-            q_empty,
-            k_ready,
-            k_empty,
-            v_ready,
-            v_empty,
-            Words,
-            Records,
-            H,
-            Mq,
-            REPS,
-            q_batch_row,
-            q_head_row,
-            q_head_col,
-            k_batch_row,
-            k_head_row,
-            k_head_col,
-            v_batch_row,
-            v_head_row,
-            v_head_col,
-            first,
-            num_tiles,
-            step,
-        )
-        gl.warp_specialize(
-            [
-                (_persistent_consumer0, consumer_args),
-                (_persistent_consumer1, consumer_args),
-                (_persistent_loader, loader_args),
-            ],
-            [4, 1],
-            [CONSUMER_REGS, LOADER_REGS],
-        )
-        for i in gl.static_range(2):
-            mbarrier.invalidate(q_ready.index(i))
-            mbarrier.invalidate(q_empty.index(i))
-        for i in gl.static_range(K_STAGES):
-            mbarrier.invalidate(k_ready.index(i))
-            mbarrier.invalidate(k_empty.index(i))
-        for i in gl.static_range(V_STAGES):
-            mbarrier.invalidate(v_ready.index(i))
-            mbarrier.invalidate(v_empty.index(i))
+        step,
+    )
+    gl.warp_specialize(
+        [
+            (_persistent_consumer0, consumer_args),
+            (_persistent_consumer1, consumer_args),
+            (_persistent_loader, loader_args),
+        ],
+        [4, 1],
+        [CONSUMER_REGS, LOADER_REGS],
+    )
+    for i in gl.static_range(2):
+        mbarrier.invalidate(q_ready.index(i))
+        mbarrier.invalidate(q_empty.index(i))
+    for i in gl.static_range(K_STAGES):
+        mbarrier.invalidate(k_ready.index(i))
+        mbarrier.invalidate(k_empty.index(i))
+    for i in gl.static_range(V_STAGES):
+        mbarrier.invalidate(v_ready.index(i))
+        mbarrier.invalidate(v_empty.index(i))
 
 
 def supports(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: tuple[int, int], *, return_lse: bool = False
 ) -> bool:
     """Whether the Gluon kernels take this call (else `dispatch` runs the `tl` kernel)."""
-    if not HAVE_GLUON or return_lse or q.device.type != "cuda":
-        return False
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
-        return False
-    if tuple(block_size) != (BLOCK, BLOCK) or q.dtype not in (torch.bfloat16, torch.float16):
-        return False
+    return why_not(q, k, v, block_size, return_lse=return_lse) is None
+
+
+def why_not(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: tuple[int, int], *, return_lse: bool = False
+) -> str | None:
+    """Why the Gluon kernels cannot take this call (what a fallback's record and warning say); None: they can."""
+    if q.device.type != "cuda":
+        return f"Gluon runs on CUDA GPUs, not {q.device.type}"
+    if return_lse:
+        return "the call needs the row log-sum-exp, which the Gluon kernels do not return"
+    cap = torch.cuda.get_device_capability(q.device)
+    if cap[0] != 9:
+        return f"the Gluon kernels are sm_90 code; this GPU is sm_{cap[0]}{cap[1]}"
+    if tuple(block_size) != (BLOCK, BLOCK):
+        return f"block {tuple(block_size)} (the Gluon kernels take {BLOCK} x {BLOCK})"
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype} (the Gluon kernels take bf16 or fp16)"
     if q.shape[-1] not in (64, 128):
-        return False
-    for t in (q, k, v):
+        return f"head dim {q.shape[-1]} (the Gluon kernels take 64 or 128)"
+    for name, t in zip("qkv", (q, k, v), strict=True):
         if t.stride(-1) != 1 or (t.stride(2) * t.element_size()) % 16 or t.data_ptr() % 16:
-            return False
+            return f"{name} is not TMA-aligned (unit last stride, 16-byte rows and base)"
         if not _row_view_ok(t):  # host-side descriptors over a [rows, stride_n] view
-            return False
-    return True
+            return f"{name}'s heads do not start on rows of its memory (strides {tuple(t.stride())})"
+    return None
 
 
 def _row_view_ok(t: torch.Tensor) -> bool:
@@ -1480,7 +1500,7 @@ GLUON_TILE = KernelConfig(kernel="gluon_tile", num_stages=DEFAULT_STAGES, num_wa
 def takes_shape(capability: tuple[int, int], block_size: tuple[int, int], head_dim: int) -> bool:
     """Whether the Gluon kernels can serve a model of this GPU, block size and head dim at all (`supports`
     also checks a call's dtype and layout)."""
-    return HAVE_GLUON and capability[0] == 9 and tuple(block_size) == (BLOCK, BLOCK) and head_dim in (64, 128)
+    return capability[0] == 9 and tuple(block_size) == (BLOCK, BLOCK) and head_dim in (64, 128)
 
 
 def candidate_configs(
@@ -1521,6 +1541,25 @@ def cached_records(index: BlockIndex, device: torch.device, persistent: bool, re
     return index.derived[key]
 
 
+def compile_failure(e: BaseException) -> bool:
+    """Whether `e` comes from making the kernel's binary, not from running it: triton's compile errors (its
+    front end's CompilationError, ptxas, a binary that needs more shared memory than the GPU has), or any
+    error raised inside triton's compiler package (an MLIR pass fails with a plain RuntimeError,
+    "PassManager::run failed")."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    if isinstance(e, (CompilationError, PTXASError, OutOfResources)):
+        return True
+    compiler_dir = os.path.dirname(triton.compiler.__file__) + os.sep
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(compiler_dir):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 class GluonBackend:
     """The Gluon kernels as a `dispatch` backend."""
 
@@ -1538,9 +1577,9 @@ class GluonBackend:
 
     def launch(self, q, k, v, index, *, block_size, scale, out, config, return_lse):
         """Raises `BackendUnavailable` when the installed triton fails to compile the kernel (a Gluon API the
-        kernel does not know): that happens before anything runs on the GPU."""
-        from triton.compiler.errors import CompilationError
-
+        kernel does not know, an MLIR pass, ptxas) or the binary does not fit the GPU: that happens before
+        anything runs on the GPU (`compile_failure`). Out of memory and CUDA errors of the launch propagate:
+        they say nothing about the backend."""
         out = check_attention_call(q, k, v, index, block_size, out)
         counts, offsets, ids, id_words, schedule = index_on_device(index, q.device)
         words = ids if id_words else index_words(ids)  # the Gluon kernel reads int16 ids only
@@ -1562,14 +1601,16 @@ class GluonBackend:
                 records=records,
                 splits=splits,
             )
-        except (CompilationError, RuntimeError) as e:
+        except Exception as e:
+            if not compile_failure(e):
+                raise
             raise BackendUnavailable(
-                f"the Gluon kernel failed to compile with triton {triton.__version__} "
+                f"the Gluon kernel failed to compile or fit with triton {triton.__version__} "
                 f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
             ) from e
 
     def kernel_fns(self) -> list:
-        return [kernel_fn(persistent=True), kernel_fn(persistent=False)] if HAVE_GLUON else []
+        return [kernel_fn(persistent=True), kernel_fn(persistent=False)]
 
     def aot_source(self, config, dtype, block_size, head_dim, capability, return_lse=False):
         from triton.experimental.gluon._runtime import GluonASTSource

@@ -8,13 +8,17 @@ backend's default config. Adding a backend is one module that defines a `BACKEND
 members, and one `_register` line below.
 
 Nothing falls back silently: when the config's backend cannot take a call, or a "cpu"/"reference" path runs
-because Triton cannot, the fallback is logged at WARNING (once per kind) and counted. `what_ran()` tells,
-per operation, how many calls each backend ran, the latest one, and the fallbacks; `reset_what_ran()`
-starts over (a benchmark or a test that wants to know what its calls ran).
+because Triton cannot, the fallback is logged at WARNING (once per kind) and counted; inside
+`strict_fallbacks()` it raises `KernelFallback` instead (`generate --strict`, and the tuner, which must not
+time one kernel under another's name). `what_ran()` tells, per operation, how many calls each backend ran,
+the latest one, and the fallbacks, and per scope (`set_scope`: a generate run's (bucket, layer)) which
+attention kernel ran and how many of the blocks it could have computed it did; `reset_what_ran()` starts
+over (a benchmark or a test that wants to know what its calls ran).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections import Counter
@@ -27,7 +31,7 @@ from . import block_mass as _block_mass
 from . import linear_gelu as _linear_gelu
 from . import norm_rope as _norm_rope
 from . import split_merge as _split_merge
-from ._common import BackendUnavailable, KernelConfig, triton_usable
+from ._common import BackendUnavailable, KernelConfig, KernelFallback, triton_usable
 from .index import BlockIndex, mask_to_index
 
 log = logging.getLogger("calibatt.kernels")
@@ -126,25 +130,68 @@ _disabled: dict[str, str] = {}  # backend -> why it cannot run in this process (
 
 
 class RunRecord:
-    """Per process: calls per (operation, what ran), the latest per operation, and the fallbacks."""
+    """Per process: calls per (operation, what ran), the latest per operation, the fallbacks, and per scope
+    the attention kernels that ran and the blocks they computed."""
 
     def __init__(self) -> None:
         self.calls: Counter = Counter()  # (op, ran) -> calls; ran: a KernelConfig.kernel or a backend name
         self.last: dict[str, str] = {}  # op -> what ran its latest call
         self.fallbacks: Counter = Counter()  # (op, wanted, ran, reason) -> calls
+        self.scoped: Counter = Counter()  # (scope, ran) -> attention calls
+        # scope -> {"total": blocks of its calls, and the blocks they computed as device tensors (summing the
+        # counts must not wait for the GPU): "per_index": {id: [a plan index's sum, calls x batch repeats]},
+        # "running": the sum of the one-call indexes'}
+        self.blocks: dict = {}
+        self.strict = False  # a fallback raises KernelFallback (strict_fallbacks)
         self._warned: set = set()
 
     def note(self, op: str, ran: str) -> None:
         self.calls[op, ran] += 1
         self.last[op] = ran
 
+    def note_attention(self, ran: str, q: torch.Tensor, index: BlockIndex, block_size: tuple[int, int]) -> None:
+        """An attention call that ran `ran`, under the current scope, with the blocks its index lists out of
+        all B x H x Mq x Mk. The listed blocks are summed on the index's device, never waited for: a plan's
+        index (kept alive by the plan) sums once and is counted per call here; an index made for one call
+        (the custom op's) adds its sum to the scope's running total, one small kernel."""
+        self.note("attention", ran)
+        self.scoped[_scope, ran] += 1
+        B, H, N, _ = q.shape
+        mq, mk = -(-N // block_size[0]), -(-N // block_size[1])
+        reps = B // index.counts.shape[0]
+        entry = self.blocks.setdefault(_scope, {"total": 0, "per_index": {}, "running": None})
+        entry["total"] += B * H * mq * mk
+        kept = index.derived.get("kept_blocks")
+        if kept is not None or index.derived.get("seen"):
+            if kept is None:
+                kept = index.derived["kept_blocks"] = index.counts.sum(dtype=torch.int64)
+            held = entry["per_index"].setdefault(id(kept), [kept, 0])
+            held[1] += reps
+            return
+        index.derived["seen"] = True  # a second call with this index object: it lives on, sum it once
+        kept = index.counts.sum(dtype=torch.int64) * reps
+        running = entry["running"]
+        entry["running"] = kept if running is None else running.add_(kept.to(running.device))
+
     def fallback(self, op: str, wanted: str, ran: str, reason: str) -> None:
+        where = "" if _scope is None else f" at {_scope_label(_scope)}"
+        if self.strict:
+            raise KernelFallback(f"{op}{where} wanted {wanted} but would run {ran} ({reason})")
         self.fallbacks[op, wanted, ran, reason] += 1
         if (op, wanted, ran, reason) not in self._warned:
             self._warned.add((op, wanted, ran, reason))
-            log.warning("calibatt_kernels: %s wanted %s, ran %s instead (%s); same results", op, wanted, ran, reason)
+            log.warning(
+                "calibatt_kernels: %s%s wanted %s, ran %s instead (%s); same results", op, where, wanted, ran, reason
+            )
 
     def snapshot(self) -> dict:
+        scopes = {}
+        for (key, ran), n in self.scoped.items():
+            scopes.setdefault(key, {"scope": key, "ran": {}})["ran"][ran] = n
+        for key, entry in self.blocks.items():
+            kept = sum(int(t) * n for t, n in entry["per_index"].values())
+            kept += 0 if entry["running"] is None else int(entry["running"])
+            scopes[key].update(blocks=kept, total_blocks=entry["total"])
         return {
             "calls": {f"{op}:{ran}": n for (op, ran), n in self.calls.items()},
             "last": dict(self.last),
@@ -152,12 +199,15 @@ class RunRecord:
                 {"op": op, "wanted": w, "ran": r, "reason": why, "calls": n}
                 for (op, w, r, why), n in self.fallbacks.items()
             ],
+            "scopes": list(scopes.values()),
         }
 
     def reset(self) -> None:
         self.calls.clear()
         self.last.clear()
         self.fallbacks.clear()
+        self.scoped.clear()
+        self.blocks.clear()
 
 
 RECORD = RunRecord()
@@ -180,9 +230,50 @@ def _on_tensor_device(fn):
 
 def what_ran() -> dict:
     """{"calls": {"attention:gluon_persistent": 40, "block_mass:triton": 3, ...}, "last": {op: what ran},
-    "fallbacks": [{"op", "wanted", "ran", "reason", "calls"}, ...]} since the process started (or
-    `reset_what_ran`)."""
+    "fallbacks": [{"op", "wanted", "ran", "reason", "calls"}, ...], "scopes": [{"scope": key, "ran": {kernel:
+    calls}, "blocks": computed, "total_blocks": all}, ...]} since the process started (or `reset_what_ran`).
+    Reading "scopes" waits for the GPU (the block counts are summed there)."""
     return RECORD.snapshot()
+
+
+# The scope later attention calls are attributed to (set_scope). A plain global, read when a kernel runs: the
+# custom op (ops.py) is opaque to torch.compile and runs eagerly, so it sees the value set before it even
+# inside a compiled graph.
+_scope = None
+
+
+def set_scope(key) -> None:
+    """Attribute the attention calls that follow to `key` (a generate run: (bucket, layer); None: none).
+
+    Not while torch.compile traces: dynamo would replay the assignment after its graph, i.e. after the
+    kernels it should label. Call it outside compiled code, or guard the call with
+    `torch.compiler.is_compiling()` (so that the key's values are not read, and guarded on, while tracing)."""
+    global _scope
+    if not torch.compiler.is_compiling():
+        _scope = key
+
+
+def scope():
+    """The current scope (set_scope)."""
+    return _scope
+
+
+def _scope_label(key) -> str:
+    if isinstance(key, tuple) and len(key) == 2:
+        return f"bucket {key[0]}, layer {'*' if key[1] is None else key[1]}"
+    return str(key)
+
+
+@contextlib.contextmanager
+def strict_fallbacks(on: bool = True):
+    """While active (with `on`), a fallback raises KernelFallback (naming what fell back, where and why)
+    instead of running the other backend."""
+    prev = RECORD.strict
+    RECORD.strict = prev or on
+    try:
+        yield
+    finally:
+        RECORD.strict = prev
 
 
 def reset_what_ran() -> None:
@@ -205,9 +296,11 @@ def _takes(backend: AttentionBackend, q, k, v, block_size, return_lse) -> bool:
     return backend.name not in _disabled and backend.supports(q, k, v, block_size, return_lse=return_lse)
 
 
-def _why_not(backend_name: str, q: torch.Tensor) -> str:
+def _why_not(backend_name: str, q: torch.Tensor, k=None, v=None, block_size=None, return_lse=False) -> str:
     if backend_name in _disabled:
         return _disabled[backend_name]
+    if backend_name == "gluon" and k is not None:
+        return attn_gluon.why_not(q, k, v, block_size, return_lse=return_lse) or "the Gluon kernel refused the call"
     if backend_name in ("tl", "triton"):
         if not triton_usable(q.device):
             return f"Triton unavailable for {q.device.type}"
@@ -234,7 +327,7 @@ def block_sparse_attention_indexed(
     the call, with its default); the PyTorch paths ignore it. `return_lse`: also return each row's
     log-sum-exp, float32 [B, H, N] (-inf for rows with no block)."""
     block_size = tuple(block_size)
-    wanted = None
+    wanted = None  # (the kernel the call asked for, why it cannot run) once it cannot
     if config is not None:
         backend = BACKENDS[config.backend]
         if _takes(backend, q, k, v, block_size, return_lse):
@@ -242,31 +335,32 @@ def block_sparse_attention_indexed(
                 res = backend.launch(
                     q, k, v, index, block_size=block_size, scale=scale, out=out, config=config, return_lse=return_lse
                 )
-                RECORD.note("attention", config.kernel)
+                RECORD.note_attention(config.kernel, q, index, block_size)
                 return res
             except BackendUnavailable as e:
                 _disabled[backend.name] = str(e)
-        wanted = (config.kernel, _why_not(backend.name, q))
+        wanted = (config.kernel, _why_not(backend.name, q, k, v, block_size, return_lse))
     for backend in BACKENDS.values():
         if wanted is not None and config is not None and backend.name == config.backend:
             continue
         if not _takes(backend, q, k, v, block_size, return_lse):
             continue
         cfg = backend.default_config(q.device, block_size)
-        try:
-            res = backend.launch(
-                q, k, v, index, block_size=block_size, scale=scale, out=out, config=cfg, return_lse=return_lse
-            )
-        except BackendUnavailable as e:
-            _disabled[backend.name] = str(e)
-            wanted = wanted or (_ran_name(backend, cfg), str(e))
-            continue
         ran = _ran_name(backend, cfg)
+        # recorded before the launch, so that under strict_fallbacks nothing but the asked-for kernel runs
         if wanted is not None:
             RECORD.fallback("attention", wanted[0], ran, wanted[1])
         elif backend.is_fallback and q.is_cuda:  # on the CPU the PyTorch paths are the design, not a fallback
             RECORD.fallback("attention", "triton", ran, _why_not("triton", q))
-        RECORD.note("attention", ran)
+        try:
+            res = backend.launch(
+                q, k, v, index, block_size=block_size, scale=scale, out=out, config=cfg, return_lse=return_lse
+            )
+        except BackendUnavailable as e:  # (only the Gluon backend raises it, and it is first: no fallback yet)
+            _disabled[backend.name] = str(e)
+            wanted = wanted or (ran, str(e))
+            continue
+        RECORD.note_attention(ran, q, index, block_size)
         return res
     raise RuntimeError("no attention backend takes this call")  # unreachable: the reference takes every call
 
@@ -294,6 +388,34 @@ def default_config(device: torch.device, block_size: tuple[int, int], head_dim: 
     if device.type == "cuda" and attn_gluon.takes_shape(torch.cuda.get_device_capability(device), block_size, head_dim):
         return attn_gluon.GLUON_PERSISTENT
     return attn_tl.default_config(device, block_size)
+
+
+def attention_backend(
+    device: torch.device,
+    block_size: tuple[int, int],
+    head_dim: int,
+    dtype: torch.dtype | None = None,
+    *,
+    return_lse: bool = False,
+) -> str:
+    """The backend a model's attention calls run on here when they bring no config ("gluon", "tl", "cpu" or
+    "reference"): what a cache manifest says will run, decided as `block_sparse_attention_indexed` decides
+    (for calls in the layouts models hand over)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if (
+            "gluon" not in _disabled
+            and attn_gluon.takes_shape(cap, block_size, head_dim)
+            and dtype in (None, torch.bfloat16, torch.float16)
+            and not return_lse
+        ):
+            return "gluon"
+    if triton_usable(device) and head_dim in (64, 128):
+        return "tl"
+    if device.type == "cpu" and not return_lse:
+        return "cpu"
+    return "reference"
 
 
 def candidate_configs(
@@ -339,10 +461,7 @@ def kernel_names() -> frozenset[str]:
         _norm_rope.kernel_fn(),
         _split_merge.kernel_fn(),
     ]
-    names = {fn.__name__ for fn in fns}
-    if not attn_gluon.HAVE_GLUON:  # their names all the same: a cache made where Gluon exists holds them
-        names |= {"_gl_attn_tile", "_gl_attn_persistent"}
-    return frozenset(names)
+    return frozenset(fn.__name__ for fn in fns)
 
 
 def prewarm_attention(
@@ -433,35 +552,44 @@ def qk_norm_rope(
     *,
     heads: int,
     eps: float,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Wan's q/k preparation: RMS norm of q and k [B, N, C] over their C channels, then the interleaved
-    rotary embedding (cos, sin: [1, N, 1, D] or [N, D]). Returns contiguous [B, N, heads, D] tensors."""
+    rotary embedding (cos, sin: [1, N, 1, D] or [N, D]). Returns contiguous [B, N, heads, D] tensors (or
+    writes `out`, two such tensors)."""
     if triton_usable(q.device):
         RECORD.note("qk_norm_rope", "triton")
-        return _norm_rope.qk_norm_rope_triton(q, k, weight_q, weight_k, cos, sin, heads=heads, eps=eps)
+        return _norm_rope.qk_norm_rope_triton(q, k, weight_q, weight_k, cos, sin, heads=heads, eps=eps, out=out)
     if q.is_cuda:
         RECORD.fallback("qk_norm_rope", "triton", "reference", f"Triton unavailable for {q.device.type}")
     RECORD.note("qk_norm_rope", "reference")
-    return reference.qk_norm_rope_ref(q, k, weight_q, weight_k, cos, sin, heads=heads, eps=eps)
+    res = reference.qk_norm_rope_ref(q, k, weight_q, weight_k, cos, sin, heads=heads, eps=eps)
+    if out is None:
+        return res
+    return out[0].copy_(res[0]), out[1].copy_(res[1])
 
 
 @_on_tensor_device
-def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear_gelu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """gelu(x @ weight.T + bias, approximate="tanh"): cuBLASLt's fused epilogue on the GPU, else the reference
-    (on the CPU the reference is the path by design: torch's CPU epilogue applies the erf GELU)."""
+    (on the CPU the reference is the path by design: torch's CPU epilogue applies the erf GELU). `out`: a
+    contiguous [..., M] tensor to write."""
     if _linear_gelu.fusable(x, weight, bias):
         RECORD.note("linear_gelu", "cublaslt")
     else:
         if x.is_cuda:
             RECORD.fallback("linear_gelu", "cublaslt", "reference", "no bias, mixed dtypes or an empty input")
         RECORD.note("linear_gelu", "reference")
-    return _linear_gelu.linear_gelu(x, weight, bias)
+    return _linear_gelu.linear_gelu(x, weight, bias, out)
 
 
 __all__ = [
     "BACKENDS",
     "RECORD",
     "AttentionBackend",
+    "KernelFallback",
     "RunRecord",
     "aot_source",
     "attention_kernel_fns",
@@ -469,6 +597,7 @@ __all__ = [
     "block_mass",
     "block_sparse_attention",
     "block_sparse_attention_indexed",
+    "attention_backend",
     "candidate_configs",
     "default_config",
     "disabled_backends",
@@ -478,5 +607,8 @@ __all__ = [
     "prewarm_backends",
     "qk_norm_rope",
     "reset_what_ran",
+    "scope",
+    "set_scope",
+    "strict_fallbacks",
     "what_ran",
 ]

@@ -39,10 +39,18 @@ def fusable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     )
 
 
-def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """gelu(x @ weight.T + bias, approximate="tanh") for x [..., K], weight [M, K], bias [M]."""
+def linear_gelu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """gelu(x @ weight.T + bias, approximate="tanh") for x [..., K], weight [M, K], bias [M]. `out`: a
+    contiguous [..., M] tensor of x's dtype to write (a test poisons it to see that every element is written)."""
+    shape = (*x.shape[:-1], weight.shape[0])
+    if out is not None and (tuple(out.shape) != shape or out.dtype != x.dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be contiguous {shape} {x.dtype}, got {tuple(out.shape)} {out.dtype}")
     if not fusable(x, weight, bias):
-        return linear_gelu_ref(x, weight, bias)
+        res = linear_gelu_ref(x, weight, bias)
+        return res if out is None else out.copy_(res)
     x2 = x.reshape(-1, x.shape[-1])
-    out = torch._addmm_activation(bias, x2, weight.t(), use_gelu=True)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    o2 = None if out is None else out.view(-1, weight.shape[0])
+    res = torch._addmm_activation(bias, x2, weight.t(), use_gelu=True, out=o2)
+    return res.view(shape)

@@ -168,9 +168,11 @@ def qk_norm_rope_triton(
     *,
     heads: int,
     eps: float,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q, k: [B, N, C] with unit channel stride; weights [C]; cos, sin: see `rope_tables`.
-    Returns (q, k) normed and rotated, each a new contiguous [B, N, heads, C // heads] tensor."""
+    Returns (q, k) normed and rotated, each a new contiguous [B, N, heads, C // heads] tensor (or writes
+    `out`, two such tensors)."""
     B, N, C = q.shape
     if k.shape != q.shape or C % heads or (C // heads) % 2:
         raise ValueError(
@@ -180,8 +182,14 @@ def qk_norm_rope_triton(
         raise ValueError("q and k need a unit channel stride")
     D = C // heads
     cos, sin = rope_tables(cos, sin, N, D)
-    out_q = torch.empty(B, N, heads, D, device=q.device, dtype=q.dtype)
-    out_k = torch.empty_like(out_q)
+    if out is None:
+        out_q = torch.empty(B, N, heads, D, device=q.device, dtype=q.dtype)
+        out_k = torch.empty_like(out_q)
+    else:
+        out_q, out_k = out
+        for o in out:
+            if o.shape != (B, N, heads, D) or o.dtype != q.dtype or not o.is_contiguous():
+                raise ValueError(f"out must be two contiguous {(B, N, heads, D)} {q.dtype}, got {tuple(o.shape)}")
     if B * N == 0:
         return out_q, out_k
     block_p = triton.next_power_of_2(C // 2)

@@ -1,0 +1,140 @@
+"""What a sparse run's attention calls actually ran, per (bucket, layer): the scope the controller and its
+processors set, the report generate prints and writes to --json, and --strict's errors (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import calibatt_kernels as ck
+from calibatt_cli.errors import CacheError
+from calibatt_cli.generate import _fallbacks_as_errors, dense_error, kernel_report
+from calibatt_cli.runtime import SparseController
+from calibatt_cli.runtime.plan import SparsePlan
+from calibatt_kernels import attn_gluon, dispatch
+
+H, N, BS, LAYERS = 2, 200, 64, 3
+MB = -(-N // BS)
+STEPS = [-1, 0, 0, 1]  # a warm-up step, then two steps of bucket 0 and one of bucket 1
+
+
+def _plan(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    masks = torch.rand(2, LAYERS, H, MB, MB, generator=gen) < 0.5
+    masks[..., 0] = True  # no empty row
+    index = {(b, layer): ck.mask_to_index(masks[b, layer]) for b in range(2) for layer in range(LAYERS)}
+    return SparsePlan(BS, STEPS, index, masks.float().mean((-1, -2))), masks
+
+
+def _qkv(batch=2):
+    return [torch.randn(batch, H, N, 64) for _ in range(3)]
+
+
+def _run_steps(ctl, fast: bool, skip=()):
+    """Each step's forward: every layer once (those in `skip` attend elsewhere: dense SDPA)."""
+    q, k, v = _qkv()
+    layers = [ctl.sparse_layer(layer) for layer in range(LAYERS)] if fast else None
+    ctl.reset()
+    for step in range(len(STEPS)):
+        if not ctl.dense_now:
+            for layer in range(LAYERS):
+                if (ctl.bucket, layer) in skip:
+                    torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                elif fast:
+                    layers[layer](q, k, v)
+                else:
+                    ctl.attend(layer, q, k, v)
+        ctl.on_step_end(None, step, None, {})
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["processor-fast-path", "controller-attend"])
+def test_report_names_each_groups_kernel_and_its_measured_density(fast):
+    plan, masks = _plan()
+    ck.reset_what_ran()
+    _run_steps(SparseController(plan), fast)
+    dispatch.set_scope(None)
+    rep = kernel_report(plan, ck.what_ran())
+    json.dumps(rep)  # what --json prints
+    assert rep["calls"] == {"cpu": 3 * LAYERS} and rep["fallbacks"] == [] and rep["dense"] == [], rep
+    groups = {(g["bucket"], g["layer"]): g for g in rep["groups"]}
+    assert set(groups) == {(b, layer) for b in range(2) for layer in range(LAYERS)}
+    for (b, layer), g in groups.items():
+        assert g["ran"] == {"cpu": 2 if b == 0 else 1}, g
+        want = masks[b, layer].double().mean().item()  # the mask's share of blocks, from the mask itself
+        assert g["density"] == pytest.approx(want, abs=1e-6), (b, layer, g)
+    per_bucket = [masks[b].double().mean().item() for b in range(2)]
+    steps = [1.0, per_bucket[0], per_bucket[0], per_bucket[1]]
+    assert rep["measured_density"] == pytest.approx(sum(steps) / 4, abs=1e-6)
+    assert rep["measured_sparse_density"] == pytest.approx(sum(steps[1:]) / 3, abs=1e-6)
+
+
+def test_a_layer_that_ran_dense_is_reported_and_fails_strict():
+    plan, masks = _plan(1)
+    ck.reset_what_ran()
+    _run_steps(SparseController(plan), True, skip={(0, 1)})
+    dispatch.set_scope(None)
+    rep = kernel_report(plan, ck.what_ran())
+    assert rep["dense"] == [{"bucket": 0, "layer": 1, "missing": 2, "expected": 2}], rep
+    # bucket 0's layer 1 counts dense (every block) in the measured density
+    b0 = (masks[0, 0].double().mean() + 1.0 + masks[0, 2].double().mean()).item() / 3
+    steps = [1.0, b0, b0, masks[1].double().mean().item()]
+    assert rep["measured_density"] == pytest.approx(sum(steps) / 4, abs=1e-6)
+    msg = dense_error(rep["dense"])
+    assert msg == (
+        "strict mode: bucket 0, layer 1 ran 2 of 2 attention calls outside calibatt's kernels (dense) where the "
+        "plan is sparse; run without --strict to accept it"
+    )
+
+
+def test_a_bucket_without_any_call_is_dense():
+    plan, _ = _plan(2)
+    ck.reset_what_ran()
+    _run_steps(SparseController(plan), True, skip={(1, layer) for layer in range(LAYERS)})
+    dispatch.set_scope(None)
+    rep = kernel_report(plan, ck.what_ran())
+    assert rep["dense"] == [{"bucket": 1, "layer": "*", "missing": None, "expected": None}], rep
+    assert "bucket 1 ran no attention call through calibatt's kernels" in dense_error(rep["dense"])
+
+
+def test_strict_fails_on_a_fallback_naming_the_group():
+    """A config the call cannot run (the Gluon kernel on the CPU): without strict a recorded fallback (the CPU
+    rows path runs), with strict one CacheError naming the group, the kernels and why."""
+    plan, _ = _plan(3)
+    plan.configs[(0, 1)] = attn_gluon.GLUON_PERSISTENT
+    ck.reset_what_ran()
+    _run_steps(SparseController(plan), True)
+    rep = kernel_report(plan, ck.what_ran())
+    assert [(f["wanted"], f["ran"], f["calls"]) for f in rep["fallbacks"]] == [("gluon_persistent", "cpu", 2)]
+    with pytest.raises(CacheError) as e, _fallbacks_as_errors(True):
+        _run_steps(SparseController(plan), True)
+    dispatch.set_scope(None)
+    msg = str(e.value)
+    assert msg.startswith("strict mode: attention at bucket 0, layer 1 wanted gluon_persistent but would run cpu")
+    assert "Gluon runs on CUDA GPUs, not cpu" in msg and "\n" not in msg
+
+
+def test_scope_under_torch_compile():
+    """Compiled (fullgraph), the processor's call is traced and its set_scope skipped: the op runs eagerly at
+    run time and reads the scope the controller set outside the graph, (bucket, None); the report then groups
+    per bucket."""
+    plan, masks = _plan(4)
+    ctl = SparseController(plan)
+    layers = [ctl.sparse_layer(layer) for layer in range(LAYERS)]
+    q, k, v = _qkv()
+    torch._dynamo.reset()
+    fns = [torch.compile(lambda q, k, v, s=s: s(q, k, v) * 1.0, backend="eager", fullgraph=True) for s in layers]
+    ck.reset_what_ran()
+    ctl.reset()
+    for step in range(len(STEPS)):
+        if not ctl.dense_now:
+            for fn in fns:
+                fn(q, k, v)
+        ctl.on_step_end(None, step, None, {})
+    dispatch.set_scope(None)
+    scopes = {tuple(s["scope"]): s["ran"] for s in ck.what_ran()["scopes"]}
+    assert scopes == {(0, None): {"cpu": 2 * LAYERS}, (1, None): {"cpu": LAYERS}}, scopes
+    rep = kernel_report(plan, ck.what_ran())
+    assert [(g["bucket"], g["layer"]) for g in rep["groups"]] == [(0, "*"), (1, "*")] and rep["dense"] == []
+    assert rep["groups"][1]["density"] == pytest.approx(masks[1].double().mean().item(), abs=1e-6)
