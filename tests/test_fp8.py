@@ -1,0 +1,275 @@
+"""The quantized attention scheme (quant.py) against float64 attention, and its kernels (attn_fp8.py) under the
+Triton interpreter against it.
+
+The scheme's tests run here directly. The kernel cases need TRITON_INTERPRET=1 before triton is imported
+(see tests/test_kernels_triton.py), so they run in one subprocess -- this file as a script -- that prints
+each case's measured errors as JSON; the tests below assert on them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
+
+import json  # noqa: E402
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import traceback  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # fp8_inputs, also when run as a script
+from fp8_inputs import outlier_qkv, random_qkv  # noqa: E402
+
+from calibatt_kernels import expand_block_mask, mask_to_index, num_blocks  # noqa: E402
+from calibatt_kernels.quant import (  # noqa: E402
+    block_sparse_attention_fp8_ref,
+    naive_fp8_attention_ref,
+    quantize_qkv_ref,
+)
+
+
+def _mask(H, N, bs, density, seed, batch=1):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(batch, H, num_blocks(N, bs[0]), num_blocks(N, bs[1]), generator=gen) < density
+    mask[..., 0] = True
+    mask[..., -1] = True  # the partial last key block
+    mask[..., 2, :] = False  # an empty row
+    return mask
+
+
+def _attention_f64(q, k, v, mask, bs):
+    """Block-sparse attention in float64 over the token mask (empty rows give 0)."""
+    B, H, N, D = q.shape
+    tok = expand_block_mask(mask.expand(B, -1, -1, -1), N, N, bs)
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(D)
+    return torch.softmax(s.masked_fill(~tok, float("-inf")), -1).nan_to_num(0.0) @ v.double()
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ---- the scheme (PyTorch reference) ----
+
+SCHEME_CASES = {
+    # name: (B, H, N, D, block_size)
+    "d128-b128": (1, 2, 1000, 128, (128, 128)),
+    "d64-b64-batch2": (2, 2, 700, 64, (64, 64)),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEME_CASES))
+def test_scheme_error_on_outlier_inputs(name):
+    """Outlier inputs (tests/fp8_inputs.py): within 2e-2 of float64 attention, and >= 5x closer than a
+    per-tensor FP8 cast."""
+    B, H, N, D, bs = SCHEME_CASES[name]
+    q, k, v = outlier_qkv(B, H, N, D, seed=1, transposed=True)
+    mask = _mask(H, N, bs, 0.4, seed=2)
+    exact = _attention_f64(q, k, v, mask, bs)
+    out = block_sparse_attention_fp8_ref(q, k, v, mask, bs)
+    assert out.dtype == q.dtype and out.stride() == q.stride()
+    rel = _rel(out, exact)
+    rel_naive = _rel(naive_fp8_attention_ref(q, k, v, mask, bs), exact)
+    assert rel <= 2e-2, f"rel={rel:.2e} (naive per-tensor fp8: {rel_naive:.2e})"
+    assert rel_naive >= 5 * rel, f"only {rel_naive / rel:.1f}x better than naive: {rel:.2e} vs {rel_naive:.2e}"
+    assert (out[:, :, 2 * bs[0] : 3 * bs[0]] == 0).all(), "an empty mask row must give zeros"
+
+
+def test_k_smoothing_carries_the_outlier_channels():
+    """Without the K smoothing the outlier channels take the keys' INT8 codes: several times the error."""
+    B, H, N, D, bs = SCHEME_CASES["d128-b128"]
+    q, k, v = outlier_qkv(B, H, N, D, seed=3)
+    mask = _mask(H, N, bs, 0.4, seed=4)
+    exact = _attention_f64(q, k, v, mask, bs)
+    rel = _rel(block_sparse_attention_fp8_ref(q, k, v, mask, bs), exact)
+    rel_raw = _rel(block_sparse_attention_fp8_ref(q, k, v, mask, bs, smooth_k=False), exact)
+    assert rel_raw >= 3 * rel, f"smoothed {rel:.2e} vs not {rel_raw:.2e}"
+
+
+def test_scheme_error_on_normal_inputs():
+    """iid normal inputs: no outliers to remove, so e4m3's rounding of P and V (~2.4 % rms an element) passes
+    to the output; the bound documents that floor."""
+    q, k, v = random_qkv(1, 2, 600, 64, seed=5)
+    mask = _mask(2, 600, (64, 64), 0.5, seed=6)
+    rel = _rel(block_sparse_attention_fp8_ref(q, k, v, mask, (64, 64)), _attention_f64(q, k, v, mask, (64, 64)))
+    assert rel <= 5e-2, f"rel={rel:.2e}"
+
+
+def test_quantized_form():
+    """Codes, scales and padding as quant.py defines them: Q per token and K per block (after subtracting
+    its mean) in INT8 within half a step, V per channel in e4m3 within e4m3's rounding, zeros past N."""
+    B, H, N, D, bs = 1, 2, 300, 64, (64, 128)
+    q, k, v = outlier_qkv(B, H, N, D, seed=7)
+    z = quantize_qkv_ref(q, k, v, bs)
+    mq, mk = num_blocks(N, bs[0]), num_blocks(N, bs[1])
+    assert z.q8.shape == (B, H, mq * bs[0], D) and z.k8.shape == (B, H, mk * bs[1], D)
+    assert z.v8t.shape == (B, H, D, mk * bs[1]) and z.k_scale.shape == (B, H, mk)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    # Q: the largest |q| of each token maps to +-127, every element within half a step
+    assert torch.equal(z.q8[:, :, :N].abs().amax(-1), torch.full((B, H, N), 127, dtype=torch.int8))
+    q_err = (z.q8[:, :, :N].float() * z.q_scale[:, :, :N, None] - qf).abs() / z.q_scale[:, :, :N, None]
+    assert q_err.max() <= 0.5 + 1e-4, f"q: {q_err.max():.3f} steps"
+    # K: mean over the tokens removed, one scale per key block
+    torch.testing.assert_close(z.k_mean, kf.mean(2))
+    ks = z.k_scale.repeat_interleave(bs[1], -1)[:, :, :N, None]
+    k_err = (z.k8[:, :, :N].float() * ks + z.k_mean[:, :, None] - kf).abs() / ks
+    assert k_err.max() <= 0.5 + 1e-3, f"k: {k_err.max():.3f} steps"
+    # V: per channel, e4m3 (3 mantissa bits: within 2^-4 of each value, or half the subnormal step)
+    v_deq = z.v8t.float().transpose(-1, -2)[:, :, :N] * z.v_scale[:, :, None]
+    bound = 2.0**-4 * vf.abs() + 2.0**-10 * z.v_scale[:, :, None]
+    assert ((v_deq - vf).abs() <= bound * (1 + 1e-5)).all()
+    # padding: codes zero past N
+    assert not z.q8[:, :, N:].any() and not z.k8[:, :, N:].any() and not z.v8t[..., N:].float().any()
+
+
+def test_rows_attend_only_to_listed_blocks():
+    """A query-block row that lists one key block equals the scheme on that block alone."""
+    N, D, bs = 256, 64, (64, 64)
+    q, k, v = outlier_qkv(1, 1, N, D, seed=8, dtype=torch.float32)
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    mask[0, 0, 1, 2] = True
+    out = block_sparse_attention_fp8_ref(q, k, v, mask, bs)
+    exact = _attention_f64(q, k, v, mask, bs)
+    assert (out[:, :, :64] == 0).all() and (out[:, :, 128:] == 0).all()
+    assert _rel(out[:, :, 64:128], exact[:, :, 64:128]) <= 2e-2
+
+
+# ---- the kernels, under the interpreter (one subprocess) ----
+
+KERNEL_CASES = {
+    # name: (B, H, N, D, block_size, mask batch, dtype, transposed, config kwargs)
+    "fp32-d64-tile": (
+        1,
+        2,
+        300,
+        64,
+        (64, 64),
+        1,
+        torch.float32,
+        True,
+        dict(kernel="tl_tile"),
+    ),
+    "fp32-d128-persistent-split-rows-broadcast-index": (
+        2,
+        1,
+        200,
+        128,
+        (64, 32),
+        1,
+        torch.float32,
+        False,
+        dict(kernel="tl_persistent", block_m=32),
+    ),
+    "bf16-d64-per-batch-mask": (2, 2, 190, 64, (32, 32), 2, torch.bfloat16, True, {}),
+}
+
+
+def run_kernel_case(name):
+    from calibatt_kernels import KernelConfig
+    from calibatt_kernels.attn_fp8 import block_sparse_attention_fp8_indexed, quantize_qkv
+
+    B, H, N, D, bs, mb, dtype, transposed, cfg = KERNEL_CASES[name]
+    q, k, v = outlier_qkv(B, H, N, D, seed=11, dtype=dtype, transposed=transposed)
+    mask = _mask(H, N, bs, 0.5, seed=12, batch=mb)
+    got, want = quantize_qkv(q, k, v, bs), quantize_qkv_ref(q, k, v, bs)
+    # K's codes and scale follow its mean, which the kernel sums in another order: within fp32 rounding
+    codes_equal = all(
+        torch.equal(getattr(got, f).view(torch.uint8), getattr(want, f).view(torch.uint8)) for f in ("q8", "v8t")
+    )
+    codes_equal &= (got.k8 != want.k8).float().mean().item() <= 1e-3
+    scales_equal = all(torch.equal(getattr(got, f), getattr(want, f)) for f in ("q_scale", "v_scale"))
+    scales_equal &= torch.allclose(got.k_scale, want.k_scale, rtol=1e-5, atol=0)
+    out = torch.full_like(q, float("nan"))
+    block_sparse_attention_fp8_indexed(
+        q, k, v, mask_to_index(mask), block_size=bs, out=out, config=KernelConfig(**cfg) if cfg else None
+    )
+    ref = block_sparse_attention_fp8_ref(q, k, v, mask, bs)
+    return dict(
+        rel=_rel(out, ref),
+        nan=bool(out.isnan().any()),
+        empty_row_zero=bool((out[:, :, 2 * bs[0] : 3 * bs[0]] == 0).all()),
+        layout=out.stride() == q.stride(),
+        codes_equal=codes_equal,
+        scales_equal=scales_equal,
+        k_mean_diff=(got.k_mean - want.k_mean).abs().max().item(),
+    )
+
+
+def run_fused_norm_rope_case():
+    """qk_norm_rope_quant against the unfused kernels (norm_rope's kernel, then quantize_qkv_ref): the
+    interpreter rounds fp32 -> bf16 by truncation in both, so the codes can be compared exactly."""
+    from calibatt_kernels.attn_fp8 import qk_norm_rope_quant, quantize_qkv
+    from calibatt_kernels.norm_rope import qk_norm_rope_triton
+
+    B, N, heads, D, bs = 2, 70, 3, 64, (32, 32)
+    gen = torch.Generator().manual_seed(13)
+    xq, xk, v = (torch.randn(B, N, heads * D, generator=gen).to(torch.bfloat16) for _ in range(3))
+    xk[..., 5] += 30  # an outlier channel
+    wq, wk = (torch.rand(heads * D, generator=gen) + 0.5 for _ in range(2))
+    ang = (torch.rand(N, D // 2, generator=gen) * 6).repeat_interleave(2, -1).view(1, N, 1, D).double()
+    (q8, q_scale), k = qk_norm_rope_quant(xq, xk, wq, wk, ang.cos(), ang.sin(), heads=heads, eps=1e-6, block_size=bs)
+    q_ref, k_ref = qk_norm_rope_triton(xq, xk, wq, wk, ang.cos(), ang.sin(), heads=heads, eps=1e-6)
+    v = v.view(B, N, heads, D).transpose(1, 2)
+    want = quantize_qkv_ref(q_ref.transpose(1, 2), k_ref.transpose(1, 2), v, bs)
+    got = quantize_qkv((q8, q_scale), k.transpose(1, 2), v, bs)
+    same = {
+        f: torch.equal(getattr(got, f).view(torch.uint8), getattr(want, f).view(torch.uint8))
+        if getattr(got, f).dtype in (torch.int8, torch.float8_e4m3fn)
+        else torch.equal(getattr(got, f), getattr(want, f))
+        for f in ("q8", "q_scale", "k8", "k_scale", "k_mean", "v8t", "v_scale")
+    }
+    return dict(k_equal=torch.equal(k, k_ref), same=same)
+
+
+def _run_all():
+    res = {}
+    for name in KERNEL_CASES:
+        try:
+            res[name] = run_kernel_case(name)
+        except Exception:
+            res[name] = dict(error=traceback.format_exc(limit=-3))
+    try:
+        res["fused-norm-rope"] = run_fused_norm_rope_case()
+    except Exception:
+        res["fused-norm-rope"] = dict(error=traceback.format_exc(limit=-3))
+    return res
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"interpreter subprocess failed:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(KERNEL_CASES))
+def test_kernel_matches_reference_under_interpreter(results, name):
+    r = results[name]
+    assert "error" not in r, r.get("error")
+    assert r["codes_equal"] and r["scales_equal"], "quantize kernel codes or scales differ from quantize_qkv_ref"
+    assert r["k_mean_diff"] <= 1e-5, f"k_mean differs by {r['k_mean_diff']:.2e}"
+    # fp32 outputs: the same codes, the same online softmax; bf16 outputs: the interpreter's bf16 store
+    # truncates where the GPU rounds (~2^-8 relative)
+    tol = 1e-5 if KERNEL_CASES[name][6] == torch.float32 else 1e-2
+    assert not r["nan"], "unwritten (NaN) output elements"
+    assert r["rel"] <= tol, f"rel={r['rel']:.2e}"
+    assert r["empty_row_zero"], "an empty mask row must give zeros"
+    assert r["layout"], "the output must keep q's memory layout"
+
+
+def test_fused_norm_rope_quantize_matches_unfused_path(results):
+    r = results["fused-norm-rope"]
+    assert "error" not in r, r.get("error")
+    assert r["k_equal"], "k differs from norm_rope's kernel"
+    assert all(r["same"].values()), f"differs from the unfused path: {r['same']}"
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    print(json.dumps(_run_all()))
