@@ -65,7 +65,7 @@ def test_truncated_bundle_is_refused(saved):
     data = p.read_bytes()
     for cut in (5, len(data) // 2, len(data) - 3):
         p.write_bytes(data[:cut])
-        with pytest.raises(BundleError, match="not a valid safetensors file|corrupt or truncated"):
+        with pytest.raises(BundleError, match="corrupt or truncated"):
             load_bundle(p)
 
 
@@ -132,7 +132,7 @@ def test_other_files_are_refused(tmp_path):
     with pytest.raises(BundleError, match="not a calibatt mask bundle"):
         load_bundle(p)
     p.write_text("hello")
-    with pytest.raises(BundleError, match="not a valid safetensors file"):
+    with pytest.raises(BundleError, match="corrupt or truncated"):
         load_bundle(p)
     with pytest.raises(BundleError, match="not found"):
         load_bundle(tmp_path / "missing.safetensors")
