@@ -94,7 +94,7 @@ def check_header_length(path: Path, error: type[CalibattError], fix: str) -> Non
     size = path.stat().st_size
     n = int.from_bytes(head, "little") if len(head) == 8 else -1
     if not 0 < n <= MAX_HEADER or 8 + n > size:
-        raise error(f"'{path}' is not a valid safetensors file (header length {n}, file size {size}); {fix}")
+        raise error(f"'{path}' is corrupt or truncated: header length {n} for a file of {size} bytes; {fix}")
 
 
 def load_bundle(path: Path) -> MaskBundle:

@@ -104,7 +104,7 @@ def _manifest_inconsistency(manifest: dict) -> str | None:
     nb = 1 + max(buckets, default=-1)
     # sizes are compared before any range is built from them: a corrupt 10**40 must not become a list
     if not (len(buckets) == manifest["steps"] and 1 <= nb <= len(buckets)) or set(buckets) - {-1} != set(range(nb)):
-        return f"step_buckets {buckets[:8]}... do not map {manifest['steps']} steps onto buckets 0..n-1"
+        return f"its step_buckets ({len(buckets)} entries) do not map {manifest['steps']} steps onto buckets 0..n-1"
     keys = [(g["bucket"], g["layer"]) for g in manifest["groups"]]
     layers = 1 + max((layer for _, layer in keys), default=-1)
     cover = nb * layers == len(keys) and sorted(keys) == [(b, layer) for b in range(nb) for layer in range(layers)]
