@@ -169,7 +169,8 @@ class RunRecord:
             held[1] += reps
             return
         index.derived["seen"] = True  # a second call with this index object: it lives on, sum it once
-        kept = index.counts.sum(dtype=torch.int64) * reps
+        kept = index.counts.sum(dtype=torch.int64)
+        kept = kept * reps if reps != 1 else kept
         running = entry["running"]
         entry["running"] = kept if running is None else running.add_(kept.to(running.device))
 
@@ -593,12 +594,12 @@ __all__ = [
     "KernelFallback",
     "RunRecord",
     "aot_source",
+    "attention_backend",
     "attention_kernel_fns",
     "attention_with_block_mass",
     "block_mass",
     "block_sparse_attention",
     "block_sparse_attention_indexed",
-    "attention_backend",
     "candidate_configs",
     "default_config",
     "disabled_backends",
