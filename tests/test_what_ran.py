@@ -165,3 +165,16 @@ def test_attention_backend_on_gpus(monkeypatch):
     assert dispatch.attention_backend(cuda, (128, 128), 96, bf16) == "reference"
     cap[0] = (8, 0)
     assert dispatch.attention_backend(cuda, (128, 128), 128, bf16) == "tl"
+
+
+def test_record_spans_inference_mode():
+    """A run under torch.inference_mode (generate's), then calls outside it: the record keeps counting."""
+    q, k, v = _qkv()
+    ix = ck.mask_to_index(torch.rand(2, MB, MB) < 0.5)
+    ck.reset_what_ran()
+    with torch.inference_mode():
+        ck.block_sparse_attention_indexed(q, k, v, ck.mask_to_index(torch.rand(2, MB, MB) < 0.5), block_size=(BS, BS))
+    ck.block_sparse_attention_indexed(q, k, v, ix, block_size=(BS, BS))
+    ck.block_sparse_attention_indexed(q, k, v, ix, block_size=(BS, BS))
+    (s,) = ck.what_ran()["scopes"]
+    assert sum(s["ran"].values()) == 3 and s["total_blocks"] == 3 * 2 * H * MB * MB

@@ -172,7 +172,9 @@ class RunRecord:
         kept = index.counts.sum(dtype=torch.int64)
         kept = kept * reps if reps != 1 else kept
         running = entry["running"]
-        entry["running"] = kept if running is None else running.add_(kept.to(running.device))
+        # (out of place: a total begun under torch.inference_mode is an inference tensor, which later calls
+        # outside it could not update in place)
+        entry["running"] = kept if running is None else running + kept.to(running.device)
 
     def fallback(self, op: str, wanted: str, ran: str, reason: str) -> None:
         where = "" if _scope is None else f" at {_scope_label(_scope)}"
