@@ -42,17 +42,19 @@ def _rel_err(out, q, k, v, mask, bs):
     return ((o - ref).norm() / ref.norm()).item(), (o - ref).abs().max().item()
 
 
-def _run_exactly(config, *args, **kwargs):
-    """block_sparse_attention_indexed with `config`, asserting that the kernel it names ran: under
-    strict_fallbacks a fallback (a disabled Gluon backend, a call it cannot take) raises instead of running
-    another kernel, and the record must show this one call of this kernel."""
+def _run_exactly(config, *args, want=None, **kwargs):
+    """block_sparse_attention_indexed with `config`, asserting that the kernel it names (or `want`, for a call
+    without a config) ran: under strict_fallbacks a fallback (a disabled Gluon backend, a call it cannot take,
+    the reference on the GPU) raises instead of running another kernel, and the record must show this one call
+    of this kernel."""
     from calibatt_kernels import block_sparse_attention_indexed, dispatch
 
+    want = want or config.kernel
     ck.reset_what_ran()
     with dispatch.strict_fallbacks():
         res = block_sparse_attention_indexed(*args, config=config, **kwargs)
     ran = ck.what_ran()
-    assert ran["calls"] == {f"attention:{config.kernel}": 1} and not ran["fallbacks"], ran
+    assert ran["calls"] == {f"attention:{want}": 1} and not ran["fallbacks"], ran
     return res
 
 
@@ -95,10 +97,15 @@ def test_block_sparse_wan_size(bs, cfg):
     q, k, v = _wan_qkv(seed=0)
     mask = _random_mask(seed=1, density=0.3, bs=bs)
     out = torch.full_like(q, float("nan"))  # poison: unwritten elements stay NaN
-    config = KernelConfig(**cfg) if cfg else dispatch.default_config(q.device, bs, D)
-    if config.backend == "gluon" and not dispatch.attn_gluon.takes_shape(torch.cuda.get_device_capability(), bs, D):
+    config = KernelConfig(**cfg) if cfg else None
+    if (
+        config
+        and config.backend == "gluon"
+        and not dispatch.attn_gluon.takes_shape(torch.cuda.get_device_capability(), bs, D)
+    ):
         pytest.skip("the Gluon kernels need sm_90")
-    _run_exactly(config, q, k, v, mask_to_index(mask), block_size=bs, out=out)
+    want = config.kernel if config else dispatch.default_config(q.device, bs, D).kernel
+    _run_exactly(config, q, k, v, mask_to_index(mask), block_size=bs, out=out, want=want)
     torch.cuda.synchronize()
     assert not out.isnan().any(), f"{int(out.isnan().sum())} output elements not written"
     rel, max_diff = _rel_err(out, q, k, v, mask, bs)

@@ -138,3 +138,43 @@ def test_scope_under_torch_compile():
     rep = kernel_report(plan, ck.what_ran())
     assert [(g["bucket"], g["layer"]) for g in rep["groups"]] == [(0, "*"), (1, "*")] and rep["dense"] == []
     assert rep["groups"][1]["density"] == pytest.approx(masks[1].double().mean().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("head_dim, lse", [(64, False), (96, False), (64, True)])
+def test_attention_backend_names_what_runs_on_the_cpu(head_dim, lse):
+    """What a cache manifest says will run is what the calls run."""
+    q, k, v = (torch.randn(1, 2, 100, head_dim) for _ in range(3))
+    ix = ck.mask_to_index(torch.rand(2, 2, 2) < 0.7)
+    ck.reset_what_ran()
+    ck.block_sparse_attention_indexed(q, k, v, ix, block_size=(64, 64), return_lse=lse)
+    (ran,) = ck.what_ran()["calls"]
+    assert ran == "attention:" + dispatch.attention_backend(torch.device("cpu"), (64, 64), head_dim, return_lse=lse)
+
+
+def test_attention_backend_on_gpus(monkeypatch):
+    """On a GPU (faked: capability and Triton), a head dim the kernels do not take runs the fp32 reference, and
+    the manifest must say so rather than "triton"."""
+    cap = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: cap[0])
+    monkeypatch.setattr(dispatch, "triton_usable", lambda device: True)
+    cuda = torch.device("cuda")
+    bf16 = torch.bfloat16
+    assert dispatch.attention_backend(cuda, (128, 128), 128, bf16) == "gluon"
+    assert dispatch.attention_backend(cuda, (128, 128), 128, bf16, return_lse=True) == "tl"
+    assert dispatch.attention_backend(cuda, (64, 64), 64, bf16) == "tl"
+    assert dispatch.attention_backend(cuda, (128, 128), 96, bf16) == "reference"
+    cap[0] = (8, 0)
+    assert dispatch.attention_backend(cuda, (128, 128), 128, bf16) == "tl"
+
+
+def test_record_spans_inference_mode():
+    """A run under torch.inference_mode (generate's), then calls outside it: the record keeps counting."""
+    q, k, v = _qkv()
+    ix = ck.mask_to_index(torch.rand(2, MB, MB) < 0.5)
+    ck.reset_what_ran()
+    with torch.inference_mode():
+        ck.block_sparse_attention_indexed(q, k, v, ck.mask_to_index(torch.rand(2, MB, MB) < 0.5), block_size=(BS, BS))
+    ck.block_sparse_attention_indexed(q, k, v, ix, block_size=(BS, BS))
+    ck.block_sparse_attention_indexed(q, k, v, ix, block_size=(BS, BS))
+    (s,) = ck.what_ran()["scopes"]
+    assert sum(s["ran"].values()) == 3 and s["total_blocks"] == 3 * 2 * H * MB * MB

@@ -133,17 +133,19 @@ def cache(res) -> None:
         )
     console.print(t)
     k = m["kernels"]
-    tuned = (
-        (
+    tuned = ""
+    if k.get("tuned"):
+        rejected = k.get("rejected") or {}  # configs that failed to compile, fit or run as themselves here
+        tuned = (
             f", dense SDPA {k['dense_ms']:.3f} ms, {len(k['winners'])} config(s) chosen of "
-            f"{len(k['candidates'])}, {k['triton_files']} kernels cached"
+            f"{len(k['candidates']) + len(rejected)} candidates"
+            + (
+                f" ({len(rejected)} rejected: {'; '.join(f'{c}: {why}' for c, why in rejected.items())})"
+                if rejected
+                else ""
+            )
+            + f", {k['triton_files']} kernels cached"
         )
-        if k.get("tuned")
-        else ""
-    )
-    rejected = k.get("rejected") or {}
-    if rejected:
-        tuned += f", {len(rejected)} rejected ({'; '.join(f'{c}: {why}' for c, why in rejected.items())})"
     index = f", mask index {m['index_bytes'] / 2**20:.1f} MiB" if "index_bytes" in m else ""
     console.print(f"device {m['device']['name']}, backend {k['backend']}{tuned}{index}, {res.seconds:.2f} s")
     out.print(str(res.cache_dir), highlight=False)

@@ -169,9 +169,12 @@ class RunRecord:
             held[1] += reps
             return
         index.derived["seen"] = True  # a second call with this index object: it lives on, sum it once
-        kept = index.counts.sum(dtype=torch.int64) * reps
+        kept = index.counts.sum(dtype=torch.int64)
+        kept = kept * reps if reps != 1 else kept
         running = entry["running"]
-        entry["running"] = kept if running is None else running.add_(kept.to(running.device))
+        # (out of place: a total begun under torch.inference_mode is an inference tensor, which later calls
+        # outside it could not update in place)
+        entry["running"] = kept if running is None else running + kept.to(running.device)
 
     def fallback(self, op: str, wanted: str, ran: str, reason: str) -> None:
         where = "" if _scope is None else f" at {_scope_label(_scope)}"
@@ -592,12 +595,12 @@ __all__ = [
     "KernelFallback",
     "RunRecord",
     "aot_source",
+    "attention_backend",
     "attention_kernel_fns",
     "attention_with_block_mass",
     "block_mass",
     "block_sparse_attention",
     "block_sparse_attention_indexed",
-    "attention_backend",
     "candidate_configs",
     "default_config",
     "disabled_backends",
