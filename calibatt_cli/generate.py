@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from . import parallel
-from .cache import aot
-from .cache.load import load_cache, prewarm
-from .config import Config
-from .errors import ConfigError
+from .cache import aot, blocks
+from .cache.load import RECOMPILE, open_cache, prewarm
+from .config import Config, compile_blocks
+from .errors import CacheError, ConfigError
 from .models import load_model, model_identity
 from .models.parallel import parallelize
 from .runtime import DenseController, SparseController
@@ -50,7 +50,11 @@ class GenerateResult:
     sparse_density: float  # the same over the sparse steps only
     load_seconds: float
     retained_mass: float | None = None  # measured live (measure_mass=True): mean kept softmax mass per row
-    compilations: int | None = None  # Triton kernels compiled during the run (0 with a warm cache)
+    compilations: int | None = None  # calibatt's Triton kernels compiled during the run (0 with a warm cache)
+    # How the transformer blocks ran: enabled (compiled), from_cache, backend, the eager `fallback` and why,
+    # and what compiled during the run: inductor_codegen (graphs), builds (C++ kernel files), triton_other
+    compiled_blocks: dict = field(default_factory=dict)
+    cache_lock: str | None = None  # how the cache was held: shared, or none (read-only location); None: dense
     layout: str = "1 process"  # how the run was spread over processes (parallel.Layout.describe)
     guard: dict | None = None  # the live check of the masks (Guard.report, or why it did not run); None: dense
 
@@ -68,6 +72,8 @@ class GenerateResult:
             "retained_mass": None if self.retained_mass is None else round(self.retained_mass, 6),
             "frames": self.videos[0].shape[0] if self.videos else 0,
             "compilations": self.compilations,
+            "compiled_blocks": self.compiled_blocks,
+            "cache_lock": self.cache_lock,
             "step_seconds": [[round(t, 4) for t in v.step_seconds] for v in self.videos],
             "layout": self.layout,
             "guard": self.guard,
@@ -116,18 +122,19 @@ def generate(
     layout = parallel.setup(cfg.parallel, cfg.model.device)
     cfg = replace(cfg, model=replace(cfg.model, device=parallel.process_device(cfg.model.device, layout)))
     mine = layout.shard(len(prompts))
-    plan = full_plan = None
+    plan = full_plan = cache = None
     with contextlib.ExitStack() as stack:
         counter = None
         if not g.dense:
-            plan, _ = load_cache(cfg)  # validate the cache before spending time on the model
-            full_plan = plan
+            # validated before spending time on the model, and held (shared lock) until the run ends
+            cache = stack.enter_context(open_cache(cfg))
+            plan = full_plan = cache.plan
             start, stop = layout.heads(ident.heads)
             if layout.ulysses > 1:  # this rank attends over its heads' masks alone
                 plan = plan.heads(start, stop).to(torch.device(cfg.model.device))
             # Triton must look in the cache's folder before the first kernel launch; strict mode fails at the
             # first compilation, which a complete cache never needs.
-            stack.enter_context(aot.kernel_cache(Path(cfg.compile.cache_dir) / "triton"))
+            stack.enter_context(aot.kernel_cache(cache.folder / "triton"))
             counter = stack.enter_context(aot.CompileCounter(strict=g.strict))
             prewarm(
                 plan,
@@ -138,16 +145,30 @@ def generate(
                 return_lse=ident.joint_attention,
                 qk_norm_rope=ident.qk_norm_rope,
             )
-        res = _sample(
-            cfg,
-            [prompts[i] for i in mine],
-            [paths[i] for i in mine],
-            plan,
-            layout,
-            write=write and layout.group_leader,
-            on_step=on_step,
-            measure_mass=measure_mass,
-        )
+        compiled, inductor = _compiled_blocks(cfg, cache, stack)
+        try:
+            res = _sample(
+                cfg,
+                [prompts[i] for i in mine],
+                [paths[i] for i in mine],
+                plan,
+                layout,
+                write=write and layout.group_leader,
+                on_step=on_step,
+                measure_mass=measure_mass,
+                compiled=compiled["enabled"],
+            )
+        except Exception as e:  # a strict counter's error, raised inside torch.compile, comes out wrapped
+            cause = blocks.strict_cause(e)
+            if cause is None or cause is e:
+                raise
+            raise cause from None
+    if inductor is not None:
+        compiled.update(inductor_codegen=inductor.codegen, builds=inductor.builds)
+    if counter is not None:
+        compiled["triton_other"] = counter.others
+    res.compiled_blocks = compiled
+    res.cache_lock = None if cache is None else cache.lock
     res.compilations = None if counter is None else counter.count
     if full_plan is not None:  # the whole model's density, not this rank's heads'
         res.mean_density, res.sparse_density = full_plan.mean_density()
@@ -155,6 +176,34 @@ def generate(
         res.videos = _gather_videos(res.videos, mine, layout)
         res.layout = layout.describe()
     return res
+
+
+def _compiled_blocks(cfg: Config, cache, stack: contextlib.ExitStack) -> tuple[dict, blocks.InductorCounter | None]:
+    """Whether the blocks run compiled and from where, and the counter of inductor's work for the run.
+    Sparse: from the cache's compiled blocks (strict: any code generation is an error). A cache without them:
+    generate.compile=auto falls back to eager (reported; an error under strict), true compiles now (counted;
+    an error under strict). --dense: the stock pipeline with the same setting, compiled by torch's own caches
+    (no calibatt cache holds its graphs), counted."""
+    g = cfg.generate
+    info = {"enabled": False, "from_cache": False, "backend": g.compile_backend, "fallback": None}
+    if not compile_blocks(cfg):
+        return info, None
+    if cache is None:
+        info["enabled"] = True
+        return info, stack.enter_context(blocks.InductorCounter())
+    if cache.manifest.get("blocks") is None:
+        why = f"the cache holds no compiled blocks; {RECOMPILE} with generate.compile on"
+        if g.strict:
+            raise CacheError(f"strict mode: generate.compile={g.compile} but {why}")
+        if g.compile == "auto":
+            info["fallback"] = f"eager: {why}"
+            return info, None
+        info["enabled"] = True
+        return info, stack.enter_context(blocks.InductorCounter())
+    blocks.check_blocks(cache.folder, cache.manifest, g.compile_backend, RECOMPILE)
+    private = stack.enter_context(blocks.serve_blocks(cache.folder))
+    info.update(enabled=True, from_cache=True)
+    return info, stack.enter_context(blocks.InductorCounter(private, strict=g.strict))
 
 
 def check_layout(cfg: Config, ident) -> None:
@@ -223,16 +272,17 @@ def _sample(
     write: bool,
     on_step: Callable[[], None] | None,
     measure_mass: bool,
+    compiled: bool,
 ) -> GenerateResult:
     g = cfg.generate
     t0 = time.perf_counter()
     model = load_model(cfg)
-    guard, guard_off = _guard(cfg, plan)
+    guard, guard_off = _guard(cfg, plan, compiled)
     controller = SparseController(plan, measure_mass=measure_mass, guard=guard) if plan is not None else None
     if controller is not None:
         model.install(controller)
     split = parallelize(model, layout)  # after install: diffusers hands its parallel config to our processors
-    if g.compile:
+    if compiled:
         # Both the baseline (--dense) and calibatt get the same torch.compile, so they stay comparable.
         model.torch_compile_blocks(g.compile_backend)
     load_seconds = time.perf_counter() - t0
@@ -269,7 +319,7 @@ def _sample(
     return res
 
 
-def _guard(cfg: Config, plan) -> tuple[Guard | None, dict | None]:
+def _guard(cfg: Config, plan, compiled: bool) -> tuple[Guard | None, dict | None]:
     """The guard of a sparse run, or (None, why it is off for the report)."""
     g = cfg.generate
     if plan is None:
@@ -277,8 +327,8 @@ def _guard(cfg: Config, plan) -> tuple[Guard | None, dict | None]:
     why = None
     if not g.guard:
         why = "generate.guard=false"
-    elif g.compile:
-        why = "generate.compile: the check runs eagerly, and a compiled block cannot call it"
+    elif compiled:
+        why = "compiled blocks (generate.compile): the check runs eagerly, and a compiled block cannot call it"
     elif plan.epsilon is None:
         why = "the cache records no epsilon; run `calibatt compile --recompile`"
     if why is not None:
