@@ -236,11 +236,12 @@ def _resolve_auto(cfg: Config) -> None:
         cfg.model.dtype = "bfloat16" if cfg.model.device.startswith("cuda") else "float32"
 
 
-def compile_blocks(cfg: Config) -> bool:
-    """Whether the transformer blocks run compiled: generate.compile, with auto meaning on a GPU only (the CPU
-    stays eager unless asked: inductor's C++ build costs more there than it saves)."""
+def compile_blocks(cfg: Config, repeated_blocks: bool = True) -> bool:
+    """Whether the transformer blocks run compiled: generate.compile, with auto meaning on a GPU, for a model
+    whose transformer declares repeated blocks (`ModelIdentity.repeated_blocks`). The CPU stays eager unless
+    asked: inductor's C++ build costs more there than it saves."""
     c = cfg.generate.compile
-    return cfg.model.device.startswith("cuda") if c == "auto" else bool(c)
+    return cfg.model.device.startswith("cuda") and repeated_blocks if c == "auto" else bool(c)
 
 
 def input_base(path: str | Path, cfg: Config) -> Path | None:

@@ -186,7 +186,7 @@ def _compiled_blocks(cfg: Config, cache, stack: contextlib.ExitStack) -> tuple[d
     (no calibatt cache holds its graphs), counted."""
     g = cfg.generate
     info = {"enabled": False, "from_cache": False, "backend": g.compile_backend, "fallback": None}
-    if not compile_blocks(cfg):
+    if not compile_blocks(cfg, model_identity(cfg).repeated_blocks):
         return info, None
     if cache is None:
         info["enabled"] = True

@@ -41,33 +41,30 @@ def _generate_json(config, *sets, strict=True):
     return subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=600)
 
 
+def _one_bucket(config: Path) -> Path:
+    """The small config with one bucket, three steps and one prompt: two graphs (the dense warm-up, the bucket)."""
+    text = config.read_text().replace("buckets: 2", "buckets: 1").replace("steps: 4", "steps: 3")
+    config.write_text(text)
+    (config.parent / "prompts.txt").write_text(PROMPT + "\n")
+    return config
+
+
 @pytest.fixture(scope="module")
 def small_bundle(tmp_path_factory):
-    """One calibration of the small config, shared: each test gets its own copy (see calibrated)."""
+    """One calibration of the one-bucket config, shared: each test gets its own copy (see calibrated)."""
     from conftest import SMALL_YAML
 
     tmp = tmp_path_factory.mktemp("bundle")
     (tmp / "out").mkdir()
-    (tmp / "prompts.txt").write_text(PROMPT + "\n")
     (tmp / "small.yaml").write_text(SMALL_YAML.format(prompts=tmp / "prompts.txt", out=tmp / "out"))
-    return calibrate(load_config(tmp / "small.yaml")).path
+    return calibrate(load_config(_one_bucket(tmp / "small.yaml"))).path
 
 
 @pytest.fixture
 def calibrated(small_config, small_bundle):
-    """The small config with its bundle in place (calibrated once per module)."""
-    cfg = load_config(small_config)
-    shutil.copy(small_bundle, cfg.calibration.output)
-    return small_config
-
-
-@pytest.fixture
-def one_bucket(small_config):
-    """The small config with one bucket and one prompt: two graphs (the dense warm-up, the bucket)."""
-    text = small_config.read_text().replace("buckets: 2", "buckets: 1").replace("steps: 4", "steps: 3")
-    small_config.write_text(text)
-    prompts = small_config.parent / "prompts.txt"
-    prompts.write_text(PROMPT + "\n")
+    """The one-bucket config with its bundle in place (calibrated once per module)."""
+    _one_bucket(small_config)
+    shutil.copy(small_bundle, load_config(small_config).calibration.output)
     return small_config
 
 
@@ -78,12 +75,12 @@ def _edit_manifest(cfg, fn):
     path.write_text(json.dumps(m))
 
 
-def test_strict_generate_runs_compiled_blocks_from_the_cache(one_bucket):
+def test_strict_generate_runs_compiled_blocks_from_the_cache(calibrated):
     """`calibatt compile` with generate.compile=true builds the blocks (inductor generates code for the dense
     and the bucket graph); a fresh `generate --strict` process runs them compiled with zero code generation and
     zero C++ builds. The same cache with its compiled blocks emptied: strict fails at the first code generation."""
+    one_bucket = calibrated
     cfg = load_config(one_bucket, ["generate.compile=true"])
-    calibrate(cfg)
     res = compile_cache(cfg)
     blocks = res.manifest["blocks"]
     assert blocks["step_kinds"] == [-1, 0] and blocks["graphs"] == 2, blocks

@@ -123,7 +123,7 @@ def compile_cache(
 
     device = torch.device(cfg.model.device)
     tuned = device.type == "cuda" and ck.triton_usable(device) and ident.head_dim in (64, 128)
-    want_blocks = compile_blocks(cfg)
+    want_blocks = compile_blocks(cfg, ident.repeated_blocks)
     manifest = {
         "schema_version": CACHE_SCHEMA,
         "bundle": {"path": str(bundle_path), "content_hash": bundle.content_hash},

@@ -165,7 +165,7 @@ def generate(
     dense: Annotated[bool, typer.Option("--dense", help="Run the stock dense pipeline (baseline).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON result line.")] = False,
     measure_mass: Annotated[bool, typer.Option(help="Measure the attention mass the masks keep (slower).")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Fail if any kernel compiles (generate.strict).")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail if anything compiles (generate.strict).")] = False,
     cfg_parallel: Annotated[
         bool, typer.Option("--cfg-parallel", help="Under torchrun: the two guidance branches on two processes.")
     ] = False,

@@ -57,6 +57,9 @@ class ModelIdentity:
     qk_norm_rope: bool = False
     # The transformer has a context-parallel plan in diffusers (Wan): Ulysses can split its tokens.
     sequence_parallel: bool = False
+    # The transformer declares repeated blocks (diffusers' compile_repeated_blocks): generate.compile=auto
+    # compiles them on a GPU.
+    repeated_blocks: bool = False
 
     def token_grid(self, frames: int, height: int, width: int) -> list[int]:
         st, sh, sw = self.vae_stride
@@ -114,6 +117,7 @@ def identity_from_config(
         joint_attention=joint_attention,
         qk_norm_rope=qk_norm_rope,
         sequence_parallel=getattr(model_cls, "_cp_plan", None) is not None,
+        repeated_blocks=bool(getattr(model_cls, "_repeated_blocks", None)),
     )
 
 
