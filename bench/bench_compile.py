@@ -139,7 +139,6 @@ def load(args) -> dict:
         "cache_dir": str(cache_dir),
         "compilations": counter.count,
         "compilations_in_prewarm": after_prewarm,
-        "listener": counter.exact,
         "cache_hits": counter.hits,
         "load_seconds": round(t_load, 3),
         "prewarm_seconds": round(t_pre, 3),

@@ -55,8 +55,10 @@ class GenerateResult:
     # and what compiled during the run: inductor_codegen (graphs), builds (C++ kernel files), triton_other
     compiled_blocks: dict = field(default_factory=dict)
     cache_lock: str | None = None  # how the cache was held: shared, or none (read-only location); None: dense
+    ready_seconds: float | None = None  # from the generate call to the first denoising step's first forward
     layout: str = "1 process"  # how the run was spread over processes (parallel.Layout.describe)
     guard: dict | None = None  # the live check of the masks (Guard.report, or why it did not run); None: dense
+    first_forward_at: float | None = field(default=None, repr=False)  # perf_counter at the first step's start
 
     def summary(self) -> dict:
         return {
@@ -74,6 +76,7 @@ class GenerateResult:
             "compilations": self.compilations,
             "compiled_blocks": self.compiled_blocks,
             "cache_lock": self.cache_lock,
+            "ready_seconds": None if self.ready_seconds is None else round(self.ready_seconds, 3),
             "step_seconds": [[round(t, 4) for t in v.step_seconds] for v in self.videos],
             "layout": self.layout,
             "guard": self.guard,
@@ -111,6 +114,7 @@ def generate(
     """Render each prompt to an MP4. Under torchrun the processes split up as `cfg.parallel` says (see
     parallel.py); each video is written once, by its group's first process, and every process returns the
     results of all videos (frames only for its own)."""
+    t_start = time.perf_counter()
     prompts = check_prompts(prompts)
     g = cfg.generate
     paths = output_paths(output or g.output, len(prompts))
@@ -168,6 +172,8 @@ def generate(
     if counter is not None:
         compiled["triton_other"] = counter.others
     res.compiled_blocks = compiled
+    if res.first_forward_at is not None:
+        res.ready_seconds = res.first_forward_at - t_start
     res.cache_lock = None if cache is None else cache.lock
     res.compilations = None if counter is None else counter.count
     if full_plan is not None:  # the whole model's density, not this rank's heads'
@@ -309,6 +315,7 @@ def _sample(
         if measure_mass and controller is not None and (after := controller.mass_totals()) is not None:
             videos[-1].mass_totals = after if before is None else (after[0] - before[0], after[1] - before[1])
     clock.close()
+    first_forward_at = clock.first_forward_at
     if plan is not None:
         mean_density, sparse_density = plan.mean_density()
     else:
@@ -316,6 +323,7 @@ def _sample(
     retained = controller.retained_mass() if controller is not None else None
     res = GenerateResult(videos, g.steps, plan is None, mean_density, sparse_density, load_seconds, retained)
     res.guard = guard.report() if guard is not None else guard_off
+    res.first_forward_at = first_forward_at
     return res
 
 
@@ -346,6 +354,7 @@ class StepClock:
         self.cuda = next(transformer.parameters()).device.type == "cuda"
         self._handle = transformer.register_forward_pre_hook(self._pre)
         self.marks: list = []
+        self.first_forward_at: float | None = None  # host clock at the run's first forward (time to first step)
 
     def _mark(self) -> None:
         if self.cuda:
@@ -357,6 +366,8 @@ class StepClock:
 
     def _pre(self, module, args) -> None:
         if not self.marks:
+            if self.first_forward_at is None:
+                self.first_forward_at = time.perf_counter()
             self._mark()
 
     def start(self) -> None:
