@@ -377,6 +377,7 @@ def test_two_compiles_at_once_then_generate(small_config, tmp_path):
     assert left == [os.readlink(out / "cache")], (
         f"one versioned folder, the cache's; no temp, old or lock files: {left}"
     )
+    assert not (out / "cache.lock").exists(), "the lock file is removed by its last holder"
     assert sorted(p.name for p in (out / "cache").iterdir()) == ["manifest.json", "plan.safetensors", "triton"]
     r = subprocess.run(
         [*cli, "generate", PROMPT, "--config", str(small_config), "--strict", "--json"],

@@ -75,8 +75,13 @@ def write_cache(cache_dir: Path, build: Path, tensors: dict[str, torch.Tensor] |
 
 
 def new_build(cache_dir: Path) -> Path:
-    """A fresh versioned folder beside cache_dir for a build."""
-    return Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.v-", dir=cache_dir.parent))
+    """A fresh versioned folder beside cache_dir for a build, with the user's umask (not mkdtemp's 0700: a
+    cache may be shared)."""
+    path = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.v-", dir=cache_dir.parent))
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    path.chmod(0o777 & ~mask)
+    return path
 
 
 def kernel_class(cfg: Config, ident) -> dict:
