@@ -3,11 +3,13 @@ refuses without), the cache's shared/exclusive lock, a compile killed at every s
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -172,19 +174,33 @@ def test_lock_is_shared_for_readers_and_exclusive_for_compile(tmp_path, monkeypa
         pass
 
 
-def test_lock_file_removed_while_waiting_is_not_trusted(tmp_path):
-    """The last holder removes the lock file: a process that opened it before must lock the new file, or
-    two processes would each hold a lock on a different file."""
+def test_waiting_lock_follows_the_file(tmp_path):
+    """The last holder removes the lock file: a process that opened it before, and waits, must lock the file
+    that is there once it gets its turn, or it and a newcomer would each hold a lock on a different file."""
     cache = tmp_path / "cache"
     path = lock_file(cache)
+    inside, leave = threading.Event(), threading.Event()
+
+    def waiter():
+        with cache_lock(cache, shared=False, timeout=20):
+            inside.set()
+            leave.wait(20)
+
+    t = threading.Thread(target=waiter)
     with cache_lock(cache, shared=False):
-        stale = os.open(path, os.O_RDWR)
+        t.start()
+        time.sleep(0.5)  # the waiter has opened the file and polls for its lock
+        assert not inside.is_set()
+    assert inside.wait(20)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)  # a newcomer: the file at the path must be the waiter's
     try:
-        assert not path.exists()
-        with cache_lock(cache, shared=False):
-            assert os.fstat(stale).st_ino != os.stat(path).st_ino
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
-        os.close(stale)
+        os.close(fd)
+        leave.set()
+        t.join()
+    assert not path.exists()
 
 
 STEPS = ("locked", "planned", "written", "linked", "swapped")
