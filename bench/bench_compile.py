@@ -139,7 +139,6 @@ def load(args) -> dict:
         "cache_dir": str(cache_dir),
         "compilations": counter.count,
         "compilations_in_prewarm": after_prewarm,
-        "listener": counter.exact,
         "cache_hits": counter.hits,
         "load_seconds": round(t_load, 3),
         "prewarm_seconds": round(t_pre, 3),
@@ -193,7 +192,8 @@ def main() -> None:
     moved = Path(args.cache_dir).with_name(Path(args.cache_dir).name + "-moved")
     shutil.rmtree(moved, ignore_errors=True)
     shutil.copytree(args.cache_dir, moved)
-    shutil.rmtree(args.cache_dir)  # the original path is gone: only the copy can serve
+    shutil.rmtree(Path(args.cache_dir).resolve())  # the original is gone (the cache path links to its build):
+    Path(args.cache_dir).unlink()  # only the copy can serve
     res["load_moved"] = _phase("load", "--cache-dir", str(moved), f"--passes={args.passes}")
     shutil.rmtree(moved / "triton")
     res["load_cold"] = _phase("load", "--cache-dir", str(moved), f"--passes={args.passes}", "--cold")

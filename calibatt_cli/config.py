@@ -67,9 +67,12 @@ class GenerateConfig:
     seed: int = 0
     output: str | None = None  # None: out/<model.name>.mp4
     dense: bool = False  # run the stock pipeline (the baseline) instead of sparse attention
-    compile: bool = False  # torch.compile the repeated transformer blocks (fullgraph; our kernel is a custom op)
+    # torch.compile the repeated transformer blocks (fullgraph; our kernel is a custom op inside): auto = on a
+    # GPU, eager on the CPU. `calibatt compile` builds the graphs into the cache, so generate compiles nothing.
+    compile: bool | str = "auto"
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: checks graphs without codegen)
-    strict: bool = False  # fail if generate compiles any kernel, falls back to another, or runs a sparse layer dense
+    strict: bool = False  # fail if generate compiles anything (Triton or inductor), falls back to another kernel or to
+    # eager blocks, or runs a sparse layer dense
     guard: bool = False  # check the masks live at each bucket's first sparse step; run heads that lose mass dense
     guard_factor: float = 2.0  # the guard widens a head keeping < 1 - guard_factor * (the bundle's epsilon)
 
@@ -199,6 +202,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{w}: model.device must be auto, cpu, cuda or cuda:N, got {cfg.model.device!r}")
     if cfg.generate.guard_factor <= 0.0:
         raise ConfigError(f"{w}: generate.guard_factor must be > 0, got {cfg.generate.guard_factor}; 2.0 is typical")
+    if isinstance(cfg.generate.compile, str) and cfg.generate.compile != "auto":
+        raise ConfigError(f"{w}: generate.compile must be auto, true or false, got {cfg.generate.compile!r}")
     if cfg.generate.guidance < 1.0:
         raise ConfigError(f"{w}: generate.guidance must be >= 1.0 (1.0 disables CFG), got {cfg.generate.guidance}")
 
@@ -242,6 +247,42 @@ def _resolve_auto(cfg: Config) -> None:
         cfg.model.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.model.dtype == "auto":
         cfg.model.dtype = "bfloat16" if cfg.model.device.startswith("cuda") else "float32"
+
+
+def compile_blocks(cfg: Config, repeated_blocks: bool = True) -> bool:
+    """Whether the transformer blocks run compiled: generate.compile, with auto meaning on a GPU, for a model
+    whose transformer declares repeated blocks (`ModelIdentity.repeated_blocks`). The CPU stays eager unless
+    asked: inductor's C++ build costs more there than it saves."""
+    c = cfg.generate.compile
+    return cfg.model.device.startswith("cuda") and repeated_blocks if c == "auto" else bool(c)
+
+
+def input_base(path: str | Path, cfg: Config) -> Path | None:
+    """The folder a relative input path is found in (see resolve_input); None when it is absolute or found
+    nowhere (then it stands for itself, relative to the working directory)."""
+    p = Path(path)
+    if p.is_absolute():
+        return None
+    src = Path(cfg.source)
+    for base in (Path("."), src.parent, src.parent.parent):
+        if (base / p).exists():
+            return base
+    return None
+
+
+def cache_paths(
+    cfg: Config, bundle: str | Path | None = None, cache_dir: str | Path | None = None
+) -> tuple[Path, Path]:
+    """compile.bundle and compile.cache_dir resolved against one base: the folder the bundle is found in
+    (resolve_input), so that a preset's bundle and its cache never end up in two different places."""
+    bundle = bundle if bundle is not None else cfg.compile.bundle
+    cache = Path(cache_dir if cache_dir is not None else cfg.compile.cache_dir)
+    bundle_path = resolve_input(bundle, cfg)
+    if not cache.is_absolute() and not Path(bundle).is_absolute():
+        base = input_base(bundle, cfg)
+        if base is not None and base != Path("."):
+            cache = base / cache
+    return bundle_path, cache
 
 
 def resolve_input(path: str | Path, cfg: Config) -> Path:

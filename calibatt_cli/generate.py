@@ -16,9 +16,9 @@ import calibatt_kernels as ck
 
 from . import parallel
 from .bundle import forced_record
-from .cache import aot
-from .cache.load import load_cache, prewarm
-from .config import Config
+from .cache import aot, blocks
+from .cache.load import RECOMPILE, open_cache, prewarm
+from .config import Config, compile_blocks
 from .errors import CacheError, ConfigError
 from .models import check_device, load_model, model_identity
 from .models.parallel import parallelize
@@ -53,13 +53,19 @@ class GenerateResult:
     sparse_density: float  # the same over the sparse steps only
     load_seconds: float
     retained_mass: float | None = None  # measured live (measure_mass=True): mean kept softmax mass per row
-    compilations: int | None = None  # Triton kernels compiled during the run (0 with a warm cache)
+    compilations: int | None = None  # calibatt's Triton kernels compiled during the run (0 with a warm cache)
+    # How the transformer blocks ran: enabled (compiled), from_cache, backend, the eager `fallback` and why,
+    # and what compiled during the run: inductor_codegen (graphs), builds (C++ kernel files), triton_other
+    compiled_blocks: dict = field(default_factory=dict)
+    cache_lock: str | None = None  # how the cache was held: shared, or none (read-only location); None: dense
+    ready_seconds: float | None = None  # from the generate call to the first denoising step's first forward
     layout: str = "1 process"  # how the run was spread over processes (parallel.Layout.describe)
     guard: dict | None = None  # the live check of the masks (Guard.report, or why it did not run); None: dense
     forced: list[dict] = field(default_factory=list)  # identity differences --force let through (bundle.py)
     # what the attention calls actually ran (kernel_report): kernels per (bucket, layer), fallbacks, and the
     # density of the blocks they computed; None: dense
     kernels: dict | None = None
+    first_forward_at: float | None = field(default=None, repr=False)  # perf_counter at the first step's start
 
     def summary(self) -> dict:
         return {
@@ -75,6 +81,9 @@ class GenerateResult:
             "retained_mass": None if self.retained_mass is None else round(self.retained_mass, 6),
             "frames": self.videos[0].shape[0] if self.videos else 0,
             "compilations": self.compilations,
+            "compiled_blocks": self.compiled_blocks,
+            "cache_lock": self.cache_lock,
+            "ready_seconds": None if self.ready_seconds is None else round(self.ready_seconds, 3),
             "step_seconds": [[round(t, 4) for t in v.step_seconds] for v in self.videos],
             "layout": self.layout,
             "guard": self.guard,
@@ -117,6 +126,7 @@ def generate(
     parallel.py); each video is written once, by its group's first process, and every process returns the
     results of all videos (frames only for its own)."""
     check_device(cfg.model.device)
+    t_start = time.perf_counter()
     prompts = check_prompts(prompts)
     g = cfg.generate
     paths = output_paths(output or g.output, len(prompts))
@@ -128,22 +138,23 @@ def generate(
     layout = parallel.setup(cfg.parallel, cfg.model.device)
     cfg = replace(cfg, model=replace(cfg.model, device=parallel.process_device(cfg.model.device, layout)))
     mine = layout.shard(len(prompts))
-    plan = full_plan = None
+    plan = full_plan = cache = None
     forced = []
     with contextlib.ExitStack() as stack:
         counter = None
         # strict: a kernel fallback (another kernel than the cache chose, a PyTorch path on the GPU) is an error
         stack.enter_context(_fallbacks_as_errors(g.strict))
         if not g.dense:
-            plan, manifest = load_cache(cfg)  # validate the cache before spending time on the model
-            forced = forced_record(manifest, cfg)
-            full_plan = plan
+            # validated before spending time on the model, and held (shared lock) until the run ends
+            cache = stack.enter_context(open_cache(cfg))
+            plan = full_plan = cache.plan
+            forced = forced_record(cache.manifest, cfg)
             start, stop = layout.heads(ident.heads)
             if layout.ulysses > 1:  # this rank attends over its heads' masks alone
                 plan = plan.heads(start, stop).to(torch.device(cfg.model.device))
             # Triton must look in the cache's folder before the first kernel launch; strict mode fails at the
             # first compilation, which a complete cache never needs.
-            stack.enter_context(aot.kernel_cache(Path(cfg.compile.cache_dir) / "triton"))
+            stack.enter_context(aot.kernel_cache(cache.folder / "triton"))
             counter = stack.enter_context(aot.CompileCounter(strict=g.strict))
             prewarm(
                 plan,
@@ -155,16 +166,32 @@ def generate(
                 qk_norm_rope=ident.qk_norm_rope,
             )
         ck.reset_what_ran()  # (prewarm's launches are not the run's)
-        res = _sample(
-            cfg,
-            [prompts[i] for i in mine],
-            [paths[i] for i in mine],
-            plan,
-            layout,
-            write=write and layout.group_leader,
-            on_step=on_step,
-            measure_mass=measure_mass,
-        )
+        compiled, inductor = _compiled_blocks(cfg, cache, stack)
+        try:
+            res = _sample(
+                cfg,
+                [prompts[i] for i in mine],
+                [paths[i] for i in mine],
+                plan,
+                layout,
+                write=write and layout.group_leader,
+                on_step=on_step,
+                measure_mass=measure_mass,
+                compiled=compiled["enabled"],
+            )
+        except Exception as e:  # a strict counter's error, raised inside torch.compile, comes out wrapped
+            cause = blocks.strict_cause(e)
+            if cause is None or cause is e:
+                raise
+            raise cause from None
+    if inductor is not None:
+        compiled.update(inductor_codegen=inductor.codegen, builds=inductor.builds)
+    if counter is not None:
+        compiled["triton_other"] = counter.others
+    res.compiled_blocks = compiled
+    if res.first_forward_at is not None:
+        res.ready_seconds = res.first_forward_at - t_start
+    res.cache_lock = None if cache is None else cache.lock
     res.compilations = None if counter is None else counter.count
     res.forced = forced
     if full_plan is not None:  # the whole model's density, not this rank's heads'
@@ -176,6 +203,34 @@ def generate(
         res.videos = _gather_videos(res.videos, mine, layout)
         res.layout = layout.describe()
     return res
+
+
+def _compiled_blocks(cfg: Config, cache, stack: contextlib.ExitStack) -> tuple[dict, blocks.InductorCounter | None]:
+    """Whether the blocks run compiled and from where, and the counter of inductor's work for the run.
+    Sparse: from the cache's compiled blocks (strict: any code generation is an error). A cache without them:
+    generate.compile=auto falls back to eager (reported; an error under strict), true compiles now (counted;
+    an error under strict). --dense: the stock pipeline with the same setting, compiled by torch's own caches
+    (no calibatt cache holds its graphs), counted."""
+    g = cfg.generate
+    info = {"enabled": False, "from_cache": False, "backend": g.compile_backend, "fallback": None}
+    if not compile_blocks(cfg, model_identity(cfg).repeated_blocks):
+        return info, None
+    if cache is None:
+        info["enabled"] = True
+        return info, stack.enter_context(blocks.InductorCounter())
+    if cache.manifest.get("blocks") is None:
+        why = f"the cache holds no compiled blocks; {RECOMPILE} with generate.compile on"
+        if g.strict:
+            raise CacheError(f"strict mode: generate.compile={g.compile} but {why}")
+        if g.compile == "auto":
+            info["fallback"] = f"eager: {why}"
+            return info, None
+        info["enabled"] = True
+        return info, stack.enter_context(blocks.InductorCounter())
+    blocks.check_blocks(cache.folder, cache.manifest, g.compile_backend, RECOMPILE)
+    private = stack.enter_context(blocks.serve_blocks(cache.folder))
+    info.update(enabled=True, from_cache=True)
+    return info, stack.enter_context(blocks.InductorCounter(private, strict=g.strict))
 
 
 def check_layout(cfg: Config, ident) -> None:
@@ -244,16 +299,17 @@ def _sample(
     write: bool,
     on_step: Callable[[], None] | None,
     measure_mass: bool,
+    compiled: bool,
 ) -> GenerateResult:
     g = cfg.generate
     t0 = time.perf_counter()
     model = load_model(cfg)
-    guard, guard_off = _guard(cfg, plan)
+    guard, guard_off = _guard(cfg, plan, compiled)
     controller = SparseController(plan, measure_mass=measure_mass, guard=guard) if plan is not None else None
     if controller is not None:
         model.install(controller)
     split = parallelize(model, layout)  # after install: diffusers hands its parallel config to our processors
-    if g.compile:
+    if compiled:
         # Both the baseline (--dense) and calibatt get the same torch.compile, so they stay comparable.
         model.torch_compile_blocks(g.compile_backend)
     load_seconds = time.perf_counter() - t0
@@ -280,6 +336,7 @@ def _sample(
         if measure_mass and controller is not None and (after := controller.mass_totals()) is not None:
             videos[-1].mass_totals = after if before is None else (after[0] - before[0], after[1] - before[1])
     clock.close()
+    first_forward_at = clock.first_forward_at
     if plan is not None:
         mean_density, sparse_density = plan.mean_density()
     else:
@@ -287,10 +344,11 @@ def _sample(
     retained = controller.retained_mass() if controller is not None else None
     res = GenerateResult(videos, g.steps, plan is None, mean_density, sparse_density, load_seconds, retained)
     res.guard = guard.report() if guard is not None else guard_off
+    res.first_forward_at = first_forward_at
     return res
 
 
-def _guard(cfg: Config, plan) -> tuple[Guard | None, dict | None]:
+def _guard(cfg: Config, plan, compiled: bool) -> tuple[Guard | None, dict | None]:
     """The guard of a sparse run, or (None, why it is off for the report)."""
     g = cfg.generate
     if plan is None:
@@ -298,8 +356,8 @@ def _guard(cfg: Config, plan) -> tuple[Guard | None, dict | None]:
     why = None
     if not g.guard:
         why = "generate.guard=false"
-    elif g.compile:
-        why = "generate.compile: the check runs eagerly, and a compiled block cannot call it"
+    elif compiled:
+        why = "compiled blocks (generate.compile): the check runs eagerly, and a compiled block cannot call it"
     elif plan.epsilon is None:
         why = "the cache records no epsilon; run `calibatt compile --recompile`"
     if why is not None:
@@ -317,6 +375,7 @@ class StepClock:
         self.cuda = next(transformer.parameters()).device.type == "cuda"
         self._handle = transformer.register_forward_pre_hook(self._pre)
         self.marks: list = []
+        self.first_forward_at: float | None = None  # host clock at the run's first forward (time to first step)
 
     def _mark(self) -> None:
         if self.cuda:
@@ -328,6 +387,8 @@ class StepClock:
 
     def _pre(self, module, args) -> None:
         if not self.marks:
+            if self.first_forward_at is None:
+                self.first_forward_at = time.perf_counter()
             self._mark()
 
     def start(self) -> None:

@@ -214,11 +214,16 @@ def _someone_elses_kernel(X):
     tl.store(X, tl.load(X) + 1)
 
 
-def test_strict_ignores_kernels_that_are_not_ours(tmp_path):
-    """torch.compile's inductor kernels (generate.compile=true) compile at generate time by design."""
-    with aot.kernel_cache(tmp_path / "triton"), aot.CompileCounter(strict=True) as counter:
-        triton.compile(ASTSource(_someone_elses_kernel, {"X": "*fp32"}, {}), target=GPUTarget("cuda", 90, 32))
+def test_strict_counts_kernels_that_are_not_ours(tmp_path):
+    """torch.compile's inductor kernels come from the cache's compiled blocks: one compiled at generate time is
+    counted apart from ours, and strict mode refuses it too."""
+    src = ASTSource(_someone_elses_kernel, {"X": "*fp32"}, {})
+    with aot.kernel_cache(tmp_path / "triton"), aot.CompileCounter() as counter:
+        triton.compile(src, target=GPUTarget("cuda", 90, 32))
     assert (counter.count, counter.others) == (0, 1)
+    with aot.kernel_cache(tmp_path / "other"), pytest.raises(CacheError, match="compiled kernel _someone_elses_kernel"):
+        with aot.CompileCounter(strict=True):
+            triton.compile(src, target=GPUTarget("cuda", 90, 32))
 
 
 def test_moved_cache_still_hits_and_strict_fails_on_a_miss(tmp_path):
@@ -238,18 +243,17 @@ def test_moved_cache_still_hits_and_strict_fails_on_a_miss(tmp_path):
     assert os.environ.get("TRITON_CACHE_DIR") != str(moved), "the setting ends with the block"
 
 
-def test_relink_groups_for_a_stock_triton(tmp_path):
-    """A stock Triton (no cache-manager knob) reads absolute paths: relink rewrites them to the folder's
-    current location, and back to names for storage."""
+def test_relink_groups_stores_names(tmp_path):
+    """Triton's stock manager (inductor's compile workers use it) writes absolute paths into group files: the
+    cache stores names, which the relocatable manager looks up in the entry's own folder."""
     entry = tmp_path / "KEY"
     entry.mkdir()
     (entry / "k.cubin").write_bytes(b"x")
     grp = entry / "__grp__k.json"
     grp.write_text(json.dumps({"child_paths": {"k.cubin": "/old/place/KEY/k.cubin"}}))
-    assert aot.relink_groups(tmp_path, absolute=True) == 1
-    assert json.loads(grp.read_text())["child_paths"]["k.cubin"] == str(entry / "k.cubin")
-    assert aot.relink_groups(tmp_path, absolute=False) == 1
+    assert aot.relink_groups(tmp_path) == 1
     assert json.loads(grp.read_text())["child_paths"]["k.cubin"] == "k.cubin"
+    assert aot.relink_groups(tmp_path) == 0
 
 
 @pytest.fixture
@@ -274,8 +278,25 @@ def test_cache_for_another_gpu_triton_or_bundle_is_refused(compiled):
     with pytest.raises(CacheError, match=r"triton 3\.0\.0, this run has triton .*calibatt compile --recompile"):
         load_cache(cfg)
     compile_cache(cfg, recompile=True)
-    _edit_manifest(cfg, lambda m: m["device"].update(type="cuda", name="NVIDIA H100", capability="sm_90"))
-    with pytest.raises(CacheError, match=r"compiled for NVIDIA H100 \(sm_90\).*calibatt compile --recompile"):
+    _edit_manifest(cfg, lambda m: m["device"].update(type="cuda", name="NVIDIA H100", capability="sm_90", sm_count=132))
+    with pytest.raises(
+        CacheError, match=r"compiled for NVIDIA H100 \(sm_90, 132 SMs\).*device type differs.*--recompile"
+    ):
+        load_cache(cfg)
+    # the card's SM count alone (tuned configs and persistent grids depend on it), calibatt's version, the
+    # kernels' sources: each named
+    for edit, named in (
+        (lambda m: m["device"].update(sm_count=1), "device sm_count differs"),
+        (lambda m: m["device"].update(name="cpu2"), "device name differs"),
+        (lambda m: m["versions"].update(calibatt="0.0.1"), "calibatt 0.0.1, this run has calibatt"),
+        (lambda m: m["versions"].update(kernels_source="0" * 16), "the kernels' source hash 0000000000000000"),
+        (lambda m: m["versions"].update(torch="2.0.0"), "torch 2.0.0, this run has torch"),
+    ):
+        compile_cache(cfg, recompile=True)
+        _edit_manifest(cfg, edit)
+        with pytest.raises(CacheError, match=named):
+            load_cache(cfg)
+        assert not compile_cache(cfg).reused, "compile rebuilds a cache made for another card or software"
         load_cache(cfg)
     compile_cache(cfg, recompile=True)
     masks = res.bundle.masks.clone()
@@ -352,7 +373,11 @@ def test_two_compiles_at_once_then_generate(small_config, tmp_path):
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [], "no temp or old folders left"
+    left = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
+    assert left == [os.readlink(out / "cache")], (
+        f"one versioned folder, the cache's; no temp, old or lock files: {left}"
+    )
+    assert not (out / "cache.lock").exists(), "the lock file is removed by its last holder"
     assert sorted(p.name for p in (out / "cache").iterdir()) == ["manifest.json", "plan.safetensors", "triton"]
     r = subprocess.run(
         [*cli, "generate", PROMPT, "--config", str(small_config), "--strict", "--json"],

@@ -3,8 +3,7 @@
 - `kernel_cache(dir)` points Triton's on-disk cache at a folder (a calibatt cache's `triton/`) for the
   duration of a block, with a cache manager whose group files survive moving the folder: Triton's own
   `__grp__*.json` files store absolute paths, so a copied or moved cache would silently miss.
-- `CompileCounter` counts compilations (cache misses) through `triton.knobs.compilation.listener`; on a
-  Triton without that knob it counts new kernel folders in the cache instead.
+- `CompileCounter` counts compilations (cache misses) through `triton.knobs.compilation.listener`.
 - `cross_compile` builds every candidate kernel config for an architecture without a GPU
   (`triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`): a CI check that every config
   compiles. Its binaries hash differently from the JIT's, so it does not fill the JIT cache.
@@ -63,10 +62,10 @@ class RelocatableCacheManager(FileCacheManager):
         return self.put(json.dumps({"child_paths": children}), f"__grp__{filename}", binary=False)
 
 
-def relink_groups(triton_dir: Path, *, absolute: bool) -> int:
-    """Rewrite every group file under triton_dir to list its children by file name (absolute=False: what a
-    cache stores) or by absolute path in its current folder (absolute=True: what a stock Triton reads).
-    Atomic per file. Returns the number of files rewritten."""
+def relink_groups(triton_dir: Path) -> int:
+    """Rewrite every group file under triton_dir to list its children by file name (what a cache stores:
+    Triton's own manager, e.g. in inductor's compile workers, writes absolute paths). Atomic per file.
+    Returns the number of files rewritten."""
     n = 0
     for grp in Path(triton_dir).glob("*/__grp__*.json"):
         try:
@@ -74,19 +73,13 @@ def relink_groups(triton_dir: Path, *, absolute: bool) -> int:
             children = data["child_paths"]
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        new = {
-            c: str(grp.parent / os.path.basename(p)) if absolute else os.path.basename(p) for c, p in children.items()
-        }
+        new = {c: os.path.basename(p) for c, p in children.items()}
         if new != children:
             tmp = grp.with_name(f".{grp.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"child_paths": new}))
             os.replace(tmp, grp)
             n += 1
     return n
-
-
-def has_manager_knob() -> bool:
-    return "manager_class" in getattr(triton.knobs.cache, "knob_descriptors", {})
 
 
 @contextlib.contextmanager
@@ -99,11 +92,7 @@ def kernel_cache(triton_dir: str | Path) -> Iterator[Path]:
     knobs = triton.knobs.cache
     with knobs.scope():
         knobs.dir = str(triton_dir)  # also sets TRITON_CACHE_DIR for child processes
-        if has_manager_knob():
-            knobs.manager_class = RelocatableCacheManager
-        else:  # pragma: no cover - Triton without the knob: give the stock manager absolute paths
-            with contextlib.suppress(OSError):
-                relink_groups(triton_dir, absolute=True)
+        knobs.manager_class = RelocatableCacheManager
         yield triton_dir
 
 
@@ -115,66 +104,50 @@ def forget_compiled(fn) -> None:
         caches.clear()
 
 
-# The kernels a calibatt cache holds. Other Triton kernels that compile during generate (torch.compile's
-# inductor kernels under generate.compile=true: a JIT the user opted into, cached by torch itself) are
-# counted apart and never fail strict mode.
+# The kernels a calibatt cache holds, named apart from other Triton kernels (torch.compile's inductor kernels
+# in compiled blocks, which the cache holds too) in CompileCounter's counts.
 OUR_KERNELS = dispatch.kernel_names()
 
 
 class CompileCounter:
-    """Counts compilations of calibatt's Triton kernels while active. `compiled` lists (kernel name, hash)
-    of cache misses, `hits` counts cache hits (None when only misses can be seen), `others` counts
-    compilations of other Triton kernels. With `strict`, the first miss of ours raises CacheError (the
-    message names the kernel and the fix)."""
+    """Counts Triton compilations while active, through Triton's compilation listener. `compiled` lists (kernel
+    name, hash) of cache misses of calibatt's kernels, `others` counts compilations of other kernels
+    (inductor's), `hits` counts cache hits of ours. With `strict`, the first compilation of any kernel raises
+    CacheError (the message names the kernel and the fix)."""
 
-    def __init__(self, triton_dir: str | Path | None = None, *, strict: bool = False, fix: str = ""):
-        self.triton_dir = Path(triton_dir) if triton_dir is not None else None
+    def __init__(self, *, strict: bool = False, fix: str = ""):
         self.strict = strict
         self.fix = fix or "run `calibatt compile --recompile` on this machine"
         self.compiled: list[tuple[str, str]] = []
-        self.hits: int | None = 0
+        self.hits = 0
         self.others = 0
-        self.exact = hasattr(triton.knobs, "compilation") and hasattr(triton.knobs.compilation, "listener")
         self._prev = None
-        self._before: set[str] = set()
 
     def _listener(self, *, src, metadata, metadata_group, times, cache_hit, **_):
         if self._prev is not None:
             self._prev(src=src, metadata=metadata, metadata_group=metadata_group, times=times, cache_hit=cache_hit)
         md = metadata if isinstance(metadata, dict) else getattr(metadata, "__dict__", {})
         name = str(md.get("name", getattr(src, "name", "?")))
-        if name not in OUR_KERNELS:
-            self.others += 0 if cache_hit else 1
-            return
         if cache_hit:
-            self.hits += 1
+            self.hits += name in OUR_KERNELS
             return
-        self.compiled.append((name, str(md.get("hash", "?"))))
+        if name in OUR_KERNELS:
+            self.compiled.append((name, str(md.get("hash", "?"))))
+        else:
+            self.others += 1
         if self.strict:
             raise CacheError(
-                f"strict mode: Triton compiled kernel {self.compiled[-1][0]} during generate (the "
-                f"kernel cache does not hold it); {self.fix}"
+                f"strict mode: Triton compiled kernel {name} during generate (the kernel cache does not hold it); "
+                f"{self.fix}"
             )
 
-    def _folders(self) -> set[str]:
-        if self.triton_dir is None or not self.triton_dir.is_dir():
-            return set()
-        return {p.parent.name for p in self.triton_dir.glob("*/__grp__*.json")}
-
     def __enter__(self) -> CompileCounter:
-        if self.exact:
-            self._prev = triton.knobs.compilation.listener
-            triton.knobs.compilation.listener = self._listener
-        else:  # pragma: no cover - Triton < 3.4
-            self.hits = None
-            self._before = self._folders()
+        self._prev = triton.knobs.compilation.listener
+        triton.knobs.compilation.listener = self._listener
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.exact:
-            triton.knobs.compilation.listener = self._prev
-        else:  # pragma: no cover - Triton < 3.4
-            self.compiled = [("?", h) for h in sorted(self._folders() - self._before)]
+        triton.knobs.compilation.listener = self._prev
 
     @property
     def count(self) -> int:

@@ -1,20 +1,23 @@
 """`calibatt compile`: turn a mask bundle into a cache directory that `generate` loads as is.
 
 Layout of a cache directory:
-    manifest.json       bundle hash, model, grid, steps, device, versions, per-group figures and the
-                        kernel config chosen per (bucket, layer)
+    manifest.json       bundle hash, model, grid, steps, card, versions (calibatt, torch, Triton, the kernels'
+                        source hash), per-group figures and the kernel config chosen per (bucket, layer)
     plan.safetensors    per (bucket, layer): key-block counts, row offsets, indices and an LPT schedule
     triton/             Triton's cache holding every kernel variant generate launches (GPU only)
+    blocks/             the compiled transformer blocks (generate.compile on; see blocks.py)
 On a GPU, compile measures the candidate kernel configs (`block_sparse.candidate_configs`, tune.py) per mask group
 on random q, k, v of the model's shape, keeps the fastest, and does so with Triton's cache pointed at
 triton/, so the binaries land there and a later `generate` compiles nothing (see aot.py). load.py
 reads a cache back.
-The directory is built beside its final path and renamed into place, under a lock, so a reader never
-sees a half-written cache.
+The cache path is a symbolic link to a versioned folder beside it (`.NAME.v-XXXX`). A compile builds a new
+folder, under the cache's exclusive lock, and swaps the link with one rename: a reader sees the old cache or
+the new one, and a compile killed at any point leaves one of them (the next compile removes its leftovers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,20 +27,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from safetensors.torch import save_file
 
 import calibatt_kernels as ck
 from calibatt_kernels import norm_rope
 
 from ..bundle import check_bundle_matches, load_bundle
-from ..config import Config, resolve_input
+from ..config import Config, cache_paths, compile_blocks
 from ..errors import CacheError
 from ..models import check_device, model_identity
 from ..runtime import plan_index, plan_tensors
 from ..util import sha256_hex
-from . import aot
-from .load import CACHE_SCHEMA, device_info, lock_file, software_versions, warm_qk_norm_rope
+from . import aot, blocks
+from .load import CACHE_SCHEMA, cache_lock, device_info, lock_file, read_plan, software_versions, warm_qk_norm_rope
 from .tune import tune_kernels
 
 
@@ -49,16 +51,44 @@ class CompileResult:
     reused: bool  # the cache was already up to date
 
 
-def write_cache(cache_dir: Path, build: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> None:
-    """Finish a cache built in `build` (a temp folder beside cache_dir) and rename it into place."""
+# A test hook: the name of a compile step at which the process dies (os._exit), to check that a kill at any
+# point leaves a usable cache.
+KILL_AT = "CALIBATT_TEST_KILL_AT"
+
+
+def _step(name: str) -> None:
+    if os.environ.get(KILL_AT) == name:
+        os._exit(9)
+
+
+def save_plan(build: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> None:
+    """Write the plan into a build and record its hash in the manifest (read_plan checks it)."""
+    save_file(tensors, str(build / "plan.safetensors"))
+    manifest["plan_sha256"] = sha256_hex((build / "plan.safetensors").read_bytes())
+
+
+def write_cache(cache_dir: Path, build: Path, tensors: dict[str, torch.Tensor] | None, manifest: dict) -> None:
+    """Finish a cache built in `build` (a folder beside cache_dir, see new_build) and swap it into place. The
+    plan is written first unless `tensors` is None (already written), the manifest last."""
     triton_dir = build / "triton"
     triton_dir.mkdir(exist_ok=True)
-    aot.relink_groups(triton_dir, absolute=False)  # no build path may leak into the cache
+    aot.relink_groups(triton_dir)  # no build path may leak into the cache
     manifest.setdefault("kernels", {})["triton_files"] = len(list(triton_dir.glob("*/__grp__*.json")))
-    save_file(tensors, str(build / "plan.safetensors"))
-    manifest["plan_sha256"] = sha256_hex((build / "plan.safetensors").read_bytes())  # checked by read_plan
+    if tensors is not None:
+        save_plan(build, tensors, manifest)
     (build / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    _step("written")
     _swap_in(build, cache_dir)
+
+
+def new_build(cache_dir: Path) -> Path:
+    """A fresh versioned folder beside cache_dir for a build, with the user's umask (not mkdtemp's 0700: a
+    cache may be shared)."""
+    path = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.v-", dir=cache_dir.parent))
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    path.chmod(0o777 & ~mask)
+    return path
 
 
 def kernel_class(cfg: Config, ident) -> dict:
@@ -75,8 +105,7 @@ def kernel_class(cfg: Config, ident) -> dict:
 def compile_cache(
     cfg: Config, *, bundle_path: str | None = None, cache_dir: str | None = None, recompile: bool = False
 ) -> CompileResult:
-    bundle_path = resolve_input(bundle_path or cfg.compile.bundle, cfg)
-    cache_dir = Path(cache_dir or cfg.compile.cache_dir)
+    bundle_path, cache_dir = cache_paths(cfg, bundle_path, cache_dir)
     if cfg.compile.target is not None:
         raise CacheError(
             f"compile.target={cfg.compile.target} cross-compiles the kernels only (no cache); use "
@@ -97,6 +126,7 @@ def compile_cache(
 
     device = torch.device(cfg.model.device)
     tuned = device.type == "cuda" and ck.triton_usable(device) and ident.head_dim in (64, 128)
+    want_blocks = compile_blocks(cfg, ident.repeated_blocks)
     manifest = {
         "schema_version": CACHE_SCHEMA,
         "bundle": {"path": str(bundle_path), "content_hash": bundle.content_hash},
@@ -111,6 +141,7 @@ def compile_cache(
         "device": device_info(cfg.model.device),
         "versions": software_versions(),
         "kernel_class": kernel_class(cfg, ident),
+        "compiled_blocks": {"enabled": want_blocks, "backend": cfg.generate.compile_backend if want_blocks else None},
         # the attention backend the calls will run ("gluon", "tl", "cpu" or "reference": the fp32 reference
         # for a head dim the kernels do not take)
         "kernels": {
@@ -124,12 +155,14 @@ def compile_cache(
             "tuned": tuned,
         },
     }
-    with FileLock(lock_file(cache_dir)):
+    with cache_lock(cache_dir, shared=False):
+        _step("locked")
+        _remove_leftovers(cache_dir)
         if not recompile and _up_to_date(cache_dir, manifest):
             old = json.loads((cache_dir / "manifest.json").read_text())
             return CompileResult(cache_dir, old, time.perf_counter() - t0, True)
         tensors, groups = plan_tensors(bundle.masks)
-        build = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=parent))
+        build = new_build(cache_dir)
         try:
             if tuned:
                 keys = [(g["bucket"], g["layer"]) for g in groups]
@@ -159,11 +192,23 @@ def compile_cache(
             # the masks' index as stored (compressed rows: it follows the kept blocks); on the device each
             # layer's buckets are padded to its longest, a little more
             manifest["index_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
-            write_cache(cache_dir, build, tensors, manifest)
+            save_plan(build, tensors, manifest)
+            _step("planned")
+            manifest["blocks"] = None
+            if want_blocks:  # from the plan as generate reads it back
+                plan = read_plan(build, manifest).to(device)
+                with aot.kernel_cache(build / "triton"):
+                    manifest["blocks"] = blocks.build_blocks(cfg, plan, build, BLOCKS_PROMPT)
+                _step("blocks")
+            write_cache(cache_dir, build, None, manifest)
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
             raise
     return CompileResult(cache_dir, manifest, time.perf_counter() - t0, False)
+
+
+# What the compiled blocks are traced with: any prompt does (text is padded to the model's fixed length).
+BLOCKS_PROMPT = "a red circle moving left on a black background"
 
 
 def _up_to_date(cache_dir: Path, manifest: dict) -> bool:
@@ -171,16 +216,51 @@ def _up_to_date(cache_dir: Path, manifest: dict) -> bool:
         old = json.loads((cache_dir / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
-    keys = ("schema_version", "bundle", "model", "grid", "step_buckets", "device", "versions", "kernel_class")
+    keys = (
+        "schema_version",
+        "bundle",
+        "model",
+        "grid",
+        "step_buckets",
+        "device",
+        "versions",
+        "kernel_class",
+        "compiled_blocks",
+    )
     return all(old.get(k) == manifest[k] for k in keys) and (cache_dir / "plan.safetensors").is_file()
 
 
-def _swap_in(tmp: Path, cache_dir: Path) -> None:
-    """Replace cache_dir by tmp with renames only (a directory cannot be renamed over a non-empty one)."""
-    old = None
-    if cache_dir.exists():
-        old = cache_dir.with_name(f".{cache_dir.name}.old-{os.getpid()}")
-        os.replace(cache_dir, old)
-    os.replace(tmp, cache_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _swap_in(build: Path, cache_dir: Path) -> None:
+    """Point cache_dir at build with one rename of a symbolic link over it (atomic), then remove the folder it
+    pointed at before. A cache folder of the layout before links (a real folder) is moved aside first."""
+    link = cache_dir.with_name(f".{cache_dir.name}.link-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        link.unlink()
+    link.symlink_to(build.name)  # relative: the cache's parent folder can be moved or copied whole
+    _step("linked")
+    if cache_dir.is_dir() and not cache_dir.is_symlink():
+        if any(cache_dir.iterdir()):
+            os.replace(cache_dir, new_build(cache_dir))  # removed below with the other leftovers
+        else:
+            cache_dir.rmdir()
+    os.replace(link, cache_dir)
+    _step("swapped")
+    _remove_leftovers(cache_dir)
+
+
+def _remove_leftovers(cache_dir: Path) -> None:
+    """Remove the versioned folders and temporary links beside cache_dir that it does not point at: folders
+    of earlier caches and of killed builds. Called under the exclusive lock (no reader holds any of them)."""
+    current = os.readlink(cache_dir) if cache_dir.is_symlink() else None
+    for p in cache_dir.parent.glob(f".{cache_dir.name}.*"):
+        if p.name == current or p.name == lock_name(cache_dir):
+            continue
+        if p.name.startswith((f".{cache_dir.name}.v-", f".{cache_dir.name}.link-")):
+            if p.is_symlink() or not p.is_dir():
+                p.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def lock_name(cache_dir: Path) -> str:
+    return lock_file(cache_dir).name

@@ -1,19 +1,25 @@
 """Reading a cache: validate it against this config, machine and software, read its plan, and prewarm the
 kernels it holds so that the first denoising step costs what the later ones do.
 
-Builder and reader share the cache's lock file: a reader holds it while reading, so a concurrent compile
-never swaps the folder mid-read.
+Builder and reader share the cache's lock file (`cache_lock`): generate holds it shared for as long as it
+uses the cache, compile exclusive while it builds and swaps, so a compile never replaces a cache in use.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import hashlib
 import json
+import logging
+import os
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from filelock import FileLock, Timeout
 from safetensors import safe_open
 
 import calibatt_kernels as ck
@@ -21,13 +27,15 @@ from calibatt_kernels import KernelConfig
 
 from .. import __version__, records
 from ..bundle import META_KEY, META_SPEC, check_header_length, check_identity
-from ..config import Config, resolve_input
+from ..config import Config, cache_paths
 from ..errors import CacheError
 from ..runtime import SparsePlan, plan_index
 from ..util import sha256_hex
 
-CACHE_SCHEMA = 3  # 3: compressed-row index (offsets + flat indices)
+CACHE_SCHEMA = 4  # 4: the cache folder is a link to a versioned build; card and kernel-source identity
 RECOMPILE = "run `calibatt compile --recompile`"
+LOCK_TIMEOUT = 600.0  # seconds a generate waits for a running compile (and a compile for running generates)
+log = logging.getLogger(__name__)
 
 # What load_cache requires of a manifest; the code that reads a cache relies on nothing else.
 MANIFEST_SPEC = {
@@ -49,52 +57,117 @@ MANIFEST_SPEC = {
 
 
 def device_info(device: str) -> dict:
+    """The card a cache is built for: name, architecture and SM count (the tuned configs and the persistent
+    kernels' grids depend on the SM count, not only on the architecture)."""
     dev = torch.device(device)
     if dev.type == "cuda":
         idx = dev.index if dev.index is not None else torch.cuda.current_device()
-        cap = torch.cuda.get_device_capability(idx)
-        return {"type": "cuda", "name": torch.cuda.get_device_name(idx), "capability": f"sm_{cap[0]}{cap[1]}"}
-    return {"type": dev.type, "name": dev.type, "capability": None}
+        props = torch.cuda.get_device_properties(idx)
+        return {
+            "type": "cuda",
+            "name": props.name,
+            "capability": f"sm_{props.major}{props.minor}",
+            "sm_count": props.multi_processor_count,
+        }
+    return {"type": dev.type, "name": dev.type, "capability": None, "sm_count": None}
+
+
+def kernel_source_hash() -> str:
+    """sha256 over the kernels' Python sources (calibatt_kernels/*.py, by name): an edited kernel must not
+    meet binaries built from the old one."""
+    root = Path(ck.__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def software_versions() -> dict:
-    try:
-        import triton
+    import triton
 
-        triton_version = triton.__version__
-    except ImportError:  # pragma: no cover - triton is a dependency, but may be absent on odd platforms
-        triton_version = None
-    return {"calibatt": __version__, "torch": torch.__version__, "triton": triton_version}
+    return {
+        "calibatt": __version__,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "kernels_source": kernel_source_hash(),
+    }
 
 
-def lock_file(cache_dir: Path) -> str:
-    """The lock a compile holds while it builds and swaps, and a reader while it reads."""
-    return str(cache_dir) + ".lock"
+def lock_file(cache_dir: Path) -> Path:
+    """The lock a compile holds exclusive while it builds and swaps, and a generate shared while it reads."""
+    return Path(str(cache_dir) + ".lock")
 
 
 @contextlib.contextmanager
-def _reading(cache_dir: Path):
-    """Hold the cache's lock while reading it, so a concurrent compile never swaps it mid-read (a
-    read-only location, where no lock file can be made, is read without it)."""
+def cache_lock(cache_dir: Path, *, shared: bool, timeout: float | None = None) -> Iterator[str]:
+    """Hold the cache's lock (flock: shared for readers, exclusive for a compile); yields how it is held:
+    "shared", "exclusive", or "none (read-only location)" where no lock file can be made, which the caller
+    reports. A lock not had within `timeout` seconds is a one-line error, never a read without it. The lock
+    file is removed by its last holder: one who finds the file replaced or removed after locking it locks
+    the new one instead."""
+    timeout = LOCK_TIMEOUT if timeout is None else timeout
+    path = lock_file(cache_dir)
+    what = "compile" if shared else "generate or compile"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and shared:
+                log.warning("cache '%s': read-only location, read without a lock", cache_dir)
+                yield "none (read-only location)"
+                return
+            raise CacheError(f"cannot create the cache lock '{path}' ({e.strerror}); check the folder") from None
+        got = False
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                got = True
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+        if not got:
+            os.close(fd)
+            raise CacheError(
+                f"cache '{cache_dir}' is locked by a running {what} (waited {timeout:.0f} s on '{path}'); "
+                f"try again when it has finished"
+            )
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # its last holder removed it after we opened it: lock the current file
     try:
-        lock = FileLock(lock_file(cache_dir))
-        lock.acquire(timeout=600)
-    except (OSError, Timeout):
-        lock = None
-    try:
-        yield
+        yield "shared" if shared else "exclusive"
     finally:
-        if lock is not None:
-            lock.release()
+        try:  # the last holder (an exclusive lock is had at once) removes the file
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _bundle_hash(path: Path) -> str | None:
-    """The content hash a bundle file records (its header only: cheap), or None if unreadable."""
+    """The content hash a bundle file records (its header only: cheap). None when the file does not exist:
+    the cache holds everything generate needs, and a cache moved to another machine without its bundle is
+    still usable. A bundle that exists but cannot be read is an error: the check must not be skipped."""
+    if not path.exists():
+        return None
     try:
         with safe_open(str(path), framework="pt") as f:
             return json.loads((f.metadata() or {})[META_KEY])["content_hash"]
-    except Exception:  # a missing or odd bundle is compile's business, not generate's
-        return None
+    except Exception as e:  # safetensors raises several types for a truncated or foreign file
+        raise CacheError(
+            f"compile.bundle '{path}' cannot be read ({type(e).__name__}), so the cache cannot be checked "
+            f"against it; fix or remove the file, or point compile.bundle at the bundle the cache was built from"
+        ) from None
 
 
 def _manifest_inconsistency(manifest: dict) -> str | None:
@@ -143,18 +216,26 @@ def read_plan(cache_dir: Path, manifest: dict) -> SparsePlan:
 
 
 def check_kernels(cache_dir: Path, manifest: dict, device: str) -> None:
-    """Refuse a cache whose kernels were built for another GPU architecture or Triton, naming the
-    difference and the fix."""
+    """Refuse a cache built for another card (name, architecture, SM count) or other software (calibatt,
+    torch, Triton, the kernels' sources), naming the field that differs and the fix: its binaries and tuned
+    configs would otherwise be JIT-compiled or wrong at step 1."""
     dev = device_info(device)
     built = manifest["device"]
-    if (built["type"], built.get("capability")) != (dev["type"], dev.get("capability")):
-        raise CacheError(
-            f"cache '{cache_dir}' was compiled for {built['name']} ({built.get('capability')}), this run "
-            f"uses {dev['name']} ({dev.get('capability')}); {RECOMPILE} here"
-        )
-    was, now = manifest["versions"].get("triton"), software_versions()["triton"]
-    if was != now:
-        raise CacheError(f"cache '{cache_dir}' was compiled with triton {was}, this run has triton {now}; {RECOMPILE}")
+    for field in ("type", "name", "capability", "sm_count"):
+        if built.get(field) != dev.get(field):
+            raise CacheError(
+                f"cache '{cache_dir}' was compiled for {built['name']} ({built.get('capability')}, "
+                f"{built.get('sm_count')} SMs), this run uses {dev['name']} ({dev.get('capability')}, "
+                f"{dev.get('sm_count')} SMs): device {field} differs; {RECOMPILE} here"
+            )
+    now = software_versions()
+    for field, have in now.items():
+        was = manifest["versions"].get(field)
+        if was != have:
+            name = "the kernels' source hash" if field == "kernels_source" else field
+            raise CacheError(
+                f"cache '{cache_dir}' was compiled with {name} {was}, this run has {name} {have}; {RECOMPILE}"
+            )
     want = manifest["kernels"].get("triton_files", 0)
     have = len(list((cache_dir / "triton").glob("*/__grp__*.json")))
     if have < want:
@@ -163,18 +244,31 @@ def check_kernels(cache_dir: Path, manifest: dict, device: str) -> None:
         )
 
 
-def load_cache(cfg: Config, cache_dir: str | Path | None = None) -> tuple[SparsePlan, dict]:
-    """Load and validate a cache for this config; the plan comes back on the model's device."""
-    cache_dir = Path(cache_dir or cfg.compile.cache_dir)
+@dataclass
+class OpenCache:
+    """A validated cache, held (see open_cache): `folder` is the build the cache path points at."""
+
+    plan: SparsePlan  # on the model's device
+    manifest: dict
+    folder: Path
+    lock: str  # how the cache is locked: "shared", or "none (read-only location)"
+
+
+@contextlib.contextmanager
+def open_cache(cfg: Config, cache_dir: str | Path | None = None) -> Iterator[OpenCache]:
+    """Validate and read a cache for this config, and hold its lock shared while the block runs: a compile
+    waits until the caller no longer uses the cache's files (its Triton binaries, compiled blocks)."""
+    bundle_path, cache_dir = cache_paths(cfg, cache_dir=cache_dir)
     fix = "run `calibatt compile` (add --recompile to rebuild)"
-    mpath = cache_dir / "manifest.json"
-    if not mpath.is_file():
+    if not (cache_dir / "manifest.json").is_file():
         raise CacheError(f"no compiled cache at '{cache_dir}'; {fix}")
-    with _reading(cache_dir):
+    with cache_lock(cache_dir, shared=True) as lock:
+        folder = cache_dir.resolve()  # the build it links to now: a later swap does not move it under us
+        mpath = folder / "manifest.json"
         try:
             manifest = json.loads(mpath.read_text())
             schema = manifest["schema_version"]
-        except (ValueError, KeyError, TypeError, RecursionError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             raise CacheError(f"cache manifest '{mpath}' is corrupt; {fix}") from None
         if schema != CACHE_SCHEMA:
             raise CacheError(
@@ -185,22 +279,28 @@ def load_cache(cfg: Config, cache_dir: str | Path | None = None) -> tuple[Sparse
             raise CacheError(f"cache manifest '{mpath}' is inconsistent ({problem}); {RECOMPILE}")
         where, fix = f"cache '{cache_dir}'", "calibrate and compile for this config"
         check_identity(manifest, cfg, where=where, verb="built", fix=fix, error=CacheError)
-        bundle_path = resolve_input(cfg.compile.bundle, cfg)
-        now = _bundle_hash(bundle_path) if bundle_path.is_file() else None
+        now = _bundle_hash(bundle_path)
         if now is not None and now != manifest["bundle"]["content_hash"]:
             raise CacheError(
                 f"cache '{cache_dir}' was compiled from bundle {manifest['bundle']['content_hash'][:12]} "
                 f"('{manifest['bundle']['path']}'), compile.bundle '{bundle_path}' is {now[:12]}; "
                 f"{RECOMPILE}"
             )
-        check_kernels(cache_dir, manifest, cfg.model.device)
+        check_kernels(folder, manifest, cfg.model.device)
         if manifest["kernel_class"]["dtype"] != cfg.model.dtype:
             raise CacheError(
                 f"cache '{cache_dir}' was compiled for {manifest['kernel_class']['dtype']}, model.dtype "
                 f"is {cfg.model.dtype}; {RECOMPILE}"
             )
-        plan = read_plan(cache_dir, manifest)
-    return plan.to(torch.device(cfg.model.device)), manifest
+        plan = read_plan(folder, manifest)
+        yield OpenCache(plan.to(torch.device(cfg.model.device)), manifest, folder, lock)
+
+
+def load_cache(cfg: Config, cache_dir: str | Path | None = None) -> tuple[SparsePlan, dict]:
+    """Load and validate a cache for this config (its lock held while reading); the plan comes back on the
+    model's device."""
+    with open_cache(cfg, cache_dir) as c:
+        return c.plan, c.manifest
 
 
 def warm_qk_norm_rope(*, heads: int, head_dim: int, dtype: torch.dtype, device: str | torch.device) -> None:

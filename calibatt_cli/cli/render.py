@@ -148,6 +148,12 @@ def cache(res) -> None:
         )
     index = f", mask index {m['index_bytes'] / 2**20:.1f} MiB" if "index_bytes" in m else ""
     console.print(f"device {m['device']['name']}, backend {k['backend']}{tuned}{index}, {res.seconds:.2f} s")
+    b = m.get("blocks")
+    if b:
+        console.print(
+            f"compiled blocks ({b['backend']}): {b['graphs']} graph(s) for step kinds {b['step_kinds']} "
+            f"(-1: dense warm-up), {b['files']} files, {b['seconds']:.1f} s"
+        )
     out.print(str(res.cache_dir), highlight=False)
 
 
@@ -182,6 +188,17 @@ def generation(res) -> None:
             where = f"bucket {d['bucket']}" + ("" if d["layer"] == "*" else f", layer {d['layer']}")
             n = "every call" if d["missing"] is None else f"{d['missing']} of {d['expected']} calls"
             console.print(f"dense: {where} ran {n} outside calibatt's kernels where the plan is sparse")
+    cb = res.compiled_blocks
+    if cb.get("fallback"):
+        console.print(f"compiled blocks: fell back to {cb['fallback']}", highlight=False, soft_wrap=True)
+    elif cb.get("enabled"):
+        where = "from the cache" if cb["from_cache"] else "compiled during this run"
+        console.print(
+            f"compiled blocks ({cb['backend']}) {where}: inductor generated {cb.get('inductor_codegen', 0)} "
+            f"graph(s), built {cb.get('builds', 0)} file(s); Triton compiled {res.compilations or 0} of ours, "
+            f"{cb.get('triton_other', 0)} other",
+            highlight=False,
+        )
     g = res.guard
     if g and g.get("widened"):
         worst = min(g["widened"], key=lambda w: w["mass"])

@@ -61,6 +61,9 @@ class ModelIdentity:
     sequence_parallel: bool = False
     scheduler: str = ""  # the pipeline's scheduler class: a bundle is tied to it
     flow_shift: bool = True  # generate.flow_shift sets the scheduler's shift (Mochi keeps its own)
+    # The transformer declares repeated blocks (diffusers' compile_repeated_blocks): generate.compile=auto
+    # compiles them on a GPU.
+    repeated_blocks: bool = False
 
     def token_grid(self, frames: int, height: int, width: int) -> list[int]:
         st, sh, sw = self.vae_stride
@@ -131,6 +134,7 @@ def identity_from_config(
         sequence_parallel=getattr(model_cls, "_cp_plan", None) is not None,
         scheduler=scheduler,
         flow_shift=flow_shift,
+        repeated_blocks=bool(getattr(model_cls, "_repeated_blocks", None)),
     )
 
 
