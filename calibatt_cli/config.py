@@ -54,6 +54,7 @@ class CompileConfig:
     bundle: str = "out/tiny.bundle.safetensors"
     cache_dir: str = "out/tiny.cache"
     target: str | None = None  # e.g. sm_90: cross-compile kernels without a GPU
+    cost_model: bool = True  # run each (bucket, layer) dense where dense measured faster; false: sparse everywhere
 
 
 @dataclass

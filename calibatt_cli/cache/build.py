@@ -37,7 +37,7 @@ from ..models import model_identity
 from ..runtime import plan_index, plan_tensors
 from . import aot
 from .load import CACHE_SCHEMA, device_info, lock_file, software_versions, warm_qk_norm_rope
-from .tune import tune_kernels
+from .tune import cpu_costs, tune_kernels
 
 
 @dataclass
@@ -117,6 +117,7 @@ def compile_cache(
         "versions": software_versions(),
         "kernel_class": kernel_class(cfg, ident),
         "kernels": {"backend": "triton" if ck.triton_usable(device) else "reference", "tuned": tuned},
+        "cost_model": cfg.compile.cost_model,  # groups' "attention": what tune.py measured faster, or all sparse
     }
     with FileLock(lock_file(cache_dir)):
         if not recompile and _up_to_date(cache_dir, manifest):
@@ -149,6 +150,19 @@ def compile_cache(
                 for g in groups:
                     g.update(res.groups[(g["bucket"], g["layer"])])
                 manifest["kernels"].update(res.info)
+            elif device.type == "cpu" and cfg.compile.cost_model:
+                keys = [(g["bucket"], g["layer"]) for g in groups]
+                costs = cpu_costs(
+                    plan_index(tensors, keys),
+                    heads=ident.heads,
+                    tokens=grid[0] * grid[1] * grid[2],
+                    head_dim=ident.head_dim,
+                    block_size=bundle.block_size,
+                )
+                for g in groups:
+                    g.update(costs[(g["bucket"], g["layer"])])
+            for g in groups:
+                g["attention"] = g.get("attention", "sparse") if cfg.compile.cost_model else "sparse"
             manifest["groups"] = groups
             # the masks' index as stored (compressed rows: it follows the kept blocks); on the device each
             # layer's buckets are padded to its longest, a little more
@@ -165,7 +179,17 @@ def _up_to_date(cache_dir: Path, manifest: dict) -> bool:
         old = json.loads((cache_dir / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
-    keys = ("schema_version", "bundle", "model", "grid", "step_buckets", "device", "versions", "kernel_class")
+    keys = (
+        "schema_version",
+        "bundle",
+        "model",
+        "grid",
+        "step_buckets",
+        "device",
+        "versions",
+        "kernel_class",
+        "cost_model",
+    )
     return all(old.get(k) == manifest[k] for k in keys) and (cache_dir / "plan.safetensors").is_file()
 
 
