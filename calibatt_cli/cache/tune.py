@@ -154,7 +154,7 @@ def cpu_costs(
     generate makes) against one dense SDPA call, on random float32 q, k, v [1, H, N, D] laid out as the
     models hand them over. Best of `reps` timings each (one when the first is already over 1.5 x dense: the
     choice is clear); dense is timed between the groups, so a busy machine slows both alike.
-    Returns per group: ms, dense_ms, attention (`choose`)."""
+    Returns per group: ms, dense_ms, speedup (dense over sparse), attention (`choose`)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 1, tokens, heads, head_dim, generator=gen)
     q, k, v = (t.transpose(1, 2) for t in x)
@@ -181,6 +181,11 @@ def cpu_costs(
         sparse_times[key] = min(times)
     dense_ms = min(dense_times)
     return {
-        key: {"ms": round(t, 4), "dense_ms": round(dense_ms, 4), "attention": choose(t, dense_ms)}
+        key: {
+            "ms": round(t, 4),
+            "dense_ms": round(dense_ms, 4),
+            "speedup": round(dense_ms / t, 3) if t > 0 else None,
+            "attention": choose(t, dense_ms),
+        }
         for key, t in sparse_times.items()
     }
