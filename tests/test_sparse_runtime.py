@@ -121,14 +121,15 @@ def test_attn1_refuses_an_attention_mask_it_cannot_apply(mode):
 
 def test_cost_model_on_the_cpu_picks_what_is_faster():
     """Masks that drop one block a row (as the tiny demo's ~0.97 do) make the row-wise path gather every row: more
-    work and more calls than one SDPA call, so dense. A diagonal of 256-token blocks over 4,096 tokens makes
-    it compute 1/16 of the scores in 16 calls: sparse. The times behind each choice are recorded."""
+    work and more calls than one SDPA call, so dense. A mask keeping one 256-token block of 8,192 tokens makes
+    it compute 1/1024 of the scores in one small call: sparse. The times behind each choice are recorded."""
     mq = 18
     near_full = torch.ones(1, mq, mq, dtype=torch.bool)
     near_full[:, torch.arange(mq), (torch.arange(mq) + 7) % mq] = False
     costs = tune.cpu_costs({(0, 0): ck.mask_to_index(near_full)}, heads=1, tokens=1152, head_dim=64, block_size=64)
-    diagonal = torch.eye(16, dtype=torch.bool)[None]
-    costs |= tune.cpu_costs({(0, 1): ck.mask_to_index(diagonal)}, heads=1, tokens=4096, head_dim=64, block_size=256)
+    one_block = torch.zeros(1, 32, 32, dtype=torch.bool)
+    one_block[0, 0, 0] = True
+    costs |= tune.cpu_costs({(0, 1): ck.mask_to_index(one_block)}, heads=1, tokens=8192, head_dim=64, block_size=256)
     assert costs[(0, 0)]["attention"] == "dense", costs
     assert costs[(0, 1)]["attention"] == "sparse", costs
     for c in costs.values():
