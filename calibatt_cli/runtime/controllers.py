@@ -181,7 +181,8 @@ class RecordController(Controller):
 
 
 class SparseController(Controller):
-    """Block-sparse attention from a compiled plan on its sparse steps, dense on its warm-up steps."""
+    """Block-sparse attention from a compiled plan on its sparse steps (dense for the groups where compile
+    measured dense faster, SparsePlan.dense), dense on its warm-up steps."""
 
     mode = "sparse"
 
