@@ -56,6 +56,7 @@ class CompileConfig:
     target: str | None = None  # e.g. sm_90: cross-compile kernels without a GPU
     # use a bundle or cache made for other weights or sampling settings (--force): warned and recorded
     force: bool = False
+    cost_model: bool = True  # run each (bucket, layer) dense where dense measured faster; false: sparse everywhere
 
 
 @dataclass

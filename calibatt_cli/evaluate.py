@@ -118,7 +118,7 @@ def evaluate(
 
     totals = [v.mass_totals for _, s in runs for v in s.videos if v.mass_totals is not None]
     kept = mass_table(sum(t[0] for t in totals), sum(t[1] for t in totals)) if totals else None
-    density = plan.density.double().mean(-1)  # [buckets, layers], over heads
+    density = plan.computed_density().double().mean(-1)  # [buckets, layers], over heads; 1 where it runs dense
     failures = [
         c
         for c in clips

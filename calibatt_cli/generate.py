@@ -425,10 +425,11 @@ def _fallbacks_as_errors(strict: bool):
 def kernel_report(plan, ran: dict) -> dict:
     """What the sparse run's attention calls actually ran (`ran`: calibatt_kernels.what_ran()), against the
     plan: per (bucket, layer) the kernels and the density of the blocks they computed; "dense": the groups
-    with fewer calls than the others of their bucket (each forward calls every layer once, so the difference
-    ran outside calibatt's kernels: dense), or a bucket with none at all; the densities over all steps
-    (warm-up steps and dense calls count 1.0) and over the sparse steps. Under torch.compile the processors
-    cannot label their calls with the layer, so the groups are per bucket (layer "*")."""
+    the plan runs sparse with fewer calls than the others of their bucket (each forward calls every layer
+    once, so the difference ran outside calibatt's kernels: dense), or a bucket with none at all; the
+    densities over all steps (warm-up steps, dense calls and the groups compile measured faster dense,
+    `plan.dense`, count 1.0) and over the sparse steps. Under torch.compile the processors cannot label their
+    calls with the layer, so the groups are per bucket (layer "*")."""
     layers = sorted({key[1] for key in plan.index})
     buckets = sorted({b for b in plan.step_buckets if b >= 0})
     scopes = {tuple(s["scope"]): s for s in ran["scopes"] if isinstance(s["scope"], (list, tuple))}
@@ -436,16 +437,27 @@ def kernel_report(plan, ran: dict) -> dict:
     empty = {"ran": {}, "blocks": 0, "total_blocks": 0}
     groups, dense, density = [], [], {}
     for b in buckets:
-        keys = [(b, layer) for layer in layers] if per_layer else [(b, None)]
+        planned_dense = [layer for layer in layers if (b, layer) in plan.dense]
+        sparse_layers = [layer for layer in layers if (b, layer) not in plan.dense]
+        for layer in planned_dense:
+            groups.append({"bucket": b, "layer": layer, "ran": {}, "plan": "dense", "dense_calls": 0, "density": 1.0})
+        if not sparse_layers:
+            density[b] = 1.0
+            continue
+        keys = [(b, layer) for layer in sparse_layers] if per_layer else [(b, None)]
         calls = {key: sum(scopes.get(key, empty)["ran"].values()) for key in keys}
         n_calls = sum(calls.values())
         if n_calls == 0:
             dense.append({"bucket": b, "layer": "*", "missing": None, "expected": None})
         # the calls each group should have made: every layer runs once per forward
-        expected = max(calls.values()) if per_layer else -(-n_calls // len(layers)) * len(layers)
+        expected = max(calls.values()) if per_layer else -(-n_calls // len(sparse_layers)) * len(sparse_layers)
         blocks = sum(scopes.get(key, empty)["blocks"] for key in keys)
         total = sum(scopes.get(key, empty)["total_blocks"] for key in keys)
         per_call = total / n_calls if n_calls else 0  # blocks of one call (a dense call computes them all)
+        # the planned-dense layers compute every block of as many calls as a sparse layer makes
+        forwards = expected if per_layer else expected // len(sparse_layers)
+        blocks += len(planned_dense) * forwards * per_call
+        total += len(planned_dense) * forwards * per_call
         for key in keys:
             s = scopes.get(key, empty)
             layer = "*" if key[1] is None else key[1]

@@ -111,11 +111,15 @@ def test_missing_and_incomplete_weights(checkpoints, tmp_path):
 
 @pytest.mark.parametrize("mode", ["dense", "record", "sparse"])
 def test_processor_matches_diffusers_stock_processor(mode):
-    """Our attn1 processor (q/k norms and RoPE fused in one op; all-true masks when sparse) against
-    diffusers' own WanAttnProcessor on a small WanTransformer3DModel, fp32."""
+    """Our attn1 processor (q/k norms and RoPE fused in one op) against diffusers' own WanAttnProcessor on a
+    small WanTransformer3DModel. Sparse: a mask that drops blocks, through the sparse kernel (its calls
+    counted), against diffusers' processor in float64 with the block mask as its token-level attention mask."""
+    import copy
+
     from diffusers import WanTransformer3DModel
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
+    import calibatt_kernels as ck
     from calibatt_cli.models.wan import CalibattWanAttnProcessor
     from calibatt_cli.runtime import AttentionController, MassRecorder, SparsePlan
     from calibatt_kernels import mask_to_index
@@ -137,19 +141,38 @@ def test_processor_matches_diffusers_stock_processor(mode):
         blk.attn1.norm_k.weight.data.uniform_(0.5, 1.5)
     x = torch.randn(1, 4, 3, 8, 12)  # 3 x 4 x 6 = 72 tokens
     args = dict(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=torch.randn(1, 7, 32))
+    blocks = 5  # ceil(72 / 16)
+    masks = torch.rand(2, 2, blocks, blocks, generator=torch.Generator().manual_seed(3)) < 0.5  # [layer, head]
+    masks |= torch.eye(blocks, dtype=torch.bool)
     with torch.no_grad():
-        want = tr(**args).sample
-        blocks = 5  # ceil(72 / 16)
         if mode == "sparse":
-            ix = mask_to_index(torch.ones(2, blocks, blocks, dtype=torch.bool))
-            plan = SparsePlan(16, [0], {(0, 0): ix, (0, 1): ix}, torch.ones(1, 2, 2))
-            ctl = AttentionController("sparse", plan=plan)
+
+            class Masked(WanAttnProcessor):  # diffusers' processor, given each layer's block mask per token
+                def __init__(self, mask):
+                    super().__init__()
+                    self.mask = mask
+
+                def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+                    return super().__call__(attn, hidden_states, encoder_hidden_states, self.mask, **kw)
+
+            ref = copy.deepcopy(tr).double()
+            for i, blk in enumerate(ref.blocks):
+                token_mask = masks[i].repeat_interleave(16, -1).repeat_interleave(16, -2)[:, :72, :72]
+                blk.attn1.set_processor(Masked(token_mask[None]))
+            want = ref(**{k: v.double() for k, v in args.items()}).sample.float()
+        else:
+            want = tr(**args).sample
+        if mode == "sparse":
+            index = {(0, i): mask_to_index(masks[i]) for i in range(2)}
+            plan = SparsePlan(16, [0], index, masks.float().mean(dim=(-1, -2))[None])
+            ctl = AttentionController("sparse", plan=plan)  # no reset(): sparse from the first call
         elif mode == "record":
             ctl = AttentionController("record", recorder=MassRecorder([0], 16))
         else:
             ctl = AttentionController("dense")
         for i, blk in enumerate(tr.blocks):
             blk.attn1.set_processor(CalibattWanAttnProcessor(i, ctl))
+        ck.reset_what_ran()
         got = tr(**args).sample
         for blk in tr.blocks:
             blk.attn1.set_processor(WanAttnProcessor())
@@ -157,6 +180,12 @@ def test_processor_matches_diffusers_stock_processor(mode):
     assert rel < 1e-5, f"rel={rel:.2e}"
     if mode == "record":
         assert ctl.recorder.counts == {(0, 0): 1, (0, 1): 1}
+    if mode == "sparse":
+        calls = {k: n for k, n in ck.what_ran()["calls"].items() if k.startswith("attention:")}
+        assert calls == {"attention:cpu": 2}, calls  # the sparse kernel, once per layer
+        with torch.no_grad():
+            dense = tr(**args).sample
+        assert ((dense - want).norm() / want.norm()).item() > 1e-3, "the masks must change the output"
 
 
 def test_ffn_fusion_swaps_keeps_outputs_and_restores():

@@ -40,7 +40,7 @@ from ..runtime import plan_index, plan_tensors
 from ..util import sha256_hex
 from . import aot, blocks
 from .load import CACHE_SCHEMA, cache_lock, device_info, lock_file, read_plan, software_versions, warm_qk_norm_rope
-from .tune import tune_kernels
+from .tune import cpu_costs, tune_kernels
 
 
 @dataclass
@@ -154,6 +154,7 @@ def compile_cache(
             ),
             "tuned": tuned,
         },
+        "cost_model": cfg.compile.cost_model,  # groups' "attention": what tune.py measured faster, or all sparse
     }
     with cache_lock(cache_dir, shared=False):
         _step("locked")
@@ -188,6 +189,19 @@ def compile_cache(
                 for g in groups:
                     g.update(res.groups[(g["bucket"], g["layer"])])
                 manifest["kernels"].update(res.info)
+            elif device.type == "cpu" and cfg.compile.cost_model:
+                keys = [(g["bucket"], g["layer"]) for g in groups]
+                costs = cpu_costs(
+                    plan_index(tensors, keys),
+                    heads=ident.heads,
+                    tokens=grid[0] * grid[1] * grid[2],
+                    head_dim=ident.head_dim,
+                    block_size=bundle.block_size,
+                )
+                for g in groups:
+                    g.update(costs[(g["bucket"], g["layer"])])
+            for g in groups:
+                g["attention"] = g.get("attention", "sparse") if cfg.compile.cost_model else "sparse"
             manifest["groups"] = groups
             # the masks' index as stored (compressed rows: it follows the kept blocks); on the device each
             # layer's buckets are padded to its longest, a little more
@@ -226,6 +240,7 @@ def _up_to_date(cache_dir: Path, manifest: dict) -> bool:
         "versions",
         "kernel_class",
         "compiled_blocks",
+        "cost_model",
     )
     return all(old.get(k) == manifest[k] for k in keys) and (cache_dir / "plan.safetensors").is_file()
 

@@ -212,7 +212,8 @@ def read_plan(cache_dir: Path, manifest: dict) -> SparsePlan:
     density = density.unsqueeze(-1)  # [buckets, layers, 1]: per-group figures
     # caches built before the guard carry no epsilon: the plan has none and generate runs unguarded
     epsilon = manifest.get("epsilon")
-    return SparsePlan(manifest["block_size"], manifest["step_buckets"], index, density, configs, epsilon)
+    dense = frozenset((g["bucket"], g["layer"]) for g in manifest["groups"] if g.get("attention") == "dense")
+    return SparsePlan(manifest["block_size"], manifest["step_buckets"], index, density, configs, epsilon, dense)
 
 
 def check_kernels(cache_dir: Path, manifest: dict, device: str) -> None:

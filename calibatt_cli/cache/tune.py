@@ -1,5 +1,8 @@
-"""Kernel tuning: on the GPU, time every candidate kernel config on each (bucket, layer) mask and keep the
-fastest. Runs inside the cache's Triton folder (aot.kernel_cache), so the winners' binaries land there.
+"""Kernel tuning and the cost model: on the GPU, time every candidate kernel config on each (bucket, layer)
+mask and keep the fastest (inside the cache's Triton folder, aot.kernel_cache, so the winners' binaries land
+there); on the CPU, time the row-wise CPU path. Either way each group's sparse time is set against one dense
+SDPA call at the model's shape, and the group runs whichever is faster (`choose`): sparse attention pays
+only where it skips enough blocks to beat the dense kernel it replaces.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ def _time_ms(fn, reps: int) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def choose(sparse_ms: float, dense_ms: float) -> str:
+    """What a group runs: "dense" where one dense SDPA call measured faster than the sparse path, else "sparse"."""
+    return "dense" if dense_ms < sparse_ms else "sparse"
 
 
 @dataclass
@@ -108,6 +116,7 @@ def tune_kernels(
                 "dense_ms": round(dense_ms, 4),
                 "speedup": round(dense_ms / ms, 3) if ms > 0 else None,
                 "candidates_ms": [round(t, 4) for t, _ in times],
+                "attention": choose(ms, dense_ms),
             }
         winners = set(configs.values())
         for b in batches[1:]:
@@ -131,3 +140,53 @@ def tune_kernels(
         "compilations": counter.count,
     }
     return TuneResult(configs, groups, info)
+
+
+def cpu_costs(
+    index: dict[tuple[int, int], ck.BlockIndex],
+    *,
+    heads: int,
+    tokens: int,
+    head_dim: int,
+    block_size: int,
+    reps: int = 2,
+) -> dict[tuple[int, int], dict]:
+    """The cost model on the CPU: per (bucket, layer), the row-wise CPU path on that group's mask (the call
+    generate makes) against one dense SDPA call, on random float32 q, k, v [1, H, N, D] laid out as the
+    models hand them over. Best of `reps` timings each (one when the first is already over 1.5 x dense: the
+    choice is clear); dense is timed between the groups, so a busy machine slows both alike.
+    Returns per group: ms, dense_ms, speedup (dense over sparse), attention (`choose`)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1, tokens, heads, head_dim, generator=gen)
+    q, k, v = (t.transpose(1, 2) for t in x)
+    bs = (block_size, block_size)
+
+    def ms(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    def dense():
+        return F.scaled_dot_product_attention(q, k, v)
+
+    dense()  # first calls allocate
+    dense_times = [ms(dense)]
+    sparse_times = {}
+    for key, ix in index.items():
+        times = []
+        for _ in range(reps):
+            times.append(ms(lambda ix=ix: ck.block_sparse_attention_indexed(q, k, v, ix, block_size=bs)))
+            dense_times.append(ms(dense))
+            if times[0] > 1.5 * min(dense_times):
+                break
+        sparse_times[key] = min(times)
+    dense_ms = min(dense_times)
+    return {
+        key: {
+            "ms": round(t, 4),
+            "dense_ms": round(dense_ms, 4),
+            "speedup": round(dense_ms / t, 3) if t > 0 else None,
+            "attention": choose(t, dense_ms),
+        }
+        for key, t in sparse_times.items()
+    }

@@ -117,7 +117,17 @@ def cache(res) -> None:
     bs = (m["block_size"], m["block_size"])
     t = table(
         f"cache {res.cache_dir} ({'up to date' if res.reused else 'built'})",
-        ("bucket", "layer", "density", "max blocks/row", "config", "ms", "vs dense", "predicted attention speedup"),
+        (
+            "bucket",
+            "layer",
+            "density",
+            "max blocks/row",
+            "config",
+            "ms",
+            "vs dense",
+            "runs",
+            "predicted attention speedup",
+        ),
     )
     for g in m["groups"]:
         timed = g.get("ms") is not None
@@ -129,6 +139,7 @@ def cache(res) -> None:
             config_label(g["config"], bs) if g.get("config") else "default",
             f"{g['ms']:.3f}" if timed else "-",
             f"{g['speedup']:.2f}x" if timed else "-",
+            g.get("attention", "sparse"),  # what the cost model chose (tune.py)
             f"{1 / max(g['density'], 1e-9):.2f}x",
         )
     console.print(t)

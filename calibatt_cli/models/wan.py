@@ -46,6 +46,12 @@ class CalibattWanAttnProcessor(WanAttnProcessor):
         self.sparse = controller.sparse_layer(layer_index) if controller.mode == "sparse" else None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if attention_mask is not None and self.controller.mode != "dense":
+            # the masks (and their calibration) cover every token: a caller's own mask cannot be honoured
+            raise ModelError(
+                f"Wan attn1 of layer {self.layer_index} got an attention_mask, which {self.controller.mode} "
+                "attention cannot apply; call it without one, or run dense"
+            )
         if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
 

@@ -181,7 +181,8 @@ class RecordController(Controller):
 
 
 class SparseController(Controller):
-    """Block-sparse attention from a compiled plan on its sparse steps, dense on its warm-up steps."""
+    """Block-sparse attention from a compiled plan on its sparse steps (dense for the groups where compile
+    measured dense faster, SparsePlan.dense), dense on its warm-up steps."""
 
     mode = "sparse"
 
@@ -197,6 +198,7 @@ class SparseController(Controller):
         self._kept_rows = 0
         # The same per (bucket, layer, head): float64 sums and int64 row counts [buckets, layers, heads].
         self._kept_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._set_step(0)  # sparse from the first call: processors read dense_now on their fast paths
 
     def _set_step(self, step: int) -> None:
         self.step = step
@@ -225,7 +227,10 @@ class SparseController(Controller):
         return self.guard is not None and not self.dense_now and self.guard.due(self.step)
 
     def guard_check(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
-        if self.guard.check(self._bucket(self.plan.step_buckets), layer, q, k):
+        bucket = self._bucket(self.plan.step_buckets)
+        if (bucket, layer) in self.plan.dense:  # runs dense: no mask to check
+            return
+        if self.guard.check(bucket, layer, q, k):
             self._refresh(layer)
 
     def _refresh(self, layer: int) -> None:
@@ -247,6 +252,8 @@ class SparseController(Controller):
         if self.measure_mass:
             self._measure(q, k, index, bs, bucket, layer)
         ck.dispatch.set_scope((bucket, layer))
+        if (bucket, layer) in self.plan.dense:
+            return F.scaled_dot_product_attention(q, k, v)
         return ck.block_sparse_attention_indexed(
             q, k, v, index, block_size=bs, config=self.plan.configs.get((bucket, layer))
         )
@@ -263,6 +270,8 @@ class SparseController(Controller):
         if self.measure_mass:
             self._measure(q, k, index, bs, bucket, layer)
         ck.dispatch.set_scope((bucket, layer))
+        if (bucket, layer) in self.plan.dense:
+            return _dense_joint(q, k, v, q_txt, k_txt, v_txt)
         out_vis, lse_vis = ck.block_sparse_attention_indexed(
             q, k, v, index, block_size=bs, config=self.plan.configs.get((bucket, layer)), return_lse=True
         )
@@ -280,6 +289,8 @@ class SparseController(Controller):
     ) -> None:
         mass = ck.block_mass(q, k, block_size=bs)  # [B, H, Mq, Mk]
         mask = ck.index_to_mask(index, mass.shape[-1]).to(mass.device)
+        if (bucket, layer) in self.plan.dense:  # runs dense: every block is kept
+            mask = torch.ones_like(mask)
         kept = (mass * mask).sum(-1)  # [B, H, Mq]
         self._kept_sum += float(kept.double().sum())
         self._kept_rows += kept.numel()

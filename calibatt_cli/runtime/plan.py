@@ -24,13 +24,16 @@ class SparsePlan:
     density: torch.Tensor  # float [buckets, layers, heads]: kept share of blocks
     configs: dict[tuple[int, int], KernelConfig] = field(default_factory=dict)  # chosen by compile; else default
     epsilon: float | None = None  # the bundle's (what the guard checks against); None: not in the cache
+    # (bucket, layer) groups that compile measured faster dense than sparse on this device (tune.py): their
+    # processors run dense attention, as the plan says, and they count as density 1
+    dense: frozenset[tuple[int, int]] = frozenset()
     _stacks: dict[int, tuple] = field(default_factory=dict, repr=False)  # per layer, see layer_tensors
 
     def to(self, device: torch.device) -> SparsePlan:
         """The plan on `device`. Each layer's buckets are stacked once (what processors hold, see
         layer_tensors) and the per-(bucket, layer) entries become views into the stacks: the index form is
         on the device once, not twice."""
-        plan = SparsePlan(self.block_size, self.step_buckets, {}, self.density, self.configs, self.epsilon)
+        plan = SparsePlan(self.block_size, self.step_buckets, {}, self.density, self.configs, self.epsilon, self.dense)
         nb = 1 + max(self.step_buckets)
         for layer in sorted({key[1] for key in self.index}):
             stack = tuple(t.to(device) for t in self._stack(layer))
@@ -46,7 +49,7 @@ class SparsePlan:
             mask = ck.index_to_mask(ix, ix.counts.shape[-1])[:, start:stop]
             index[key] = ck.mask_to_index(mask.contiguous())
         density = self.density if self.density.shape[-1] == 1 else self.density[:, :, start:stop]  # per group or head
-        return SparsePlan(self.block_size, self.step_buckets, index, density, self.configs, self.epsilon)
+        return SparsePlan(self.block_size, self.step_buckets, index, density, self.configs, self.epsilon, self.dense)
 
     def layer_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One layer's index form stacked over buckets: counts and offsets [nb, B, H, Mq], indices [nb, L]
@@ -88,9 +91,16 @@ class SparsePlan:
             torch.stack([ix.schedule for ix in ixs]),
         )
 
+    def computed_density(self) -> torch.Tensor:
+        """float [buckets, layers, heads or 1]: the share of blocks each group computes, 1 where it runs dense."""
+        density = self.density.clone()
+        for b, layer in self.dense:
+            density[b, layer] = 1.0
+        return density
+
     def mean_density(self) -> tuple[float, float]:
-        """(over all steps with warm-up steps counted dense, over the sparse steps only)."""
-        per_bucket = self.density.mean(dim=(1, 2))
+        """(over all steps with warm-up steps and dense groups counted dense, over the sparse steps only)."""
+        per_bucket = self.computed_density().mean(dim=(1, 2))
         per_step = [1.0 if b < 0 else float(per_bucket[b]) for b in self.step_buckets]
         sparse = [d for d, b in zip(per_step, self.step_buckets, strict=True) if b >= 0]
         return sum(per_step) / len(per_step), (sum(sparse) / len(sparse) if sparse else 1.0)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
-from calibatt_kernels import dispatch as ck_dispatch
+import calibatt_kernels as ck
 from calibatt_kernels import ops as ck_ops
 
 if TYPE_CHECKING:  # the controller builds these layers (SparseController.sparse_layer)
@@ -14,28 +15,43 @@ if TYPE_CHECKING:  # the controller builds these layers (SparseController.sparse
 
 
 class SparseLayer:
-    """What one processor needs to run its layer sparse without Python lookups: its stacked index tensors
-    and the controller's bucket tensor. Calls the registered custom op, so torch.compile keeps it."""
+    """What one processor needs to run its layer as the plan says without Python lookups: its stacked index
+    tensors, the controller's bucket tensor, and what each bucket's launch derives from its index, made
+    here at load (so a call never waits for the GPU). Calls the registered custom op, so torch.compile
+    keeps it."""
 
     def __init__(self, controller: SparseController, layer: int):
         plan = controller.plan
         self.layer = layer
         self.block = plan.block_size
         self.controller = controller
-        self.refresh()
-        # The kernel configuration compile chose per bucket (launch parameters, so Python values: a compiled
-        # caller specialises per bucket, and the index tensors stay data).
-        nb = self.counts.shape[0]
+        nb = 1 + max(plan.step_buckets)
+        # Per bucket as Python values (a compiled caller specialises per bucket; the index tensors stay
+        # data): the kernel configuration compile chose, and whether compile measured dense attention faster.
         self.configs = [ck_ops.config_as_op_arg(plan.configs.get((b, layer))) for b in range(nb)]
+        self.dense = [(b, layer) in plan.dense for b in range(nb)]
+        self.refresh()
 
     def refresh(self) -> None:
-        """Re-read the plan's stacked tensors (the guard replaces them when it widens a head)."""
-        self.counts, self.offsets, self.indices, self.schedules = self.controller.plan.layer_tensors(self.layer)
+        """Re-read the plan's stacked tensors (the guard replaces them when it widens a head) and make what
+        each bucket's launch derives from its index (BlockIndex.records), once per index."""
+        plan = self.controller.plan
+        self.counts, self.offsets, self.indices, self.schedules = plan.layer_tensors(self.layer)
+        launch = [
+            ck.dispatch.launch_records(plan.index[(b, self.layer)], plan.configs.get((b, self.layer)))
+            for b in range(len(self.configs))
+        ]
+        # Lists, not stacks: the records' count varies with the masks (split last waves).
+        self.records = [records for records, _ in launch]
+        self.split_rows = [split_rows for _, split_rows in launch]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        bucket = self.controller.bucket
+        if self.dense[bucket]:
+            return F.scaled_dot_product_attention(q, k, v)
         b = self.controller.bucket_t
         if not torch.compiler.is_compiling():  # (compiled, the calls keep the controller's (bucket, "*") scope)
-            ck_dispatch.set_scope((self.controller.bucket, self.layer))
+            ck.dispatch.set_scope((self.controller.bucket, self.layer))
         return ck_ops.block_sparse_attention_op(
             q,
             k,
@@ -46,5 +62,7 @@ class SparseLayer:
             self.schedules.index_select(0, b).squeeze(0),
             self.block,
             self.block,
-            self.configs[self.controller.bucket],
+            self.configs[bucket],
+            self.records[bucket],
+            self.split_rows[bucket],
         )

@@ -1525,19 +1525,18 @@ def candidate_configs(
 
 def cached_records(index: BlockIndex, device: torch.device, persistent: bool, reps: int = 1):
     """The Gluon kernel's records for this index (one per tile; the persistent kernel's with its last wave
-    split, `split_merge`) and the splits, made once per index, device, kernel and batch repeats and kept in
-    `index.derived` (calibatt's prewarm makes them before the first step)."""
+    split, `split_merge`) and the splits. Records the index brings (`launch_records`, made at load) serve a
+    call of one batch repeat on their device; else they are made once per index, device, kernel and batch
+    repeats and kept in `index.derived` (calibatt's prewarm makes them before the first step)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" must find the same records
         device = torch.device("cuda", torch.cuda.current_device())
+    brought = index.records
+    if brought is not None and brought.device == device and reps == 1 and (persistent or index.split_rows is None):
+        return brought, _splits(brought, index.split_rows, index.counts.numel())
     key = ("gluon_tile_records", str(device), persistent, reps)
     if key not in index.derived:
-        counts, offsets, ids, id_words, schedule = index_on_device(index, device)
-        words = ids if id_words else index_words(ids)
-        if persistent:
-            index.derived[key] = persistent_records(counts, offsets, words, schedule, reps, device)
-        else:
-            index.derived[key] = (tile_records(counts, offsets, words, schedule), None)
+        index.derived[key] = derive_records(index, device, persistent, reps)
     return index.derived[key]
 
 
@@ -1558,6 +1557,34 @@ def compile_failure(e: BaseException) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+def derive_records(index: BlockIndex, device: torch.device, persistent: bool, reps: int = 1):
+    """(records, splits) of `cached_records`, made from the index: a few small ops on the device and, for the
+    persistent kernel on a GPU, one wait for it (`split_merge.split_last_wave` decides on the host)."""
+    counts, offsets, ids, id_words, schedule = index_on_device(index, device)
+    words = ids if id_words else index_words(ids)
+    if persistent:
+        return persistent_records(counts, offsets, words, schedule, reps, device)
+    return tile_records(counts, offsets, words, schedule), None
+
+
+def _splits(records: torch.Tensor, split_rows: torch.Tensor | None, rows: int) -> tuple[torch.Tensor, int] | None:
+    """The (split rows, pieces per row) of records made for `rows` tiles, from the shapes alone: the r split
+    rows' tiles became r s pieces, so the records number rows - r + r s."""
+    if split_rows is None:
+        return None
+    r = split_rows.numel()
+    return split_rows, (records.shape[0] - rows + r) // r
+
+
+def launch_records(
+    index: BlockIndex, device: torch.device, persistent: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(records, split_rows) for a call of one batch repeat on `device`, made now (and kept with the index) so
+    that the calls bring them along (BlockIndex.records): what a plan's processors do at load."""
+    records, splits = cached_records(index, device, persistent)
+    return records, None if splits is None else splits[0]
 
 
 class GluonBackend:

@@ -492,6 +492,18 @@ def prewarm_attention(
     prewarm_backends(configs, index, device=dev, dtype=dtype, head_dim=head_dim, return_lse=return_lse)
 
 
+def launch_records(index: BlockIndex, config: KernelConfig | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """What a launch of `config` on the index's device derives from the index, made now: the Gluon kernel's
+    (records, split_rows) (BlockIndex.records) when `config` is Gluon's, or None (the default) on a GPU where
+    Gluon is the first backend; else (None, None), as the other backends derive nothing. A call that brings
+    them never waits for the GPU (the records' last-wave split is decided on the host)."""
+    device = index.counts.device
+    gluon = config.backend == "gluon" if config is not None else device.type == "cuda"
+    if not gluon or "gluon" in _disabled:
+        return None, None
+    return attn_gluon.launch_records(index, device, persistent=config is None or config.persistent)
+
+
 def prewarm_backends(
     configs: dict, index: dict, *, device: torch.device, dtype: torch.dtype, head_dim: int, return_lse: bool = False
 ) -> None:
@@ -605,6 +617,7 @@ __all__ = [
     "default_config",
     "disabled_backends",
     "kernel_names",
+    "launch_records",
     "linear_gelu",
     "prewarm_attention",
     "prewarm_backends",
