@@ -152,8 +152,8 @@ def test_processor_matches_diffusers_stock_processor(mode):
                     super().__init__()
                     self.mask = mask
 
-                def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
-                    return super().__call__(attn, hidden_states, encoder_hidden_states, self.mask, **kw)
+                def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kw):
+                    return super().__call__(attn, hidden_states, encoder_hidden_states, self.mask, *args, **kw)
 
             ref = copy.deepcopy(tr).double()
             for i, blk in enumerate(ref.blocks):
