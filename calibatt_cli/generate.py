@@ -277,13 +277,11 @@ def _guard(cfg: Config, plan) -> tuple[Guard | None, dict | None]:
     why = None
     if not g.guard:
         why = "generate.guard=false"
-    elif g.compile:
-        why = "generate.compile: the check runs eagerly, and a compiled block cannot call it"
     elif plan.epsilon is None:
         why = "the cache records no epsilon; run `calibatt compile --recompile`"
     if why is not None:
         return None, {"enabled": False, "reason": why}
-    return Guard(plan, g.guard_factor), None
+    return Guard(plan, g.guard_factor, g.guard_floor), None
 
 
 class StepClock:
