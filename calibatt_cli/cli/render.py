@@ -160,13 +160,19 @@ def generation(res) -> None:
         f"{len(res.videos)} video(s), {res.steps} steps, {mode}{kept}, {s['seconds']:.1f} s sampling, "
         f"{res.load_seconds:.1f} s model load" + ("" if res.layout == "1 process" else f"; {res.layout}")
     )
+    guard_line(res)
+
+
+def guard_line(res) -> None:
+    """One stderr line when the guard widened heads (also under --json, whose stdout is the JSON alone)."""
     g = res.guard
     if g and g.get("widened"):
         worst = min(g["widened"], key=lambda w: w["mass"])
         console.print(
             f"guard: widened {len(g['widened'])} head(s) to dense for the rest of their bucket (kept mass below "
             f"{g['threshold']:.4f}; lowest {worst['mass']:.4f} at bucket {worst['bucket']}, layer {worst['layer']}, "
-            f"head {worst['head']}): the masks do not fit this prompt as calibrated"
+            f"head {worst['head']}): the masks do not fit this prompt as calibrated",
+            soft_wrap=True,
         )
 
 
