@@ -68,12 +68,31 @@ def sample_rows(mq: int, n: int = SAMPLE_BLOCKS) -> torch.Tensor:
 CHUNK_ELEMENTS = 1 << 27
 
 
+def sample_tokens(rows: torch.Tensor, block: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The query tokens of the sampled rows of a sequence of n tokens: (token ids [T], each token's place in
+    `rows` [T], tokens per row [S]), computed on the CPU (the last block may be partial)."""
+    rows = rows.cpu()
+    tokens = (rows[:, None] * block + torch.arange(block)).reshape(-1)
+    row_of = torch.arange(rows.numel()).repeat_interleave(block)
+    keep = tokens < n
+    tokens, row_of = tokens[keep], row_of[keep]
+    return tokens, row_of, torch.bincount(row_of, minlength=rows.numel()).clamp(min=1)
+
+
 def sampled_mass(
-    q: torch.Tensor, k: torch.Tensor, index: ck.BlockIndex | None, block: int, rows: torch.Tensor, mask=None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    index: ck.BlockIndex | None,
+    block: int,
+    rows: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """float32 [H] on q's device: the mean over the sampled query-block rows (and the batch) of the mass the
-    index keeps (or `mask`, bool [1 or B, H, S, Mk]: the index's rows `rows` as a mask, when the caller has it).
-    q, k: [B, H, N, D]. Only the sampled rows' queries are scored: S x N probabilities per head, not N x N.
+    index keeps. q, k: [B, H, N, D]. Only the sampled rows' queries are scored: S x N probabilities per head,
+    not N x N. A caller that checks often passes what depends on the rows alone, on q's device: `mask` (bool
+    [1 or B, H, S, Mk], the index's rows) and `sample` (sample_tokens), so that a call does not wait for the
+    device before its end.
 
     Scores and probabilities stay in q's dtype (bf16 on a GPU; the GEMM accumulates in fp32, softmax computes in
     fp32 and rounds its output): rounding a probability moves it by 2^-9 of itself, so the dropped mass
@@ -82,13 +101,11 @@ def sampled_mass(
     b, h, n, d = q.shape
     nk = k.shape[2]
     mk, full = -(-nk // block), nk // block
-    rows = rows.to(q.device)
-    tokens = (rows[:, None] * block + torch.arange(block, device=q.device)).reshape(-1)
-    row_of = torch.arange(rows.numel(), device=q.device).repeat_interleave(block)
-    keep = tokens < n  # only the sequence's last block can be partial
-    tokens, row_of = tokens[keep], row_of[keep]
     if mask is None:
         mask = ck.index_to_mask(index, mk)[:, :, rows.to(index.counts.device)].to(q.device)
+    if sample is None:
+        sample = tuple(t.to(q.device) for t in sample_tokens(rows, block, n))
+    tokens, row_of, per_row_count = sample
     qs = q.index_select(2, tokens) * d**-0.5  # [B, H, T, D]
     kept = torch.empty(b, h, tokens.numel(), dtype=torch.float32, device=q.device)
     step = max(1, CHUNK_ELEMENTS // max(1, b * tokens.numel() * nk))
@@ -99,9 +116,9 @@ def sampled_mass(
         if full < mk:  # a partial last key block
             blocks = torch.cat([blocks, p[..., full * block :].sum(-1, keepdim=True, dtype=torch.float32)], -1)
         kept[:, hs] = (blocks * mask[:, hs].index_select(2, row_of)).sum(-1)  # each sampled query's kept mass
-    per_row = torch.zeros(b, h, rows.numel(), dtype=torch.float32, device=q.device).index_add_(2, row_of, kept)
-    per_row /= torch.bincount(row_of, minlength=rows.numel()).clamp(min=1).to(per_row.dtype)
-    return per_row.mean(dim=(0, 2))
+    per_row = torch.zeros(b, h, per_row_count.numel(), dtype=torch.float32, device=q.device)
+    per_row.index_add_(2, row_of, kept)
+    return (per_row / per_row_count).mean(dim=(0, 2))
 
 
 @dataclass
@@ -120,7 +137,7 @@ class Guard:
     owner: int = 0  # the controller's key for the probe op (bind)
     probes: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.int64))  # probe op calls
     _first: set[int] = field(default_factory=set)  # the first step of each bucket
-    _rows: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # sampled rows
+    _rows: dict[tuple[int, int], tuple] = field(default_factory=dict)  # (bucket, layer) -> Guard._sampled
     _saved: dict[int, tuple] = field(default_factory=dict)  # layer -> its state before this video widened it
     _dense: dict[tuple[int, int], set[int]] = field(default_factory=dict)  # heads widened this video
 
@@ -166,7 +183,7 @@ class Guard:
         if key in self.mass[-1]:
             return False
         t0 = time.perf_counter()
-        kept = sampled_mass(q, k, None, self.plan.block_size, *self._sampled(key, q.device)).cpu()
+        kept = sampled_mass(q, k, None, self.plan.block_size, *self._sampled(key, q)).cpu()
         self.mass[-1][key] = kept
         dense = self._dense.setdefault(key, set())
         low = [h for h in range(kept.shape[0]) if kept[h] < self.threshold and h not in dense]
@@ -176,17 +193,18 @@ class Guard:
         self.seconds += time.perf_counter() - t0
         return bool(low)
 
-    def _sampled(self, key: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sampled rows of a (bucket, layer) and the compiled plan's mask on them [1, H, S, Mk], made once
-        (index_to_mask waits for the device; widening only ever changes a (bucket, layer) already measured)."""
+    def _sampled(self, key: tuple[int, int], q: torch.Tensor) -> tuple:
+        """(rows, mask, sample) of a (bucket, layer) for sampled_mass, on q's device, made once: the compiled
+        plan's mask on the sampled rows [1, H, S, Mk] and their query tokens (widening only ever changes a
+        (bucket, layer) already measured in the video, and reset puts it back)."""
         if key not in self._rows:
             index = self.plan.index[key]
             mq = index.counts.shape[-1]  # self-attention: as many key blocks as query blocks
-            rows = sample_rows(mq, self.samples).to(device)
-            mask = ck.index_to_mask(index, mq)[:, :, rows.to(index.counts.device)].to(device)
-            self._rows[key] = (rows, mask)
-        rows, mask = self._rows[key]
-        return rows, mask
+            rows = sample_rows(mq, self.samples)
+            mask = ck.index_to_mask(index, mq)[:, :, rows.to(index.counts.device)].to(q.device)
+            sample = tuple(t.to(q.device) for t in sample_tokens(rows, self.plan.block_size, q.shape[2]))
+            self._rows[key] = (rows, mask, sample)
+        return self._rows[key]
 
     def _widen(self, bucket: int, layer: int, heads: list[int], kept: torch.Tensor) -> None:
         if layer not in self._saved:
