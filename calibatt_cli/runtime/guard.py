@@ -95,9 +95,10 @@ def sampled_mass(
     device before its end.
 
     Scores and probabilities stay in q's dtype (bf16 on a GPU; the GEMM accumulates in fp32, softmax computes in
-    fp32 and rounds its output): rounding a probability moves it by 2^-9 of itself, so the dropped mass
-    (1 - kept) moves by well under 1 % of itself, far below what separates a holding head from a failing
-    one, at half the memory traffic of fp32 scores. Block sums accumulate in fp32."""
+    fp32 and rounds its output), at half the memory traffic of fp32 scores. Rounding moves each probability by
+    up to 2^-9 of itself, which is as much as a correct bundle drops when one key dominates a row; so the
+    figure is 1 - dropped / total, both sums in fp32 over the same rounded probabilities: the dropped share is
+    then off by at most ~2^-8 of itself, whatever the kept mass is."""
     b, h, n, d = q.shape
     nk = k.shape[2]
     mk, full = -(-nk // block), nk // block
@@ -115,7 +116,8 @@ def sampled_mass(
         blocks = p[..., : full * block].unflatten(-1, (full, block)).sum(-1, dtype=torch.float32)
         if full < mk:  # a partial last key block
             blocks = torch.cat([blocks, p[..., full * block :].sum(-1, keepdim=True, dtype=torch.float32)], -1)
-        kept[:, hs] = (blocks * mask[:, hs].index_select(2, row_of)).sum(-1)  # each sampled query's kept mass
+        dropped = blocks.masked_fill(mask[:, hs].index_select(2, row_of), 0.0).sum(-1)
+        kept[:, hs] = 1.0 - dropped / blocks.sum(-1)  # each sampled query's kept mass
     per_row = torch.zeros(b, h, per_row_count.numel(), dtype=torch.float32, device=q.device)
     per_row.index_add_(2, row_of, kept)
     return (per_row / per_row_count).mean(dim=(0, 2))
