@@ -53,31 +53,30 @@ def bench(shape: dict, args, device, dtype) -> dict:
             tr(hidden_states=x, timestep=t, encoder_hidden_states=cond)
             tr(hidden_states=x, timestep=t, encoder_hidden_states=uncond)
 
-    def controller(guard: bool) -> SparseController:
+    def controller(guard: bool) -> tuple[SparseController, list[CalibattWanAttnProcessor]]:
         plan = make_plan(masks, layers)
         plan.epsilon = 1.0  # threshold max(1 - factor * epsilon, floor) = 0: measure, never widen
         plan.step_buckets = [0, 0]  # step 0 is the bucket's first sparse step: the one the guard checks
         plan = plan.to(device)
         ctl = SparseController(plan, guard=Guard(plan, factor=1.0, floor=0.0) if guard else None)
-        for i, blk in enumerate(tr.blocks):
-            blk.attn1.set_processor(CalibattWanAttnProcessor(i, ctl))
         ctl.to(device).reset()
-        return ctl
+        # made once: compiled blocks keep one graph per processor set instead of recompiling each round
+        return ctl, [CalibattWanAttnProcessor(i, ctl) for i in range(len(tr.blocks))]
 
     plain = controller(guard=False)
     guarded = controller(guard=True)
-    if args.compile:
+    if args.compile:  # processors are swapped per round: blocks compiled with either set traced as it comes
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        tr.compile_repeated_blocks(fullgraph=True)
+        tr.compile_repeated_blocks(fullgraph=True, backend=args.backend)
     # Interleaved, so clocks and thermals drift alike for both: plain, checked, plain, checked, ...
     runs = {"sparse step": [], "sparse step + check": []}
     for _ in range(args.rounds):
-        for label, ctl in (("sparse step", plain), ("sparse step + check", guarded)):
-            for i, blk in enumerate(tr.blocks):
-                blk.attn1.set_processor(CalibattWanAttnProcessor(i, ctl))
+        for label, (ctl, processors) in (("sparse step", plain), ("sparse step + check", guarded)):
+            for blk, proc in zip(tr.blocks, processors, strict=True):
+                blk.attn1.set_processor(proc)
             current["ctl"] = ctl
             runs[label].append(timed(step, args.reps, sync) * scale)
-    g = guarded.guard
+    g = guarded[0].guard
     assert g.checks > 0 and not g.widened, "the guard must check and never widen here"
     assert not args.compile or int(g.probes) > 0, "compiled: the probe op must run"
     ms = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
@@ -107,7 +106,8 @@ def bench(shape: dict, args, device, dtype) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device: checks the script")
-    ap.add_argument("--compile", action="store_true", help="compiled blocks (fullgraph, inductor), the probe op inside")
+    ap.add_argument("--compile", action="store_true", help="compiled blocks (fullgraph), the probe op inside")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend with --compile (aot_eager: smoke)")
     ap.add_argument("--density", type=float, default=0.2)
     ap.add_argument("--reps", type=int, default=5, help="steps timed per round (median)")
     ap.add_argument("--rounds", type=int, default=3, help="alternations of plain and checked")
