@@ -9,7 +9,7 @@ For each held-out prompt (configs/prompts/tiny_eval.txt) the dense video, then e
 with the guard, all from the same noise; PSNR of each sparse video vs the dense one (torchmetrics, as
 `calibatt evaluate`), and what the guard widened and measured.
 
-    python bench/bench_guard_faults.py                 # all 16 held-out prompts (CPU: ~30 min on 2 idle cores)
+    python bench/bench_guard_faults.py                 # all 16 held-out prompts: 1 dense + 6 sparse renders each
     python bench/bench_guard_faults.py --prompts 4     # the first 4
 Writes bench/results/guard-faults-tiny-<date>.json and prints a table last.
 """
