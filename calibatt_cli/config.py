@@ -74,8 +74,10 @@ class GenerateConfig:
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: checks graphs without codegen)
     strict: bool = False  # fail if generate compiles anything (Triton or inductor), falls back to another kernel or to
     # eager blocks, or runs a sparse layer dense
-    guard: bool = False  # check the masks live at each bucket's first sparse step; run heads that lose mass dense
-    guard_factor: float = 2.0  # the guard widens a head keeping < 1 - guard_factor * (the bundle's epsilon)
+    # Check the masks live at each bucket's first sparse step and run heads that lose mass dense; auto: on a GPU.
+    guard: bool | str = False
+    guard_factor: float = 2.0  # the guard widens a head keeping < max(1 - guard_factor * bundle epsilon, guard_floor)
+    guard_floor: float = 0.99  # the lowest mean kept mass per head the guard accepts, whatever the bundle's epsilon
 
 
 @dataclass
@@ -205,6 +207,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{w}: generate.guard_factor must be > 0, got {cfg.generate.guard_factor}; 2.0 is typical")
     if isinstance(cfg.generate.compile, str) and cfg.generate.compile != "auto":
         raise ConfigError(f"{w}: generate.compile must be auto, true or false, got {cfg.generate.compile!r}")
+    if not 0.0 <= cfg.generate.guard_floor < 1.0:
+        raise ConfigError(f"{w}: generate.guard_floor must be in [0, 1), got {cfg.generate.guard_floor}; 0.99 is usual")
+    if cfg.generate.guard not in (True, False, "auto"):
+        raise ConfigError(f"{w}: generate.guard must be true, false or auto, got {cfg.generate.guard!r}")
     if cfg.generate.guidance < 1.0:
         raise ConfigError(f"{w}: generate.guidance must be >= 1.0 (1.0 disables CFG), got {cfg.generate.guidance}")
 
@@ -248,6 +254,8 @@ def _resolve_auto(cfg: Config) -> None:
         cfg.model.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.model.dtype == "auto":
         cfg.model.dtype = "bfloat16" if cfg.model.device.startswith("cuda") else "float32"
+    if cfg.generate.guard == "auto":  # on a GPU, whose cost bench/bench_guard.py measures; off on the CPU
+        cfg.generate.guard = cfg.model.device.startswith("cuda")
 
 
 def compile_blocks(cfg: Config, repeated_blocks: bool = True) -> bool:

@@ -223,6 +223,7 @@ def _report_data(cfg, manifest, clips, runs, kept, density, step_buckets, min_ps
         "density": _nested(density),  # [bucket][layer], mean over heads
         "step_seconds": {"dense": mean_steps("dense_step_seconds"), "sparse": mean_steps("sparse_step_seconds")},
         "step_seconds_note": STEP_NOTE,
+        "guard": [s.guard for _, s in runs],  # per seed: what generate.guard measured and widened (or why off)
     }
 
 

@@ -304,7 +304,7 @@ def _sample(
     g = cfg.generate
     t0 = time.perf_counter()
     model = load_model(cfg)
-    guard, guard_off = _guard(cfg, plan, compiled)
+    guard, guard_off = _guard(cfg, plan)
     controller = SparseController(plan, measure_mass=measure_mass, guard=guard) if plan is not None else None
     if controller is not None:
         model.install(controller)
@@ -348,7 +348,7 @@ def _sample(
     return res
 
 
-def _guard(cfg: Config, plan, compiled: bool) -> tuple[Guard | None, dict | None]:
+def _guard(cfg: Config, plan) -> tuple[Guard | None, dict | None]:
     """The guard of a sparse run, or (None, why it is off for the report)."""
     g = cfg.generate
     if plan is None:
@@ -356,13 +356,11 @@ def _guard(cfg: Config, plan, compiled: bool) -> tuple[Guard | None, dict | None
     why = None
     if not g.guard:
         why = "generate.guard=false"
-    elif compiled:
-        why = "compiled blocks (generate.compile): the check runs eagerly, and a compiled block cannot call it"
     elif plan.epsilon is None:
         why = "the cache records no epsilon; run `calibatt compile --recompile`"
     if why is not None:
         return None, {"enabled": False, "reason": why}
-    return Guard(plan, g.guard_factor), None
+    return Guard(plan, g.guard_factor, g.guard_floor), None
 
 
 class StepClock:

@@ -92,6 +92,7 @@ def test_gate_passes(passing):
     assert (len(data["retained_mass"]), len(data["retained_mass"][0])) == (nb, nl)
     assert all(c["retained_mass"] is not None and 0 < c["retained_mass"] <= 1 + 1e-9 for c in data["clips"])
     assert len(data["step_seconds"]["dense"]) == len(data["step_seconds"]["sparse"]) == 4
+    assert data["guard"] == [{"enabled": False, "reason": "generate.guard=false"}] * 2  # one per seed, off by default
     assert len(data["clips"][0]["psnr_db_frames"]) == len(data["clips"][0]["ssim_frames"]) == 5
     assert (folder / "index.html").stat().st_mode & 0o044, "the report keeps the umask's read bits"
 

@@ -217,6 +217,7 @@ def generate(
     if not _main_process():
         return  # rank 0 reports for the whole launch
     if json_out:
+        render.guard_line(res)
         out.print(json.dumps(res.summary()), highlight=False, soft_wrap=True)
         return
     render.generation(res)

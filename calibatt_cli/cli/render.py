@@ -210,13 +210,19 @@ def generation(res) -> None:
             f"{cb.get('triton_other', 0)} other",
             highlight=False,
         )
+    guard_line(res)
+
+
+def guard_line(res) -> None:
+    """One stderr line when the guard widened heads (also under --json, whose stdout is the JSON alone)."""
     g = res.guard
     if g and g.get("widened"):
         worst = min(g["widened"], key=lambda w: w["mass"])
         console.print(
             f"guard: widened {len(g['widened'])} head(s) to dense for the rest of their bucket (kept mass below "
             f"{g['threshold']:.4f}; lowest {worst['mass']:.4f} at bucket {worst['bucket']}, layer {worst['layer']}, "
-            f"head {worst['head']}): the masks do not fit this prompt as calibrated"
+            f"head {worst['head']}): the masks do not fit this prompt as calibrated",
+            soft_wrap=True,
         )
 
 

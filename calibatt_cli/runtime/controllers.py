@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import calibatt_kernels as ck
 
-from .guard import Guard
+from .guard import Guard, guard_probe_op
 from .plan import SparsePlan
 from .processor import SparseLayer
 
@@ -190,6 +190,8 @@ class SparseController(Controller):
         super().__init__()
         self.plan = plan
         self.guard = guard  # checks the masks at each bucket's first sparse step, widens heads that lose mass
+        if guard is not None:
+            guard.bind(self)
         self._layers: dict[int, list[SparseLayer]] = {}  # what processors hold, re-read when the guard widens
         # Live check of the masks: the share of the true softmax mass that the kept blocks hold, measured
         # on this run's own q and k. Costs one block_mass pass per sparse call.
@@ -223,14 +225,21 @@ class SparseController(Controller):
                 self._refresh(layer)
 
     def guard_due(self) -> bool:
-        """True on a step whose calls the guard measures (processors call guard_check, then attend as usual)."""
-        return self.guard is not None and not self.dense_now and self.guard.due(self.step)
+        """True on a step whose calls the guard measures (processors call guard_check, then attend as usual).
+        In a compiled block, on every sparse step: the step is no value a graph may depend on, so there
+        guard_check leaves the probe op in the graph and the op asks at run time."""
+        if self.guard is None or self.dense_now:
+            return False
+        return torch.compiler.is_compiling() or self.guard.due(self.step)
 
     def guard_check(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        if torch.compiler.is_compiling():
+            guard_probe_op(q, k, self.guard.probes, self.guard.owner, layer)  # calls back here when it runs
+            return
         bucket = self._bucket(self.plan.step_buckets)
         if (bucket, layer) in self.plan.dense:  # runs dense: no mask to check
             return
-        if self.guard.check(bucket, layer, q, k):
+        if self.guard.due(self.step) and self.guard.check(bucket, layer, q, k):
             self._refresh(layer)
 
     def _refresh(self, layer: int) -> None:
