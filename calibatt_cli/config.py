@@ -19,6 +19,7 @@ from .errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+PRECISIONS = ("bf16", "fp8")  # generate.precision / compile.precision
 
 
 @dataclass
@@ -56,6 +57,7 @@ class CompileConfig:
     target: str | None = None  # e.g. sm_90: cross-compile kernels without a GPU
     # use a bundle or cache made for other weights or sampling settings (--force): warned and recorded
     force: bool = False
+    precision: str = "bf16"  # bf16 | fp8: which attention kernels compile measures and the cache holds
 
 
 @dataclass
@@ -72,6 +74,9 @@ class GenerateConfig:
     strict: bool = False  # fail if generate compiles any kernel, falls back to another, or runs a sparse layer dense
     guard: bool = False  # check the masks live at each bucket's first sparse step; run heads that lose mass dense
     guard_factor: float = 2.0  # the guard widens a head keeping < 1 - guard_factor * (the bundle's epsilon)
+    # bf16 | fp8: fp8 runs the sparse layers with INT8 Q.K^T and FP8 P.V (calibatt_kernels/quant.py), opt-in;
+    # it needs a cache compiled with compile.precision=fp8
+    precision: str = "bf16"
 
 
 @dataclass
@@ -199,6 +204,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{w}: model.device must be auto, cpu, cuda or cuda:N, got {cfg.model.device!r}")
     if cfg.generate.guard_factor <= 0.0:
         raise ConfigError(f"{w}: generate.guard_factor must be > 0, got {cfg.generate.guard_factor}; 2.0 is typical")
+    for name, value in (("compile.precision", cfg.compile.precision), ("generate.precision", cfg.generate.precision)):
+        if value not in PRECISIONS:
+            raise ConfigError(f"{w}: {name} must be bf16 or fp8, got {value!r}; bf16 is the default")
     if cfg.generate.guidance < 1.0:
         raise ConfigError(f"{w}: generate.guidance must be >= 1.0 (1.0 disables CFG), got {cfg.generate.guidance}")
 

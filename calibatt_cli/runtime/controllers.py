@@ -185,9 +185,18 @@ class SparseController(Controller):
 
     mode = "sparse"
 
-    def __init__(self, plan: SparsePlan, measure_mass: bool = False, guard: Guard | None = None):
+    def __init__(
+        self, plan: SparsePlan, measure_mass: bool = False, guard: Guard | None = None, precision: str = "bf16"
+    ):
         super().__init__()
         self.plan = plan
+        # "fp8": the sparse calls run the quantized kernel (dispatch.block_sparse_attention_fp8_indexed)
+        self.precision = precision
+        self._attention = (
+            ck.dispatch.block_sparse_attention_fp8_indexed
+            if precision == "fp8"
+            else ck.dispatch.block_sparse_attention_indexed
+        )
         self.guard = guard  # checks the masks at each bucket's first sparse step, widens heads that lose mass
         self._layers: dict[int, list[SparseLayer]] = {}  # what processors hold, re-read when the guard widens
         # Live check of the masks: the share of the true softmax mass that the kept blocks hold, measured
@@ -247,9 +256,7 @@ class SparseController(Controller):
         if self.measure_mass:
             self._measure(q, k, index, bs, bucket, layer)
         ck.dispatch.set_scope((bucket, layer))
-        return ck.block_sparse_attention_indexed(
-            q, k, v, index, block_size=bs, config=self.plan.configs.get((bucket, layer))
-        )
+        return self._attention(q, k, v, index, block_size=bs, config=self.plan.configs.get((bucket, layer)))
 
     def attend_joint(self, layer, q, k, v, q_txt, k_txt, v_txt):
         bucket = self._bucket(self.plan.step_buckets)
@@ -263,7 +270,7 @@ class SparseController(Controller):
         if self.measure_mass:
             self._measure(q, k, index, bs, bucket, layer)
         ck.dispatch.set_scope((bucket, layer))
-        out_vis, lse_vis = ck.block_sparse_attention_indexed(
+        out_vis, lse_vis = self._attention(  # (fp8 returns no lse: it falls back to bf16, recorded)
             q, k, v, index, block_size=bs, config=self.plan.configs.get((bucket, layer)), return_lse=True
         )
         if k_txt.shape[2] == 0:

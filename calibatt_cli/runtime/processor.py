@@ -27,6 +27,9 @@ class SparseLayer:
         # caller specialises per bucket, and the index tensors stay data).
         nb = self.counts.shape[0]
         self.configs = [ck_ops.config_as_op_arg(plan.configs.get((b, layer))) for b in range(nb)]
+        # precision fp8: the quantized kernel's op (INT8 Q.K^T, FP8 P.V), else the bf16 one
+        fp8 = controller.precision == "fp8"
+        self.op = ck_ops.block_sparse_attention_fp8_op if fp8 else ck_ops.block_sparse_attention_op
 
     def refresh(self) -> None:
         """Re-read the plan's stacked tensors (the guard replaces them when it widens a head)."""
@@ -36,7 +39,7 @@ class SparseLayer:
         b = self.controller.bucket_t
         if not torch.compiler.is_compiling():  # (compiled, the calls keep the controller's (bucket, "*") scope)
             ck_dispatch.set_scope((self.controller.bucket, self.layer))
-        return ck_ops.block_sparse_attention_op(
+        return self.op(
             q,
             k,
             v,
