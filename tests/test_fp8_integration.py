@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_cli import PROMPT, assert_one_line_error, run_cli
 
 import calibatt_kernels as ck
 from calibatt_cli.config import load_config
@@ -18,7 +19,6 @@ from calibatt_cli.runtime import SparseController
 from calibatt_cli.runtime.plan import SparsePlan
 from calibatt_kernels import dispatch, ops
 from calibatt_kernels.quant import block_sparse_attention_fp8_ref
-from test_cli import PROMPT, assert_one_line_error, run_cli
 
 H, N, BS, LAYERS = 2, 200, 64, 3  # N: a partial last block
 MB = -(-N // BS)
