@@ -205,8 +205,9 @@ def test_tiny_model_fp8_holds_quality(tmp_path):
 
     prompt = "a green circle moving up on a gray background"
     (tmp_path / "p.txt").write_text(prompt + "\n")  # calibrated on the prompt itself: one dense run, not six
-    sets = [f"calibration.prompts={tmp_path / 'p.txt'}", "video.frames=9"]  # 5 x 16 x 16 tokens, 20 blocks
-    rows = quality_runs([prompt], tmp_path, sets=sets, steps=6)
+    # 3 x 16 x 16 tokens (12 blocks), 4 steps: the CPU emulation of fp8 casts every P element (slow in torch)
+    sets = [f"calibration.prompts={tmp_path / 'p.txt'}", "video.frames=5"]
+    rows = quality_runs([prompt], tmp_path, sets=sets, steps=4)
     (row,) = rows["clips"]
     assert row["psnr_fp8_vs_bf16_db"] >= 30.0, row
     assert row["judge_fp8"] == row["judge_bf16"], row
