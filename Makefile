@@ -83,7 +83,7 @@ bench-compile:
 
 # The GPU-only tests (skipped by `make test` without CUDA).
 test-gpu:
-	$(BENCH_ENV) $(BENCH_PY) -m pytest -q tests/test_kernels_gpu.py tests/test_compile_gpu.py
+	$(BENCH_ENV) $(BENCH_PY) -m pytest -q tests/test_kernels_gpu.py tests/test_compile_gpu.py tests/test_fp8_gpu.py tests/test_fp8_integration_gpu.py
 
 clean:
 	rm -rf out .pytest_cache
