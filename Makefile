@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 LOCK := constraints.txt
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup lock demo eval-demo test lint bench-kernel bench-e2e bench-compile test-gpu clean
+.PHONY: setup lock demo eval-demo test lint bench-kernel bench-e2e bench-compile bench-fp8 test-gpu clean
 
 # Installs go through constraints.txt, the lock of the CPU/CI stack (every package, exact versions), so a fresh
 # clone installs what CI tested; `make lock` regenerates it from pyproject.toml's ranges. The build backend is
@@ -72,6 +72,10 @@ bench-kernel:
 bench-e2e:
 	$(BENCH_ENV) $(BENCH_PY) bench/bench_e2e.py
 
+# The INT8/FP8 kernel (precision: fp8) beside the bf16 one, Wan 1.3B 480p and 14B 720p, densities 1.0 .. 0.1.
+bench-fp8:
+	$(BENCH_ENV) $(BENCH_PY) bench/bench_fp8.py
+
 # The ahead-of-time cache at Wan 1.3B 480p: the library path, then the user's CLI path (needs diffusers).
 bench-compile:
 	$(BENCH_ENV) $(BENCH_PY) bench/bench_compile.py all --cache-dir /tmp/calibatt-bench/cache
@@ -79,7 +83,7 @@ bench-compile:
 
 # The GPU-only tests (skipped by `make test` without CUDA).
 test-gpu:
-	$(BENCH_ENV) $(BENCH_PY) -m pytest -q tests/test_kernels_gpu.py tests/test_compile_gpu.py
+	$(BENCH_ENV) $(BENCH_PY) -m pytest -q tests/test_kernels_gpu.py tests/test_compile_gpu.py tests/test_fp8_gpu.py tests/test_fp8_integration_gpu.py
 
 clean:
 	rm -rf out .pytest_cache

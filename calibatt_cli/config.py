@@ -19,6 +19,7 @@ from .errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "tiny.yaml"
+PRECISIONS = ("bf16", "fp8")  # generate.precision / compile.precision
 
 
 @dataclass
@@ -57,6 +58,7 @@ class CompileConfig:
     # use a bundle or cache made for other weights or sampling settings (--force): warned and recorded
     force: bool = False
     cost_model: bool = True  # run each (bucket, layer) dense where dense measured faster; false: sparse everywhere
+    precision: str = "bf16"  # bf16 | fp8: which attention kernels compile measures and the cache holds
 
 
 @dataclass
@@ -78,6 +80,9 @@ class GenerateConfig:
     guard: bool | str = False
     guard_factor: float = 2.0  # the guard widens a head keeping < max(1 - guard_factor * bundle epsilon, guard_floor)
     guard_floor: float = 0.99  # the lowest mean kept mass per head the guard accepts, whatever the bundle's epsilon
+    # bf16 | fp8: fp8 runs the sparse layers with INT8 Q.K^T and FP8 P.V (calibatt_kernels/quant.py), opt-in;
+    # it needs a cache compiled with compile.precision=fp8
+    precision: str = "bf16"
 
 
 @dataclass
@@ -211,6 +216,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{w}: generate.guard_floor must be in [0, 1), got {cfg.generate.guard_floor}; 0.99 is usual")
     if cfg.generate.guard not in (True, False, "auto"):
         raise ConfigError(f"{w}: generate.guard must be true, false or auto, got {cfg.generate.guard!r}")
+    for name, value in (("compile.precision", cfg.compile.precision), ("generate.precision", cfg.generate.precision)):
+        if value not in PRECISIONS:
+            raise ConfigError(f"{w}: {name} must be bf16 or fp8, got {value!r}; bf16 is the default")
     if cfg.generate.guidance < 1.0:
         raise ConfigError(f"{w}: generate.guidance must be >= 1.0 (1.0 disables CFG), got {cfg.generate.guidance}")
 

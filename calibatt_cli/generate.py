@@ -164,6 +164,7 @@ def generate(
                 device=cfg.model.device,
                 return_lse=ident.joint_attention,
                 qk_norm_rope=ident.qk_norm_rope,
+                precision=g.precision,
             )
         ck.reset_what_ran()  # (prewarm's launches are not the run's)
         compiled, inductor = _compiled_blocks(cfg, cache, stack)
@@ -305,7 +306,9 @@ def _sample(
     t0 = time.perf_counter()
     model = load_model(cfg)
     guard, guard_off = _guard(cfg, plan)
-    controller = SparseController(plan, measure_mass=measure_mass, guard=guard) if plan is not None else None
+    controller = None
+    if plan is not None:
+        controller = SparseController(plan, measure_mass=measure_mass, guard=guard, precision=g.precision)
     if controller is not None:
         model.install(controller)
     split = parallelize(model, layout)  # after install: diffusers hands its parallel config to our processors

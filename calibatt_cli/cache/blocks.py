@@ -159,6 +159,7 @@ def build_blocks(cfg: Config, plan, build: Path, prompt: str) -> dict:
 
     from ..models import load_model
     from ..runtime import SparseController
+    from ..runtime.guard import Guard
 
     g = cfg.generate
     t0 = time.perf_counter()
@@ -173,7 +174,11 @@ def build_blocks(cfg: Config, plan, build: Path, prompt: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="calibatt-inductor-") as tmp:
         with inductor_folder(Path(tmp)) as folder, InductorCounter(folder) as counter:
             model = load_model(cfg)
-            controller = SparseController(replace(plan, step_buckets=reps))
+            # the graphs generate will run: same precision, and the guard's probe op inside when it is on
+            guard = Guard(plan, g.guard_factor, g.guard_floor) if g.guard and plan.epsilon is not None else None
+            controller = SparseController(
+                replace(plan, step_buckets=reps), guard=guard, precision=cfg.compile.precision
+            )
             model.install(controller)
             model.torch_compile_blocks(g.compile_backend)
             with torch.inference_mode():
@@ -185,6 +190,7 @@ def build_blocks(cfg: Config, plan, build: Path, prompt: str) -> dict:
     del model
     return {
         "backend": g.compile_backend,
+        "guard": guard is not None,
         "step_kinds": reps,
         "graphs": counter.codegen,
         "builds": counter.builds,

@@ -99,6 +99,7 @@ def kernel_class(cfg: Config, ident) -> dict:
         "batches": [1],
         "lse": ident.joint_attention,
         "qk_norm_rope": ident.qk_norm_rope,
+        "precision": cfg.compile.precision,
     }
 
 
@@ -127,6 +128,7 @@ def compile_cache(
     device = torch.device(cfg.model.device)
     tuned = device.type == "cuda" and ck.triton_usable(device) and ident.head_dim in (64, 128)
     want_blocks = compile_blocks(cfg, ident.repeated_blocks)
+    precision = _precision_record(cfg, device, bundle.block_size, ident)
     manifest = {
         "schema_version": CACHE_SCHEMA,
         "bundle": {"path": str(bundle_path), "content_hash": bundle.content_hash},
@@ -142,6 +144,7 @@ def compile_cache(
         "versions": software_versions(),
         "kernel_class": kernel_class(cfg, ident),
         "compiled_blocks": {"enabled": want_blocks, "backend": cfg.generate.compile_backend if want_blocks else None},
+        "precision": cfg.compile.precision,  # generate refuses another generate.precision
         # the attention backend the calls will run ("gluon", "tl", "cpu" or "reference": the fp32 reference
         # for a head dim the kernels do not take)
         "kernels": {
@@ -177,6 +180,7 @@ def compile_cache(
                         block_size=bundle.block_size,
                         device=device,
                         return_lse=ident.joint_attention,
+                        fp8=precision["fp8_runs"],
                     )
                     if ident.qk_norm_rope:
                         aot.forget_compiled(norm_rope.kernel_fn())
@@ -202,6 +206,7 @@ def compile_cache(
                     g.update(costs[(g["bucket"], g["layer"])])
             for g in groups:
                 g["attention"] = g.get("attention", "sparse") if cfg.compile.cost_model else "sparse"
+            manifest["kernels"]["fp8"] = precision
             manifest["groups"] = groups
             # the masks' index as stored (compressed rows: it follows the kept blocks); on the device each
             # layer's buckets are padded to its longest, a little more
@@ -223,6 +228,17 @@ def compile_cache(
 
 # What the compiled blocks are traced with: any prompt does (text is padded to the model's fixed length).
 BLOCKS_PROMPT = "a red circle moving left on a black background"
+
+
+def _precision_record(cfg: Config, device: torch.device, block_size: int, ident) -> dict:
+    """What compile.precision=fp8 will run here: "fp8_runs" (compile measures the fp8 kernel's configs), the
+    kernel's name, or why the calls fall back to bf16 (compile then measures the bf16 configs they run)."""
+    if cfg.compile.precision != "fp8":
+        return {"fp8_runs": False, "ran": None, "fallback": None}
+    bs = (block_size, block_size)
+    why = ck.dispatch.fp8_why_not(device, ident.head_dim, bs, return_lse=ident.joint_attention)
+    ran = None if why is not None else ck.dispatch.fp8_kernel_name(device, ident.head_dim, bs)
+    return {"fp8_runs": why is None, "ran": ran, "fallback": why}
 
 
 def _up_to_date(cache_dir: Path, manifest: dict) -> bool:

@@ -293,6 +293,13 @@ def open_cache(cfg: Config, cache_dir: str | Path | None = None) -> Iterator[Ope
                 f"cache '{cache_dir}' was compiled for {manifest['kernel_class']['dtype']}, model.dtype "
                 f"is {cfg.model.dtype}; {RECOMPILE}"
             )
+        built = manifest.get("precision", "bf16")
+        if built != cfg.generate.precision:
+            raise CacheError(
+                f"cache '{cache_dir}' was compiled for precision {built}, generate.precision is "
+                f"{cfg.generate.precision}; run `calibatt compile --set compile.precision={cfg.generate.precision}` "
+                f"(or set generate.precision={built})"
+            )
         plan = read_plan(folder, manifest)
         yield OpenCache(plan.to(torch.device(cfg.model.device)), manifest, folder, lock)
 
@@ -324,6 +331,7 @@ def prewarm(
     device: str | torch.device,
     return_lse: bool = False,
     qk_norm_rope: bool = False,
+    precision: str = "bf16",
 ) -> float:
     """Launch every kernel config of the plan once on a one-block input of the model's heads, head dim and
     dtype (the same specialisation as the real calls), and the fused q/k norm + RoPE kernel if the model
@@ -344,6 +352,7 @@ def prewarm(
         configs=plan.configs,
         index=plan.index,
         return_lse=return_lse,
+        precision=precision,
     )
     torch.cuda.synchronize(dev)
     return time.perf_counter() - t0

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import calibatt_kernels as ck
-from calibatt_kernels import KernelConfig
+from calibatt_kernels import KernelConfig, attn_fp8
 
 from ..errors import CacheError
 from . import aot
@@ -56,11 +56,14 @@ def tune_kernels(
     batches: tuple[int, ...] = (1,),
     reps: int = 3,
     return_lse: bool = False,
+    fp8: bool = False,
 ) -> TuneResult:
     """Measure every candidate config on every (bucket, layer) mask with random q, k, v [B, H, N, D] laid
     out as the models hand them over ([B, N, H, D] storage), keep the fastest per group, and launch each
     winner once per batch size in `batches` (a batch of 1 and of B specialise differently). `return_lse`:
     the model's calls ask for the row log-sum-exp (joint attention), a kernel variant of its own.
+
+    `fp8`: measure the fp8 kernel's configs (precision: fp8) instead of the bf16 backends'.
 
     Call it inside `aot.kernel_cache(...)`: every binary it compiles lands in that folder."""
     from calibatt_kernels import dispatch
@@ -78,7 +81,8 @@ def tune_kernels(
     q, k, v = qkv(batches[0])
     out = torch.empty_like(q)
     dense_ms = _time_ms(lambda: F.scaled_dot_product_attention(q, k, v), reps)
-    for fn in dispatch.attention_kernel_fns():  # a binary held in memory would never reach the folder
+    # a binary held in memory would never reach the folder
+    for fn in dispatch.attention_kernel_fns() + (attn_fp8.kernel_fns() if fp8 else []):
         aot.forget_compiled(fn)
     index = {
         key: ck.BlockIndex(ix.counts.to(dev), ix.offsets.to(dev), ix.indices.to(dev), ix.schedule.to(dev))
@@ -86,15 +90,19 @@ def tune_kernels(
     }
     first = next(iter(index.values()))
 
+    attention = dispatch.block_sparse_attention_fp8_indexed if fp8 else dispatch.block_sparse_attention_indexed
+    if fp8:
+        candidates = dispatch.fp8_candidate_configs(cap, bs)
+    else:
+        candidates = dispatch.candidate_configs(cap, bs, head_dim, dtype, return_lse=return_lse)
+
     def run(ix, c, qq=q, kk=k, vv=v, oo=out):
-        return dispatch.block_sparse_attention_indexed(
-            qq, kk, vv, ix, block_size=bs, out=oo, config=c, return_lse=return_lse
-        )
+        return attention(qq, kk, vv, ix, block_size=bs, out=oo, config=c, return_lse=return_lse)
 
     # strict_fallbacks: a config whose kernel cannot run here is rejected, never timed as another kernel
     with aot.CompileCounter() as counter, dispatch.strict_fallbacks():
         usable, rejected = [], {}
-        for c in dispatch.candidate_configs(cap, bs, head_dim, dtype, return_lse=return_lse):
+        for c in candidates:
             try:  # compiles; a config that does not fit this GPU fails here (out of shared memory, ...)
                 run(first, c)
                 torch.cuda.synchronize(dev)

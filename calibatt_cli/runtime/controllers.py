@@ -186,9 +186,18 @@ class SparseController(Controller):
 
     mode = "sparse"
 
-    def __init__(self, plan: SparsePlan, measure_mass: bool = False, guard: Guard | None = None):
+    def __init__(
+        self, plan: SparsePlan, measure_mass: bool = False, guard: Guard | None = None, precision: str = "bf16"
+    ):
         super().__init__()
         self.plan = plan
+        # "fp8": the sparse calls run the quantized kernel (dispatch.block_sparse_attention_fp8_indexed)
+        self.precision = precision
+        self._attention = (
+            ck.dispatch.block_sparse_attention_fp8_indexed
+            if precision == "fp8"
+            else ck.dispatch.block_sparse_attention_indexed
+        )
         self.guard = guard  # checks the masks at each bucket's first sparse step, widens heads that lose mass
         if guard is not None:
             guard.bind(self)
@@ -263,9 +272,7 @@ class SparseController(Controller):
         ck.dispatch.set_scope((bucket, layer))
         if (bucket, layer) in self.plan.dense:
             return F.scaled_dot_product_attention(q, k, v)
-        return ck.block_sparse_attention_indexed(
-            q, k, v, index, block_size=bs, config=self.plan.configs.get((bucket, layer))
-        )
+        return self._attention(q, k, v, index, block_size=bs, config=self.plan.configs.get((bucket, layer)))
 
     def attend_joint(self, layer, q, k, v, q_txt, k_txt, v_txt):
         bucket = self._bucket(self.plan.step_buckets)
@@ -281,7 +288,7 @@ class SparseController(Controller):
         ck.dispatch.set_scope((bucket, layer))
         if (bucket, layer) in self.plan.dense:
             return _dense_joint(q, k, v, q_txt, k_txt, v_txt)
-        out_vis, lse_vis = ck.block_sparse_attention_indexed(
+        out_vis, lse_vis = self._attention(  # (fp8 returns no lse: it falls back to bf16, recorded)
             q, k, v, index, block_size=bs, config=self.plan.configs.get((bucket, layer)), return_lse=True
         )
         if k_txt.shape[2] == 0:

@@ -30,6 +30,9 @@ class SparseLayer:
         # data): the kernel configuration compile chose, and whether compile measured dense attention faster.
         self.configs = [ck_ops.config_as_op_arg(plan.configs.get((b, layer))) for b in range(nb)]
         self.dense = [(b, layer) in plan.dense for b in range(nb)]
+        # precision fp8: the quantized kernel's op (INT8 Q.K^T, FP8 P.V), else the bf16 one
+        self.fp8 = controller.precision == "fp8"
+        self.op = ck_ops.block_sparse_attention_fp8_op if self.fp8 else ck_ops.block_sparse_attention_op
         self.refresh()
 
     def refresh(self) -> None:
@@ -38,7 +41,10 @@ class SparseLayer:
         plan = self.controller.plan
         self.counts, self.offsets, self.indices, self.schedules = plan.layer_tensors(self.layer)
         launch = [
-            ck.dispatch.launch_records(plan.index[(b, self.layer)], plan.configs.get((b, self.layer)))
+            # (the fp8 kernel reads the index itself: nothing to derive)
+            (None, None)
+            if self.fp8
+            else ck.dispatch.launch_records(plan.index[(b, self.layer)], plan.configs.get((b, self.layer)))
             for b in range(len(self.configs))
         ]
         # Lists, not stacks: the records' count varies with the masks (split last waves).
@@ -52,7 +58,7 @@ class SparseLayer:
         b = self.controller.bucket_t
         if not torch.compiler.is_compiling():  # (compiled, the calls keep the controller's (bucket, "*") scope)
             ck.dispatch.set_scope((self.controller.bucket, self.layer))
-        return ck_ops.block_sparse_attention_op(
+        return self.op(
             q,
             k,
             v,
@@ -63,6 +69,5 @@ class SparseLayer:
             self.block,
             self.block,
             self.configs[bucket],
-            self.records[bucket],
-            self.split_rows[bucket],
+            *(() if self.fp8 else (self.records[bucket], self.split_rows[bucket])),
         )

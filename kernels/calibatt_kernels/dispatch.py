@@ -26,13 +26,14 @@ from typing import Protocol
 
 import torch
 
-from . import attn_gluon, attn_tl, cpu, reference
+from . import attn_fp8, attn_gluon, attn_tl, cpu, quant, reference
 from . import block_mass as _block_mass
 from . import linear_gelu as _linear_gelu
 from . import norm_rope as _norm_rope
 from . import split_merge as _split_merge
 from ._common import BackendUnavailable, KernelConfig, KernelFallback, triton_usable
-from .index import BlockIndex, mask_to_index
+from .index import BlockIndex, index_to_mask, mask_to_index
+from .reference import num_blocks
 
 log = logging.getLogger("calibatt.kernels")
 
@@ -383,6 +384,87 @@ def block_sparse_attention(
     )
 
 
+# ---- attention in fp8 (precision: fp8, opt-in) ----
+
+
+def fp8_why_not(
+    device: torch.device, head_dim: int, block_size: tuple[int, int], *, return_lse: bool = False
+) -> str | None:
+    """Why fp8 attention cannot take calls of this shape on `device` (None: it can). On the CPU the PyTorch
+    reference of the scheme (quant.py) takes every call without the lse, as the CPU paths of bf16 do."""
+    device = torch.device(device)
+    if return_lse:
+        return "the fp8 kernel returns no row log-sum-exp (joint attention)"
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda" or not triton_usable(device):
+        return f"Triton unavailable for {device.type}"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        return f"sm_{cap[0]}{cap[1]} has no 8-bit tensor cores (the fp8 kernel needs sm_89+)"
+    if head_dim not in (64, 128):
+        return f"head dim {head_dim} (the fp8 kernel takes 64 or 128)"
+    if any(b not in (16, 32, 64, 128) for b in block_size):
+        return f"block size {tuple(block_size)} (the fp8 kernel takes 16, 32, 64 or 128)"
+    return None
+
+
+def fp8_kernel_name(
+    device: torch.device, head_dim: int, block_size: tuple[int, int], config: KernelConfig | None = None
+) -> str:
+    """What an fp8 call that fp8_why_not lets through runs: "fp8_" + the tl kernel's name (fp8_tl_tile, ...),
+    or "fp8_reference" (the scheme in PyTorch) on the CPU without the Triton interpreter."""
+    device = torch.device(device)
+    if not (triton_usable(device) and head_dim in (64, 128) and all(b in (16, 32, 64, 128) for b in block_size)):
+        return "fp8_reference"
+    cfg = config if config is not None and config.backend == "tl" else attn_fp8.default_config(device, block_size)
+    return f"fp8_{cfg.kernel}"
+
+
+@_on_tensor_device
+def block_sparse_attention_fp8_indexed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: BlockIndex,
+    *,
+    block_size: tuple[int, int] = (128, 128),
+    scale: float | None = None,
+    config: KernelConfig | None = None,
+    out: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`block_sparse_attention_indexed` with INT8 Q.K^T and FP8 P.V (quant.py's scheme): the tl kernel of
+    attn_fp8.py where it runs (`config`: a tl config compile measured for it; another is ignored), the
+    scheme's PyTorch reference on the CPU without the interpreter (the CPU's design, not a fallback). A call
+    fp8 cannot take (fp8_why_not) runs the bf16 kernels instead, with `config`, recorded as a fallback (an
+    error under strict_fallbacks)."""
+    block_size = tuple(block_size)
+    why = fp8_why_not(q.device, q.shape[-1], block_size, return_lse=return_lse)
+    if why is not None:
+        RECORD.fallback("attention", "fp8", "bf16", why)  # before the launch: under strict nothing else runs
+        return block_sparse_attention_indexed(
+            q, k, v, index, block_size=block_size, scale=scale, config=config, out=out, return_lse=return_lse
+        )
+    ran = fp8_kernel_name(q.device, q.shape[-1], block_size, config)
+    if ran == "fp8_reference":
+        mask = index_to_mask(index, num_blocks(k.shape[2], block_size[1])).to(q.device)
+        res = quant.block_sparse_attention_fp8_ref(q, k, v, mask, block_size, scale)
+        res = res if out is None else out.copy_(res)
+    else:
+        cfg = config if config is not None and config.backend == "tl" else None
+        res = attn_fp8.block_sparse_attention_fp8_indexed(
+            q, k, v, index, block_size=block_size, scale=scale, config=cfg, out=out
+        )
+    RECORD.note_attention(ran, q, index, block_size)
+    return res
+
+
+def fp8_candidate_configs(capability: tuple[int, int], block_size: tuple[int, int]) -> list[KernelConfig]:
+    """The fp8 kernel's configs worth measuring on a GPU of this compute capability (its default first)."""
+    return attn_fp8.candidate_configs(capability, tuple(block_size))
+
+
 def default_config(device: torch.device, block_size: tuple[int, int], head_dim: int) -> KernelConfig:
     """The config measured best on an H200 for a model of this block size and head dim (bench/NOTES.md): the
     persistent Gluon kernel on sm_90 where it takes the shape, else the tl kernel's default (a call the Gluon
@@ -458,12 +540,16 @@ def attention_kernel_fns() -> list:
 
 def kernel_names() -> frozenset[str]:
     """The names of every Triton kernel of this package (what a calibatt cache holds)."""
-    fns = attention_kernel_fns() + [
-        _block_mass._row_lse,
-        _block_mass._block_mass_fwd,
-        _norm_rope.kernel_fn(),
-        _split_merge.kernel_fn(),
-    ]
+    fns = (
+        attention_kernel_fns()
+        + attn_fp8.kernel_fns()
+        + [
+            _block_mass._row_lse,
+            _block_mass._block_mass_fwd,
+            _norm_rope.kernel_fn(),
+            _split_merge.kernel_fn(),
+        ]
+    )
     return frozenset(fn.__name__ for fn in fns)
 
 
@@ -477,18 +563,21 @@ def prewarm_attention(
     configs: dict,
     index: dict,
     return_lse: bool = False,
+    precision: str = "bf16",
 ) -> None:
     """Launch every config of `configs` ({key: KernelConfig or None}) once on a one-block input of the model's
     heads, head dim and dtype (the same specialisation as the real calls), then let each backend make what its
     launches derive once from the plan's `index` ({key: BlockIndex}): the first step then costs what the
-    later ones do."""
+    later ones do. `precision` "fp8": the calls go through block_sparse_attention_fp8_indexed (its
+    quantize and attention kernels, or the bf16 ones it falls back to)."""
     dev = torch.device(device)
     bs = (block_size, block_size)
     x = torch.zeros(3, 1, block_size, heads, head_dim, device=dev, dtype=dtype)
     q, k, v = (t.transpose(1, 2) for t in x)
     one = mask_to_index(torch.ones(heads, 1, 1, dtype=torch.bool, device=dev))
+    attention = block_sparse_attention_fp8_indexed if precision == "fp8" else block_sparse_attention_indexed
     for c in set(configs.values()) or {None}:
-        block_sparse_attention_indexed(q, k, v, one, block_size=bs, config=c, return_lse=return_lse)
+        attention(q, k, v, one, block_size=bs, config=c, return_lse=return_lse)
     prewarm_backends(configs, index, device=dev, dtype=dtype, head_dim=head_dim, return_lse=return_lse)
 
 
@@ -612,10 +701,14 @@ __all__ = [
     "attention_with_block_mass",
     "block_mass",
     "block_sparse_attention",
+    "block_sparse_attention_fp8_indexed",
     "block_sparse_attention_indexed",
     "candidate_configs",
     "default_config",
     "disabled_backends",
+    "fp8_candidate_configs",
+    "fp8_kernel_name",
+    "fp8_why_not",
     "kernel_names",
     "launch_records",
     "linear_gelu",

@@ -82,6 +82,38 @@ def _(q, k, v, counts, offsets, indices, schedule, block_m, block_n, config, rec
     return torch.empty_like(q)
 
 
+@torch.library.custom_op("calibatt::block_sparse_attention_fp8", mutates_args=())
+def block_sparse_attention_fp8_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    counts: torch.Tensor,
+    offsets: torch.Tensor,
+    indices: torch.Tensor,
+    schedule: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    config: list[int],
+) -> torch.Tensor:
+    """`calibatt::block_sparse_attention` in fp8 (precision: fp8): dispatch.block_sparse_attention_fp8_indexed,
+    which records what ran and a fallback to bf16 where fp8 cannot run."""
+    from .dispatch import block_sparse_attention_fp8_indexed
+
+    return block_sparse_attention_fp8_indexed(
+        q,
+        k,
+        v,
+        BlockIndex(counts, offsets, indices, schedule),
+        block_size=(block_m, block_n),
+        config=config_from_op_arg(config),
+    )
+
+
+@block_sparse_attention_fp8_op.register_fake
+def _(q, k, v, counts, offsets, indices, schedule, block_m, block_n, config):
+    return torch.empty_like(q)  # in q's dtype and stride order, as the launcher's output
+
+
 @torch.library.custom_op("calibatt::qk_norm_rope", mutates_args=())
 def qk_norm_rope_op(
     q: torch.Tensor,

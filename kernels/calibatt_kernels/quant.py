@@ -83,7 +83,7 @@ def quantize_qkv_ref(
 
     k_mean = kf.mean(2) if smooth_k else torch.zeros(B, H, D, device=q.device)
     ks = torch.nn.functional.pad(kf - k_mean[:, :, None], (0, 0, 0, mk * bn - N))  # zero keys past N
-    k_scale = ks.view(B, H, mk, bn * D).abs().amax(-1).clamp_min(TINY) / INT8_MAX
+    k_scale = ks.reshape(B, H, mk, bn * D).abs().amax(-1).clamp_min(TINY) / INT8_MAX
     k8 = _int8(ks * (1.0 / k_scale).repeat_interleave(bn, -1)[..., None])
 
     v_scale = vf.abs().amax(2).clamp_min(TINY) / FP8_MAX  # [B, H, D]
@@ -117,9 +117,9 @@ def block_sparse_attention_fp8_ref(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     dev = q.device
 
-    q8 = qz.q8.float().view(B, H, mq, bm, D)
+    q8 = qz.q8.float().reshape(B, H, mq, bm, D)
     row_scale = (qz.q_scale * (scale * LOG2E)).view(B, H, mq, bm)  # the kernel folds these into one multiply
-    k8 = qz.k8.float().view(B, H, mk, bn, D)
+    k8 = qz.k8.float().reshape(B, H, mk, bn, D)
     v8 = qz.v8t.float().transpose(-1, -2).reshape(B, H, mk, bn, D)
     key_valid = (torch.arange(mk * bn, device=dev) < N).view(mk, bn)
 
