@@ -221,3 +221,37 @@ def test_cpu_rows_gather_every_row(n, block_size):
     assert err < 1e-5, f"max_diff={err:.2e}"
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert (got - dense).abs().max() > 1e-2, "the mask must matter"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_rope_ref_against_float64_pairwise(dtype):
+    """The RMS norm and the interleaved rotation, written out pair by pair in float64 (diffusers' Wan form),
+    with a cos/sin table whose odd cos and even sin entries differ from their pair's (the reference reads
+    cos[2i] and sin[2i+1])."""
+    g = torch.Generator().manual_seed(3)
+    b, n, h, d = 2, 40, 3, 16
+    q, k = (torch.randn(b, n, h * d, generator=g).to(dtype) for _ in range(2))
+    wq, wk = (torch.rand(h * d, generator=g) + 0.5 for _ in range(2))
+    cos, sin = torch.randn(1, n, 1, d, generator=g), torch.randn(1, n, 1, d, generator=g)
+    got_q, got_k = ck.qk_norm_rope_ref(q, k, wq.to(dtype), wk.to(dtype), cos, sin, heads=h, eps=1e-6)
+
+    def want(x, w):
+        x = x.double()
+        y = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w.to(dtype).double()).to(dtype).double()
+        y = y.unflatten(-1, (h, d))
+        c, s = cos.double()[..., 0::2], sin.double()[..., 1::2]
+        out = torch.empty_like(y)
+        out[..., 0::2] = y[..., 0::2] * c - y[..., 1::2] * s
+        out[..., 1::2] = y[..., 0::2] * s + y[..., 1::2] * c
+        return out
+
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for got, x, w in ((got_q, q, wq), (got_k, k, wk)):
+        assert got.shape == (b, n, h, d) and got.dtype == dtype
+        err = (got.double() - want(x, w)).abs().max().item()
+        assert err < tol, f"max_diff={err}"
+    x = torch.randn(b, n, h, d, generator=g)
+    rot = ck.rope_interleaved_ref(x, cos, sin).double()
+    x, c, s = x.double(), cos.double()[..., 0::2], sin.double()[..., 1::2]
+    assert (rot[..., 0::2] - (x[..., 0::2] * c - x[..., 1::2] * s)).abs().max() < 1e-5
+    assert (rot[..., 1::2] - (x[..., 0::2] * s + x[..., 1::2] * c)).abs().max() < 1e-5

@@ -144,9 +144,12 @@ def qk_norm_rope_ref(
     [B, N, C], rounded to their dtype, then the interleaved rotary embedding with cos, sin ([1, N, 1, D] or
     [N, D]) computed in fp32. Returns [B, N, heads, D] tensors in q's dtype."""
 
+    n, d = q.shape[1], q.shape[-1] // heads
+    c, s = _rope_tables(cos, sin, n, d)  # once for q and k
+
     def one(x, w):
         y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), w.float(), eps).to(x.dtype)
-        return rope_interleaved_ref(y.unflatten(-1, (heads, -1)), cos, sin)
+        return _rope_apply(y.unflatten(-1, (heads, -1)), c, s)
 
     return one(q, weight_q), one(k, weight_k)
 
@@ -155,11 +158,23 @@ def rope_interleaved_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     """Wan's interleaved rotary embedding of x [B, N, H, D] (diffusers' WanAttnProcessor): channel pairs
     (2i, 2i+1) rotated by the angle whose cos is cos[n, 2i] and sin is sin[n, 2i+1] (cos, sin: [1, N, 1, D]
     or [N, D], each angle repeated over its pair). Computed in fp32, returned in x's dtype."""
-    n, d = x.shape[1], x.shape[-1]
+    return _rope_apply(x, *_rope_tables(cos, sin, x.shape[1], x.shape[-1]))
+
+
+def _rope_tables(cos: torch.Tensor, sin: torch.Tensor, n: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 [1, N, 1, D] tables for _rope_apply: (cos[2i], cos[2i]) and (-sin[2i+1], sin[2i+1]) on each pair."""
     c = cos.reshape(1, n, 1, d).float()[..., 0::2]
     s = sin.reshape(1, n, 1, d).float()[..., 1::2]
-    x0, x1 = x.float()[..., 0::2], x.float()[..., 1::2]
-    return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], -1).flatten(-2).to(x.dtype)
+    return torch.stack([c, c], -1).flatten(-2), torch.stack([-s, s], -1).flatten(-2)
+
+
+def _rope_apply(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """out[2i] = x[2i] c - x[2i+1] s and out[2i+1] = x[2i+1] c + x[2i] s, computed as x * c + swap(x) * s on
+    contiguous tensors (the strided even/odd views cost several times more on the CPU). Same roundings as the
+    pairwise form: each product rounded, then one addition (negating s is exact)."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x[2i+1], x[2i]) per pair, a fresh tensor
+    return (xf * c).add_(swapped.mul_(s)).to(x.dtype)
 
 
 def linear_gelu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
