@@ -416,3 +416,21 @@ def test_outputs_get_the_users_umask(tmp_path, umask, mode):
         os.umask(old)
     for name in ("report.json", "v.mp4"):
         assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
+
+def test_generate_json_is_printed_verbatim(monkeypatch, capsys):
+    """`--json` prints the summary as JSON whatever it holds: a list such as [null, 1] or [false] looks like
+    console markup to rich and must not be eaten (it was: the guard's JSON came out unparsable)."""
+
+    class Result:
+        guard = None
+
+        def summary(self):
+            return {"masses": [None, 0.5], "flags": [False, True], "tag": "[bold]x[/bold]"}
+
+    import calibatt_cli.generate
+
+    monkeypatch.setattr(calibatt_cli.generate, "generate", lambda *a, **kw: Result())
+    code, out, err = run_cli(monkeypatch, capsys, "generate", PROMPT, "--json")
+    assert code in (0, None), err
+    assert json.loads(out) == Result().summary()

@@ -339,7 +339,7 @@ def test_plan_carries_the_chosen_config(compiled, monkeypatch):
 
     real = ck.block_sparse_attention_indexed
     monkeypatch.setattr(
-        ck, "block_sparse_attention_indexed", lambda *a, **kw: seen.append(kw["config"]) or real(*a, **kw)
+        ck.dispatch, "block_sparse_attention_indexed", lambda *a, **kw: seen.append(kw["config"]) or real(*a, **kw)
     )
     ctl = AttentionController("sparse", plan=plan)
     ctl.step = 1  # a sparse step (step 0 is the dense warm-up)

@@ -20,7 +20,7 @@ from calibatt_cli.cache.build import compile_cache
 from calibatt_cli.calibrate import calibrate
 from calibatt_cli.config import load_config
 from calibatt_cli.generate import generate
-from calibatt_cli.masks import select_blocks
+from calibatt_cli.masks import retained_mass, select_blocks
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
 HELD_OUT = "a green circle moving up on a gray background"  # configs/prompts/tiny_eval.txt
@@ -162,6 +162,15 @@ def test_guard_runs_in_compiled_blocks(work):
     assert np.array_equal(on.videos[0].frames, off.videos[0].frames), "the compiled guard changed a holding video"
 
 
+def _figures(mass: torch.Tensor, masks: torch.Tensor) -> dict:
+    """A bundle's per-entry density and retained mass for these masks (what calibrate records)."""
+    density, retained = masks.double().mean(dim=(-1, -2)), retained_mass(mass, masks)
+    return {
+        "entries": {"density": density.tolist(), "retained_mass": retained.tolist()},
+        "summary": {"density": float(density.mean()), "retained_mass": float(retained.mean())},
+    }
+
+
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory):
     """The trained tiny, 5 frames, calibrated on two training prompts at the config's epsilon (0.001); the
@@ -171,12 +180,14 @@ def faults(tmp_path_factory):
     (tmp / "cal.txt").write_text(
         "a red circle moving left on a black background\na green triangle growing on a gray background\n"
     )
-    base = ["video.frames=5", f"calibration.prompts={tmp / 'cal.txt'}"]
+    base = ["video.frames=5", f"calibration.prompts={tmp / 'cal.txt'}", "compile.cost_model=false"]
     sets = [*base, f"calibration.output={tmp / 'correct.safetensors'}"]
     res = calibrate(load_config(TINY, sets))
-    meta = {k: v for k, v in res.bundle.meta.items() if k not in ("content_hash", "entries", "summary")}
-    save_bundle(tmp / "loose.safetensors", select_blocks(res.mass, 0.2), dict(meta, epsilon=0.2))
-    save_bundle(tmp / "permuted.safetensors", res.bundle.masks.roll(1, dims=2).contiguous(), meta)
+    meta = {k: v for k, v in res.bundle.meta.items() if k != "content_hash"}
+    loose = select_blocks(res.mass, 0.2)
+    save_bundle(tmp / "loose.safetensors", loose, dict(meta, epsilon=0.2, **_figures(res.mass, loose)))
+    permuted = res.bundle.masks.roll(1, dims=2).contiguous()
+    save_bundle(tmp / "permuted.safetensors", permuted, dict(meta, **_figures(res.mass, permuted)))
     for name in ("correct", "loose", "permuted"):
         compile_cache(load_config(TINY, [*base, *_bundle(tmp, name)]))
     dense = generate(load_config(TINY, [*base, "generate.dense=true"]), [HELD_OUT], write=False)

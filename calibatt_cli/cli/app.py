@@ -218,7 +218,7 @@ def generate(
         return  # rank 0 reports for the whole launch
     if json_out:
         render.guard_line(res)
-        out.print(json.dumps(res.summary()), highlight=False, soft_wrap=True)
+        out.print(json.dumps(res.summary()), highlight=False, markup=False, soft_wrap=True)
         return
     render.generation(res)
 

@@ -273,7 +273,7 @@ def evaluation(rep, json_out: bool) -> None:
             "report": str(rep.json_path),
             "page": str(rep.html_path),
         }
-        out.print(json.dumps(line), highlight=False, soft_wrap=True)
+        out.print(json.dumps(line), highlight=False, markup=False, soft_wrap=True)
         return
     t = table("sparse vs dense", ("prompt", "seed", "PSNR dB", "SSIM", "retained mass"))
     for c in rep.clips:
