@@ -1,3 +1,7 @@
+#!/usr/bin/env bash
+# A short second device call after gpu_session.sh: the no-sync and fp8 GPU tests, the guard with compiled blocks
+# under --strict (tiny model, cost model off so that buckets run sparse), bench_guard --compile, and the
+# compiled-blocks GPU test. `bash bench/gpu_session2.sh OUTDIR` on the device (wheels carried in .whl/).
 set -u
 OUT=$1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
