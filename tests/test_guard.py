@@ -231,5 +231,6 @@ def test_guard_catches_a_faulty_bundle(faults, name, monkeypatch, capsys):
     assert cap.err.count("guard: widened") == 1 and f"widened {len(g['widened'])} head(s)" in cap.err, cap.err
     guarded = results[0].videos[0].frames  # the frames the CLI wrote (the MP4 is lossy)
     p0, p1 = _psnr(plain, dense), _psnr(guarded, dense)
+    print(f"{name}: PSNR vs dense {p0:.2f} dB unguarded, {p1:.2f} dB guarded, {len(g['widened'])} head(s) widened")
     assert p0 < 35.0, f"{name}: unguarded PSNR {p0:.2f} dB: not a fault at this size"
     assert p1 >= 35.0, f"{name}: guarded PSNR {p1:.2f} dB (unguarded {p0:.2f}), widened {len(g['widened'])}"
