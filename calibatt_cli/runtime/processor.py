@@ -50,6 +50,8 @@ class SparseLayer:
         # Lists, not stacks: the records' count varies with the masks (split last waves).
         self.records = [records for records, _ in launch]
         self.split_rows = [split_rows for _, split_rows in launch]
+        # each bucket's block count, summed here once: the op's record of what ran counts it per call
+        self.kept = [plan.index[(b, self.layer)].counts.sum(dtype=torch.int64) for b in range(len(self.configs))]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         bucket = self.controller.bucket
@@ -69,5 +71,5 @@ class SparseLayer:
             self.block,
             self.block,
             self.configs[bucket],
-            *(() if self.fp8 else (self.records[bucket], self.split_rows[bucket])),
+            *(() if self.fp8 else (self.records[bucket], self.split_rows[bucket], self.kept[bucket])),
         )
