@@ -64,24 +64,24 @@ def build(shape: dict, device, dtype):
 
 
 def make_plan(masks: torch.Tensor, layers: int, config=None) -> SparsePlan:
-    """A one-bucket plan whose index tensors have room for a full mask, so every density has the same
-    shapes (one compiled graph serves them all; densities are swapped by copying into the tensors)."""
-    full = -(-masks.numel() // 8) * 8  # heads x Mq x Mk: every block listed (mask_to_index pads to 8 ids)
+    """A one-bucket plan of `masks` in every layer (set_density swaps them: compiled blocks read the index
+    when the attention op runs, so one graph serves every density)."""
     ix = mask_to_index(masks)
-    ix.indices = torch.nn.functional.pad(ix.indices, (0, full - ix.indices.shape[0]))
-    index = {(0, layer): ix for layer in range(layers)}  # SparsePlan.to stacks each layer into its own tensors
+    index = {(0, layer): ix for layer in range(layers)}
     density = masks.float().mean().view(1, 1, 1).expand(1, layers, 1)
     configs = {(0, layer): config for layer in range(layers)} if config is not None else {}
     return SparsePlan(BLOCK, [0], index, density, configs)
 
 
 def set_density(processors, masks: torch.Tensor) -> None:
-    ix = mask_to_index(masks.to(processors[0].sparse.counts.device))
+    """Every layer's index becomes `masks`' (as the guard widens one): each processor's layer re-reads it and
+    makes what its launches derive (the Gluon kernel's tile records) from the new index."""
+    plan = processors[0].controller.plan
+    ix = mask_to_index(masks.to(plan.index[(0, 0)].counts.device))
     for p in processors:
-        p.sparse.counts[0].copy_(ix.counts)
-        p.sparse.offsets[0].copy_(ix.offsets)
-        p.sparse.indices[0, : ix.indices.shape[0]].copy_(ix.indices)
-        p.sparse.schedules[0].copy_(ix.schedule)
+        plan.set_index(0, p.layer_index, ix)
+    for p in processors:
+        p.sparse.refresh()
 
 
 def kernel_config(name: str | None):

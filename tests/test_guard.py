@@ -77,10 +77,10 @@ def test_widening_changes_the_kernels_index():
     for h in range(2):
         if h not in heads:
             assert torch.equal(got[h], masks[h])
-    assert sparse.counts[0, 0, 0].tolist() == [4, 4, 4, 4], "the processor's tensors were not refreshed"
+    assert sparse.index[0].counts[0, 0].tolist() == [4, 4, 4, 4], "the processor's index was not refreshed"
     ctl.reset()  # a new video: back to the compiled plan
     assert torch.equal(index_to_mask(ctl.plan.index[(0, 0)], 4)[0], masks)
-    assert sparse.counts[0, 0, 0].tolist() == [1, 1, 1, 1]
+    assert sparse.index[0].counts[0, 0].tolist() == [1, 1, 1, 1]
 
 
 def test_sampled_mass_equals_the_full_block_mass_on_the_sampled_rows():
@@ -124,21 +124,23 @@ def test_sampled_mass_in_bf16_moves_the_dropped_mass_by_under_one_percent():
     assert err < 0.01, f"bf16 error {err:.2e} of the dropped mass ({dropped.tolist()})"
 
 
-def _faulty_cache(tmp, name: str, masks: torch.Tensor) -> list[str]:
-    """A bundle of `masks` with the calibrated bundle's meta, compiled; the --set overrides that use it."""
+def _faulty_cache(tmp, name: str, masks: torch.Tensor, compile_sets: tuple = ()) -> list[str]:
+    """A bundle of `masks` with the calibrated bundle's meta, compiled (with `compile_sets` too); the --set
+    overrides that use it."""
     from calibatt_cli.bundle import load_bundle, save_bundle
 
     meta = load_bundle(tmp / "out" / "bundle.safetensors").meta
     save_bundle(tmp / f"{name}.safetensors", masks, {k: v for k, v in meta.items() if k != "content_hash"})
     sets = [f"compile.bundle={tmp / name}.safetensors", f"compile.cache_dir={tmp / name}.cache"]
-    compile_cache(load_config(tmp / "small.yaml", sets))
+    compile_cache(load_config(tmp / "small.yaml", [*sets, *compile_sets]))
     return sets
 
 
 def test_guard_runs_in_compiled_blocks(work):
-    """generate.compile with the guard: the probe op stays in the fullgraph-compiled blocks (aot_eager: the
-    graphs without code generation), measures each (bucket, layer) once per video as eager does, widens the
-    heads below the threshold, and leaves a holding bundle's video bit-identical."""
+    """generate.compile with the guard: the attention op runs it from inside the fullgraph-compiled blocks
+    (aot_eager: the graphs without code generation), measures each (bucket, layer) once per video and widens
+    the heads below the threshold at the same call as eager does (the same heads, the same video), and leaves a
+    holding bundle's video bit-identical."""
     from calibatt_cli.bundle import load_bundle
 
     tmp = work
@@ -155,11 +157,40 @@ def test_guard_runs_in_compiled_blocks(work):
     assert c["checks"] == keys, (c["checks"], keys)
     assert c["widened"], "the faulty bundle was not widened in compiled blocks"
     assert all(w["mass"] < c["threshold"] for w in c["widened"]), c["widened"]
+    eager = generate(load_config(tmp / "small.yaml", [*faulty, "generate.guard=true"]), prompts, write=False)
+    heads = [(w["bucket"], w["layer"], w["head"]) for w in c["widened"]]
+    assert heads == [(w["bucket"], w["layer"], w["head"]) for w in eager.summary()["guard"]["widened"]]
+    assert np.array_equal(comp.videos[0].frames, eager.videos[0].frames), "compiled and eager guards differ"
 
     on = generate(load_config(tmp / "small.yaml", compiled), prompts, write=False)
     off = generate(load_config(tmp / "small.yaml", [*compiled[:2], "generate.guard=false"]), prompts, write=False)
     assert on.summary()["guard"]["checks"] == keys and on.summary()["guard"]["widened"] == []
     assert np.array_equal(on.videos[0].frames, off.videos[0].frames), "the compiled guard changed a holding video"
+
+
+def test_guard_with_compiled_blocks_from_the_cache_compiles_nothing(work):
+    """The GPU default (compiled blocks from the cache, guard on) under --strict, in a fresh process with
+    inductor: a bundle the guard widens runs with zero code generation, the cache built without the guard."""
+    import subprocess
+
+    from calibatt_cli.bundle import load_bundle
+
+    tmp = work
+    shape = load_bundle(tmp / "out" / "bundle.safetensors").masks.shape
+    masks = torch.rand(shape, generator=torch.Generator().manual_seed(4)) < 0.4
+    masks |= torch.eye(shape[-1], dtype=torch.bool)
+    compiled = ["generate.compile=true", "generate.guard=false"]
+    faulty = _faulty_cache(tmp, "strict", masks, compiled)
+    args = [sys.executable, "-m", "calibatt_cli", "generate", "a red circle moving left on a black background"]
+    args += ["--config", str(tmp / "small.yaml"), "--strict", "--json", "-o", str(tmp / "strict.mp4")]
+    for s in [*faulty, "generate.compile=true", "generate.guard=true"]:
+        args += ["--set", s]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    cb = line["compiled_blocks"]
+    assert cb["enabled"] and cb["from_cache"] and (cb["inductor_codegen"], cb["builds"]) == (0, 0), cb
+    assert line["guard"]["widened"], "the faulty bundle was not widened"
 
 
 def _figures(mass: torch.Tensor, masks: torch.Tensor) -> dict:

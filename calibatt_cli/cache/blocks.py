@@ -1,10 +1,11 @@
 """Compiled transformer blocks in the cache: `calibatt compile` builds them, `generate` loads them.
 
 The blocks run under regional torch.compile (`LoadedModel.torch_compile_blocks`: one block class, fullgraph,
-our sparse kernel a registered custom op inside). Dynamo traces one graph per dense (warm-up) step kind and
-per bucket; compile runs the model once through each of them on inputs of the real shapes (a pipeline call of
-one step per kind, latents out: no decode), so that inductor generates and builds every graph, and keeps
-what it made in the cache:
+the processors' attention a registered custom op inside that reads the step, plan and guard when it runs:
+runtime/processor.py). One graph serves every step; compile runs the model once through each step kind (the
+dense warm-up, each bucket) on inputs of the real shapes (a pipeline call of one step per kind, latents out: no
+decode), so that inductor generates and builds whatever graph a run meets, and keeps what it made in the
+cache:
 
     blocks/artifacts.bin   torch.compiler.save_cache_artifacts(): FX graphs, AOT-autograd entries, autotune
                            results and (on a GPU) inductor's Triton binaries, portable between folders
@@ -159,7 +160,6 @@ def build_blocks(cfg: Config, plan, build: Path, prompt: str) -> dict:
 
     from ..models import load_model
     from ..runtime import SparseController
-    from ..runtime.guard import Guard
 
     g = cfg.generate
     t0 = time.perf_counter()
@@ -174,11 +174,8 @@ def build_blocks(cfg: Config, plan, build: Path, prompt: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="calibatt-inductor-") as tmp:
         with inductor_folder(Path(tmp)) as folder, InductorCounter(folder) as counter:
             model = load_model(cfg)
-            # the graphs generate will run: same precision, and the guard's probe op inside when it is on
-            guard = Guard(plan, g.guard_factor, g.guard_floor) if g.guard and plan.epsilon is not None else None
-            controller = SparseController(
-                replace(plan, step_buckets=reps), guard=guard, precision=cfg.compile.precision
-            )
+            # (the guard and the precision act inside the attention op: the graphs are the same with or without)
+            controller = SparseController(replace(plan, step_buckets=reps), precision=cfg.compile.precision)
             model.install(controller)
             model.torch_compile_blocks(g.compile_backend)
             with torch.inference_mode():
@@ -190,7 +187,6 @@ def build_blocks(cfg: Config, plan, build: Path, prompt: str) -> dict:
     del model
     return {
         "backend": g.compile_backend,
-        "guard": guard is not None,
         "step_kinds": reps,
         "graphs": counter.codegen,
         "builds": counter.builds,

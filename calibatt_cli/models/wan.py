@@ -9,7 +9,6 @@ import json
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
 import calibatt_kernels as ck
@@ -17,6 +16,7 @@ from calibatt_kernels import ops as ck_ops
 
 from ..config import Config
 from ..errors import ModelError
+from ..runtime.processor import layer_attention_op
 from .base import LoadedModel, ModelIdentity, carry_parallel_config, identity_from_config, scheduler_class
 from .parallel import context_parallel_attention
 
@@ -82,12 +82,11 @@ class CalibattWanAttnProcessor(WanAttnProcessor):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: [B, H, N, D] views -> [B, H, N, D]."""
+        if self.sparse is not None and self.controller.fast():
+            # one opaque op whatever the step: the sparse layer reads the step, plan and guard when it runs
+            return layer_attention_op(q, k, v, self.sparse.handle)
         if self.sparse is not None and self.controller.guard_due():
-            self.controller.guard_check(self.layer_index, q, k)  # may widen: self.sparse re-reads its tensors
-        if self.sparse is not None and self.controller.fast_sparse():
-            return self.sparse(q, k, v)
-        if self.sparse is not None and self.controller.fast_dense():
-            return F.scaled_dot_product_attention(q, k, v)  # a warm-up step: dense, no Python bookkeeping
+            self.controller.guard_check(self.layer_index, q, k)  # may widen: the next attend reads the new index
         return self.controller.attend(self.layer_index, q, k, v)
 
 

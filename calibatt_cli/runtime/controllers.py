@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import calibatt_kernels as ck
 
-from .guard import Guard, guard_probe_op
+from .guard import Guard
 from .plan import SparsePlan
 from .processor import SparseLayer
 
@@ -84,8 +84,7 @@ class Controller:
     def __init__(self):
         self.step = 0
         self.step_hooks: list = []  # called after each denoising step (progress bars)
-        # The current bucket as data (for processors running compiled) and whether this step is dense.
-        self.bucket_t = torch.zeros(1, dtype=torch.long)
+        # The current bucket and whether this step is dense (what SparseLayer.run reads at each call).
         self.bucket = 0
         self.dense_now = True
 
@@ -103,16 +102,11 @@ class Controller:
         self.step = step
 
     def to(self, device: torch.device) -> Controller:
-        self.bucket_t = self.bucket_t.to(device)
         return self
 
-    def fast_sparse(self) -> bool:
-        """True when a processor may call the sparse op directly with its own tensors (see SparseLayer)."""
-        return False
-
-    def fast_dense(self) -> bool:
-        """True on a sparse run's dense (warm-up) steps: a processor may run plain SDPA directly.
-        The fast paths touch no counters or Python lookups, so compiled blocks do not recompile per call."""
+    def fast(self) -> bool:
+        """True when a processor may hand every call to its SparseLayer through `layer_attention_op`, which
+        reads the step when it runs: a compiled block holds no Python value that changes during a run."""
         return False
 
     def _bucket(self, buckets: list[int]) -> int:
@@ -199,8 +193,6 @@ class SparseController(Controller):
             else ck.dispatch.block_sparse_attention_indexed
         )
         self.guard = guard  # checks the masks at each bucket's first sparse step, widens heads that lose mass
-        if guard is not None:
-            guard.bind(self)
         self._layers: dict[int, list[SparseLayer]] = {}  # what processors hold, re-read when the guard widens
         # Live check of the masks: the share of the true softmax mass that the kept blocks hold, measured
         # on this run's own q and k. Costs one block_mass pass per sparse call.
@@ -217,12 +209,11 @@ class SparseController(Controller):
             bucket = self.plan.step_buckets[step]
             self.dense_now = bucket < 0
             self.bucket = max(bucket, 0)
-            self.bucket_t.fill_(self.bucket)
             # what ran is recorded per (bucket, layer): the processors name the layer, where they can
             ck.dispatch.set_scope(None if self.dense_now else (self.bucket, None))
 
     def sparse_layer(self, layer: int) -> SparseLayer:
-        """What a processor of `layer` holds to take the fast path (fast_sparse)."""
+        """What a processor of `layer` holds to take the fast path (fast)."""
         sparse = SparseLayer(self, layer)
         self._layers.setdefault(layer, []).append(sparse)
         return sparse
@@ -234,17 +225,10 @@ class SparseController(Controller):
                 self._refresh(layer)
 
     def guard_due(self) -> bool:
-        """True on a step whose calls the guard measures (processors call guard_check, then attend as usual).
-        In a compiled block, on every sparse step: the step is no value a graph may depend on, so there
-        guard_check leaves the probe op in the graph and the op asks at run time."""
-        if self.guard is None or self.dense_now:
-            return False
-        return torch.compiler.is_compiling() or self.guard.due(self.step)
+        """True on a step whose calls the guard measures (callers call guard_check, then attend as usual)."""
+        return self.guard is not None and not self.dense_now and self.guard.due(self.step)
 
     def guard_check(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> None:
-        if torch.compiler.is_compiling():
-            guard_probe_op(q, k, self.guard.probes, self.guard.owner, layer)  # calls back here when it runs
-            return
         bucket = self._bucket(self.plan.step_buckets)
         if (bucket, layer) in self.plan.dense:  # runs dense: no mask to check
             return
@@ -255,11 +239,8 @@ class SparseController(Controller):
         for sparse in self._layers.get(layer, []):
             sparse.refresh()
 
-    def fast_sparse(self) -> bool:
-        return not self.dense_now and not self.measure_mass
-
-    def fast_dense(self) -> bool:
-        return self.dense_now and not self.measure_mass
+    def fast(self) -> bool:
+        return not self.measure_mass
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         bucket = self._bucket(self.plan.step_buckets)

@@ -16,16 +16,13 @@ block-mass kernel is not in a compiled cache, and launching it would compile at 
 `--strict` forbids). A bundle whose masks hold is never touched: nothing is widened and the kernels run the
 same index.
 
-Compiled blocks (generate.compile) cannot call Python that reads the step: there the processor's check is
-the custom op `calibatt::guard_probe`, opaque to the compiler, which runs at every sparse call and measures
-when the step is due. A compiled graph has read its index tensors before the probe widens them, so there a
-widening takes effect from the layer's next call (the step's other guidance branch) rather than this one.
+Compiled blocks (generate.compile) run the same check at the same call: the processors' attention op
+(processor.layer_attention_op) is opaque to the compiler and calls the guard when it runs.
 """
 
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -137,8 +134,6 @@ class Guard:
     mass: list[dict[tuple[int, int], torch.Tensor]] = field(default_factory=list)  # per video: [H] per key
     seconds: float = 0.0  # spent measuring and widening, all videos
     checks: int = 0  # calls measured
-    owner: int = 0  # the controller's key for the probe op (bind)
-    probes: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.int64))  # probe op calls
     _first: set[int] = field(default_factory=set)  # the first step of each bucket
     _rows: dict[tuple[int, int], tuple] = field(default_factory=dict)  # (bucket, layer) -> Guard._sampled
     _saved: dict[int, tuple] = field(default_factory=dict)  # layer -> its state before this video widened it
@@ -156,11 +151,6 @@ class Guard:
         epsilon), but never below `floor`. The floor is what catches a bundle calibrated too loosely: its
         masks hold their promise (each row keeps 1 - epsilon) and the promise is too weak for the video."""
         return max(1.0 - self.factor * self.plan.epsilon, self.floor)
-
-    def bind(self, controller) -> None:
-        """Let the probe op (guard_probe_op) reach `controller` from inside a compiled block."""
-        self.owner = id(controller)
-        _CONTROLLERS[self.owner] = weakref.ref(controller)
 
     def due(self, step: int) -> bool:
         """True on the first sparse step of a bucket: the step whose calls are measured."""
@@ -249,22 +239,3 @@ class Guard:
             "widened": [w.as_dict() for w in self.widened],
             "mass": mass,
         }
-
-
-_CONTROLLERS: dict[int, weakref.ref] = {}  # Guard.bind: owner key -> controller
-
-
-@torch.library.custom_op("calibatt::guard_probe", mutates_args=("probes",))
-def guard_probe_op(q: torch.Tensor, k: torch.Tensor, probes: torch.Tensor, owner: int, layer: int) -> None:
-    """The guard's check from inside a compiled block: calls the controller's guard_check (which measures on
-    a due step and does nothing on the others). It counts itself in `probes`: a mutated input keeps it in the
-    graph, where an op with no output and no mutation would be dead code to the compiler."""
-    probes += 1
-    controller = _CONTROLLERS[owner]()
-    if controller is not None:
-        controller.guard_check(layer, q, k)
-
-
-@guard_probe_op.register_fake
-def _(q, k, probes, owner, layer):
-    return None

@@ -27,20 +27,18 @@ class SparsePlan:
     # (bucket, layer) groups that compile measured faster dense than sparse on this device (tune.py): their
     # processors run dense attention, as the plan says, and they count as density 1
     dense: frozenset[tuple[int, int]] = frozenset()
-    _stacks: dict[int, tuple] = field(default_factory=dict, repr=False)  # per layer, see layer_tensors
 
     def to(self, device: torch.device) -> SparsePlan:
-        """The plan on `device`. Each layer's buckets are stacked once (what processors hold, see
-        layer_tensors) and the per-(bucket, layer) entries become views into the stacks: the index form is
-        on the device once, not twice."""
-        plan = SparsePlan(self.block_size, self.step_buckets, {}, self.density, self.configs, self.epsilon, self.dense)
-        nb = 1 + max(self.step_buckets)
-        for layer in sorted({key[1] for key in self.index}):
-            stack = tuple(t.to(device) for t in self._stack(layer))
-            plan._stacks[layer] = stack
-            for b in range(nb):
-                plan.index[(b, layer)] = ck.BlockIndex(*(t[b] for t in stack))
-        return plan
+        """The plan on `device`."""
+        index = {
+            key: ck.BlockIndex(
+                ix.counts.to(device), ix.offsets.to(device), ix.indices.to(device), _to(ix.schedule, device)
+            )
+            for key, ix in self.index.items()
+        }
+        return SparsePlan(
+            self.block_size, self.step_buckets, index, self.density, self.configs, self.epsilon, self.dense
+        )
 
     def heads(self, start: int, stop: int) -> SparsePlan:
         """The plan of heads [start, stop) alone (what a Ulysses rank runs), on the same device."""
@@ -51,45 +49,17 @@ class SparsePlan:
         density = self.density if self.density.shape[-1] == 1 else self.density[:, :, start:stop]  # per group or head
         return SparsePlan(self.block_size, self.step_buckets, index, density, self.configs, self.epsilon, self.dense)
 
-    def layer_tensors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One layer's index form stacked over buckets: counts and offsets [nb, B, H, Mq], indices [nb, L]
-        (L: the layer's longest bucket, rounded up to 16 bytes so every bucket's view is as aligned as a
-        fresh tensor and the kernel specialises alike), schedules [nb, R]. A processor holds these and picks
-        the bucket with a tensor index: no Python lookup that torch.compile would have to guard on."""
-        if layer not in self._stacks:
-            self._stacks[layer] = self._stack(layer)
-        return self._stacks[layer]
-
     def set_index(self, bucket: int, layer: int, index: ck.BlockIndex) -> None:
-        """Replace one (bucket, layer)'s index (the guard widens heads this way): the layer is stacked anew,
-        wider if it must be, and its entries become views into the new stack. Processors holding the old
-        stack must re-read layer_tensors."""
+        """Replace one (bucket, layer)'s index (the guard widens heads this way); processors holding the
+        layer re-read it (SparseLayer.refresh)."""
         self.index[(bucket, layer)] = index
-        self._stacks[layer] = stack = self._stack(layer)
-        for b in range(1 + max(self.step_buckets)):
-            self.index[(b, layer)] = ck.BlockIndex(*(t[b] for t in stack))
 
-    def layer_state(self, layer: int) -> tuple:
-        """One layer's stack and per-bucket index objects, for set_layer_state to put back."""
-        nb = 1 + max(self.step_buckets)
-        return self.layer_tensors(layer), {b: self.index[(b, layer)] for b in range(nb)}
+    def layer_state(self, layer: int) -> dict[int, ck.BlockIndex]:
+        """One layer's index objects per bucket, for set_layer_state to put back."""
+        return {b: self.index[(b, layer)] for b in range(1 + max(self.step_buckets))}
 
-    def set_layer_state(self, layer: int, state: tuple) -> None:
-        stack, index = state
-        self._stacks[layer] = stack
-        self.index.update({(b, layer): ix for b, ix in index.items()})
-
-    def _stack(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        nb = 1 + max(self.step_buckets)
-        ixs = [self.index[(b, layer)] for b in range(nb)]
-        width = -(-max(ix.indices.shape[0] for ix in ixs) // 8) * 8  # int16: 8 ids = 16 bytes
-        pad = [torch.nn.functional.pad(ix.indices, (0, width - ix.indices.shape[0])) for ix in ixs]
-        return (
-            torch.stack([ix.counts for ix in ixs]),
-            torch.stack([ix.offsets for ix in ixs]),
-            torch.stack(pad),
-            torch.stack([ix.schedule for ix in ixs]),
-        )
+    def set_layer_state(self, layer: int, state: dict[int, ck.BlockIndex]) -> None:
+        self.index.update({(b, layer): ix for b, ix in state.items()})
 
     def computed_density(self) -> torch.Tensor:
         """float [buckets, layers, heads or 1]: the share of blocks each group computes, 1 where it runs dense."""
@@ -104,6 +74,10 @@ class SparsePlan:
         per_step = [1.0 if b < 0 else float(per_bucket[b]) for b in self.step_buckets]
         sparse = [d for d, b in zip(per_step, self.step_buckets, strict=True) if b >= 0]
         return sum(per_step) / len(per_step), (sum(sparse) / len(sparse) if sparse else 1.0)
+
+
+def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
 
 
 def plan_tensors(masks: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[dict]]:

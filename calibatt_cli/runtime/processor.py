@@ -1,75 +1,103 @@
-"""What a family's attention processor calls on a sparse run's fast path (see models/wan.py)."""
+"""What a family's attention processor calls on a sparse run's fast path (see models/wan.py).
+
+A processor hands q, k, v to `layer_attention_op` with its layer's handle. The op is opaque to torch.compile,
+so a compiled block holds one call of it and nothing of the plan: which step, bucket and index run, whether
+the step is a dense warm-up, the kernel configuration, the guard's check and its widening are all read when
+the op runs, in Python, from the `SparseLayer` the handle names. One graph then serves every step of a run
+(dense warm-up and each bucket), a widened head takes effect at the very call the guard measured (as in
+eager), and the compiled graph is the same with and without the guard.
+"""
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 import calibatt_kernels as ck
-from calibatt_kernels import ops as ck_ops
 
 if TYPE_CHECKING:  # the controller builds these layers (SparseController.sparse_layer)
     from .controllers import SparseController
 
+# handle's data_ptr -> the SparseLayer it names. A handle is a one-byte tensor each SparseLayer owns: while the
+# layer lives, no other live tensor starts at its address. (An int key would be a constant in the graph, and
+# the FX-graph cache key of a compiled block would change from one process to the next.)
+_LAYERS: dict[int, weakref.ref] = {}
+
 
 class SparseLayer:
-    """What one processor needs to run its layer as the plan says without Python lookups: its stacked index
-    tensors, the controller's bucket tensor, and what each bucket's launch derives from its index, made
-    here at load (so a call never waits for the GPU). Calls the registered custom op, so torch.compile
-    keeps it."""
+    """One self-attention layer's share of a sparse run: its index per bucket with what each launch derives
+    from it made here at load (the Gluon kernel's tile records and last-wave splits, the block count that the
+    record of what ran adds per call), so that a call never waits for the GPU."""
 
     def __init__(self, controller: SparseController, layer: int):
         plan = controller.plan
         self.layer = layer
         self.block = plan.block_size
         self.controller = controller
-        nb = 1 + max(plan.step_buckets)
-        # Per bucket as Python values (a compiled caller specialises per bucket; the index tensors stay
-        # data): the kernel configuration compile chose, and whether compile measured dense attention faster.
-        self.configs = [ck_ops.config_as_op_arg(plan.configs.get((b, layer))) for b in range(nb)]
-        self.dense = [(b, layer) in plan.dense for b in range(nb)]
-        # precision fp8: the quantized kernel's op (INT8 Q.K^T, FP8 P.V), else the bf16 one
-        self.fp8 = controller.precision == "fp8"
-        self.op = ck_ops.block_sparse_attention_fp8_op if self.fp8 else ck_ops.block_sparse_attention_op
+        self.buckets = 1 + max(plan.step_buckets)
+        # whether compile measured dense attention faster for (bucket, layer): it then runs dense, as planned
+        self.dense = [(b, layer) in plan.dense for b in range(self.buckets)]
+        self.configs = [plan.configs.get((b, layer)) for b in range(self.buckets)]
+        # precision fp8: the quantized kernel (INT8 Q.K^T, FP8 P.V), else bf16's
+        fp8 = controller.precision == "fp8"
+        self.fp8 = fp8
+        self.attention = (
+            ck.dispatch.block_sparse_attention_fp8_indexed if fp8 else ck.dispatch.block_sparse_attention_indexed
+        )
+        self.handle = torch.zeros(1, dtype=torch.uint8)
+        _LAYERS[self.handle.data_ptr()] = weakref.ref(self)
+        self.index: list[ck.BlockIndex] = []
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-read the plan's stacked tensors (the guard replaces them when it widens a head) and make what
-        each bucket's launch derives from its index (BlockIndex.records), once per index."""
+        """Re-read the plan's index of each bucket (the guard replaces one when it widens a head) and make
+        what its launches derive from it, once per index object."""
         plan = self.controller.plan
-        self.counts, self.offsets, self.indices, self.schedules = plan.layer_tensors(self.layer)
-        launch = [
-            # (the fp8 kernel reads the index itself: nothing to derive)
-            (None, None)
-            if self.fp8
-            else ck.dispatch.launch_records(plan.index[(b, self.layer)], plan.configs.get((b, self.layer)))
-            for b in range(len(self.configs))
-        ]
-        # Lists, not stacks: the records' count varies with the masks (split last waves).
-        self.records = [records for records, _ in launch]
-        self.split_rows = [split_rows for _, split_rows in launch]
-        # each bucket's block count, summed here once: the op's record of what ran counts it per call
-        self.kept = [plan.index[(b, self.layer)].counts.sum(dtype=torch.int64) for b in range(len(self.configs))]
+        self.index = []
+        for b in range(self.buckets):
+            index = plan.index[(b, self.layer)]
+            if "kept_blocks" not in index.derived:
+                if not self.fp8:  # (the fp8 kernel reads the index itself: nothing to derive)
+                    index.records, index.split_rows = ck.dispatch.launch_records(index, self.configs[b])
+                index.derived["kept_blocks"] = index.counts.sum(dtype=torch.int64)
+            self.index.append(index)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        bucket = self.controller.bucket
+    def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The layer's attention on this call's step, as the plan (and the guard) say."""
+        c = self.controller
+        if c.dense_now:  # a warm-up step
+            return _like(F.scaled_dot_product_attention(q, k, v), q)
+        bucket = c.bucket
+        ck.dispatch.set_scope((bucket, self.layer))
         if self.dense[bucket]:
-            return F.scaled_dot_product_attention(q, k, v)
-        b = self.controller.bucket_t
-        if not torch.compiler.is_compiling():  # (compiled, the calls keep the controller's (bucket, "*") scope)
-            ck.dispatch.set_scope((self.controller.bucket, self.layer))
-        return self.op(
-            q,
-            k,
-            v,
-            self.counts.index_select(0, b).squeeze(0),
-            self.offsets.index_select(0, b).squeeze(0),
-            self.indices.index_select(0, b).squeeze(0),
-            self.schedules.index_select(0, b).squeeze(0),
-            self.block,
-            self.block,
-            self.configs[bucket],
-            *(() if self.fp8 else (self.records[bucket], self.split_rows[bucket], self.kept[bucket])),
+            return _like(F.scaled_dot_product_attention(q, k, v), q)
+        if c.guard is not None and c.guard.due(c.step):
+            c.guard_check(self.layer, q, k)  # may widen: refresh() re-reads this bucket's index first
+        return self.attention(
+            q, k, v, self.index[bucket], block_size=(self.block, self.block), config=self.configs[bucket]
         )
+
+
+def _like(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """`out` in the layout the op declares (torch.empty_like(q)'s strides), which compiled code relies on. The
+    kernels allocate so; SDPA's output usually matches and is copied when it does not."""
+    if out.stride() == torch.empty_like(q, device="meta").stride():
+        return out
+    return torch.empty_like(q).copy_(out)
+
+
+@torch.library.custom_op("calibatt::layer_attention", mutates_args=())
+def layer_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
+    """One sparse run's self-attention of the layer `handle` names (SparseLayer.run): q, k, v [B, H, N, D]."""
+    layer = _LAYERS[handle.data_ptr()]()
+    if layer is None:
+        raise RuntimeError("calibatt::layer_attention called for a layer whose sparse run has ended")
+    return layer.run(q, k, v)
+
+
+@layer_attention_op.register_fake
+def _(q, k, v, handle):
+    return torch.empty_like(q)
