@@ -76,8 +76,9 @@ class GenerateConfig:
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: checks graphs without codegen)
     strict: bool = False  # fail if generate compiles anything (Triton or inductor), falls back to another kernel or to
     # eager blocks, or runs a sparse layer dense
-    # Check the masks live at each bucket's first sparse step and run heads that lose mass dense; auto: on a GPU.
-    guard: bool | str = False
+    # Check the masks live at each bucket's first sparse step and run heads that lose mass dense; auto: on a GPU
+    # (where bench/bench_guard.py measures its cost), off on the CPU
+    guard: bool | str = "auto"
     guard_factor: float = 2.0  # the guard widens a head keeping < max(1 - guard_factor * bundle epsilon, guard_floor)
     guard_floor: float = 0.99  # the lowest mean kept mass per head the guard accepts, whatever the bundle's epsilon
     # bf16 | fp8: fp8 runs the sparse layers with INT8 Q.K^T and FP8 P.V (calibatt_kernels/quant.py), opt-in;

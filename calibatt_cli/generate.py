@@ -59,12 +59,19 @@ class GenerateResult:
     compiled_blocks: dict = field(default_factory=dict)
     cache_lock: str | None = None  # how the cache was held: shared, or none (read-only location); None: dense
     ready_seconds: float | None = None  # from the generate call to the first denoising step's first forward
+    # where ready_seconds went: setup (config, identity, cache open and lock, plan), prewarm (our kernels
+    # loaded), blocks (compiled blocks served from the cache), model (load, install, compile wrapper), rest
+    # (prompt encoding, pipeline set-up)
+    ready_parts: dict = field(default_factory=dict)
     layout: str = "1 process"  # how the run was spread over processes (parallel.Layout.describe)
     guard: dict | None = None  # the live check of the masks (Guard.report, or why it did not run); None: dense
     forced: list[dict] = field(default_factory=list)  # identity differences --force let through (bundle.py)
     # what the attention calls actually ran (kernel_report): kernels per (bucket, layer), fallbacks, and the
     # density of the blocks they computed; None: dense
     kernels: dict | None = None
+    # CUDA: the most GPU memory allocated during the denoising steps of any video (StepClock.peak: the model
+    # loaded, the steps' own memory; text encoding and decode excluded); None on the CPU
+    peak_memory_bytes: int | None = None
     first_forward_at: float | None = field(default=None, repr=False)  # perf_counter at the first step's start
 
     def summary(self) -> dict:
@@ -84,6 +91,7 @@ class GenerateResult:
             "compiled_blocks": self.compiled_blocks,
             "cache_lock": self.cache_lock,
             "ready_seconds": None if self.ready_seconds is None else round(self.ready_seconds, 3),
+            "ready_parts": {k: round(v, 3) for k, v in self.ready_parts.items()},
             "step_seconds": [[round(t, 4) for t in v.step_seconds] for v in self.videos],
             "layout": self.layout,
             "guard": self.guard,
@@ -91,6 +99,7 @@ class GenerateResult:
             "measured_density": None if self.kernels is None else self.kernels["measured_density"],
             "measured_sparse_density": None if self.kernels is None else self.kernels["measured_sparse_density"],
             "kernels": self.kernels,
+            "peak_memory_bytes": self.peak_memory_bytes,
         }
 
 
@@ -140,6 +149,7 @@ def generate(
     mine = layout.shard(len(prompts))
     plan = full_plan = cache = None
     forced = []
+    parts = {}
     with contextlib.ExitStack() as stack:
         counter = None
         # strict: a kernel fallback (another kernel than the cache chose, a PyTorch path on the GPU) is an error
@@ -156,6 +166,8 @@ def generate(
             # first compilation, which a complete cache never needs.
             stack.enter_context(aot.kernel_cache(cache.folder / "triton"))
             counter = stack.enter_context(aot.CompileCounter(strict=g.strict))
+            parts["setup"] = time.perf_counter() - t_start
+            t_prewarm = time.perf_counter()
             prewarm(
                 plan,
                 heads=stop - start,
@@ -166,8 +178,11 @@ def generate(
                 qk_norm_rope=ident.qk_norm_rope,
                 precision=g.precision,
             )
+            parts["prewarm"] = time.perf_counter() - t_prewarm
         ck.reset_what_ran()  # (prewarm's launches are not the run's)
+        t_blocks = time.perf_counter()
         compiled, inductor = _compiled_blocks(cfg, cache, stack)
+        parts["blocks"] = time.perf_counter() - t_blocks
         try:
             res = _sample(
                 cfg,
@@ -192,6 +207,9 @@ def generate(
     res.compiled_blocks = compiled
     if res.first_forward_at is not None:
         res.ready_seconds = res.first_forward_at - t_start
+        parts["model"] = res.load_seconds
+        parts["rest"] = res.ready_seconds - sum(parts.values())
+        res.ready_parts = parts
     res.cache_lock = None if cache is None else cache.lock
     res.compilations = None if counter is None else counter.count
     res.forced = forced
@@ -348,6 +366,7 @@ def _sample(
     res = GenerateResult(videos, g.steps, plan is None, mean_density, sparse_density, load_seconds, retained)
     res.guard = guard.report() if guard is not None else guard_off
     res.first_forward_at = first_forward_at
+    res.peak_memory_bytes = clock.peak if clock.cuda else None
     return res
 
 
@@ -370,13 +389,15 @@ class StepClock:
     """Wall time of each denoising step, so a user (and the AOT-cache test) can see whether the first step
     pays for compilation. A step runs from its first transformer forward (a pre-hook: text encoding and
     latent setup before step 0 are not counted) to the pipeline's step-end callback. On CUDA the marks are
-    events recorded on the stream, read once at the end: the sampling loop never waits for the GPU."""
+    events recorded on the stream, read once at the end: the sampling loop never waits for the GPU. On CUDA it
+    also keeps the peak of allocated GPU memory over the steps (`peak`: the allocator's counters, host-side)."""
 
     def __init__(self, transformer: torch.nn.Module):
         self.cuda = next(transformer.parameters()).device.type == "cuda"
         self._handle = transformer.register_forward_pre_hook(self._pre)
         self.marks: list = []
         self.first_forward_at: float | None = None  # host clock at the run's first forward (time to first step)
+        self.peak = 0  # bytes, the most allocated during any video's steps (CUDA)
 
     def _mark(self) -> None:
         if self.cuda:
@@ -390,6 +411,8 @@ class StepClock:
         if not self.marks:
             if self.first_forward_at is None:
                 self.first_forward_at = time.perf_counter()
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats()
             self._mark()
 
     def start(self) -> None:
@@ -397,6 +420,8 @@ class StepClock:
 
     def step_end(self) -> None:
         self._mark()
+        if self.cuda:
+            self.peak = max(self.peak, torch.cuda.max_memory_allocated())
 
     def steps(self) -> list[float]:
         pairs = zip(self.marks[:-1], self.marks[1:], strict=True)
