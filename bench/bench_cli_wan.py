@@ -381,8 +381,13 @@ def main() -> None:
         print(
             f"peak GPU memory of the denoising loop: sparse {gib['generate'] / 2**30:.2f} GiB, stock compiled "
             f"{gib['stock_compiled'] / 2**30:.2f} GiB (x{r['peak_vs_stock_compiled']}), stock eager "
-            f"{gib['stock_eager'] / 2**30:.2f} GiB (x{r['peak_vs_stock_eager']}); later steps only x"
-            f"{r.get('peak_vs_stock_compiled_later_steps')} stock compiled ({res['peak_memory_source']})"
+            f"{gib['stock_eager'] / 2**30:.2f} GiB (x{r['peak_vs_stock_eager']})"
+            + (
+                f"; later steps only x{r['peak_vs_stock_compiled_later_steps']} stock compiled"
+                if "peak_vs_stock_compiled_later_steps" in r
+                else ""
+            )
+            + f" ({res['peak_memory_source']})"
         )
     print(f"wrote {out}")
 
