@@ -7,16 +7,19 @@
    the tiny word-level tokenizer. Nothing is downloaded.
 2. Calibrates it (library call, so the measured block mass is at hand). Random weights attend almost
    uniformly, so their calibrated masks are near dense; the bundle's masks are then replaced by synthetic
-   masks of realistic density (a local band, scattered blocks and a sink column, 0.08-0.45 by layer: the
-   ones bench_compile.py uses), and their retained mass is computed from the measured mass, not invented.
-   The bundle says so in its metadata (`synthetic_masks`).
+   masks (a local band, scattered blocks and a sink column, denser in some layers than others: the ones
+   bench_compile.py uses) with every layer's target scaled so that their mean density is --density (0.2 by
+   default, to within 0.002; the realised density is recorded), and their retained mass is computed from the
+   measured mass, not invented. The bundle says so in its metadata (`synthetic_masks`).
 3. Runs `calibatt compile` and `calibatt generate --strict --json` as a user would, in fresh processes, with
    the defaults: on a GPU `generate.compile=auto` compiles the transformer blocks, and `calibatt compile` builds
    them into the cache, so generate reports zero Triton compilations and zero inductor code generation. Then
    the stock pipeline (`--dense`) compiled (the same default) and eager (`--set generate.compile=false`), and
    with --sparse-eager calibatt's sparse run eager too. Reports compile time (kernels and compiled blocks),
    compilations during generate, the first sparse step against the later ones, time from `calibatt generate`'s
-   call to its first step against the stock pipeline's, and each step's time.
+   call to its first step against the stock pipeline's, each step's time, and the peak GPU memory of each
+   run's denoising loop (torch.cuda.max_memory_allocated, reset at the loop's first transformer forward):
+   `generate --json`'s `peak_memory_bytes`.
 """
 
 from __future__ import annotations
@@ -80,15 +83,47 @@ def write_config(work: Path, weights: Path, args) -> Path:
         prompts=str(work / "prompts.txt"), buckets=3, warmup_steps=2, output=str(work / "bundle.safetensors")
     )
     cfg["compile"].update(bundle=str(work / "bundle.safetensors"), cache_dir=str(work / "cache"))
-    cfg["generate"].update(steps=args.steps, output=str(work / "video.mp4"))
+    # The guard off: on random weights no synthetic mask keeps the mass it would demand, so it would run every
+    # head dense; what it costs is bench_guard.py's to measure.
+    cfg["generate"].update(steps=args.steps, output=str(work / "video.mp4"), guard=False)
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
-def synthetic_bundle(cfg_path: Path) -> dict:
+def masks_at_density(
+    buckets: int, layers: int, heads: int, tokens: int, block: int, mq: int, mk: int, density: float, tol: float = 0.002
+) -> tuple[torch.Tensor, float]:
+    """bench_compile.fake_masks cropped to [..., :mq, :mk], its per-layer targets scaled so that the mean
+    density is `density` to within `tol`, and that scale. The random draws do not depend on the scale (one
+    seeded generator), so the density grows with it: regula falsi between scale 0 (taken as density 0; the
+    band and the sink column keep a little more) and a scale that reaches `density`."""
     from bench_compile import fake_masks
 
+    def make(scale: float) -> tuple[torch.Tensor, float]:
+        m = fake_masks(buckets, layers, heads, tokens, block, scale=scale)[..., :mq, :mk]
+        return m, float(m.double().mean())
+
+    lo, d_lo = 0.0, 0.0
+    hi = 1.0
+    masks, d_hi = make(hi)
+    while d_hi < density and hi < 64:
+        lo, d_lo, hi = hi, d_hi, hi * 2
+        masks, d_hi = make(hi)
+    scale, got = hi, d_hi
+    for _ in range(12):
+        if abs(got - density) <= tol:
+            return masks, scale
+        scale = lo + (density - d_lo) * (hi - lo) / (d_hi - d_lo)
+        masks, got = make(scale)
+        if got < density:
+            lo, d_lo = scale, got
+        else:
+            hi, d_hi = scale, got
+    raise SystemExit(f"synthetic masks: density {density} not reached (got {got:.4f} at scale {scale:.3f})")
+
+
+def synthetic_bundle(cfg_path: Path, density: float) -> dict:
     from calibatt_cli.bundle import save_bundle
     from calibatt_cli.calibrate import calibrate
     from calibatt_cli.config import load_config
@@ -101,7 +136,8 @@ def synthetic_bundle(cfg_path: Path) -> dict:
     calibrated = res.bundle.masks
     b, layers, heads, mq, mk = calibrated.shape
     n = res.bundle.meta["grid"]["num_tokens"]
-    masks = fake_masks(b, layers, heads, n, res.bundle.block_size)[..., :mq, :mk]
+    masks, scale = masks_at_density(b, layers, heads, n, res.bundle.block_size, mq, mk, density)
+    requested = density
     density = masks.double().mean(dim=(-1, -2))
     kept = retained_mass(res.mass, masks)
     meta = {k: v for k, v in res.bundle.meta.items() if k not in ("content_hash", "schema_version", "mask_shape")}
@@ -109,19 +145,23 @@ def synthetic_bundle(cfg_path: Path) -> dict:
     meta["summary"] = {"density": float(density.mean()), "retained_mass": float(kept.mean())}
     meta["synthetic_masks"] = (
         "bench_cli_wan.py: calibrated masks of a random-weight model replaced by "
-        "bench_compile.fake_masks (realistic density); retained mass from the measured mass"
+        f"bench_compile.fake_masks scaled x{scale:.4f} to mean density {requested}; retained mass from the "
+        "measured mass"
     )
     save_bundle(Path(cfg.calibration.output), masks, meta)
     return {
         "calibrate_seconds": round(seconds, 2),
         "calibrated_density": float(calibrated.double().mean()),
         "calibrated_retained_mass": res.bundle.meta["summary"]["retained_mass"],
+        "requested_density": requested,
+        "fake_masks_scale": round(scale, 4),
         "synthetic_density": meta["summary"]["density"],
         "synthetic_retained_mass": meta["summary"]["retained_mass"],
     }
 
 
 def cli(*args: str, log: Path) -> tuple[float, str]:
+    """Run `calibatt ARGS` in a fresh process."""
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "calibatt_cli", *args], capture_output=True, text=True)
     seconds = time.perf_counter() - t0
@@ -145,6 +185,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--density", type=float, default=0.2, help="mean density of the synthetic masks")
     ap.add_argument("--json", help="write the results here (default bench/results/cli-wan-<card>-<date>.json)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script (use a small video)")
     ap.add_argument("--height", type=int, default=480)
@@ -167,7 +208,7 @@ def main() -> None:
         write_weights(weights, args.device)
     res["write_weights_seconds"] = round(time.perf_counter() - t0, 1)
     cfg = write_config(work, weights, args)
-    res["calibration"] = synthetic_bundle(cfg)
+    res["calibration"] = synthetic_bundle(cfg, args.density)
     if args.device == "cuda":
         torch.cuda.empty_cache()
     res["compile_seconds"], table = cli("compile", "--config", str(cfg), "--recompile", log=work / "compile.log")
@@ -180,6 +221,7 @@ def main() -> None:
     from calibatt_cli.config import load_config
 
     warmup = load_config(cfg).calibration.warmup_steps
+    res["peak_memory_source"] = "generate --json peak_memory_bytes"
 
     def run(label: str, *flags: str) -> dict:
         seconds, out = cli(
@@ -194,6 +236,8 @@ def main() -> None:
             log=work / f"{label}.log",
         )
         g = json.loads(out.strip().splitlines()[-1])
+        peak = {"loop": g.get("peak_memory_bytes")}
+        kernels = g.get("kernels") or {}
         steps = g["step_seconds"][0]
         first = 0 if g["dense"] else warmup  # the phase whose first step is checked: dense, or the sparse steps
         row = dict(
@@ -203,9 +247,18 @@ def main() -> None:
             compilations=g["compilations"],
             compiled_blocks=g["compiled_blocks"],
             mean_density=g["mean_density"],
+            sparse_density=g.get("sparse_density"),
+            # what the attention calls computed (kernel_report), and the groups compile's cost model runs dense
+            measured_density=g.get("measured_density"),
+            measured_sparse_density=g.get("measured_sparse_density"),
+            planned_dense_groups=sum(1 for x in kernels.get("groups", []) if x.get("plan") == "dense"),
+            attention_calls=kernels.get("calls"),
+            peak_memory_bytes=peak.get("loop"),
+            peak_memory_later_steps_bytes=peak.get("later"),
             sampling_seconds=g["seconds"],
             load_seconds=g["load_seconds"],
             ready_seconds=g["ready_seconds"],
+            ready_parts=g.get("ready_parts"),
         )
         if not g["dense"] and warmup > 1:
             row["first_over_second_dense"] = round(steps[0] / steps[1], 3)
@@ -226,18 +279,28 @@ def main() -> None:
         "ready_vs_stock_load": round(g["ready_seconds"] / se["load_seconds"], 3),
         "ready_vs_stock_eager_ready": round(g["ready_seconds"] / se["ready_seconds"], 3),
     }
+    for key, row in (("peak_vs_stock_compiled", sc), ("peak_vs_stock_eager", se)):
+        for name, field in (("", "peak_memory_bytes"), ("_later_steps", "peak_memory_later_steps_bytes")):
+            if g.get(field) and row.get(field):
+                res["ratios"][key + name] = round(g[field] / row[field], 4)
     out = (
         Path(args.json)
         if args.json
         else ROOT / "bench" / "results" / (f"cli-wan-{card.lower().replace(' ', '-')}-{res['date']}.json")
     )
+    n = 2
+    while not args.json and out.exists():  # a second run the same day keeps the first's file
+        out = out.with_name(f"{out.stem.rsplit('-run', 1)[0]}-run{n}.json")
+        n += 1
     out.write_text(json.dumps(res, indent=1))
     c, g, r = res["calibration"], res["generate"], res["ratios"]
     cb, blocks = g["compiled_blocks"], res["compile"]["blocks"] or {}
     print(f"card {res['card']}; {res['shape']}; {args.steps} steps; random weights, synthetic masks")
     print(
         f"calibrate (library, random weights): {c['calibrate_seconds']} s, density {c['calibrated_density']:.3f}; "
-        f"synthetic masks: density {c['synthetic_density']:.3f}, retained mass {c['synthetic_retained_mass']:.3f}"
+        f"synthetic masks: density {c['synthetic_density']:.4f} (asked {c['requested_density']}), retained mass "
+        f"{c['synthetic_retained_mass']:.3f}; generate's sparse steps computed density {g['measured_sparse_density']} "
+        f"({g['planned_dense_groups']} groups planned dense)"
     )
     print(
         f"calibatt compile: {res['compile_seconds']:.1f} s wall (tune+compile {res['compile']['tune_seconds']} s, "
@@ -256,6 +319,19 @@ def main() -> None:
         f"(x{r['sparse_step_vs_stock_eager']}), stock compiled {res['stock_compiled']['later_median_s']:.3f} s "
         f"(x{r['sparse_step_vs_stock_compiled']})"
     )
+    gib = {k: res[k].get("peak_memory_bytes") for k in ("generate", "stock_compiled", "stock_eager")}
+    if all(gib.values()):
+        print(
+            f"peak GPU memory of the denoising loop: sparse {gib['generate'] / 2**30:.2f} GiB, stock compiled "
+            f"{gib['stock_compiled'] / 2**30:.2f} GiB (x{r['peak_vs_stock_compiled']}), stock eager "
+            f"{gib['stock_eager'] / 2**30:.2f} GiB (x{r['peak_vs_stock_eager']})"
+            + (
+                f"; later steps only x{r['peak_vs_stock_compiled_later_steps']} stock compiled"
+                if "peak_vs_stock_compiled_later_steps" in r
+                else ""
+            )
+            + f" ({res['peak_memory_source']})"
+        )
     print(f"wrote {out}")
 
 

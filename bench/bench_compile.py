@@ -37,16 +37,19 @@ from calibatt_cli.cache.tune import tune_kernels
 from calibatt_cli.runtime import plan_index, plan_tensors
 
 
-def fake_masks(buckets: int, layers: int, heads: int, tokens: int, block: int, seed: int = 0) -> torch.Tensor:
+def fake_masks(
+    buckets: int, layers: int, heads: int, tokens: int, block: int, seed: int = 0, scale: float = 1.0
+) -> torch.Tensor:
     """bool [buckets, layers, heads, M, M]: a band of half-width w around the diagonal, a sink column and
-    random blocks, with a per-(bucket, layer) density between ~0.08 and ~0.45 (later buckets sparser)."""
+    random blocks, with a per-(bucket, layer) density between ~0.08 and ~0.45 (later buckets sparser), each
+    layer's target times `scale` (bench_cli_wan.py picks it to reach a mean density)."""
     g = torch.Generator().manual_seed(seed)
     m = math.ceil(tokens / block)
     i = torch.arange(m)
     masks = torch.zeros(buckets, layers, heads, m, m, dtype=torch.bool)
     for b in range(buckets):
         for layer in range(layers):
-            target = 0.45 - 0.37 * ((layer * 7 + b * 11) % layers) / max(layers - 1, 1)
+            target = min(1.0, scale * (0.45 - 0.37 * ((layer * 7 + b * 11) % layers) / max(layers - 1, 1)))
             w = max(1, int(target * m * 0.3))
             band = (i[:, None] - i[None, :]).abs() <= w
             rand = torch.rand(heads, m, m, generator=g) < max(target - band.float().mean().item(), 0.0)

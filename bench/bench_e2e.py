@@ -11,9 +11,16 @@ Variants, all measured in this one run:
                        registered custom op inside the compiled blocks, with the same two fusions
   calibatt ... unfused-ffn   (--ffn-ab) one density without the FFN fusion: what that fusion alone gives
 Wan 14B runs a subset of its 40 layers; step times are scaled to 40 layers (x 40 / layers run), said so.
+Each calibatt row also records the density of the blocks its kernels computed (calibatt_kernels.what_ran),
+which must be the masks' (`computed_density`; a row where it is not says `mismatch`).
 
     python bench/bench_e2e.py                     # both shapes (device machine)
+    python bench/bench_e2e.py --shapes wan1.3b-480p --densities 0.2 --only stock:eager stock:compiled \
+        calibatt:compiled                          # the rows the user path is compared with
     python bench/bench_e2e.py --smoke             # a tiny CPU run of the whole script
+
+The results file is written after every row (`complete`: false and the row under way in `in_progress` until
+the run ends), so a run cut short keeps the rows it measured.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -32,10 +40,12 @@ from calibatt_cli.masks import local_block_mask  # noqa: E402
 from calibatt_cli.models.base import restore_modules  # noqa: E402
 from calibatt_cli.models.wan import CalibattWanAttnProcessor, fuse_ffn_gelu  # noqa: E402
 from calibatt_cli.runtime import AttentionController, SparsePlan  # noqa: E402
-from calibatt_kernels import mask_to_index  # noqa: E402
+from calibatt_kernels import mask_to_index, reset_what_ran, what_ran  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "wan2.1"
 BLOCK = 128
+VARIANTS = ("stock", "stock+fused", "no-attn", "all-true", "calibatt", "unfused-ffn")  # --only's names
+MODES = ("eager", "compiled")
 
 
 class NoAttnProcessor:
@@ -73,15 +83,21 @@ def make_plan(masks: torch.Tensor, layers: int, config=None) -> SparsePlan:
     return SparsePlan(BLOCK, [0], index, density, configs)
 
 
-def set_density(processors, masks: torch.Tensor) -> None:
+def set_density(plan: SparsePlan, processors, masks: torch.Tensor) -> None:
     """Every layer's index becomes `masks`' (as the guard widens one): each processor's layer re-reads it and
     makes what its launches derive (the Gluon kernel's tile records) from the new index."""
-    plan = processors[0].controller.plan
     ix = mask_to_index(masks.to(plan.index[(0, 0)].counts.device))
     for p in processors:
         plan.set_index(0, p.layer_index, ix)
     for p in processors:
         p.sparse.refresh()
+
+
+def computed_density() -> float | None:
+    """The share of blocks the attention calls since reset_what_ran computed (None: no call of ours)."""
+    scopes = what_ran()["scopes"]
+    total = sum(s.get("total_blocks", 0) for s in scopes)
+    return sum(s.get("blocks", 0) for s in scopes) / total if total else None
 
 
 def kernel_config(name: str | None):
@@ -141,7 +157,9 @@ def inputs(shape: dict, tr, device, dtype) -> tuple[torch.Tensor, torch.Tensor, 
     return x, t, text[0], text[1]
 
 
-def bench_shape(shape: dict, args, device, dtype) -> dict:
+def bench_shape(shape: dict, args, device, dtype, res: dict, save) -> dict:
+    """Measures the wanted rows of one shape into `res` (filled in place), calling `save(label)` before each
+    row (label: what is under way) and `save(None)` after it."""
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -166,76 +184,100 @@ def bench_shape(shape: dict, args, device, dtype) -> dict:
             procs.append(p)
         return procs
 
-    def measure(label: str) -> dict:
+    def measure(label: str, density: float | None = None, **extra) -> None:
+        """Time the installed variant into V[label]; with `density` (a calibatt row), also what its kernels
+        computed."""
+        save(label)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        reset_what_ran()
         ms = timed(step, args.reps, sync) * scale
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-        print(f"  {shape['name']:<14} {label:<26} {ms:9.1f} ms/step  peak {peak:6.2f} GiB", flush=True)
+        row = {"ms": ms, "peak_gib": peak, **extra}
+        note = ""
+        if density is not None:
+            got = computed_density()
+            row.update(density=density, computed_density=got)
+            if got is None or abs(got - density) > 1e-6:
+                row["mismatch"] = f"the kernels computed density {got}, the masks have {density:.6f}"
+                note = f"  MISMATCH: {row['mismatch']}"
+        print(f"  {shape['name']:<14} {label:<26} {ms:9.1f} ms/step  peak {peak:6.2f} GiB{note}", flush=True)
         if args.profile and ("compiled" in label or args.no_compile):
             profile(step, f"{shape['name']} {label}", layers)
-        return {"ms": ms, "peak_gib": peak}
+        V[label] = row
+        save(None)
 
-    res = {
-        "shape": shape["name"],
-        "tokens": n,
-        "grid": shape["grid"],
-        "heads": heads,
-        "layers_run": layers,
-        "layers_total": shape["layers_total"],
-        "scaled_to_total_layers": scale != 1.0,
-        "variants": {},
-    }
+    res.update(
+        shape=shape["name"],
+        tokens=n,
+        grid=shape["grid"],
+        heads=heads,
+        layers_run=layers,
+        layers_total=shape["layers_total"],
+        scaled_to_total_layers=scale != 1.0,
+        variants={},
+    )
     V = res["variants"]
     masks_by_density = {d: local_block_mask(heads, shape["grid"], d, BLOCK).to(device) for d in args.densities}
 
     def run_all(tag: str):
-        install(lambda i: WanAttnProcessor())
-        V[f"stock {tag}"] = measure(f"stock {tag}")
-        stock_out = step()[0].float()
-        # stock attention (SDPA, cuDNN) behind calibatt's fused q/k norm + RoPE and fused FFN GELU: what those
-        # fusions alone give, so the speed-up of the sparse kernel can be read apart from them
-        swapped = fuse_ffn_gelu(tr)
-        dense_ctl = AttentionController("dense")
-        install(lambda i: CalibattWanAttnProcessor(i, dense_ctl))
-        V[f"stock+fused {tag}"] = measure(f"stock+fused {tag}")
-        restore_modules(swapped)
-        install(lambda i: NoAttnProcessor())
-        V[f"no-attn {tag}"] = measure(f"no-attn {tag}")
-        plan = make_plan(
-            torch.ones(heads, *masks_by_density[args.densities[0]].shape[1:], dtype=torch.bool),
-            layers,
-            kernel_config(args.kernel_config),
-        )
-        ctl = AttentionController("sparse", plan=plan.to(device)).to(device)
+        stock_out = None
+        if wanted("stock", tag):
+            install(lambda i: WanAttnProcessor())
+            measure(f"stock {tag}")
+            stock_out = step()[0].float()
+        if wanted("stock+fused", tag):
+            # stock attention (SDPA, cuDNN) behind calibatt's fused q/k norm + RoPE and fused FFN GELU: what
+            # those fusions alone give, so the speed-up of the sparse kernel can be read apart from them
+            swapped = fuse_ffn_gelu(tr)
+            dense_ctl = AttentionController("dense")
+            install(lambda i: CalibattWanAttnProcessor(i, dense_ctl))
+            measure(f"stock+fused {tag}")
+            restore_modules(swapped)
+        if wanted("no-attn", tag):
+            install(lambda i: NoAttnProcessor())
+            measure(f"no-attn {tag}")
+        if not any(wanted(v, tag) for v in ("all-true", "calibatt", "unfused-ffn")):
+            return
+        full = torch.ones(heads, *masks_by_density[args.densities[0]].shape[1:], dtype=torch.bool, device=device)
+        plan = make_plan(full.cpu(), layers, kernel_config(args.kernel_config)).to(device)
+        ctl = AttentionController("sparse", plan=plan).to(device)
         ctl.reset()
         procs = install(lambda i: CalibattWanAttnProcessor(i, ctl))
-        if args.ffn_ab:
-            set_density(procs, masks_by_density[args.ffn_ab])
-            V[f"calibatt {tag} d={args.ffn_ab} unfused-ffn"] = measure(f"calibatt {tag} d={args.ffn_ab} unfused-ffn")
-            set_density(procs, torch.ones_like(masks_by_density[args.ffn_ab]))
+        if args.ffn_ab and wanted("unfused-ffn", tag):
+            m = masks_by_density[args.ffn_ab]
+            set_density(plan, procs, m)
+            measure(f"calibatt {tag} d={args.ffn_ab} unfused-ffn", density=float(m.float().mean()))
+            set_density(plan, procs, full)
         swapped = fuse_ffn_gelu(tr)  # as WanModel.install does
-        ours = step()[0].float()
-        rel = float((ours - stock_out).norm() / stock_out.norm())
-        V[f"calibatt {tag} all-true"] = dict(measure(f"calibatt {tag} all-true"), rel_err_vs_stock=rel)
-        print(f"  {shape['name']:<14} all-true masks vs stock: relative error {rel:.2e}", flush=True)
-        for d, m in masks_by_density.items():
-            set_density(procs, m)
-            V[f"calibatt {tag} d={d}"] = dict(measure(f"calibatt {tag} d={d}"), density=float(m.float().mean()))
+        if wanted("all-true", tag):
+            extra = {}
+            if stock_out is not None:
+                ours = step()[0].float()
+                extra["rel_err_vs_stock"] = rel = float((ours - stock_out).norm() / stock_out.norm())
+                print(f"  {shape['name']:<14} all-true masks vs stock: relative error {rel:.2e}", flush=True)
+            measure(f"calibatt {tag} all-true", density=1.0, **extra)
+        if wanted("calibatt", tag):
+            for d, m in masks_by_density.items():
+                set_density(plan, procs, m)
+                measure(f"calibatt {tag} d={d}", density=float(m.float().mean()))
         restore_modules(swapped)
 
-    run_all("eager")
-    if not args.no_compile:
+    def wanted(variant: str, mode: str) -> bool:
+        return args.only is None or variant in args.only or f"{variant}:{mode}" in args.only
+
+    if any(wanted(v, "eager") for v in VARIANTS):
+        run_all("eager")
+    if not args.no_compile and any(wanted(v, "compiled") for v in VARIANTS):
         t0 = time.perf_counter()
         tr.compile_repeated_blocks(fullgraph=True, **({"backend": "aot_eager"} if device.type != "cuda" else {}))
         res["compile_setup_s"] = time.perf_counter() - t0
         torch._dynamo.config.cache_size_limit = 64
         run_all("compiled")
-    se, ne = V["stock eager"]["ms"], V["no-attn eager"]["ms"]
-    res["attention_share_eager"] = (se - ne) / se
-    if "stock compiled" in V:
-        sc, nc = V["stock compiled"]["ms"], V["no-attn compiled"]["ms"]
-        res["attention_share_compiled"] = (sc - nc) / sc
+    for tag in MODES:
+        if f"stock {tag}" in V and f"no-attn {tag}" in V:
+            s, na = V[f"stock {tag}"]["ms"], V[f"no-attn {tag}"]["ms"]
+            res[f"attention_share_{tag}"] = (s - na) / s
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return res
@@ -263,7 +305,7 @@ SMOKE = [
     {
         "name": "smoke",
         "config": "transformer_1.3b.json",
-        "grid": (2, 4, 6),
+        "grid": (4, 8, 16),  # 512 tokens: 4 blocks of 128, so that densities below 1 are sparse
         "layers_run": 2,
         "layers_total": 4,
         "text_len": 8,
@@ -280,16 +322,17 @@ def table(results: list[dict]) -> None:
     )
     for r in results:
         V = r["variants"]
-        se = V["stock eager"]["ms"]
+        se = V.get("stock eager", {}).get("ms")
         sc = V.get("stock compiled", {}).get("ms")
         sf = V.get("stock+fused compiled", {}).get("ms")
         for name, v in V.items():
+            vs_e = f"{se / v['ms']:14.2f}" if se else f"{'-':>14}"
             vs_c = f"{sc / v['ms']:14.2f}" if sc else f"{'-':>14}"
             vs_f = f"{sf / v['ms']:14.2f}" if sf else f"{'-':>14}"
-            print(f"{r['shape']:<14} {name:<30} {v['ms']:9.1f} {se / v['ms']:14.2f} {vs_c} {vs_f} {v['peak_gib']:9.2f}")
-        share = f"attention share: eager {r['attention_share_eager']:.0%}"
-        if "attention_share_compiled" in r:
-            share += f", compiled {r['attention_share_compiled']:.0%}"
+            flag = "  MISMATCH" if "mismatch" in v else ""
+            print(f"{r['shape']:<14} {name:<30} {v['ms']:9.1f} {vs_e} {vs_c} {vs_f} {v['peak_gib']:9.2f}{flag}")
+        shares = [f"{tag} {r[f'attention_share_{tag}']:.0%}" for tag in MODES if f"attention_share_{tag}" in r]
+        share = f"attention share: {', '.join(shares)}" if shares else "attention share: -"
         note = (
             f" (step times scaled from {r['layers_run']} to {r['layers_total']} layers)"
             if r["scaled_to_total_layers"]
@@ -318,15 +361,28 @@ def main() -> None:
         metavar="DENSITY",
         help="also time calibatt at this density (one of --densities) without the FFN fusion",
     )
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="ROW",
+        help=f"measure only these rows: VARIANT (both modes) or VARIANT:MODE, VARIANT one of {', '.join(VARIANTS)} "
+        f"(calibatt: each of --densities; unfused-ffn: with --ffn-ab), MODE one of {', '.join(MODES)}",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    for row in args.only or []:
+        variant, _, mode = row.partition(":")
+        if variant not in VARIANTS or (mode and mode not in MODES):
+            ap.error(f"--only {row}: expected VARIANT or VARIANT:MODE with VARIANT in {VARIANTS}, MODE in {MODES}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = SMOKE if args.smoke else [s for s in SHAPES if args.shapes is None or s["name"] in args.shapes]
-    results = [bench_shape(s, args, device, dtype) for s in shapes]
     card = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     import diffusers
     import triton
+
+    results = []
 
     meta = {
         "card": card,
@@ -338,9 +394,12 @@ def main() -> None:
         "kernel_config": args.kernel_config or "default",
         "masks": "local spatio-temporal (nearest key blocks on the frame/row/col grid), same for every head",
         "step": "two forwards (CFG cond + uncond), batch 1",
+        "weights": "random",
+        "only": args.only,
+        "complete": False,
+        "in_progress": None,
         "results": results,
     }
-    table(results)
     out = (
         Path(args.out)
         if args.out
@@ -348,8 +407,25 @@ def main() -> None:
         / "results"
         / (f"e2e-{card.lower().replace(' ', '-')}-{meta['date']}{'-smoke' if args.smoke else ''}.json")
     )
+    n = 2
+    while not args.out and out.exists():  # a second run the same day keeps the first's file
+        out = out.with_name(f"{out.stem.rsplit('-run', 1)[0]}-run{n}.json")
+        n += 1
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(meta, indent=1))
+
+    def save(label: str | None) -> None:
+        """Write what is measured so far (temp file, then rename: a run killed mid-write keeps the last file)."""
+        meta["in_progress"] = label
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, out)
+
+    for s in shapes:
+        results.append({"shape": s["name"], "variants": {}})
+        bench_shape(s, args, device, dtype, results[-1], save)
+    meta["complete"] = True
+    save(None)
+    table(results)
     print(f"wrote {out}")
 
 

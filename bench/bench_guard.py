@@ -2,8 +2,8 @@
 
 Wan 2.1 1.3B at 480p (random weights), one step = two forwards (CFG cond + uncond, batch 1), our processors
 with synthetic local masks of density 0.2 (bench_e2e.py's `build` / `make_plan`), eager, or with --compile the
-repeated blocks compiled (fullgraph, inductor; the attention op runs the guard from inside them). The guard measures each
-(layer, head) once at the first sparse step of a step bucket (the step's first forward); every timed step
+repeated blocks compiled (fullgraph, inductor; the attention op runs the guard from inside them). The guard
+measures each (layer, head) once at the first sparse step of a step bucket (the step's first forward); every timed step
 here is such a step (the controller is reset before each, as for a new video). Its threshold is set to 0 so
 it never widens: what is timed is the check alone (a widened head runs dense by design, which is not the
 guard's overhead). Reported:
@@ -105,7 +105,7 @@ def bench(shape: dict, args, device, dtype) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device: checks the script")
-    ap.add_argument("--compile", action="store_true", help="compiled blocks (fullgraph), the guard run by the attention op inside")
+    ap.add_argument("--compile", action="store_true", help="compiled blocks (fullgraph)")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend with --compile (aot_eager: smoke)")
     ap.add_argument("--density", type=float, default=0.2)
     ap.add_argument("--reps", type=int, default=5, help="steps timed per round (median)")

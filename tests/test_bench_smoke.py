@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -39,6 +41,11 @@ def test_bench_e2e_smoke(tmp_path):
     for tag in ("eager", "compiled"):
         err = res["variants"][f"calibatt {tag} all-true"]["rel_err_vs_stock"]
         assert err < 1e-5, f"all-true masks must reproduce stock attention ({tag}): rel err {err}"
+    # each density's row computed its masks' blocks (the processors re-derive what a launch reads per index)
+    for name, v in res["variants"].items():
+        if name.startswith("calibatt"):
+            assert v["density"] < 1 or "all-true" in name, (name, v)
+            assert v["computed_density"] == pytest.approx(v["density"], abs=1e-6) and "mismatch" not in v, (name, v)
     assert "x stock eager" in r.stdout
 
 

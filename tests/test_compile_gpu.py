@@ -75,7 +75,12 @@ def test_default_generate_runs_compiled_blocks_from_the_cache(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["compiled_blocks"] == {"enabled": True, "backend": "inductor"}
-    assert manifest["blocks"]["graphs"] >= 2, manifest["blocks"]  # the dense warm-up and each bucket
+    blocks = manifest["blocks"]
+    # compile ran one step of each kind generate takes through the compiled blocks: the dense warm-up (tiny's
+    # warmup_steps: 1) and each of the 2 buckets. `graphs` counts inductor's code generations: one, as the
+    # attention op reads the step when it runs (runtime/processor.py) and every kind runs the same graph.
+    assert blocks["step_kinds"] == [-1, 0, 1], blocks
+    assert blocks["graphs"] == 1, blocks
     gen = ("generate", "a red circle moving left on a black background", "--strict", "--json", *args)
     r = _cli(*gen, "-o", str(tmp_path / "v.mp4"))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -83,6 +88,10 @@ def test_default_generate_runs_compiled_blocks_from_the_cache(tmp_path):
     cb = line["compiled_blocks"]
     assert cb["enabled"] and cb["from_cache"], cb
     assert (line["compilations"], cb["triton_other"], cb["inductor_codegen"], cb["builds"]) == (0, 0, 0, 0), cb
+    # and the graphs served from the cache ran the sparse kernel on every sparse call, at the plan's density
+    kernels = line["kernels"]
+    assert sum(kernels["calls"].values()) > 0 and not kernels["dense"] and not kernels["fallbacks"], kernels
+    assert abs(line["measured_sparse_density"] - line["sparse_density"]) < 1e-6, line
     steps = line["step_seconds"][0]
     print(f"compiled from the cache: steps {steps}, ready in {line['ready_seconds']} s")
     folder = (tmp_path / "cache").resolve()
