@@ -23,8 +23,9 @@ take about as long as the exp2 alone, so the win needs one tile's MMAs to overla
 default config gets some of that from two 64-row programs per SM; FA3's ping-pong of two warpgroups (Gluon's
 warp specialization) is the way to the rest. Triton's `tl` pipeliner waits on a score dot right after
 issuing it even when its use is a loop iteration later, and on the P.V dot too, whose fresh accumulator the
-next line adds (triton 3.6 and 3.9, TTGIR for sm_90). `warp_specialize=True` on the key loop compiles to the
-binary without it, and num_stages 4 to the binary of 3 (triton 3.6, sm_90: the same SASS, cross-compiled).
+next line adds (TTGIR for sm_90, triton 3.6 and 3.9). With triton 3.6 for sm_90 (cross-compiled: the same
+SASS), `warp_specialize=True` on the key loop compiles to the binary without it, and at 64-row tiles
+num_stages 4 to the binary of 3: K and V get two buffers either way.
 
 Hopper's 8-bit tensor-core instructions (wgmma) take both operands with the reduction dim contiguous, hence
 V's transposed codes. sm_89 (Ada) has 8-bit tensor cores too; the tensor descriptors (TMA) are sm_90 only.
@@ -138,6 +139,8 @@ SWEEP_CONFIGS = {
     "tile-m64-w4-s4": KernelConfig(kernel="tl_tile", block_m=64, num_warps=4, num_stages=4),
     "tile-m64-w4-s2-ws": KernelConfig(kernel="tl_tile", block_m=64, num_warps=4, num_stages=2, tl_warp_specialize=True),
     "tile-m64-w4-s3-ws": KernelConfig(kernel="tl_tile", block_m=64, num_warps=4, num_stages=3, tl_warp_specialize=True),
+    "tile-m64-w4-s2-ptr": KernelConfig(kernel="tl_tile", block_m=64, num_warps=4, num_stages=2, use_tma=False),
+    "tile-m64-w4-s3-ptr": KernelConfig(kernel="tl_tile", block_m=64, num_warps=4, num_stages=3, use_tma=False),
     "tile-m64-w8-s2": KernelConfig(kernel="tl_tile", block_m=64, num_warps=8, num_stages=2),
     "tile-m128-w8-s2": KernelConfig(kernel="tl_tile", block_m=128, num_warps=8, num_stages=2),
     "tile-m128-w8-s3": KernelConfig(kernel="tl_tile", block_m=128, num_warps=8, num_stages=3),
@@ -584,10 +587,9 @@ def _fp8_tile(
     `sizes`: `_attn_fp8_fwd`'s runtime arguments, as it packs them."""
     Q8, QScale, K8, KScale, V8T, VScale, Out, Counts, Offsets, Indices, Schedule = ptrs
     stride_oz, stride_oh, stride_om, stride_od, stride_cz, stride_ch, H, N, Mq, Mk, REPS, qk_scale = sizes
-    b, h, start_m, cnt, e0 = _tile_row(
+    b, h, bh, start_m, cnt, e0 = _tile_row(
         tile, Counts, Offsets, Schedule, stride_cz, stride_ch, H, Mq, REPS, BM, BLOCK_M, HAS_SCHEDULE
     )
-    bh = b * H + h
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)

@@ -136,9 +136,9 @@ def _tile_row(
     BLOCK_M: tl.constexpr,
     HAS_SCHEDULE: tl.constexpr,
 ):
-    """Program tile -> (batch b, head h, its first query row start_m, the mask row's block count, where its ids
-    start in Indices, counted in int16 ids). Tiles follow the rows' LPT order (Schedule), and a row's batch
-    copies and BLOCK_M sub-tiles stay adjacent."""
+    """Program tile -> (batch b, head h, b * H + h, its first query row start_m, the mask row's block count,
+    where its ids start in Indices, counted in int16 ids). Tiles follow the rows' LPT order (Schedule), and a
+    row's batch copies and BLOCK_M sub-tiles stay adjacent."""
     M_SUB: tl.constexpr = BM // BLOCK_M  # program tiles per mask row
     per_row = REPS * M_SUB
     pos = tile // per_row
@@ -152,11 +152,12 @@ def _tile_row(
     h = (row // Mq) % H
     bi = row // (Mq * H)
     b = bi + rep  # index batch of 1 broadcasts (bi = 0); of B keeps rep = 0
+    bh = b * H + h
     start_m = m_blk * BM + sub * BLOCK_M
     row_off = bi * stride_cz + h * stride_ch + m_blk  # Counts and Offsets share one contiguous layout
     cnt = tl.load(Counts + row_off)
     e0 = tl.load(Offsets + row_off)
-    return b, h, start_m, cnt, e0
+    return b, h, bh, start_m, cnt, e0
 
 
 @triton.jit
@@ -211,7 +212,7 @@ def _block_sparse_tile(
 ):
     """One program tile: BLOCK_M query rows of one mask row, over all key blocks the row lists."""
     N_SUB: tl.constexpr = BN // BLOCK_N  # key tiles per mask block
-    b, h, start_m, cnt, e0 = _tile_row(
+    b, h, _, start_m, cnt, e0 = _tile_row(
         tile, Counts, Offsets, Schedule, stride_cz, stride_ch, H, Mq, REPS, BM, BLOCK_M, HAS_SCHEDULE
     )
 
