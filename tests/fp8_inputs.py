@@ -44,3 +44,23 @@ def random_qkv(B, H, N, D, *, seed, device="cpu", dtype=torch.bfloat16, transpos
     gen = torch.Generator(device=device).manual_seed(seed)
     out = [torch.randn(B, N, H, D, generator=gen, device=device).to(dtype) for _ in range(3)]
     return tuple(x.transpose(1, 2) if transposed else x.transpose(1, 2).contiguous() for x in out)
+
+
+def int8_tie_q(B, H, N, D, *, seed, device="cpu", dtype=torch.bfloat16):
+    """q [B, H, N, D] whose INT8 codes sit on rounding ties: in each token, |q| peaks at a (a bf16 value whose
+    x * fp32(1 / fp32(a / 127)) at x = a / 2 rounds to 64 as an fp32 product but is just under 63.5 exactly), and
+    half its elements are +-a / 2, the rest normal within +-a / 2. Rounding the fp32 product (twice) and rounding
+    the exact product (once) give those elements codes a step apart."""
+    mant = torch.arange(128, 256, dtype=torch.float64) / 128
+    inv = (1.0 / (mant / 127.0).float().double()).float().double()  # fp32 scale, then fp32 reciprocal
+    half = (mant / 2).float()
+    peaks = mant[torch.round(half * inv.float()) != torch.round(half.double() * inv)].to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape, f64 = (B, H, N, D), dict(device=device, dtype=torch.float64)
+    a = peaks[torch.randint(len(peaks), (B, H, N, 1), generator=gen, device=device)]
+    a = a * 2.0 ** torch.randint(-3, 4, (B, H, N, 1), generator=gen, device=device)
+    q = (torch.randn(shape, generator=gen, **f64) * a / 3).clamp(-a / 2, a / 2)
+    sign = torch.where(torch.rand(shape, generator=gen, device=device) < 0.5, -1.0, 1.0)
+    q = torch.where(torch.rand(shape, generator=gen, device=device) < 0.5, sign * a / 2, q)
+    q[..., :1] = a  # the peak
+    return q.to(dtype)

@@ -23,7 +23,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # fp8_inputs, also when run as a script
-from fp8_inputs import outlier_qkv, random_qkv  # noqa: E402
+from fp8_inputs import int8_tie_q, outlier_qkv, random_qkv  # noqa: E402
 
 from calibatt_kernels import expand_block_mask, mask_to_index, num_blocks  # noqa: E402
 from calibatt_kernels.quant import (  # noqa: E402
@@ -139,6 +139,36 @@ def test_rows_attend_only_to_listed_blocks():
     assert _rel(out[:, :, 64:128], exact[:, :, 64:128]) <= 2e-2
 
 
+class _CudaScalarDivision(torch.overrides.TorchFunctionMode):
+    """Tensor / Python number as PyTorch's CUDA kernels compute it: times the number's reciprocal, rounded to
+    the tensor's dtype (a step off the quotient in the last bit for many values)."""
+
+    DIV = {torch.Tensor.__truediv__, torch.Tensor.div, torch.div, torch.true_divide}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.DIV and not kwargs and isinstance(args[1], (int, float)) and args[0].is_floating_point():
+            x = args[0]
+            return x * (torch.ones((), dtype=x.dtype) / torch.tensor(args[1], dtype=x.dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def test_reference_quantizes_alike_on_every_device():
+    """quantize_qkv_ref's codes and scales, as a CUDA tensor's Python-scalar division would compute them: the
+    same bits (the kernels divide as IEEE does on every device, so must the reference)."""
+    q, k, v = outlier_qkv(1, 2, 300, 64, seed=14)
+    want = quantize_qkv_ref(q, k, v, (64, 64))
+    x = torch.rand(1000) + 0.5
+    with _CudaScalarDivision():
+        assert not torch.equal(x / 127.0, (x.double() / 127.0).float()), "the emulation must round differently"
+        got = quantize_qkv_ref(q, k, v, (64, 64))
+    for f in ("q8", "q_scale", "k8", "k_scale", "k_mean", "v8t", "v_scale"):
+        a, b = getattr(got, f), getattr(want, f)
+        assert torch.equal(
+            a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+            b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b,
+        ), f
+
+
 # ---- the kernels, under the interpreter (one subprocess) ----
 
 KERNEL_CASES = {
@@ -200,6 +230,47 @@ def run_kernel_case(name):
     )
 
 
+def _sweep_cases():
+    """SWEEP_CONFIGS (bench_fp8.py --sweep) by what the interpreter runs differently: one case per grid and
+    query tile, and one with warp_specialize (which the interpreter's range takes and ignores, as it ignores
+    warps and stages)."""
+    from calibatt_kernels.attn_fp8 import SWEEP_CONFIGS
+
+    cases = {}
+    for name, cfg in SWEEP_CONFIGS.items():
+        cases.setdefault("ws" if cfg.tl_warp_specialize else (cfg.kernel, cfg.block_m), (name, cfg))
+    return dict(cases.values())
+
+
+def run_sweep_case(cfg):
+    """A sweep config on 128 x 128 blocks at small N, in fp32: the kernel matches the reference to rounding."""
+    from calibatt_kernels.attn_fp8 import block_sparse_attention_fp8_indexed
+
+    N, bs = 200, (128, 128)
+    q, k, v = outlier_qkv(1, 1, N, 64, seed=15, dtype=torch.float32, transposed=True)
+    mask = torch.tensor([[[[True, False], [True, True]]]])  # the second row and key block are partial (N < 256)
+    out = torch.full_like(q, float("nan"))
+    block_sparse_attention_fp8_indexed(q, k, v, mask_to_index(mask), block_size=bs, out=out, config=cfg)
+    return dict(rel=_rel(out, block_sparse_attention_fp8_ref(q, k, v, mask, bs)), nan=bool(out.isnan().any()))
+
+
+def run_tie_case():
+    """quantize_qkv on q whose codes sit on rounding ties (fp8_inputs.int8_tie_q): the kernel's codes are the
+    reference's, and `splits` counts the codes that rounding the fp32 product would have put a step off."""
+    from calibatt_kernels.attn_fp8 import quantize_qkv
+
+    q = int8_tie_q(1, 2, 200, 64, seed=17)
+    _, k, v = random_qkv(1, 2, 200, 64, seed=18)
+    got, want = quantize_qkv(q, k, v, (64, 64)), quantize_qkv_ref(q, k, v, (64, 64))
+    qf = torch.nn.functional.pad(q.float(), (0, 0, 0, want.q8.shape[2] - 200))
+    twice = torch.round(qf * (1.0 / want.q_scale)[..., None]).to(torch.int8)
+    return dict(
+        q8_equal=torch.equal(got.q8, want.q8),
+        q_scale_equal=torch.equal(got.q_scale, want.q_scale),
+        splits=int((twice != want.q8).sum()),
+    )
+
+
 def run_fused_norm_rope_case():
     """qk_norm_rope_quant against the unfused kernels (norm_rope's kernel, then quantize_qkv_ref): the
     interpreter rounds fp32 -> bf16 by truncation in both, so the codes can be compared exactly."""
@@ -233,10 +304,13 @@ def _run_all():
             res[name] = run_kernel_case(name)
         except Exception:
             res[name] = dict(error=traceback.format_exc(limit=-3))
-    try:
-        res["fused-norm-rope"] = run_fused_norm_rope_case()
-    except Exception:
-        res["fused-norm-rope"] = dict(error=traceback.format_exc(limit=-3))
+    for key, run in [("fused-norm-rope", run_fused_norm_rope_case), ("ties", run_tie_case)] + [
+        (f"sweep/{name}", lambda cfg=cfg: run_sweep_case(cfg)) for name, cfg in _sweep_cases().items()
+    ]:
+        try:
+            res[key] = run()
+        except Exception:
+            res[key] = dict(error=traceback.format_exc(limit=-3))
     return res
 
 
@@ -268,6 +342,23 @@ def test_fused_norm_rope_quantize_matches_unfused_path(results):
     assert "error" not in r, r.get("error")
     assert r["k_equal"], "k differs from norm_rope's kernel"
     assert all(r["same"].values()), f"differs from the unfused path: {r['same']}"
+
+
+def test_quantize_kernel_rounds_ties_as_the_reference(results):
+    """At rounding ties the kernels' codes are the reference's: both round the exact product x * (1 / scale)
+    once (on the GPU an FMA; the interpreter's fp32 multiply then add would round twice)."""
+    r = results["ties"]
+    assert "error" not in r, r.get("error")
+    assert r["splits"] >= 1000, f"the input must hold ties that two roundings split: {r['splits']}"
+    assert r["q8_equal"] and r["q_scale_equal"], "q codes or scales differ from quantize_qkv_ref at ties"
+
+
+@pytest.mark.parametrize("name", list(_sweep_cases()))
+def test_sweep_config_matches_reference_under_interpreter(results, name):
+    r = results[f"sweep/{name}"]
+    assert "error" not in r, r.get("error")
+    assert not r["nan"], "unwritten (NaN) output elements"
+    assert r["rel"] <= 1e-5, f"rel={r['rel']:.2e}"
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ wait, the softmax (16K exp2 on the MUFU, 16K fp32 -> e4m3 casts), the fp8 wgmma,
 take about as long as the exp2 alone, so the win needs one tile's MMAs to overlap another's softmax. The
 default config gets some of that from two 64-row programs per SM; FA3's ping-pong of two warpgroups (Gluon's
 warp specialization) is the way to the rest. Triton's `tl` pipeliner waits on a score dot right after
-issuing it even when its use is a loop iteration later (seen in triton 3.9's TTGIR for sm_90), and
-`warp_specialize=True` measured no faster.
+issuing it even when its use is a loop iteration later, and on the P.V dot too, whose fresh accumulator the
+next line adds (TTGIR for sm_90, triton 3.6 and 3.9). With triton 3.6 for sm_90 (cross-compiled: the same
+SASS), `warp_specialize=True` on the key loop compiles to the binary without it, and at 64-row tiles
+num_stages 4 to the binary of 3: K and V get two buffers either way.
 
 Hopper's 8-bit tensor-core instructions (wgmma) take both operands with the reduction dim contiguous, hence
 V's transposed codes. sm_89 (Ada) has 8-bit tensor cores too; the tensor descriptors (TMA) are sm_90 only.
@@ -40,7 +42,7 @@ import triton
 import triton.language as tl
 
 from ._common import LOG2E, KernelConfig, check_attention_call, num_sms, triton_usable
-from .attn_tl import _block_id, _tma_allocator
+from .attn_tl import _block_id, _tile_row, _tma_allocator
 from .index import BlockIndex, index_on_device
 from .quant import FP8_MAX, INT8_MAX, P_LOG2, TINY, Fp8QKV
 
@@ -52,9 +54,12 @@ _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: x + it - it rounds |x| < 2^
 
 
 @triton.jit
-def _rint(x):
-    """Round half to even (torch.round), in fp32 arithmetic: libdevice's rint has no CPU-interpreter version."""
-    return (x + _RNE_MAGIC) - _RNE_MAGIC
+def _int8_codes(x, inv):
+    """x * inv rounded once to the nearest integer, ties to even (quant._int8): one fused multiply-add with
+    1.5 * 2^23, whose sum's unit in the last place is 1, so the exact product is rounded, not its fp32
+    rounding. Spelled as an FMA on purpose: the GPU compiler contracts x * inv + c into one anyway, the CPU
+    interpreter does not, and both must round the same way. Then the int8 cast (exact: |codes| <= 127)."""
+    return (tl.fma(x, inv, _RNE_MAGIC) - _RNE_MAGIC).to(tl.int8)
 
 
 @triton.jit
@@ -83,14 +88,22 @@ def _e4m3_rne(x):
 STATS_CHUNK = 1024  # tokens per `_kv_stats` program: 74 programs per head at 14B 720p, ~3k in all
 
 
+def shape_why_not(head_dim: int, block_size: tuple[int, int]) -> str | None:
+    """Why the kernel cannot take calls of this head dim and block size (None: it can): head dim 64 or 128,
+    blocks of 16 to 128 tokens, powers of two."""
+    if head_dim not in (64, 128):
+        return f"head dim {head_dim} (the fp8 kernel takes 64 or 128)"
+    if any(b not in (16, 32, 64, 128) for b in block_size):
+        return f"block size {tuple(block_size)} (the fp8 kernel takes 16, 32, 64 or 128)"
+    return None
+
+
 def supports(q: torch.Tensor, block_size: tuple[int, int]) -> bool:
-    """Whether the kernel can run a call: 8-bit tensor cores (sm_89+), or the CPU under TRITON_INTERPRET=1;
-    head dim 64 or 128; blocks of 16 to 128 tokens, powers of two."""
-    if not triton_usable(q.device) or q.shape[-1] not in (64, 128):
+    """Whether the kernel can run a call: 8-bit tensor cores (sm_89+), or the CPU under TRITON_INTERPRET=1,
+    and a shape `shape_why_not` lets through."""
+    if not triton_usable(q.device) or shape_why_not(q.shape[-1], block_size) is not None:
         return False
-    if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
-        return False
-    return all(b in (16, 32, 64, 128) for b in block_size)
+    return not (q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9))
 
 
 def default_config(device: torch.device, block_size: tuple[int, int]) -> KernelConfig:
@@ -115,6 +128,28 @@ def candidate_configs(capability: tuple[int, int], block_size: tuple[int, int]) 
     if capability[0] < 9:  # no TMA before Hopper
         cands = [KernelConfig(**{**c.__dict__, "use_tma": False}) for c in cands]
     return cands
+
+
+# `bench/bench_fp8.py --sweep`: every knob of the kernel worth a GPU measurement at 128 x 128 blocks. Some
+# compile to another's binary (the note in the module docstring); the sweep times each binary once and says
+# which names share it. Left out: 128 rows on 4 warps (spills: 1 KiB a thread, cross-compiled for sm_90).
+SWEEP_CONFIGS = {
+    "tile-m64-w4-s2": KernelConfig(kernel="tl_tile", block_m=64, num_warps=4, num_stages=2),  # the default
+    "tile-m64-w4-s3": KernelConfig(kernel="tl_tile", block_m=64, num_warps=4, num_stages=3),
+    "tile-m64-w4-s4": KernelConfig(kernel="tl_tile", block_m=64, num_warps=4, num_stages=4),
+    "tile-m64-w4-s2-ws": KernelConfig(kernel="tl_tile", block_m=64, num_warps=4, num_stages=2, tl_warp_specialize=True),
+    "tile-m64-w4-s3-ws": KernelConfig(kernel="tl_tile", block_m=64, num_warps=4, num_stages=3, tl_warp_specialize=True),
+    "tile-m64-w4-s2-ptr": KernelConfig(kernel="tl_tile", block_m=64, num_warps=4, num_stages=2, use_tma=False),
+    "tile-m64-w4-s3-ptr": KernelConfig(kernel="tl_tile", block_m=64, num_warps=4, num_stages=3, use_tma=False),
+    "tile-m64-w8-s2": KernelConfig(kernel="tl_tile", block_m=64, num_warps=8, num_stages=2),
+    "tile-m128-w8-s2": KernelConfig(kernel="tl_tile", block_m=128, num_warps=8, num_stages=2),
+    "tile-m128-w8-s3": KernelConfig(kernel="tl_tile", block_m=128, num_warps=8, num_stages=3),
+    "tile-m128-w8-s2-ws": KernelConfig(
+        kernel="tl_tile", block_m=128, num_warps=8, num_stages=2, tl_warp_specialize=True
+    ),
+    "persistent-m128-w8-s3": KernelConfig(block_m=128, num_warps=8, num_stages=3),
+    "persistent-m64-w4-s2": KernelConfig(block_m=64, num_warps=4, num_stages=2),
+}
 
 
 # N, Mq, Mk and the strides vary with the video size: one binary serves them all (no specialisation on them)
@@ -219,7 +254,7 @@ def _quantize_qkv(
                 other=0.0,
             ).to(tl.float32)
             scale = _div(tl.maximum(tl.max(tl.abs(x), 1), _TINY), _INT8_MAX)
-            codes = _rint(x * _inv(scale)[:, None]).to(tl.int8)
+            codes = _int8_codes(x, _inv(scale)[:, None])
             rows = bh.to(tl.int64) * (Mq * BM) + offs_t
             tl.store(Q8 + rows[:, None] * HEAD_DIM + offs_d[None, :], codes)
             tl.store(QScale + rows, scale)
@@ -236,7 +271,7 @@ def _quantize_qkv(
                 if blk == 0:
                     tl.store(KMean + bh * HEAD_DIM + offs_d, mean)
             scale = _div(tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), _TINY), _INT8_MAX)
-            codes = _rint(x * _inv(scale)).to(tl.int8)
+            codes = _int8_codes(x, _inv(scale))
             rows = bh.to(tl.int64) * (Mk * BN) + offs_t
             tl.store(K8 + rows[:, None] * HEAD_DIM + offs_d[None, :], codes)
             tl.store(KScale + bh * Mk + blk, scale)
@@ -393,7 +428,7 @@ def _norm_rope_quant(
         xq = tl.reshape(out.to(tl.float32), [R, HEAD_DIM])
         h = tl.arange(0, R)
         scale = _div(tl.maximum(tl.max(tl.abs(xq), 1), _TINY), _INT8_MAX)
-        codes = _rint(xq * _inv(scale)[:, None]).to(tl.int8)
+        codes = _int8_codes(xq, _inv(scale)[:, None])
         rows = (b * HEADS + h).to(tl.int64) * Nq + n  # [R]: row of (b, h, n) in [B, HEADS, Nq]
         ok = h < HEADS
         tl.store(Q8 + rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], codes, mask=ok[:, None])
@@ -535,29 +570,8 @@ def _fp8_softmax_pv(
 @triton.jit
 def _fp8_tile(
     tile,
-    Q8,
-    QScale,
-    K8,
-    KScale,
-    V8T,
-    VScale,
-    Out,
-    Counts,
-    Offsets,
-    Indices,
-    Schedule,
-    stride_oz,
-    stride_oh,
-    stride_om,
-    stride_od,
-    stride_cz,
-    stride_ch,
-    H,
-    N,
-    Mq,
-    Mk,
-    REPS,
-    qk_scale,
+    ptrs,
+    sizes,
     BM: tl.constexpr,
     BN: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -569,25 +583,13 @@ def _fp8_tile(
     ID_WORDS: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
-    """One program tile: BLOCK_M query rows of one mask row, over all key blocks the row lists."""
-    M_SUB: tl.constexpr = BM // BLOCK_M
-    per_row = REPS * M_SUB
-    pos = tile // per_row
-    rep = (tile % per_row) // M_SUB
-    sub = tile % M_SUB
-    if HAS_SCHEDULE:
-        row = tl.load(Schedule + pos)
-    else:
-        row = pos
-    m_blk = row % Mq
-    h = (row // Mq) % H
-    bi = row // (Mq * H)
-    b = bi + rep
-    bh = b * H + h
-    start_m = m_blk * BM + sub * BLOCK_M
-    row_off = bi * stride_cz + h * stride_ch + m_blk
-    cnt = tl.load(Counts + row_off)
-    e0 = tl.load(Offsets + row_off)
+    """One program tile: BLOCK_M query rows of one mask row, over all key blocks the row lists. `ptrs` and
+    `sizes`: `_attn_fp8_fwd`'s runtime arguments, as it packs them."""
+    Q8, QScale, K8, KScale, V8T, VScale, Out, Counts, Offsets, Indices, Schedule = ptrs
+    stride_oz, stride_oh, stride_om, stride_od, stride_cz, stride_ch, H, N, Mq, Mk, REPS, qk_scale = sizes
+    b, h, bh, start_m, cnt, e0 = _tile_row(
+        tile, Counts, Offsets, Schedule, stride_cz, stride_ch, H, Mq, REPS, BM, BLOCK_M, HAS_SCHEDULE
+    )
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -689,34 +691,15 @@ def _attn_fp8_fwd(
     ID_WORDS: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
+    ptrs = (Q8, QScale, K8, KScale, V8T, VScale, Out, Counts, Offsets, Indices, Schedule)
+    sizes = (stride_oz, stride_oh, stride_om, stride_od, stride_cz, stride_ch, H, N, Mq, Mk, REPS, qk_scale)
     pid = tl.program_id(0)
     if PERSISTENT:
         for tile in range(pid, num_tiles, tl.num_programs(0)):
             _fp8_tile(
                 tile,
-                Q8,
-                QScale,
-                K8,
-                KScale,
-                V8T,
-                VScale,
-                Out,
-                Counts,
-                Offsets,
-                Indices,
-                Schedule,
-                stride_oz,
-                stride_oh,
-                stride_om,
-                stride_od,
-                stride_cz,
-                stride_ch,
-                H,
-                N,
-                Mq,
-                Mk,
-                REPS,
-                qk_scale,
+                ptrs,
+                sizes,
                 BM,
                 BN,
                 BLOCK_M,
@@ -728,32 +711,11 @@ def _attn_fp8_fwd(
                 ID_WORDS,
                 WARP_SPECIALIZE,
             )
-    else:
+    else:  # straight-line: in a one-trip loop the compiler would keep the output's TMA buffer apart (+16 KiB)
         _fp8_tile(
             pid,
-            Q8,
-            QScale,
-            K8,
-            KScale,
-            V8T,
-            VScale,
-            Out,
-            Counts,
-            Offsets,
-            Indices,
-            Schedule,
-            stride_oz,
-            stride_oh,
-            stride_om,
-            stride_od,
-            stride_cz,
-            stride_ch,
-            H,
-            N,
-            Mq,
-            Mk,
-            REPS,
-            qk_scale,
+            ptrs,
+            sizes,
             BM,
             BN,
             BLOCK_M,
@@ -835,7 +797,7 @@ def attention_fp8_quantized(
         OUT_TMA=out_tma,
         UPCAST=not on_gpu,
         ID_WORDS=id_words,
-        WARP_SPECIALIZE=bool(cfg.tl_warp_specialize and on_gpu),
+        WARP_SPECIALIZE=cfg.tl_warp_specialize,  # the interpreter's range takes the flag and ignores it
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -122,6 +122,45 @@ def _block_id(Indices, e, ID_WORDS: tl.constexpr):
 
 
 @triton.jit
+def _tile_row(
+    tile,
+    Counts,
+    Offsets,
+    Schedule,
+    stride_cz,
+    stride_ch,
+    H,
+    Mq,
+    REPS,
+    BM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HAS_SCHEDULE: tl.constexpr,
+):
+    """Program tile -> (batch b, head h, b * H + h, its first query row start_m, the mask row's block count,
+    where its ids start in Indices, counted in int16 ids). Tiles follow the rows' LPT order (Schedule), and a
+    row's batch copies and BLOCK_M sub-tiles stay adjacent."""
+    M_SUB: tl.constexpr = BM // BLOCK_M  # program tiles per mask row
+    per_row = REPS * M_SUB
+    pos = tile // per_row
+    rep = (tile % per_row) // M_SUB
+    sub = tile % M_SUB
+    if HAS_SCHEDULE:
+        row = tl.load(Schedule + pos)
+    else:
+        row = pos
+    m_blk = row % Mq
+    h = (row // Mq) % H
+    bi = row // (Mq * H)
+    b = bi + rep  # index batch of 1 broadcasts (bi = 0); of B keeps rep = 0
+    bh = b * H + h
+    start_m = m_blk * BM + sub * BLOCK_M
+    row_off = bi * stride_cz + h * stride_ch + m_blk  # Counts and Offsets share one contiguous layout
+    cnt = tl.load(Counts + row_off)
+    e0 = tl.load(Offsets + row_off)
+    return b, h, bh, start_m, cnt, e0
+
+
+@triton.jit
 def _block_sparse_tile(
     tile,
     Q,
@@ -172,25 +211,10 @@ def _block_sparse_tile(
     ID_WORDS: tl.constexpr,
 ):
     """One program tile: BLOCK_M query rows of one mask row, over all key blocks the row lists."""
-    M_SUB: tl.constexpr = BM // BLOCK_M  # program tiles per mask row
     N_SUB: tl.constexpr = BN // BLOCK_N  # key tiles per mask block
-    # tile -> (position in the LPT order, batch copy, sub-tile); all copies of a row stay adjacent.
-    per_row = REPS * M_SUB
-    pos = tile // per_row
-    rep = (tile % per_row) // M_SUB
-    sub = tile % M_SUB
-    if HAS_SCHEDULE:
-        row = tl.load(Schedule + pos)
-    else:
-        row = pos
-    m_blk = row % Mq
-    h = (row // Mq) % H
-    bi = row // (Mq * H)
-    b = bi + rep  # index batch of 1 broadcasts (bi = 0); of B keeps rep = 0
-    start_m = m_blk * BM + sub * BLOCK_M
-    row_off = bi * stride_cz + h * stride_ch + m_blk  # Counts and Offsets share one contiguous layout
-    cnt = tl.load(Counts + row_off)
-    e0 = tl.load(Offsets + row_off)  # where the row's ids start, counted in int16 ids
+    b, h, _, start_m, cnt, e0 = _tile_row(
+        tile, Counts, Offsets, Schedule, stride_cz, stride_ch, H, Mq, REPS, BM, BLOCK_M, HAS_SCHEDULE
+    )
 
     q_off = b.to(tl.int64) * stride_qz + h.to(tl.int64) * stride_qh
     k_off = b.to(tl.int64) * stride_kz + h.to(tl.int64) * stride_kh

@@ -402,11 +402,7 @@ def fp8_why_not(
     cap = torch.cuda.get_device_capability(device)
     if cap < (8, 9):
         return f"sm_{cap[0]}{cap[1]} has no 8-bit tensor cores (the fp8 kernel needs sm_89+)"
-    if head_dim not in (64, 128):
-        return f"head dim {head_dim} (the fp8 kernel takes 64 or 128)"
-    if any(b not in (16, 32, 64, 128) for b in block_size):
-        return f"block size {tuple(block_size)} (the fp8 kernel takes 16, 32, 64 or 128)"
-    return None
+    return attn_fp8.shape_why_not(head_dim, block_size)
 
 
 def fp8_kernel_name(
@@ -415,7 +411,7 @@ def fp8_kernel_name(
     """What an fp8 call that fp8_why_not lets through runs: "fp8_" + the tl kernel's name (fp8_tl_tile, ...),
     or "fp8_reference" (the scheme in PyTorch) on the CPU without the Triton interpreter."""
     device = torch.device(device)
-    if not (triton_usable(device) and head_dim in (64, 128) and all(b in (16, 32, 64, 128) for b in block_size)):
+    if not triton_usable(device) or attn_fp8.shape_why_not(head_dim, block_size) is not None:
         return "fp8_reference"
     cfg = config if config is not None and config.backend == "tl" else attn_fp8.default_config(device, block_size)
     return f"fp8_{cfg.kernel}"

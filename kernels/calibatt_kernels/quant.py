@@ -57,14 +57,32 @@ class Fp8QKV:
     block_size: tuple[int, int]
 
 
-def _int8(x: torch.Tensor) -> torch.Tensor:
-    """fp32 (already within +-127) -> int8, round half to even (as the kernel's rint)."""
-    return torch.round(x).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+def _quotient(a: torch.Tensor, b: float | torch.Tensor) -> torch.Tensor:
+    """a / b (fp32) rounded as one IEEE fp32 division, as the kernels' `div_rn`, on every device: computed in
+    float64 and rounded once more, which for a quotient of fp32 values gives the same fp32 result. Not
+    `a / 127.0` in fp32: on CUDA PyTorch divides by a Python scalar as a * (1 / b), often a step off in the
+    last bit, and such a scale moves the codes that sit on a rounding tie."""
+    return (a.double() / (b.double() if isinstance(b, torch.Tensor) else b)).float()
+
+
+def _int8(x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """The INT8 codes of x (fp32) under the reciprocal scale inv (fp32, broadcast): x * inv rounded once to the
+    nearest integer, ties to even, as the kernels' fused multiply-add does. The product of two fp32 values is
+    exact in float64, so rounding it there is the one rounding. Rounding an fp32 product rounds twice: a
+    product a hair off a half becomes the half, then goes to the even side, and with bf16 inputs, whose
+    short mantissas put many products next to a half, a few codes in ten thousand would come out a step
+    apart."""
+    return torch.round(x.double() * inv.double()).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
 
 
 def _cast(x: torch.Tensor) -> torch.Tensor:
     """fp32 -> e4m3, round to nearest even (as the GPU's cvt.rn.satfinite does for values within +-448)."""
     return x.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def _recip(scale: torch.Tensor) -> torch.Tensor:
+    """1 / scale rounded to fp32, as the kernels compute it: their codes are x * (1 / scale)."""
+    return _quotient(torch.ones_like(scale), scale)
 
 
 def quantize_qkv_ref(
@@ -78,16 +96,16 @@ def quantize_qkv_ref(
     qf, kf, vf = q.float(), k.float(), v.float()
 
     qp = torch.nn.functional.pad(qf, (0, 0, 0, mq * bm - N))  # zero rows past N (scale TINY / 127, codes 0)
-    q_scale = qp.abs().amax(-1).clamp_min(TINY) / INT8_MAX  # [B, H, Mq * BM]
-    q8 = _int8(qp * (1.0 / q_scale)[..., None])  # codes: x * (1 / scale), as the kernels compute them
+    q_scale = _quotient(qp.abs().amax(-1).clamp_min(TINY), INT8_MAX)  # [B, H, Mq * BM]
+    q8 = _int8(qp, _recip(q_scale)[..., None])
 
-    k_mean = kf.mean(2) if smooth_k else torch.zeros(B, H, D, device=q.device)
+    k_mean = _quotient(kf.sum(2), N) if smooth_k else torch.zeros(B, H, D, device=q.device)
     ks = torch.nn.functional.pad(kf - k_mean[:, :, None], (0, 0, 0, mk * bn - N))  # zero keys past N
-    k_scale = ks.reshape(B, H, mk, bn * D).abs().amax(-1).clamp_min(TINY) / INT8_MAX
-    k8 = _int8(ks * (1.0 / k_scale).repeat_interleave(bn, -1)[..., None])
+    k_scale = _quotient(ks.reshape(B, H, mk, bn * D).abs().amax(-1).clamp_min(TINY), INT8_MAX)  # [B, H, Mk]
+    k8 = _int8(ks, _recip(k_scale).repeat_interleave(bn, -1)[..., None])
 
-    v_scale = vf.abs().amax(2).clamp_min(TINY) / FP8_MAX  # [B, H, D]
-    v8 = _cast(torch.nn.functional.pad(vf * (1.0 / v_scale)[:, :, None], (0, 0, 0, mk * bn - N)))
+    v_scale = _quotient(vf.abs().amax(2).clamp_min(TINY), FP8_MAX)  # [B, H, D]
+    v8 = _cast(torch.nn.functional.pad(vf * _recip(v_scale)[:, :, None], (0, 0, 0, mk * bn - N)))
 
     return Fp8QKV(q8, q_scale, k8, k_scale, k_mean, v8.transpose(-1, -2).contiguous(), v_scale, N, (bm, bn))
 
