@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # One GPU session's measurements, in order of importance, each under its own time limit, so that one call of the
 # device machine (its image: torch, triton, Python 3.12, no diffusers) gives every number at once:
-#   bash bench/gpu_session.sh OUTDIR [SECONDS]
-# 1. the GPU tests that compile little: kernels, no host sync in a step, fp8 kernels;
-# 2. the user's path at Wan 2.1 1.3B 480p x 81, density 0.2 (bench_cli_wan.py: random weights, synthetic masks;
-#    step times, compile time, time to the first step, peak GPU memory against the stock pipeline);
-# 3. the library path (bench_e2e.py) in the same run, only the rows the user path is compared with: stock eager,
-#    stock compiled, calibatt compiled at density 0.2 (its results file is written after every row);
-# 4. the compile-heavy GPU tests and benches last, where a cut costs least: compiled blocks from the cache (the
-#    tiny model), the guard with compiled blocks (bench_guard.py --compile), then the other compiled-block tests
-#    and the fp8 path, as far as the budget goes.
+#   bash bench/gpu_session.sh OUTDIR [SECONDS] [A|B]
+# Part A: the GPU tests that compile little (kernels, no host sync in a step, fp8 kernels); the user's path at
+#   Wan 2.1 1.3B 480p x 81, density 0.2 (bench_cli_wan.py: random weights, synthetic masks; step times, compile
+#   time, time to the first step, peak GPU memory against the stock pipeline); the guard's cost with compiled
+#   blocks (bench_guard.py --compile); the fp8 kernel's config sweep (bench_fp8.py --sweep).
+# Part B: the library path (bench_e2e.py), only the rows the user path is compared with: stock eager, stock
+#   compiled, calibatt compiled at density 0.2 (its results file is written after every row); the compiled-block
+#   tests (the tiny model) and the fp8 path's tests.
 # Each step's limit is capped by what is left of SECONDS (570 by default); a step that cannot get 20 s is skipped
 # (said in the log). Logs go to OUTDIR/log.txt, the user-path CLI logs to OUTDIR/cli-wan/, the results files
 # written under bench/results/ to OUTDIR/results.tar.gz.
 # Carry the wheels first (../shared/tools/device-wheels.sh puts them in .whl/).
 set -u
-OUT=${1:?usage: gpu_session.sh OUTDIR [SECONDS]}
+OUT=${1:?usage: gpu_session.sh OUTDIR [SECONDS] [PART]}
 BUDGET=${2:-570}
+PART=${3:-A}  # A: GPU tests, the user's path, the guard's cost, the fp8 sweep; B: the library path, the
+# compiled-block and fp8-path tests (one call each: together they need more than a call's 600 s)
 START=$(date +%s)
 LOG=$OUT/log.txt
 mkdir -p "$OUT"
@@ -46,15 +47,18 @@ step() { # step SECONDS NAME COMMAND...: run it unless the budget is spent, at m
 # every test runs (no -x); failures and errors summarised one line each at the end, tracebacks short; the slowest
 # tests named, to plan the next session's limits
 T="python3 -m pytest -q --no-header -p no:cacheprovider --tb=short -rfEs --durations=6"
-step 120 "gpu tests: kernels, no sync, fp8 kernels" $T tests/test_kernels_gpu.py tests/test_sync_gpu.py tests/test_fp8_gpu.py
-step 260 "bench_cli_wan d=0.2" python3 bench/bench_cli_wan.py --workdir /tmp/wcli --steps 8 --density 0.2
-mkdir -p "$OUT/cli-wan" && cp /tmp/wcli/*.log "$OUT/cli-wan/" 2>/dev/null
-step 120 "bench_e2e d=0.2 (stock eager, stock compiled, calibatt compiled)" python3 bench/bench_e2e.py \
-	--shapes wan1.3b-480p --densities 0.2 --reps 3 --only stock:eager stock:compiled calibatt:compiled
-step 90 "gpu tests: compiled blocks from the cache" $T tests/test_compile_gpu.py -k default_generate
-step 70 "bench_guard --compile d=0.2" python3 bench/bench_guard.py --density 0.2 --compile --reps 3 --rounds 2
-step 120 "gpu tests: other compiled-block tests" $T tests/test_compile_gpu.py -k "not default_generate"
-step 150 "gpu tests: fp8 path" $T tests/test_fp8_integration_gpu.py
+if [ "$PART" = A ]; then
+	step 120 "gpu tests: kernels, no sync, fp8 kernels" $T tests/test_kernels_gpu.py tests/test_sync_gpu.py tests/test_fp8_gpu.py
+	step 260 "bench_cli_wan d=0.2" python3 bench/bench_cli_wan.py --workdir /tmp/wcli --steps 8 --density 0.2
+	mkdir -p "$OUT/cli-wan" && cp /tmp/wcli/*.log "$OUT/cli-wan/" 2>/dev/null
+	step 70 "bench_guard --compile d=0.2" python3 bench/bench_guard.py --density 0.2 --compile --reps 3 --rounds 2
+	step 80 "bench_fp8 --sweep" python3 bench/bench_fp8.py --sweep --budget 60
+else
+	step 120 "bench_e2e d=0.2 (stock eager, stock compiled, calibatt compiled)" python3 bench/bench_e2e.py \
+		--shapes wan1.3b-480p --densities 0.2 --reps 3 --only stock:eager stock:compiled calibatt:compiled
+	step 200 "gpu tests: compiled blocks" $T tests/test_compile_gpu.py
+	step 150 "gpu tests: fp8 path" $T tests/test_fp8_integration_gpu.py
+fi
 
 find bench/results -newer /tmp/gpu_session.start -type f -print0 | tar --null -czf "$OUT/results.tar.gz" -T - 2>>"$LOG"
 echo "=== done $(date +%T), $(($(date +%s) - START)) s" >>"$LOG"
