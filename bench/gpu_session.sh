@@ -58,6 +58,7 @@ else
 		--shapes wan1.3b-480p --densities 0.2 --reps 3 --only stock:eager stock:compiled calibatt:compiled
 	step 200 "gpu tests: compiled blocks" $T tests/test_compile_gpu.py
 	step 150 "gpu tests: fp8 path" $T tests/test_fp8_integration_gpu.py
+	step 40 "gpu tests: fp8 quantization" $T tests/test_fp8_gpu.py -k quantize_matches
 fi
 
 find bench/results -newer /tmp/gpu_session.start -type f -print0 | tar --null -czf "$OUT/results.tar.gz" -T - 2>>"$LOG"

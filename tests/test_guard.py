@@ -124,15 +124,14 @@ def test_sampled_mass_in_bf16_moves_the_dropped_mass_by_under_one_percent():
     assert err < 0.01, f"bf16 error {err:.2e} of the dropped mass ({dropped.tolist()})"
 
 
-def _faulty_cache(tmp, name: str, masks: torch.Tensor, compile_sets: tuple = ()) -> list[str]:
-    """A bundle of `masks` with the calibrated bundle's meta, compiled (with `compile_sets` too); the --set
-    overrides that use it."""
+def _faulty_cache(tmp, name: str, masks: torch.Tensor) -> list[str]:
+    """A bundle of `masks` with the calibrated bundle's meta, compiled; the --set overrides that use it."""
     from calibatt_cli.bundle import load_bundle, save_bundle
 
     meta = load_bundle(tmp / "out" / "bundle.safetensors").meta
     save_bundle(tmp / f"{name}.safetensors", masks, {k: v for k, v in meta.items() if k != "content_hash"})
     sets = [f"compile.bundle={tmp / name}.safetensors", f"compile.cache_dir={tmp / name}.cache"]
-    compile_cache(load_config(tmp / "small.yaml", [*sets, *compile_sets]))
+    compile_cache(load_config(tmp / "small.yaml", sets))
     return sets
 
 
@@ -179,8 +178,18 @@ def test_guard_with_compiled_blocks_from_the_cache_compiles_nothing(work):
     shape = load_bundle(tmp / "out" / "bundle.safetensors").masks.shape
     masks = torch.rand(shape, generator=torch.Generator().manual_seed(4)) < 0.4
     masks |= torch.eye(shape[-1], dtype=torch.bool)
-    compiled = ["generate.compile=true", "generate.guard=false"]
-    faulty = _faulty_cache(tmp, "strict", masks, compiled)
+    meta = load_bundle(tmp / "out" / "bundle.safetensors").meta
+    save_bundle(tmp / "strict.safetensors", masks, {k: v for k, v in meta.items() if k != "content_hash"})
+    faulty = [f"compile.bundle={tmp}/strict.safetensors", f"compile.cache_dir={tmp}/strict.cache"]
+    # compiled by the CLI, in its own process, as a user does (see cache/blocks.py)
+    sets = [a for s in [*faulty, "generate.compile=true", "generate.guard=false"] for a in ("--set", s)]
+    r = subprocess.run(
+        [sys.executable, "-m", "calibatt_cli", "compile", "--config", str(tmp / "small.yaml"), *sets],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
     args = [sys.executable, "-m", "calibatt_cli", "generate", "a red circle moving left on a black background"]
     args += ["--config", str(tmp / "small.yaml"), "--strict", "--json", "-o", str(tmp / "strict.mp4")]
     for s in [*faulty, "generate.compile=true", "generate.guard=true"]:

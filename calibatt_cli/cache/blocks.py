@@ -17,6 +17,11 @@ inductor's Triton kernels land in the cache's triton/ beside ours (the build run
 points inductor at it: the cache folder itself is only read. Dynamo still traces at generate time (graphs
 are tied to the process's code objects); code generation and compilation do not happen, and
 `InductorCounter` counts them if they do (strict mode fails at the first).
+
+Build in a fresh process (`calibatt compile` is one): where inductor has already built some of the same kernels
+in this process, it serves them from memory and their files never reach the new folder, so a later generate
+would build them (counted: strict fails). `torch._dynamo.reset()` and inductor's `clear_caches()` do not
+prevent it.
 """
 
 from __future__ import annotations

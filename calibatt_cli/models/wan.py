@@ -16,7 +16,6 @@ from calibatt_kernels import ops as ck_ops
 
 from ..config import Config
 from ..errors import ModelError
-from ..runtime.processor import layer_attention_op
 from .base import LoadedModel, ModelIdentity, carry_parallel_config, identity_from_config, scheduler_class
 from .parallel import context_parallel_attention
 
@@ -84,7 +83,7 @@ class CalibattWanAttnProcessor(WanAttnProcessor):
         """q, k, v: [B, H, N, D] views -> [B, H, N, D]."""
         if self.sparse is not None and self.controller.fast():
             # one opaque op whatever the step: the sparse layer reads the step, plan and guard when it runs
-            return layer_attention_op(q, k, v, self.sparse.handle)
+            return self.sparse(q, k, v)
         if self.sparse is not None and self.controller.guard_due():
             self.controller.guard_check(self.layer_index, q, k)  # may widen: the next attend reads the new index
         return self.controller.attend(self.layer_index, q, k, v)

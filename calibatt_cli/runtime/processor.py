@@ -65,6 +65,11 @@ class SparseLayer:
                 index.derived["kept_blocks"] = index.counts.sum(dtype=torch.int64)
             self.index.append(index)
 
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The layer's attention (q, k, v [B, H, N, D]) through the registered op: a compiled caller keeps one
+        opaque call, which runs `run` when it executes."""
+        return layer_attention_op(q, k, v, self.handle)
+
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The layer's attention on this call's step, as the plan (and the guard) say."""
         c = self.controller
