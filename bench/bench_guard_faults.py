@@ -121,6 +121,7 @@ def run(args, out: Path) -> dict:
             "overrides": sets0,
             "calibration_prompts": read_prompts(base.calibration.prompts, base),
             "held_out_prompts": len(prompts),
+            "target_db": TARGET_DB,
         },
         "bundles": {n: {"epsilon": e} for n, (_, e) in made.items()},
         "guard": {},
