@@ -15,6 +15,7 @@ import html
 import io
 import json
 import math
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -261,8 +262,8 @@ def render_html(data: dict, clips: list[ClipEval]) -> str:
     )
     worst = sorted(range(len(clips)), key=lambda i: clips[i].psnr_db)[:WORST_SHOWN]
     thumbs = "".join(
-        f"<h3>{esc(clips[i].prompt)} (seed {clips[i].seed}, PSNR "
-        f"{clips[i].psnr_db:.2f} dB)</h3>{_img(_thumbs_png(clips[i]), 'dense vs sparse')}"
+        f"<figure>{_img(_thumbs_png(clips[i]), 'dense vs sparse')}<figcaption>{esc(clips[i].prompt)} (seed "
+        f"{clips[i].seed}, PSNR {clips[i].psnr_db:.2f} dB)</figcaption></figure>"
         for i in worst
     )
     gate = data["gate"]
@@ -282,7 +283,9 @@ def render_html(data: dict, clips: list[ClipEval]) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>calibatt evaluate: {esc(data["model"]["name"])}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:1em auto;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}
-img{{max-width:100%}}.meta{{color:#666;font-size:90%}}</style></head><body>
+img{{max-width:100%}}.meta{{color:#666;font-size:90%}}
+.row{{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}}.row figure{{margin:0;flex:1 1 30%}}
+figcaption{{font-size:90%}}</style></head><body>
 <h1>Is it still the same video?</h1>
 <p class="meta">model {esc(data["model"]["name"])} ({esc(data["model"]["hash"][:12])}), bundle
 {esc(data["bundle"]["content_hash"][:12])}, config {esc(data["config_hash"][:12])}, device
@@ -293,10 +296,10 @@ Sparse vs dense from the same noise. LPIPS {esc(data["lpips"])}.</p>
 <h2>Per clip</h2>{_img(_quality_png(data["clips"]), "PSNR and SSIM per clip")}
 <table id="clips"><tr><th>prompt</th><th>seed</th><th>PSNR dB</th><th>SSIM</th><th>retained mass</th></tr>
 {clip_rows}</table>
-<h2>Masks per layer and step bucket</h2>{heatmaps}
+<h2>Masks per layer and step bucket</h2><div class="row">{heatmaps}</div>
 <h2>Time per denoising step</h2>{_img(_steps_png(data["step_seconds"]), "step time")}
 <p class="meta">{esc(data["step_seconds_note"])}.</p>
-<h2>Worst clips: first, middle and last frame</h2>{thumbs}
+<h2>Worst clips: first, middle and last frame</h2><div class="row">{thumbs}</div>
 </body></html>
 """
 
@@ -324,10 +327,11 @@ def _png(fig) -> bytes:
 
 
 def _quality_png(rows: list[dict]) -> bytes:
-    labels = [f"{r['prompt'][:48]} (s{r['seed']})" for r in rows]
+    labels = [textwrap.fill(f"{r['prompt']} (s{r['seed']})", 40) for r in rows]
     finite = [r["psnr_db"] for r in rows if r["psnr_db"] is not None]
     cap = (max(finite) if finite else 60.0) + 5  # identical clips (inf PSNR) drawn at the cap
-    fig, (a, b) = _figure(1, 2, figsize=(12, 0.35 * len(rows) + 1.2), sharey=True)
+    height = sum(0.25 + 0.1 * (t.count("\n") + 1) for t in labels) + 1.2  # a bar per clip, its label's lines
+    fig, (a, b) = _figure(1, 2, figsize=(12, height), sharey=True)
     y = np.arange(len(rows))
     a.barh(y, [cap if r["psnr_db"] is None else r["psnr_db"] for r in rows], color="#4878a8")
     a.set_yticks(y, labels, fontsize=8)
