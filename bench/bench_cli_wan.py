@@ -236,7 +236,6 @@ def main() -> None:
             log=work / f"{label}.log",
         )
         g = json.loads(out.strip().splitlines()[-1])
-        peak = {"loop": g.get("peak_memory_bytes")}
         kernels = g.get("kernels") or {}
         steps = g["step_seconds"][0]
         first = 0 if g["dense"] else warmup  # the phase whose first step is checked: dense, or the sparse steps
@@ -253,8 +252,7 @@ def main() -> None:
             measured_sparse_density=g.get("measured_sparse_density"),
             planned_dense_groups=sum(1 for x in kernels.get("groups", []) if x.get("plan") == "dense"),
             attention_calls=kernels.get("calls"),
-            peak_memory_bytes=peak.get("loop"),
-            peak_memory_later_steps_bytes=peak.get("later"),
+            peak_memory_bytes=g.get("peak_memory_bytes"),
             sampling_seconds=g["seconds"],
             load_seconds=g["load_seconds"],
             ready_seconds=g["ready_seconds"],
@@ -280,9 +278,8 @@ def main() -> None:
         "ready_vs_stock_eager_ready": round(g["ready_seconds"] / se["ready_seconds"], 3),
     }
     for key, row in (("peak_vs_stock_compiled", sc), ("peak_vs_stock_eager", se)):
-        for name, field in (("", "peak_memory_bytes"), ("_later_steps", "peak_memory_later_steps_bytes")):
-            if g.get(field) and row.get(field):
-                res["ratios"][key + name] = round(g[field] / row[field], 4)
+        if g.get("peak_memory_bytes") and row.get("peak_memory_bytes"):
+            res["ratios"][key] = round(g["peak_memory_bytes"] / row["peak_memory_bytes"], 4)
     out = (
         Path(args.json)
         if args.json
@@ -324,13 +321,7 @@ def main() -> None:
         print(
             f"peak GPU memory of the denoising loop: sparse {gib['generate'] / 2**30:.2f} GiB, stock compiled "
             f"{gib['stock_compiled'] / 2**30:.2f} GiB (x{r['peak_vs_stock_compiled']}), stock eager "
-            f"{gib['stock_eager'] / 2**30:.2f} GiB (x{r['peak_vs_stock_eager']})"
-            + (
-                f"; later steps only x{r['peak_vs_stock_compiled_later_steps']} stock compiled"
-                if "peak_vs_stock_compiled_later_steps" in r
-                else ""
-            )
-            + f" ({res['peak_memory_source']})"
+            f"{gib['stock_eager'] / 2**30:.2f} GiB (x{r['peak_vs_stock_eager']})" + f" ({res['peak_memory_source']})"
         )
     print(f"wrote {out}")
 

@@ -241,7 +241,7 @@ def bench_shape(shape: dict, args, device, dtype, res: dict, save) -> dict:
             return
         full = torch.ones(heads, *masks_by_density[args.densities[0]].shape[1:], dtype=torch.bool, device=device)
         plan = make_plan(full.cpu(), layers, kernel_config(args.kernel_config)).to(device)
-        ctl = AttentionController("sparse", plan=plan).to(device)
+        ctl = AttentionController("sparse", plan=plan)
         ctl.reset()
         procs = install(lambda i: CalibattWanAttnProcessor(i, ctl))
         if args.ffn_ab and wanted("unfused-ffn", tag):

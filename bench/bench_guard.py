@@ -59,7 +59,7 @@ def bench(shape: dict, args, device, dtype) -> dict:
         plan.step_buckets = [0, 0]  # step 0 is the bucket's first sparse step: the one the guard checks
         plan = plan.to(device)
         ctl = SparseController(plan, guard=Guard(plan, factor=1.0, floor=0.0) if guard else None)
-        ctl.to(device).reset()
+        ctl.reset()
         # made once: compiled blocks keep one graph per processor set instead of recompiling each round
         return ctl, [CalibattWanAttnProcessor(i, ctl) for i in range(len(tr.blocks))]
 

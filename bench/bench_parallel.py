@@ -72,7 +72,7 @@ def worker(args) -> None:
         plan = make_plan(masks, layers).to(device)
         if layout.ulysses > 1:
             plan = plan.heads(*layout.heads(heads)).to(device)
-        ctl = SparseController(plan).to(device)
+        ctl = SparseController(plan)
         ctl.reset()
         for i, blk in enumerate(tr.blocks):
             blk.attn1.set_processor(CalibattWanAttnProcessor(i, ctl))

@@ -454,12 +454,11 @@ def kernel_report(plan, ran: dict) -> dict:
     the plan runs sparse with fewer calls than the others of their bucket (each forward calls every layer
     once, so the difference ran outside calibatt's kernels: dense), or a bucket with none at all; the
     densities over all steps (warm-up steps, dense calls and the groups compile measured faster dense,
-    `plan.dense`, count 1.0) and over the sparse steps. Under torch.compile the processors cannot label their
-    calls with the layer, so the groups are per bucket (layer "*")."""
+    `plan.dense`, count 1.0) and over the sparse steps. Every sparse call names its (bucket, layer), compiled
+    or not (the layer's op sets the scope when it runs: runtime/processor.py)."""
     layers = sorted({key[1] for key in plan.index})
     buckets = sorted({b for b in plan.step_buckets if b >= 0})
     scopes = {tuple(s["scope"]): s for s in ran["scopes"] if isinstance(s["scope"], (list, tuple))}
-    per_layer = not any(layer is None for _, layer in scopes)
     empty = {"ran": {}, "blocks": 0, "total_blocks": 0}
     groups, dense, density = [], [], {}
     for b in buckets:
@@ -470,23 +469,22 @@ def kernel_report(plan, ran: dict) -> dict:
         if not sparse_layers:
             density[b] = 1.0
             continue
-        keys = [(b, layer) for layer in sparse_layers] if per_layer else [(b, None)]
+        keys = [(b, layer) for layer in sparse_layers]
         calls = {key: sum(scopes.get(key, empty)["ran"].values()) for key in keys}
         n_calls = sum(calls.values())
         if n_calls == 0:
             dense.append({"bucket": b, "layer": "*", "missing": None, "expected": None})
         # the calls each group should have made: every layer runs once per forward
-        expected = max(calls.values()) if per_layer else -(-n_calls // len(sparse_layers)) * len(sparse_layers)
+        expected = max(calls.values())
         blocks = sum(scopes.get(key, empty)["blocks"] for key in keys)
         total = sum(scopes.get(key, empty)["total_blocks"] for key in keys)
         per_call = total / n_calls if n_calls else 0  # blocks of one call (a dense call computes them all)
         # the planned-dense layers compute every block of as many calls as a sparse layer makes
-        forwards = expected if per_layer else expected // len(sparse_layers)
-        blocks += len(planned_dense) * forwards * per_call
-        total += len(planned_dense) * forwards * per_call
+        blocks += len(planned_dense) * expected * per_call
+        total += len(planned_dense) * expected * per_call
         for key in keys:
             s = scopes.get(key, empty)
-            layer = "*" if key[1] is None else key[1]
+            layer = key[1]
             missing = expected - calls[key]
             if missing:
                 dense.append({"bucket": b, "layer": layer, "missing": missing, "expected": expected})

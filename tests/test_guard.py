@@ -61,7 +61,7 @@ def test_widening_changes_the_kernels_index():
     from calibatt_cli.runtime.guard import Guard
 
     ctl = SparseController(plan, guard=Guard(plan, factor=2.0))
-    sparse = ctl.sparse_layer(0)
+    ctl.sparse_layer(0)
     ctl.reset()
     ctl._set_step(1)
     assert ctl.guard_due()
@@ -77,10 +77,11 @@ def test_widening_changes_the_kernels_index():
     for h in range(2):
         if h not in heads:
             assert torch.equal(got[h], masks[h])
-    assert sparse.index[0].counts[0, 0].tolist() == [4, 4, 4, 4], "the processor's index was not refreshed"
+    read = ctl.plan.index[(0, 0)]  # what the layer's next call reads, with what its launch derives made anew
+    assert read.counts[0, 0].tolist() == [4, 4, 4, 4] and int(read.derived["kept_blocks"]) == int(read.counts.sum())
     ctl.reset()  # a new video: back to the compiled plan
     assert torch.equal(index_to_mask(ctl.plan.index[(0, 0)], 4)[0], masks)
-    assert sparse.index[0].counts[0, 0].tolist() == [1, 1, 1, 1]
+    assert ctl.plan.index[(0, 0)].counts[0, 0].tolist() == [1, 1, 1, 1]
 
 
 def test_sampled_mass_equals_the_full_block_mass_on_the_sampled_rows():

@@ -34,15 +34,6 @@ def test_op_matches_reference_and_its_fake():
     torch.library.opcheck(
         block_sparse_attention_op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static")
     )
-    # with the launch records a plan's processors bring (the Gluon kernel's; the CPU path does not read them)
-    records, split_rows = ck.dispatch.launch_records(ix, ck.KernelConfig(kernel="gluon_persistent"))
-    assert split_rows is None  # (no last-wave split off the GPU)
-    assert records is not None
-    torch.library.opcheck(
-        block_sparse_attention_op,
-        (*args[:-1], [], records, split_rows),
-        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
-    )
 
 
 def test_transformer_compiles_fullgraph_with_the_op(small_config):

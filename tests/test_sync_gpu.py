@@ -58,7 +58,7 @@ def test_sparse_step_never_waits_for_the_gpu():
     with torch.no_grad():
         tr(**args)  # diffusers' own processors: cuBLAS, SDPA and the rest of the model are warm
         prewarm(plan, heads=HEADS, head_dim=HEAD_DIM, dtype=dtype, device=dev, qk_norm_rope=True)  # as generate
-        ctl = AttentionController("sparse", plan=plan).to(dev)
+        ctl = AttentionController("sparse", plan=plan)
         for i, blk in enumerate(tr.blocks):
             blk.attn1.set_processor(CalibattWanAttnProcessor(i, ctl))
         torch.cuda.synchronize()

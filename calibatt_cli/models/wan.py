@@ -121,7 +121,6 @@ def fuse_ffn_gelu(transformer) -> list[tuple[torch.nn.Module, str, torch.nn.Modu
 class WanModel(LoadedModel):
     def install(self, controller: Controller) -> None:
         self.uninstall()
-        controller.to(self.device)
         for i, block in enumerate(self.pipe.transformer.blocks):
             self._installed.append((block.attn1, block.attn1.processor))
             processor = CalibattWanAttnProcessor(i, controller)

@@ -101,9 +101,6 @@ class Controller:
     def _set_step(self, step: int) -> None:
         self.step = step
 
-    def to(self, device: torch.device) -> Controller:
-        return self
-
     def fast(self) -> bool:
         """True when a processor may hand every call to its SparseLayer through `layer_attention_op`, which
         reads the step when it runs: a compiled block holds no Python value that changes during a run."""
@@ -185,9 +182,10 @@ class SparseController(Controller):
     ):
         super().__init__()
         self.plan = plan
-        # "fp8": the sparse calls run the quantized kernel (dispatch.block_sparse_attention_fp8_indexed)
+        # "fp8": the sparse calls run the quantized kernel (dispatch.block_sparse_attention_fp8_indexed); the
+        # processors' layers call the same function (SparseLayer.run)
         self.precision = precision
-        self._attention = (
+        self.sparse_attention = (
             ck.dispatch.block_sparse_attention_fp8_indexed
             if precision == "fp8"
             else ck.dispatch.block_sparse_attention_indexed
@@ -209,8 +207,8 @@ class SparseController(Controller):
             bucket = self.plan.step_buckets[step]
             self.dense_now = bucket < 0
             self.bucket = max(bucket, 0)
-            # what ran is recorded per (bucket, layer): the processors name the layer, where they can
-            ck.dispatch.set_scope(None if self.dense_now else (self.bucket, None))
+            # what ran is recorded per (bucket, layer): each sparse call names its own
+            ck.dispatch.set_scope(None)
 
     def sparse_layer(self, layer: int) -> SparseLayer:
         """What a processor of `layer` holds to take the fast path (fast)."""
@@ -253,7 +251,7 @@ class SparseController(Controller):
         ck.dispatch.set_scope((bucket, layer))
         if (bucket, layer) in self.plan.dense:
             return F.scaled_dot_product_attention(q, k, v)
-        return self._attention(q, k, v, index, block_size=bs, config=self.plan.configs.get((bucket, layer)))
+        return self.sparse_attention(q, k, v, index, block_size=bs, config=self.plan.configs.get((bucket, layer)))
 
     def attend_joint(self, layer, q, k, v, q_txt, k_txt, v_txt):
         bucket = self._bucket(self.plan.step_buckets)
@@ -269,7 +267,7 @@ class SparseController(Controller):
         ck.dispatch.set_scope((bucket, layer))
         if (bucket, layer) in self.plan.dense:
             return _dense_joint(q, k, v, q_txt, k_txt, v_txt)
-        out_vis, lse_vis = self._attention(  # (fp8 returns no lse: it falls back to bf16, recorded)
+        out_vis, lse_vis = self.sparse_attention(  # (fp8 returns no lse: it falls back to bf16, recorded)
             q, k, v, index, block_size=bs, config=self.plan.configs.get((bucket, layer)), return_lse=True
         )
         if k_txt.shape[2] == 0:

@@ -24,46 +24,34 @@ if TYPE_CHECKING:  # the controller builds these layers (SparseController.sparse
 # handle's data_ptr -> the SparseLayer it names. A handle is a one-byte tensor each SparseLayer owns: while the
 # layer lives, no other live tensor starts at its address. (An int key would be a constant in the graph, and
 # the FX-graph cache key of a compiled block would change from one process to the next.)
-_LAYERS: dict[int, weakref.ref] = {}
+_LAYERS: weakref.WeakValueDictionary[int, SparseLayer] = weakref.WeakValueDictionary()
 
 
 class SparseLayer:
-    """One self-attention layer's share of a sparse run: its index per bucket with what each launch derives
-    from it made here at load (the Gluon kernel's tile records and last-wave splits, the block count that the
-    record of what ran adds per call), so that a call never waits for the GPU."""
+    """One self-attention layer's share of a sparse run. It reads the step, the plan (index, kernel config,
+    planned-dense groups) and the guard from its controller when a call runs; what a launch derives from an
+    index (the Gluon kernel's tile records and last-wave splits, the block count that the record of what ran
+    adds per call) it makes here, at load and when the guard replaces an index, so that a call never waits
+    for the GPU."""
 
     def __init__(self, controller: SparseController, layer: int):
-        plan = controller.plan
         self.layer = layer
-        self.block = plan.block_size
         self.controller = controller
-        self.buckets = 1 + max(plan.step_buckets)
-        # whether compile measured dense attention faster for (bucket, layer): it then runs dense, as planned
-        self.dense = [(b, layer) in plan.dense for b in range(self.buckets)]
-        self.configs = [plan.configs.get((b, layer)) for b in range(self.buckets)]
-        # precision fp8: the quantized kernel (INT8 Q.K^T, FP8 P.V), else bf16's
-        fp8 = controller.precision == "fp8"
-        self.fp8 = fp8
-        self.attention = (
-            ck.dispatch.block_sparse_attention_fp8_indexed if fp8 else ck.dispatch.block_sparse_attention_indexed
-        )
         self.handle = torch.zeros(1, dtype=torch.uint8)
-        _LAYERS[self.handle.data_ptr()] = weakref.ref(self)
-        self.index: list[ck.BlockIndex] = []
+        _LAYERS[self.handle.data_ptr()] = self
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-read the plan's index of each bucket (the guard replaces one when it widens a head) and make
-        what its launches derive from it, once per index object."""
-        plan = self.controller.plan
-        self.index = []
-        for b in range(self.buckets):
+        """Make what each bucket's launches derive from the plan's index, once per index object."""
+        c = self.controller
+        plan = c.plan
+        for b in range(1 + max(plan.step_buckets)):
             index = plan.index[(b, self.layer)]
             if "kept_blocks" not in index.derived:
-                if not self.fp8:  # (the fp8 kernel reads the index itself: nothing to derive)
-                    index.records, index.split_rows = ck.dispatch.launch_records(index, self.configs[b])
+                if c.precision != "fp8":  # (the fp8 kernel reads the index itself: nothing to derive)
+                    config = plan.configs.get((b, self.layer))
+                    index.records, index.split_rows = ck.dispatch.launch_records(index, config)
                 index.derived["kept_blocks"] = index.counts.sum(dtype=torch.int64)
-            self.index.append(index)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The layer's attention (q, k, v [B, H, N, D]) through the registered op: a compiled caller keeps one
@@ -75,15 +63,14 @@ class SparseLayer:
         c = self.controller
         if c.dense_now:  # a warm-up step
             return _like(F.scaled_dot_product_attention(q, k, v), q)
-        bucket = c.bucket
-        ck.dispatch.set_scope((bucket, self.layer))
-        if self.dense[bucket]:
+        key = (c.bucket, self.layer)
+        ck.dispatch.set_scope(key)
+        if key in c.plan.dense:  # compile measured dense attention faster here: it runs dense, as planned
             return _like(F.scaled_dot_product_attention(q, k, v), q)
-        if c.guard is not None and c.guard.due(c.step):
-            c.guard_check(self.layer, q, k)  # may widen: refresh() re-reads this bucket's index first
-        return self.attention(
-            q, k, v, self.index[bucket], block_size=(self.block, self.block), config=self.configs[bucket]
-        )
+        if c.guard_due():
+            c.guard_check(self.layer, q, k)  # may widen: the plan's index is then new, and refreshed
+        bs = (c.plan.block_size, c.plan.block_size)
+        return c.sparse_attention(q, k, v, c.plan.index[key], block_size=bs, config=c.plan.configs.get(key))
 
 
 def _like(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -97,7 +84,7 @@ def _like(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("calibatt::layer_attention", mutates_args=())
 def layer_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
     """One sparse run's self-attention of the layer `handle` names (SparseLayer.run): q, k, v [B, H, N, D]."""
-    layer = _LAYERS[handle.data_ptr()]()
+    layer = _LAYERS.get(handle.data_ptr())
     if layer is None:
         raise RuntimeError("calibatt::layer_attention called for a layer whose sparse run has ended")
     return layer.run(q, k, v)

@@ -28,7 +28,7 @@ class BlockIndex:
     schedule: torch.Tensor | None = None  # int32 [B*H*Mq]: flat row ids, most blocks first
     # The Gluon kernel's launch records for one batch repeat, made ahead (`attn_gluon.launch_records`), and
     # the rows its last wave splits (None: none is split). A call that brings them derives nothing from the
-    # index, so it never waits for the GPU: a plan's processors make them at load and hand them to the op.
+    # index, so it never waits for the GPU: a sparse run makes them at load (runtime/processor.py, SparseLayer).
     records: torch.Tensor | None = field(default=None, repr=False, compare=False)
     split_rows: torch.Tensor | None = field(default=None, repr=False, compare=False)
     # What a kernel derives from this index once and reuses while the index lives (the Gluon kernel's tile

@@ -59,26 +59,21 @@ def block_sparse_attention_op(
     block_m: int,
     block_n: int,
     config: list[int],
-    records: torch.Tensor | None = None,
-    split_rows: torch.Tensor | None = None,
-    kept_blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`records`, `split_rows`: what the launch would otherwise derive from the index on every call
-    (`dispatch.launch_records`, made once at load): with them a call never waits for the GPU. `kept_blocks`:
-    the index's block count (int64 scalar, made once at load), so that what_ran counts the call's blocks
-    without summing the index again."""
     from .dispatch import block_sparse_attention_indexed
 
-    index = BlockIndex(counts, offsets, indices, schedule, records, split_rows)
-    if kept_blocks is not None:
-        index.derived["kept_blocks"] = kept_blocks
     return block_sparse_attention_indexed(
-        q, k, v, index, block_size=(block_m, block_n), config=config_from_op_arg(config)
+        q,
+        k,
+        v,
+        BlockIndex(counts, offsets, indices, schedule),
+        block_size=(block_m, block_n),
+        config=config_from_op_arg(config),
     )
 
 
 @block_sparse_attention_op.register_fake
-def _(q, k, v, counts, offsets, indices, schedule, block_m, block_n, config, *extra):
+def _(q, k, v, counts, offsets, indices, schedule, block_m, block_n, config):
     # The launcher allocates its output in q's stride order, as empty_like does for a dense q.
     return torch.empty_like(q)
 
