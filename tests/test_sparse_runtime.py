@@ -4,6 +4,7 @@ chooses per (bucket, layer) and generate follows it."""
 
 import pytest
 import torch
+from wan_formats import small_wan_transformer
 
 import calibatt_kernels as ck
 from calibatt_cli.cache import tune
@@ -17,20 +18,7 @@ HEADS = 2
 
 
 def _transformer():
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(0)
-    return WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=HEADS,
-        attention_head_dim=64,
-        in_channels=4,
-        out_channels=4,
-        text_dim=32,
-        freq_dim=32,
-        ffn_dim=64,
-        num_layers=2,
-    ).eval()
+    return small_wan_transformer(HEADS)
 
 
 def _args():

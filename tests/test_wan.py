@@ -116,7 +116,6 @@ def test_processor_matches_diffusers_stock_processor(mode):
     counted), against diffusers' processor in float64 with the block mask as its token-level attention mask."""
     import copy
 
-    from diffusers import WanTransformer3DModel
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
     import calibatt_kernels as ck
@@ -124,18 +123,7 @@ def test_processor_matches_diffusers_stock_processor(mode):
     from calibatt_cli.runtime import AttentionController, MassRecorder, SparsePlan
     from calibatt_kernels import mask_to_index
 
-    torch.manual_seed(0)
-    tr = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=64,
-        in_channels=4,
-        out_channels=4,
-        text_dim=32,
-        freq_dim=32,
-        ffn_dim=64,
-        num_layers=2,
-    ).eval()
+    tr = wan_formats.small_wan_transformer()
     for blk in tr.blocks:  # non-trivial norm weights: a swapped or skipped norm must show
         blk.attn1.norm_q.weight.data.uniform_(0.5, 1.5)
         blk.attn1.norm_k.weight.data.uniform_(0.5, 1.5)
@@ -191,23 +179,11 @@ def test_processor_matches_diffusers_stock_processor(mode):
 def test_ffn_fusion_swaps_keeps_outputs_and_restores():
     """fuse_ffn_gelu puts the fused up-projection + GELU in every block's FFN without changing the
     transformer's output or its state_dict keys; restore_modules puts diffusers' own modules back."""
-    from diffusers import WanTransformer3DModel
 
     from calibatt_cli.models.base import restore_modules
     from calibatt_cli.models.wan import FusedGELUProjection, fuse_ffn_gelu
 
-    torch.manual_seed(0)
-    tr = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=32,
-        in_channels=4,
-        out_channels=4,
-        text_dim=32,
-        freq_dim=32,
-        ffn_dim=96,
-        num_layers=2,
-    ).eval()
+    tr = wan_formats.small_wan_transformer(head_dim=32, ffn_dim=96)
     originals = [blk.ffn.net[0] for blk in tr.blocks]
     keys = list(tr.state_dict())
     args = dict(

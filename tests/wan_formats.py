@@ -224,3 +224,21 @@ def write_original(pipe, folder: Path) -> Path:
     (folder / "vae").mkdir()
     pipe.vae.save_config(str(folder / "vae"))
     return folder
+
+
+def small_wan_transformer(heads: int = 2, head_dim: int = 64, ffn_dim: int = 64):
+    """A two-layer WanTransformer3DModel for processor tests (seed 0, eval): 4 latent channels, text dim 32."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
+        in_channels=4,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=ffn_dim,
+        num_layers=2,
+    ).eval()
