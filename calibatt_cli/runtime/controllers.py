@@ -20,7 +20,7 @@ import calibatt_kernels as ck
 
 from .guard import Guard
 from .plan import SparsePlan
-from .processor import SparseLayer
+from .processor import SparseLayer, prepare_layer
 
 
 @dataclass
@@ -191,7 +191,6 @@ class SparseController(Controller):
             else ck.dispatch.block_sparse_attention_indexed
         )
         self.guard = guard  # checks the masks at each bucket's first sparse step, widens heads that lose mass
-        self._layers: dict[int, list[SparseLayer]] = {}  # what processors hold, re-read when the guard widens
         # Live check of the masks: the share of the true softmax mass that the kept blocks hold, measured
         # on this run's own q and k. Costs one block_mass pass per sparse call.
         self.measure_mass = measure_mass
@@ -212,9 +211,7 @@ class SparseController(Controller):
 
     def sparse_layer(self, layer: int) -> SparseLayer:
         """What a processor of `layer` holds to take the fast path (fast)."""
-        sparse = SparseLayer(self, layer)
-        self._layers.setdefault(layer, []).append(sparse)
-        return sparse
+        return SparseLayer(self, layer)
 
     def reset(self) -> None:
         super().reset()
@@ -234,8 +231,9 @@ class SparseController(Controller):
             self._refresh(layer)
 
     def _refresh(self, layer: int) -> None:
-        for sparse in self._layers.get(layer, []):
-            sparse.refresh()
+        """The plan's index of `layer` was replaced (the guard widened or put it back): what its launches
+        derive from it is made now, at the check, not in a later call."""
+        prepare_layer(self.plan, layer, self.precision)
 
     def fast(self) -> bool:
         return not self.measure_mass

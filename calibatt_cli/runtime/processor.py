@@ -42,16 +42,8 @@ class SparseLayer:
         self.refresh()
 
     def refresh(self) -> None:
-        """Make what each bucket's launches derive from the plan's index, once per index object."""
-        c = self.controller
-        plan = c.plan
-        for b in range(1 + max(plan.step_buckets)):
-            index = plan.index[(b, self.layer)]
-            if "kept_blocks" not in index.derived:
-                if c.precision != "fp8":  # (the fp8 kernel reads the index itself: nothing to derive)
-                    config = plan.configs.get((b, self.layer))
-                    index.records, index.split_rows = ck.dispatch.launch_records(index, config)
-                index.derived["kept_blocks"] = index.counts.sum(dtype=torch.int64)
+        """Make what the launches derive from the plan's index of this layer (after a caller replaced one)."""
+        prepare_layer(self.controller.plan, self.layer, self.controller.precision)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The layer's attention (q, k, v [B, H, N, D]) through the registered op: a compiled caller keeps one
@@ -71,6 +63,17 @@ class SparseLayer:
             c.guard_check(self.layer, q, k)  # may widen: the plan's index is then new, and refreshed
         bs = (c.plan.block_size, c.plan.block_size)
         return c.sparse_attention(q, k, v, c.plan.index[key], block_size=bs, config=c.plan.configs.get(key))
+
+
+def prepare_layer(plan, layer: int, precision: str) -> None:
+    """Make what each bucket's launches derive from `plan`'s index of `layer`, once per index object (it is kept
+    with the index: BlockIndex.records, split_rows, derived)."""
+    for b in range(1 + max(plan.step_buckets)):
+        index = plan.index[(b, layer)]
+        if "kept_blocks" not in index.derived:
+            if precision != "fp8":  # (the fp8 kernel reads the index itself: nothing to derive)
+                index.records, index.split_rows = ck.dispatch.launch_records(index, plan.configs.get((b, layer)))
+            index.derived["kept_blocks"] = index.counts.sum(dtype=torch.int64)
 
 
 def _like(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
