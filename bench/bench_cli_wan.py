@@ -1,16 +1,18 @@
 """The user's path on a GPU, at Wan 2.1 1.3B 480p x 81 frames: calibrate -> compile -> generate --strict.
 
-    python bench/bench_cli_wan.py --workdir /tmp/wcli --json out.json      # device machine
+    python bench/bench_cli_wan.py --workdir /tmp/wcli --library      # device machine
 
 1. Writes a random-weight Wan 2.1 1.3B pipeline as a diffusers folder: the real transformer and VAE configs
    (configs/wan2.1/), a one-layer UMT5 of the real width (4096) instead of the 5.7 B-parameter encoder, and
    the tiny word-level tokenizer. Nothing is downloaded.
 2. Calibrates it (library call, so the measured block mass is at hand). Random weights attend almost
    uniformly, so their calibrated masks are near dense; the bundle's masks are then replaced by synthetic
-   masks (a local band, scattered blocks and a sink column, denser in some layers than others: the ones
-   bench_compile.py uses) with every layer's target scaled so that their mean density is --density (0.2 by
-   default, to within 0.002; the realised density is recorded), and their retained mass is computed from the
-   measured mass, not invented. The bundle says so in its metadata (`synthetic_masks`).
+   masks of mean density --density: by default (--masks local) bench_e2e.py's local spatio-temporal masks,
+   the same in every bucket, layer and head, so that `--library` can time bench_e2e.py's rows on exactly
+   these masks in the same call; with --masks varied, a local band, scattered blocks and a sink column,
+   denser in some layers than others (bench_compile.py's), scaled to the density to within 0.002. Their
+   retained mass is computed from the measured mass, not invented; the realised density is recorded and the
+   bundle says what it holds in its metadata (`synthetic_masks`).
 3. Runs `calibatt compile` and `calibatt generate --strict --json` as a user would, in fresh processes, with
    the defaults: on a GPU `generate.compile=auto` compiles the transformer blocks, and `calibatt compile` builds
    them into the cache, so generate reports zero Triton compilations and zero inductor code generation. Then
@@ -123,11 +125,14 @@ def masks_at_density(
     raise SystemExit(f"synthetic masks: density {density} not reached (got {got:.4f} at scale {scale:.3f})")
 
 
-def synthetic_bundle(cfg_path: Path, density: float) -> dict:
+def synthetic_bundle(cfg_path: Path, density: float, kind: str) -> dict:
+    """Calibrate, then replace the masks: `local` (bench_e2e.py's masks at this density, the same in every
+    bucket, layer and head, so that its library-path row runs exactly these) or `varied`
+    (masks_at_density)."""
     from calibatt_cli.bundle import save_bundle
     from calibatt_cli.calibrate import calibrate
     from calibatt_cli.config import load_config
-    from calibatt_cli.masks import retained_mass
+    from calibatt_cli.masks import local_block_mask, retained_mass
 
     cfg = load_config(cfg_path)
     t0 = time.perf_counter()
@@ -136,7 +141,13 @@ def synthetic_bundle(cfg_path: Path, density: float) -> dict:
     calibrated = res.bundle.masks
     b, layers, heads, mq, mk = calibrated.shape
     n = res.bundle.meta["grid"]["num_tokens"]
-    masks, scale = masks_at_density(b, layers, heads, n, res.bundle.block_size, mq, mk, density)
+    if kind == "local":
+        grid = tuple(res.bundle.meta["grid"]["tokens"])
+        masks = local_block_mask(heads, grid, density, res.bundle.block_size).expand(b, layers, -1, -1, -1)
+        masks, how = masks.contiguous(), f"calibatt_cli.masks.local_block_mask at density {density} (as bench_e2e.py)"
+    else:
+        masks, scale = masks_at_density(b, layers, heads, n, res.bundle.block_size, mq, mk, density)
+        how = f"bench_compile.fake_masks scaled x{scale:.4f} to mean density {density}"
     requested = density
     density = masks.double().mean(dim=(-1, -2))
     kept = retained_mass(res.mass, masks)
@@ -144,8 +155,7 @@ def synthetic_bundle(cfg_path: Path, density: float) -> dict:
     meta["entries"] = {"density": density.tolist(), "retained_mass": kept.tolist()}
     meta["summary"] = {"density": float(density.mean()), "retained_mass": float(kept.mean())}
     meta["synthetic_masks"] = (
-        "bench_cli_wan.py: calibrated masks of a random-weight model replaced by "
-        f"bench_compile.fake_masks scaled x{scale:.4f} to mean density {requested}; retained mass from the "
+        f"bench_cli_wan.py: calibrated masks of a random-weight model replaced by {how}; retained mass from the "
         "measured mass"
     )
     save_bundle(Path(cfg.calibration.output), masks, meta)
@@ -154,7 +164,7 @@ def synthetic_bundle(cfg_path: Path, density: float) -> dict:
         "calibrated_density": float(calibrated.double().mean()),
         "calibrated_retained_mass": res.bundle.meta["summary"]["retained_mass"],
         "requested_density": requested,
-        "fake_masks_scale": round(scale, 4),
+        "masks": how,
         "synthetic_density": meta["summary"]["density"],
         "synthetic_retained_mass": meta["summary"]["retained_mass"],
     }
@@ -181,6 +191,40 @@ def phase_stats(steps: list[float], start: int) -> dict:
     return {"first_s": steps[start], "later_median_s": later, "first_over_later": round(steps[start] / later, 3)}
 
 
+def library_rows(work: Path, args) -> dict:
+    """bench_e2e.py's rows the user path is held to, in a fresh process of this call: the transformer's two
+    forwards per step alone, stock eager and compiled, and calibatt compiled with the same masks."""
+    if (args.height, args.width, args.frames) != (480, 832, 81):
+        raise SystemExit("--library: bench_e2e.py's Wan 1.3B shape is 480x832, 81 frames")
+    out = work / "e2e.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "bench_e2e.py"),
+        "--shapes",
+        "wan1.3b-480p",
+        "--densities",
+        str(args.density),
+        "--only",
+        "stock:eager",
+        "stock:compiled",
+        "calibatt:compiled",
+        "--out",
+        str(out),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    (work / "e2e.log").write_text(r.stdout + r.stderr)
+    if r.returncode != 0:
+        raise SystemExit(f"bench_e2e.py failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    v = json.loads(out.read_text())["results"][0]["variants"]
+    return {
+        "command": " ".join(cmd[1:]),
+        "stock_eager_ms": v["stock eager"]["ms"],
+        "stock_compiled_ms": v["stock compiled"]["ms"],
+        "calibatt_compiled_ms": v[f"calibatt compiled d={args.density}"]["ms"],
+        "calibatt_computed_density": v[f"calibatt compiled d={args.density}"].get("computed_density"),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True)
@@ -192,6 +236,17 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--sparse-eager", action="store_true", help="also run calibatt's sparse path eager")
+    ap.add_argument(
+        "--masks",
+        choices=("local", "varied"),
+        default="local",
+        help="local: bench_e2e.py's masks (the library path's row runs the same); varied: per-layer synthetic masks",
+    )
+    ap.add_argument(
+        "--library",
+        action="store_true",
+        help="also run bench_e2e.py's stock and calibatt-compiled rows at this shape and density (--masks local)",
+    )
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -208,7 +263,9 @@ def main() -> None:
         write_weights(weights, args.device)
     res["write_weights_seconds"] = round(time.perf_counter() - t0, 1)
     cfg = write_config(work, weights, args)
-    res["calibration"] = synthetic_bundle(cfg, args.density)
+    if args.library and args.masks != "local":
+        raise SystemExit("--library compares with bench_e2e.py's masks: use --masks local")
+    res["calibration"] = synthetic_bundle(cfg, args.density, args.masks)
     if args.device == "cuda":
         torch.cuda.empty_cache()
     res["compile_seconds"], table = cli("compile", "--config", str(cfg), "--recompile", log=work / "compile.log")
@@ -267,6 +324,8 @@ def main() -> None:
     res["stock_eager"] = run("dense-eager", "--dense", "--set", "generate.compile=false")
     if args.sparse_eager:
         res["sparse_eager"] = run("sparse-eager", "--strict", "--set", "generate.compile=false")
+    if args.library:
+        res["library"] = library_rows(work, args)
     g, se, sc = res["generate"], res["stock_eager"], res["stock_compiled"]
     res["ratios"] = {
         "sparse_step_vs_stock_eager": round(se["later_median_s"] / g["later_median_s"], 3),
@@ -277,6 +336,11 @@ def main() -> None:
         "ready_vs_stock_load": round(g["ready_seconds"] / se["load_seconds"], 3),
         "ready_vs_stock_eager_ready": round(g["ready_seconds"] / se["ready_seconds"], 3),
     }
+    if args.library:
+        lib = res["library"]
+        res["ratios"]["user_step_over_library_step"] = round(g["later_median_s"] * 1e3 / lib["calibatt_compiled_ms"], 4)
+        res["ratios"]["library_vs_stock_compiled"] = round(lib["stock_compiled_ms"] / lib["calibatt_compiled_ms"], 3)
+        res["ratios"]["library_vs_stock_eager"] = round(lib["stock_eager_ms"] / lib["calibatt_compiled_ms"], 3)
     for key, row in (("peak_vs_stock_compiled", sc), ("peak_vs_stock_eager", se)):
         if g.get("peak_memory_bytes") and row.get("peak_memory_bytes"):
             res["ratios"][key] = round(g["peak_memory_bytes"] / row["peak_memory_bytes"], 4)
@@ -322,6 +386,13 @@ def main() -> None:
             f"peak GPU memory of the denoising loop: sparse {gib['generate'] / 2**30:.2f} GiB, stock compiled "
             f"{gib['stock_compiled'] / 2**30:.2f} GiB (x{r['peak_vs_stock_compiled']}), stock eager "
             f"{gib['stock_eager'] / 2**30:.2f} GiB (x{r['peak_vs_stock_eager']})" + f" ({res['peak_memory_source']})"
+        )
+    if args.library:
+        lib = res["library"]
+        print(
+            f"library path (bench_e2e.py, same masks, this call): calibatt compiled {lib['calibatt_compiled_ms']:.1f} "
+            f"ms, stock compiled {lib['stock_compiled_ms']:.1f} ms, stock eager {lib['stock_eager_ms']:.1f} ms; the "
+            f"user's step is x{r['user_step_over_library_step']} the library's"
         )
     print(f"wrote {out}")
 

@@ -17,6 +17,7 @@ which must be the masks' (`computed_density`; a row where it is not says `mismat
     python bench/bench_e2e.py                     # both shapes (device machine)
     python bench/bench_e2e.py --shapes wan1.3b-480p --densities 0.2 --only stock:eager stock:compiled \
         calibatt:compiled                          # the rows the user path is compared with
+    python bench/bench_e2e.py --shapes wan14b-720p --densities 0.2 --precision fp8   # the fp8 kernel's rows
     python bench/bench_e2e.py --smoke             # a tiny CPU run of the whole script
 
 The results file is written after every row (`complete`: false and the row under way in `in_progress` until
@@ -39,7 +40,7 @@ import torch._dynamo
 from calibatt_cli.masks import local_block_mask  # noqa: E402
 from calibatt_cli.models.base import restore_modules  # noqa: E402
 from calibatt_cli.models.wan import CalibattWanAttnProcessor, fuse_ffn_gelu  # noqa: E402
-from calibatt_cli.runtime import AttentionController, SparsePlan  # noqa: E402
+from calibatt_cli.runtime import AttentionController, SparseController, SparsePlan  # noqa: E402
 from calibatt_kernels import mask_to_index, reset_what_ran, what_ran  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "wan2.1"
@@ -241,7 +242,7 @@ def bench_shape(shape: dict, args, device, dtype, res: dict, save) -> dict:
             return
         full = torch.ones(heads, *masks_by_density[args.densities[0]].shape[1:], dtype=torch.bool, device=device)
         plan = make_plan(full.cpu(), layers, kernel_config(args.kernel_config)).to(device)
-        ctl = AttentionController("sparse", plan=plan)
+        ctl = SparseController(plan, precision=args.precision)
         ctl.reset()
         procs = install(lambda i: CalibattWanAttnProcessor(i, ctl))
         if args.ffn_ab and wanted("unfused-ffn", tag):
@@ -369,6 +370,12 @@ def main() -> None:
         help=f"measure only these rows: VARIANT (both modes) or VARIANT:MODE, VARIANT one of {', '.join(VARIANTS)} "
         f"(calibatt: each of --densities; unfused-ffn: with --ffn-ab), MODE one of {', '.join(MODES)}",
     )
+    ap.add_argument(
+        "--precision",
+        choices=("bf16", "fp8"),
+        default="bf16",
+        help="the calibatt rows' attention (fp8: generate.precision=fp8's kernel, quantization included)",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     for row in args.only or []:
@@ -392,6 +399,7 @@ def main() -> None:
         "diffusers": diffusers.__version__,
         "block": BLOCK,
         "kernel_config": args.kernel_config or "default",
+        "precision": args.precision,
         "masks": "local spatio-temporal (nearest key blocks on the frame/row/col grid), same for every head",
         "step": "two forwards (CFG cond + uncond), batch 1",
         "weights": "random",
@@ -405,7 +413,10 @@ def main() -> None:
         if args.out
         else Path(__file__).resolve().parent
         / "results"
-        / (f"e2e-{card.lower().replace(' ', '-')}-{meta['date']}{'-smoke' if args.smoke else ''}.json")
+        / (
+            f"e2e-{card.lower().replace(' ', '-')}-{meta['date']}{'-fp8' if args.precision == 'fp8' else ''}"
+            f"{'-smoke' if args.smoke else ''}.json"
+        )
     )
     n = 2
     while not args.out and out.exists():  # a second run the same day keeps the first's file
