@@ -101,7 +101,15 @@ def test_why_fp8_cannot_run_on_a_gpu(monkeypatch):
 
 def test_kernel_names_and_op_registration():
     names = dispatch.kernel_names()
-    assert {"_attn_fp8_fwd", "_quantize_qkv", "_kv_stats", "_norm_rope_quant"} <= names
+    assert {
+        "_attn_fp8_fwd",
+        "_kv_stats",
+        "_kv_finalize",
+        "_quantize_q",
+        "_quantize_k",
+        "_quantize_v",
+        "_norm_rope_quant",
+    } <= names
     assert torch.ops.calibatt.block_sparse_attention_fp8.default is not None
     q, k, v = _qkv(2)
     ix = ck.mask_to_index(_mask(2))
