@@ -6,6 +6,11 @@ the step is a dense warm-up, the kernel configuration, the guard's check and its
 the op runs, in Python, from the `SparseLayer` the handle names. One graph then serves every step of a run
 (dense warm-up and each bucket), a widened head takes effect at the very call the guard measured (as in
 eager), and the compiled graph is the same with and without the guard.
+
+With precision fp8, Wan's processor hands over the q/k projections instead (`layer_attention_qk_op`): the op
+runs the q/k norm + RoPE itself, so that on the calls that run the fp8 kernel q is quantized in that pass,
+and the calls that need the normed q (dense, the guard's check) get it. Deciding before the norm, in the
+processor, would put the step into the compiled graph.
 """
 
 from __future__ import annotations
