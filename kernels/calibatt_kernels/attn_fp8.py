@@ -888,7 +888,7 @@ def block_sparse_attention_fp8_indexed(
 ) -> torch.Tensor:
     """Block-sparse attention with INT8 Q.K^T and FP8 P.V (`quant.py`'s scheme): q, k, v [B, H, N, D] (any
     strides), index rows [B or 1, H, Mq]. Returns [B, H, N, D] in q's dtype and memory layout (or writes
-    `out`). Quantizes q, k, v (two launches), then runs the attention kernel."""
+    `out`). Quantizes q, k, v (`quantize_qkv`), then runs the attention kernel."""
     block_size = tuple(block_size)
     out = check_attention_call(q, k, v, index, block_size, out)
     if not supports(q, block_size):
