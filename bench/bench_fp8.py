@@ -2,11 +2,15 @@
 
     python bench/bench_fp8.py                           # Wan 1.3B 480p and 14B 720p, densities 1.0 .. 0.1
     python bench/bench_fp8.py --sweep                   # every attn_fp8.SWEEP_CONFIGS config, within 85 s
+    python bench/bench_fp8.py --quant-only              # where quantizing q, k, v spends its time
 
 Rows per (shape, density): "bf16" is `dispatch.block_sparse_attention_indexed` with `dispatch.default_config`
 (the Gluon kernel on sm_90); "fp8" the full fp8 call (quantize q, k, v, then attend); "fp8-attn/<config>" the
 attention launch alone on codes quantized beforehand (what runs when q/k arrive quantized from the norm +
-RoPE kernel), one row per fp8 kernel config; "fp8-quant" the quantization alone (two launches over q, k, v).
+RoPE kernel), one row per fp8 kernel config; "fp8-quant" the quantization alone (quantize_qkv, five launches
+over q, k, v), "fp8-quant/<launch>" each of its launches alone and "fp8-quant-kv" k's and v's (what runs when
+q's codes come from the norm + RoPE kernel), with the bandwidth each achieves (`quant_rows`); "norm-rope" and
+"norm-rope-quant" the q/k norm + RoPE kernel without and with q's quantization.
 Masks: round(density * Mk) random key blocks per query-block row (bench_kernel.random_mask), 128 x 128
 blocks, head dim 128, B = 1, q/k/v as [B, N, H, D] buffers viewed [B, H, N, D] (diffusers' layout).
 
@@ -51,10 +55,11 @@ from bench_kernel import BLOCK, SHAPES, _clock_cols, bench, random_mask  # noqa:
 from gpu_clock import ClockLog  # noqa: E402
 
 import calibatt_kernels as ck  # noqa: E402
-from calibatt_kernels import KernelConfig, dispatch  # noqa: E402
+from calibatt_kernels import KernelConfig, attn_fp8, dispatch  # noqa: E402
 from calibatt_kernels.attn_fp8 import (  # noqa: E402
     SWEEP_CONFIGS,
     _attn_fp8_fwd,
+    _quantize_launches,
     attention_fp8_quantized,
     block_sparse_attention_fp8_indexed,
     quantize_qkv,
@@ -108,10 +113,11 @@ def bench_shape(shape, args, res, clock):
     bf16_cfg = dispatch.default_config(q.device, bs, D)
     qz = quantize_qkv(q, k, v, bs)
     out = torch.empty_like(q)
-    t_quant, hz = bench(clock, 1, quantize_qkv, q, k, v, bs)
-    row = dict(shape=shape, N=N, kernel="fp8-quant", ms=t_quant, **hz)
-    res["rows"].append(row)
-    log("ROW", json.dumps(row))
+    for row in quant_rows(q, k, v, bs, clock):
+        res["rows"].append(dict(row, shape=shape, N=N))
+        log("ROW", json.dumps(res["rows"][-1]))
+    if args.quant_only:
+        return
     for dens in args.densities:
         mask = random_mask(H, mb, mb, dens, gen)
         flops = 4 * B * int(mask.sum()) * BLOCK * BLOCK * D
@@ -146,10 +152,55 @@ def bench_shape(shape, args, res, clock):
             log("ROW", json.dumps(row))
 
 
+def quant_rows(q, k, v, bs, clock) -> list[dict]:
+    """The quantization's launches timed one by one ("fp8-quant/<launch>", after one run of all in order: the
+    stats they read are there), all together ("fp8-quant": quantize_qkv; "fp8-quant-kv": k and v alone, as when
+    q's codes come from the norm + RoPE kernel), and the q/k norm + RoPE kernel plain ("norm-rope") and with
+    q's quantization ("norm-rope-quant"), on q, k as [B, N, C] projections. "GB/s": the bytes each must move
+    (read and written once) over its time."""
+    B, H, N, D = q.shape
+    x, codes, bf16 = B * H * N * D, B * H * triton.cdiv(N, bs[0]) * bs[0] * D, q.element_size()
+    chunks = B * H * triton.cdiv(N, attn_fp8.STATS_CHUNK) * D
+    moved = {
+        "stats": 2 * x * bf16 + chunks * (8 + 4),  # K, V in; K's float64 sums and V's maxima per chunk out
+        "finalize": chunks * (8 + 4) + B * H * D * 8,
+        "q": x * bf16 + codes + codes // D * 4,  # q in; codes and a scale per token out
+        "k": x * bf16 + codes,
+        "v": x * bf16 + codes,
+    }
+    moved["all"] = sum(moved.values())
+    moved["kv"] = moved["all"] - moved["q"]
+    moved["norm-rope"] = 2 * x * bf16 * 2  # q, k in and out
+    moved["norm-rope-quant"] = 2 * x * bf16 + x * bf16 + codes + codes // D * 4  # q, k in; k, q's codes out
+
+    _, launches = _quantize_launches(q, k, v, bs, True)
+    for launch in launches.values():
+        launch()
+    qc, kc = (t.transpose(1, 2).reshape(B, N, H * D) for t in (q, k))  # the projections' [B, N, C] layout
+    w = torch.ones(H * D, device=q.device)
+    table = torch.zeros(N, D, device=q.device)
+    fns = {f"fp8-quant/{name}": (launch, name) for name, launch in launches.items()}
+    fns["fp8-quant"] = (lambda: quantize_qkv(q, k, v, bs), "all")
+    qz = quantize_qkv(q, k, v, bs)
+    fns["fp8-quant-kv"] = (lambda: quantize_qkv((qz.q8, qz.q_scale), k, v, bs), "kv")
+    fns["norm-rope"] = (lambda: ck.qk_norm_rope(qc, kc, w, w, table, table, heads=H, eps=1e-6), "norm-rope")
+    fns["norm-rope-quant"] = (
+        lambda: attn_fp8.qk_norm_rope_quant(qc, kc, w, w, table, table, heads=H, eps=1e-6, block_size=bs),
+        "norm-rope-quant",
+    )
+    rows = []
+    for name, (fn, what) in fns.items():
+        fn()
+        torch.cuda.synchronize()
+        ms, hz = bench(clock, 1, fn)
+        rows.append(dict(kernel=name, ms=ms, gbps=moved[what] / ms / 1e6, bytes=moved[what], **hz))
+    return rows
+
+
 def table(res) -> str:
     lines = [
         f"card: {res['env']['card']}  torch {res['env']['torch']}  triton {res['env']['triton']}",
-        f"{'shape':8} {'dens':>5} {'kernel':30} {'ms':>8} {'TFLOP/s':>8} {'x bf16':>7} "
+        f"{'shape':8} {'dens':>5} {'kernel':30} {'ms':>8} {'TFLOP/s':>8} {'GB/s':>6} {'x bf16':>7} "
         f"{'MHz':>5} {'W':>4} {'capped':>6}",
     ]
     for r in res["rows"]:
@@ -157,13 +208,15 @@ def table(res) -> str:
             lines.append(f"{r['shape']:8} {r.get('density', ''):>5} {r['kernel']:30} ERROR")
             continue
         tf = f"{r['tflops']:8.0f}" if "tflops" in r else f"{'':>8}"
+        gb = f"{r['gbps']:6.0f}" if "gbps" in r else f"{'':>6}"
         x = f"{r['x_bf16']:7.2f}" if "x_bf16" in r else f"{'':>7}"
         lines.append(
-            f"{r['shape']:8} {r.get('density', ''):>5} {r['kernel']:30} {r['ms']:8.3f} {tf} {x} {_clock_cols(r)}"
+            f"{r['shape']:8} {r.get('density', ''):>5} {r['kernel']:30} {r['ms']:8.3f} {tf} {gb} {x} {_clock_cols(r)}"
         )
     lines.append(
         "TFLOP/s-equivalent: 4 * computed blocks * 128^2 * D over the time; x bf16: the bf16 kernel's time over "
-        "this row's; fp8 = quantize + attend; fp8-attn = the attention launch alone on quantized codes"
+        "this row's; fp8 = quantize + attend; fp8-attn = the attention launch alone on quantized codes; GB/s: "
+        "the bytes a quantize or norm row must move over its time (fp8-quant/<launch>: one launch alone)"
     )
     return "\n".join(lines)
 
@@ -419,6 +472,7 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--densities", nargs="+", type=float, help=f"default {DENSITIES}; with --sweep {SWEEP_DENSITIES}")
     ap.add_argument("--tag", help="results file suffix (fp8-<card>-<date>-<tag>.json); with --sweep: sweep")
+    ap.add_argument("--quant-only", action="store_true", help="only the quantize and norm + RoPE rows (seconds)")
     ap.add_argument("--sweep", action="store_true", help="time every attn_fp8.SWEEP_CONFIGS config (see above)")
     ap.add_argument("--configs", nargs="+", choices=list(SWEEP_CONFIGS), help="--sweep: these configs only")
     ap.add_argument("--budget", type=float, default=85.0, help="--sweep: seconds for the whole run")
@@ -436,7 +490,7 @@ def main():
     if not torch.cuda.is_available() and not args.smoke:
         sys.exit("bench_fp8: needs a CUDA GPU (or --sweep --smoke)")
     res = sweep(args) if args.sweep else run(args)
-    tag = args.tag if args.tag is not None else ("sweep" if args.sweep else "")
+    tag = args.tag if args.tag is not None else ("sweep" if args.sweep else "quant" if args.quant_only else "")
     card = re.sub(r"[^A-Za-z0-9]+", "-", res["env"]["card"]).strip("-").lower()
     name = f"fp8-{card}-{res['env']['date']}{'-' + tag if tag else ''}.json"
     paths = [pathlib.Path(args.out)] if args.out else [pathlib.Path(__file__).parent / "results" / name]

@@ -38,10 +38,10 @@ def _rel(a, b):
 @pytest.mark.parametrize("inputs", ["outlier", "ties"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_quantize_matches_reference(shape, inputs):
-    """The kernels' codes and scales are the reference's, bit for bit: both divide as IEEE does and round the
-    exact product x * (1 / scale) once (quant._int8). "ties": q's codes on rounding ties (int8_tie_q), where
-    rounding an fp32 product instead puts about half of them a step off. K's mean is summed in another order
-    (atomics over token chunks), so K's scales and codes may move by its last bit."""
+    """The kernels' codes and scales are the reference's, bit for bit: both divide as IEEE does, round the
+    exact product x * (1 / scale) once (quant._int8) and sum K in float64 (exact for bf16 keys, in any order).
+    "ties": q's codes on rounding ties (int8_tie_q), where rounding an fp32 product instead puts about half of
+    them a step off."""
     from calibatt_kernels.attn_fp8 import quantize_qkv
     from calibatt_kernels.quant import quantize_qkv_ref
 
@@ -51,19 +51,12 @@ def test_quantize_matches_reference(shape, inputs):
         q = int8_tie_q(1, H, N, D, seed=0, device="cuda")
     got = quantize_qkv(q, k, v)
     ref = quantize_qkv_ref(q, k, v)
-    for name in ("q_scale", "v_scale"):
-        assert torch.equal(getattr(got, name), getattr(ref, name)), f"{name} differs"
-    err = ((got.k_scale - ref.k_scale).abs() / ref.k_scale).max().item()
-    assert err <= 1e-5, f"k_scale: max rel diff {err:.2e}"  # 3.8e-6 seen on an H100 (Wan 14B shape, outliers)
-    err = ((got.k_mean - ref.k_mean).abs().max() / k.float().abs().amax()).item()
-    assert err <= 1e-6, f"k_mean: max diff {err:.2e} of max |k|"
-    for name in ("q8", "v8t"):
-        a, b = (getattr(z, name).view(torch.uint8) for z in (got, ref))
+    for name in ("q_scale", "k_scale", "k_mean", "v_scale", "q8", "k8", "v8t"):
+        a, b = getattr(got, name), getattr(ref, name)
+        if a.dtype == torch.float8_e4m3fn:
+            a, b = a.view(torch.uint8), b.view(torch.uint8)
         assert a.shape == b.shape, f"{name}: {tuple(a.shape)} vs {tuple(b.shape)}"
-        assert torch.equal(a, b), f"{name}: {(a != b).float().mean().item():.2e} of the codes differ"
-    a, b = got.k8.float(), ref.k8.float()
-    frac = (a != b).float().mean().item()
-    assert frac <= 1e-5 and (a - b).abs().max() <= 1, f"k8: {frac:.2e} of the codes differ, up to {(a - b).abs().max()}"
+        assert torch.equal(a, b), f"{name}: {(a != b).float().mean().item():.2e} of the values differ"
 
 
 @pytest.mark.parametrize("inputs", ["random", "outlier"])
@@ -133,3 +126,28 @@ def test_fused_norm_rope_quantize_matches_unfused_path(heads):
     want = quantize_qkv_ref(q_ref.transpose(1, 2), k_ref.transpose(1, 2), k_ref.transpose(1, 2))
     assert torch.equal(q8, want.q8), f"{(q8 != want.q8).float().mean().item():.2e} of q's codes differ"
     assert torch.equal(q_scale, want.q_scale), "q's scales differ"
+
+
+@pytest.mark.parametrize("heads", [12, 40], ids=["wan1.3b", "wan14b"])
+def test_fused_dispatch_equals_the_unfused_calls(heads):
+    """dispatch.qk_norm_rope_attention_fp8 (q's codes made in the norm + RoPE pass) against the two calls it
+    replaces, qk_norm_rope then block_sparse_attention_fp8_indexed: the same output, bit for bit and in the
+    same layout, with the fused kernel recorded."""
+    import calibatt_kernels as ck
+    from calibatt_kernels import dispatch
+
+    N, C = 32760 if heads == 12 else 8000, heads * D
+    gen = torch.Generator(device="cuda").manual_seed(10)
+    xq, xk, xv = (torch.randn(1, N, C, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
+    xk = xk + 4.0 * torch.randn(C, device="cuda", generator=gen).bfloat16()  # outlier channels
+    w = torch.rand(C, device="cuda", generator=gen) + 0.5
+    ang = (torch.rand(N, D // 2, device="cuda", generator=gen) * 6).repeat_interleave(2, -1).view(1, N, 1, D)
+    v = xv.view(1, N, heads, D)
+    index = mask_to_index(_mask(heads, N, 0.3, seed=11))
+    ck.reset_what_ran()
+    got = dispatch.qk_norm_rope_attention_fp8(xq, xk, v, w, w, ang.cos(), ang.sin(), index, eps=1e-6)
+    assert ck.what_ran()["calls"] == {"qk_norm_rope:triton_quant": 1, "attention:fp8_tl_tile": 1}
+    qn, kn = ck.qk_norm_rope(xq, xk, w, w, ang.cos(), ang.sin(), heads=heads, eps=1e-6)
+    want = dispatch.block_sparse_attention_fp8_indexed(qn.transpose(1, 2), kn.transpose(1, 2), v.transpose(1, 2), index)
+    assert got.stride() == want.stride(), (got.stride(), want.stride())
+    assert torch.equal(got, want), f"{(got != want).float().mean().item():.2e} of the outputs differ"

@@ -101,7 +101,15 @@ def test_why_fp8_cannot_run_on_a_gpu(monkeypatch):
 
 def test_kernel_names_and_op_registration():
     names = dispatch.kernel_names()
-    assert {"_attn_fp8_fwd", "_quantize_qkv", "_kv_stats", "_norm_rope_quant"} <= names
+    assert {
+        "_attn_fp8_fwd",
+        "_kv_stats",
+        "_kv_finalize",
+        "_quantize_q",
+        "_quantize_k",
+        "_quantize_v",
+        "_norm_rope_quant",
+    } <= names
     assert torch.ops.calibatt.block_sparse_attention_fp8.default is not None
     q, k, v = _qkv(2)
     ix = ck.mask_to_index(_mask(2))
@@ -212,3 +220,26 @@ def test_tiny_model_fp8_holds_quality(tmp_path):
     assert row["psnr_fp8_vs_bf16_db"] >= 30.0, row
     assert row["judge_fp8"] == row["judge_bf16"], row
     assert rows["kernels_fp8"] == {"fp8_reference"} and rows["kernels_bf16"] == {"cpu"}, rows
+
+
+def test_compiled_blocks_from_the_cache_compile_nothing_with_fp8(small_config, tmp_path, monkeypatch, capsys):
+    """precision fp8 with compiled blocks from the cache, under --strict in fresh processes (cache/blocks.py):
+    the graph holds the op that takes Wan's q/k projections (processor.layer_attention_qk_op) and generate
+    generates no code for it, the guard on (its check step runs inside the op)."""
+    import subprocess
+    import sys
+
+    code, _, err = run_cli(monkeypatch, capsys, "calibrate", "--config", small_config)
+    assert code == 0, err
+    sets = ["compile.precision=fp8", "generate.precision=fp8", "generate.compile=true", "generate.guard=true"]
+    sets = [a for s in sets for a in ("--set", s)]
+    cli = [sys.executable, "-m", "calibatt_cli"]
+    r = subprocess.run([*cli, "compile", "--config", small_config, *sets], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    gen = ["generate", PROMPT, "--config", small_config, *sets, "--strict", "--json", "-o", str(tmp_path / "v.mp4")]
+    r = subprocess.run([*cli, *gen], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    cb = line["compiled_blocks"]
+    assert cb["enabled"] and cb["from_cache"] and (cb["inductor_codegen"], cb["builds"]) == (0, 0), cb
+    assert set(line["kernels"]["calls"]) == {"fp8_reference"} and line["kernels"]["fallbacks"] == [], line["kernels"]

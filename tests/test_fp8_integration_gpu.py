@@ -65,14 +65,16 @@ def tiny_fp8(tmp_path_factory):
     return tmp
 
 
-def _generate(tmp: Path, precision: str, extra=()) -> tuple[dict, np.ndarray]:
+def _generate(tmp: Path, precision: str, extra=(), strict: bool = True) -> tuple[dict, np.ndarray]:
+    """generate's summary (with what_ran's calls of the whole run under "calls") and the frames."""
+    import calibatt_kernels as ck
     from calibatt_cli.config import load_config
     from calibatt_cli.generate import generate
 
     sets = _sets(tmp, precision, extra)
-    cfg = load_config(None, [s for s in sets if s != "--set"] + ["generate.strict=true"])
+    cfg = load_config(None, [s for s in sets if s != "--set"] + [f"generate.strict={str(strict).lower()}"])
     res = generate(cfg, [PROMPT], write=False)
-    return res.summary(), res.videos[0].frames
+    return dict(res.summary(), calls=ck.what_ran()["calls"]), res.videos[0].frames
 
 
 def test_compile_measures_the_fp8_configs(tiny_fp8):
@@ -93,10 +95,29 @@ def test_generate_fp8_strict_runs_the_fp8_kernel(tiny_fp8, compiled):
     kernels = summary["kernels"]
     assert kernels["calls"] and all(k.startswith("fp8_tl_") for k in kernels["calls"]), kernels["calls"]
     assert kernels["fallbacks"] == [] and kernels["dense"] == [] and summary["compilations"] == 0, summary
+    # the sparse steps quantize q in the norm + RoPE kernel (dispatch.qk_norm_rope_attention_fp8)
+    assert summary["calls"].get("qk_norm_rope:triton_quant", 0) > 0, summary["calls"]
     _, bf16 = _generate(tiny_fp8, "bf16", extra)
     mse = float(np.mean((frames.astype(np.float64) - bf16.astype(np.float64)) ** 2))
     psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
     assert 30.0 <= psnr < float("inf"), f"fp8 vs bf16 PSNR {psnr:.2f} dB"
+
+
+def test_fused_q_quantization_equals_the_unfused_path(tiny_fp8, monkeypatch):
+    """Wan's processor quantizing q in the norm + RoPE kernel (SparseLayer.run_qk) gives the video of the
+    unfused path (the q/k norm kernel, then quantize_qkv on the normed q) to the bit: the same codes. Eager:
+    the cache's compiled blocks hold the fused route's graph only."""
+    from calibatt_cli.models.wan import CalibattWanAttnProcessor
+
+    fused, frames = _generate(tiny_fp8, "fp8")
+    sparse_calls = sum(n for k, n in fused["calls"].items() if k.startswith("attention:fp8_tl_"))
+    assert fused["calls"].get("qk_norm_rope:triton_quant") == sparse_calls > 0, fused["calls"]
+    monkeypatch.setattr(CalibattWanAttnProcessor, "_fp8_fast_path", lambda self: False)
+    unfused, frames_unfused = _generate(tiny_fp8, "fp8")
+    assert "qk_norm_rope:triton_quant" not in unfused["calls"], unfused["calls"]
+    assert unfused["kernels"]["calls"] == fused["kernels"]["calls"], (unfused["kernels"], fused["kernels"])
+    diff = int(np.abs(frames.astype(np.int16) - frames_unfused.astype(np.int16)).max())
+    assert np.array_equal(frames, frames_unfused), f"fused and unfused videos differ (max {diff} levels)"
 
 
 def test_kernel_matches_the_reference_through_dispatch():

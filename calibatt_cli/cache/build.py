@@ -189,6 +189,7 @@ def compile_cache(
                             head_dim=ident.head_dim,
                             dtype=getattr(torch, cfg.model.dtype),
                             device=device,
+                            precision=cfg.compile.precision,
                         )
                 for g in groups:
                     g.update(res.groups[(g["bucket"], g["layer"])])

@@ -311,15 +311,19 @@ def load_cache(cfg: Config, cache_dir: str | Path | None = None) -> tuple[Sparse
         return c.plan, c.manifest
 
 
-def warm_qk_norm_rope(*, heads: int, head_dim: int, dtype: torch.dtype, device: str | torch.device) -> None:
+def warm_qk_norm_rope(
+    *, heads: int, head_dim: int, dtype: torch.dtype, device: str | torch.device, precision: str = "bf16"
+) -> None:
     """Run the fused q/k norm + RoPE kernel once at the model's channel count and dtype: the binary every
     call of the model runs (token count, strides and eps are not specialised on; weights and tables are
-    always fp32)."""
+    always fp32). With precision fp8 also its variant that quantizes q (what fp8's sparse steps run)."""
     dev = torch.device(device)
     x = torch.zeros(2, 1, 16, heads * head_dim, device=dev, dtype=dtype)
     w = torch.ones(heads * head_dim, device=dev, dtype=dtype)
     table = torch.zeros(16, head_dim, device=dev)
     ck.qk_norm_rope(x[0], x[1], w, w, table, table, heads=heads, eps=1e-6)
+    if precision == "fp8" and head_dim in (64, 128):
+        ck.attn_fp8.qk_norm_rope_quant(x[0], x[1], w, w, table, table, heads=heads, eps=1e-6)
 
 
 def prewarm(
@@ -342,7 +346,7 @@ def prewarm(
         return 0.0
     t0 = time.perf_counter()
     if qk_norm_rope:
-        warm_qk_norm_rope(heads=heads, head_dim=head_dim, dtype=dtype, device=dev)
+        warm_qk_norm_rope(heads=heads, head_dim=head_dim, dtype=dtype, device=dev, precision=precision)
     ck.dispatch.prewarm_attention(
         heads=heads,
         head_dim=head_dim,

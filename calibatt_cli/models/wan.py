@@ -35,6 +35,24 @@ def _fusable_norms(attn) -> bool:
     )
 
 
+def _eps(attn, query: torch.Tensor) -> float:
+    return attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(query.dtype).eps
+
+
+def _norm_rope(attn, query, key, rotary_emb, fusable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k [B, N, C] -> normed and rotated [B, N, H, D], as diffusers' processor makes them."""
+    if fusable:
+        # both norms and rotations in one kernel (a registered op: compiled blocks keep it)
+        w_q, w_k = attn.norm_q.weight, attn.norm_k.weight
+        return ck_ops.qk_norm_rope_op(query, key, w_q, w_k, *rotary_emb, attn.heads, _eps(attn, query))
+    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+    if rotary_emb is not None:
+        query = ck.rope_interleaved_ref(query, *rotary_emb)
+        key = ck.rope_interleaved_ref(key, *rotary_emb)
+    return query, key
+
+
 class CalibattWanAttnProcessor(WanAttnProcessor):
     """Self-attention of one Wan block, routed through the attention controller."""
 
@@ -56,28 +74,33 @@ class CalibattWanAttnProcessor(WanAttnProcessor):
 
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
         value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None and _fusable_norms(attn):
-            # both norms and rotations in one kernel (a registered op: compiled blocks keep it)
-            eps = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(query.dtype).eps
-            query, key = ck_ops.qk_norm_rope_op(
-                query, key, attn.norm_q.weight, attn.norm_k.weight, *rotary_emb, attn.heads, eps
-            )
+        fusable = rotary_emb is not None and _fusable_norms(attn)
+        if fusable and self._fp8_fast_path():
+            # the layer's op takes the projections: on fp8's sparse steps q is quantized in the norm + RoPE
+            # kernel rather than by a pass of its own (SparseLayer.run_qk decides per call: the step is known)
+            w_q, w_k = attn.norm_q.weight, attn.norm_k.weight
+            out = self.sparse.attend_qk(query, key, value, w_q, w_k, *rotary_emb, _eps(attn, query)).transpose(1, 2)
         else:
-            query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-            key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-            if rotary_emb is not None:
-                query = ck.rope_interleaved_ref(query, *rotary_emb)
-                key = ck.rope_interleaved_ref(key, *rotary_emb)
-        if self._parallel_config is not None:
-            # Ulysses: this rank holds a token shard; diffusers' all-to-all hands `_attend` this rank's heads
-            # over the whole sequence (the controller's plan holds those heads' masks).
-            out = context_parallel_attention(self._parallel_config, query, key, value, self._attend)
-        else:
-            # [B, N, H, D] -> [B, H, N, D] views: the kernels take any strides, so nothing is copied.
-            out = self._attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)).transpose(1, 2)
+            query, key = _norm_rope(attn, query, key, rotary_emb, fusable)
+            if self._parallel_config is not None:
+                # Ulysses: this rank holds a token shard; diffusers' all-to-all hands `_attend` this rank's heads
+                # over the whole sequence (the controller's plan holds those heads' masks).
+                out = context_parallel_attention(self._parallel_config, query, key, value, self._attend)
+            else:
+                # [B, N, H, D] -> [B, H, N, D] views: the kernels take any strides, so nothing is copied.
+                out = self._attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)).transpose(1, 2)
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+    def _fp8_fast_path(self) -> bool:
+        """A sparse fp8 run's fast path, on one process (Ulysses' all-to-all moves the normed q, not codes)."""
+        return (
+            self.sparse is not None
+            and self.controller.precision == "fp8"
+            and self.controller.fast()
+            and self._parallel_config is None
+        )
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: [B, H, N, D] views -> [B, H, N, D]."""

@@ -6,6 +6,11 @@ the step is a dense warm-up, the kernel configuration, the guard's check and its
 the op runs, in Python, from the `SparseLayer` the handle names. One graph then serves every step of a run
 (dense warm-up and each bucket), a widened head takes effect at the very call the guard measured (as in
 eager), and the compiled graph is the same with and without the guard.
+
+With precision fp8, Wan's processor hands over the q/k projections instead (`layer_attention_qk_op`): the op
+runs the q/k norm + RoPE itself, so that on the calls that run the fp8 kernel q is quantized in that pass,
+and the calls that need the normed q (dense, the guard's check) get it. Deciding before the norm, in the
+processor, would put the step into the compiled graph.
 """
 
 from __future__ import annotations
@@ -49,6 +54,38 @@ class SparseLayer:
         """The layer's attention (q, k, v [B, H, N, D]) through the registered op: a compiled caller keeps one
         opaque call, which runs `run` when it executes."""
         return layer_attention_op(q, k, v, self.handle)
+
+    def attend_qk(self, q, k, v, weight_q, weight_k, cos, sin, eps: float) -> torch.Tensor:
+        """Wan's q/k norm + RoPE and the layer's attention in one registered op (`layer_attention_qk_op`), for
+        fp8: q, k [B, N, C] projections, v [B, N, H, D] -> [B, H, N, D] as `__call__` returns. Inside one op,
+        whether q is quantized in the norm's pass is decided per call, where the step is known (`run_qk`)."""
+        return layer_attention_qk_op(q, k, v, weight_q, weight_k, cos, sin, eps, self.handle)
+
+    def run_qk(self, q, k, v, weight_q, weight_k, cos, sin, eps: float) -> torch.Tensor:
+        """`attend_qk` on this call's step. A call that runs fp8 block-sparse attention gets q's codes from the
+        norm + RoPE kernel (dispatch.qk_norm_rope_attention_fp8: the codes, so the output, of the unfused
+        path). The others need the normed q itself: dense steps and groups (SDPA on it), and the guard's
+        check step (block mass of q and k); they run the norm + RoPE kernel, then `run`."""
+        c = self.controller
+        key = (c.bucket, self.layer)
+        if c.precision != "fp8" or c.dense_now or key in c.plan.dense or c.guard_due():
+            qn, kn = ck.dispatch.qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads=v.shape[2], eps=eps)
+            return self.run(qn.transpose(1, 2), kn.transpose(1, 2), v.transpose(1, 2))
+        ck.dispatch.set_scope(key)
+        bs = (c.plan.block_size, c.plan.block_size)
+        return ck.dispatch.qk_norm_rope_attention_fp8(
+            q,
+            k,
+            v,
+            weight_q,
+            weight_k,
+            cos,
+            sin,
+            c.plan.index[key],
+            eps=eps,
+            block_size=bs,
+            config=c.plan.configs.get(key),
+        )
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The layer's attention on this call's step, as the plan (and the guard) say."""
@@ -96,3 +133,29 @@ def layer_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle
 @layer_attention_op.register_fake
 def _(q, k, v, handle):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("calibatt::layer_attention_qk", mutates_args=())
+def layer_attention_qk_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    handle: torch.Tensor,
+) -> torch.Tensor:
+    """`layer_attention_op` with Wan's q/k RMS norm + RoPE inside (SparseLayer.run_qk): q, k [B, N, C]
+    projections, norm weights [C], RoPE tables, v [B, N, H, D]; returns [B, H, N, D] laid out as [B, N, H, D]."""
+    layer = _LAYERS.get(handle.data_ptr())
+    if layer is None:
+        raise RuntimeError("calibatt::layer_attention_qk called for a layer whose sparse run has ended")
+    return layer.run_qk(q, k, v, weight_q, weight_k, cos, sin, eps)
+
+
+@layer_attention_qk_op.register_fake
+def _(q, k, v, weight_q, weight_k, cos, sin, eps, handle):
+    B, N, H, D = v.shape
+    return q.new_empty_strided((B, H, N, D), (N * H * D, D, H * D, 1))

@@ -4,10 +4,11 @@ What it computes: what `attn_tl.py` computes (each query block attends to the ke
 softmax over those keys only, empty rows give zeros), on q, k, v quantized as `quant.py` describes; the
 reference is `quant.block_sparse_attention_fp8_ref`, which emulates the kernel's casts element for element.
 
-Two launches:
-- `_kv_stats` then `_quantize_qkv`: K's mean and V's per-channel amax over the tokens of each head (split
-  over token chunks, atomics into [B, H, D]), then one program per (block, head, tensor) writes the int8
-  / e4m3 codes and their scales (K smoothed first), padded with zeros to whole blocks, V transposed.
+The launches:
+- quantizing (`quantize_qkv`): K's mean and V's per-channel amax over the tokens of each head, then one
+  program per (block, head) of each tensor writes its int8 / e4m3 codes and their scales (K smoothed first),
+  padded with zeros to whole blocks, V transposed (the section "quantizing q, k, v" below). For Wan, q's codes
+  come from the q/k norm + RoPE kernel instead (`qk_norm_rope_quant`), in the same pass.
 - `_attn_fp8_fwd`: the attention on the codes, with the index form (`index.BlockIndex`) and the work order
   (LPT schedule, persistent or one program per tile) of the `tl` kernel. Per key tile: an int8 dot (exact,
   int32), the scores scaled by q_scale (per row) * k_scale (per tile) * softmax scale * log2(e) in one
@@ -85,9 +86,6 @@ def _e4m3_rne(x):
     return tl.clamp((x + c) - c, -_FP8_MAX, _FP8_MAX)
 
 
-STATS_CHUNK = 1024  # tokens per `_kv_stats` program: 74 programs per head at 14B 720p, ~3k in all
-
-
 def shape_why_not(head_dim: int, block_size: tuple[int, int]) -> str | None:
     """Why the kernel cannot take calls of this head dim and block size (None: it can): head dim 64 or 128,
     blocks of 16 to 128 tokens, powers of two."""
@@ -152,147 +150,278 @@ SWEEP_CONFIGS = {
 }
 
 
-# N, Mq, Mk and the strides vary with the video size: one binary serves them all (no specialisation on them)
-_SIZES = ["N", "Mq", "Mk"]
-_STRIDES = [f"stride_{t}{d}" for t in "qkv" for d in "zhnd"]
+# ---- quantizing q, k, v ----
+#
+# Five launches, each a pass over memory (what bench_fp8.py times one by one, with its bandwidth):
+# - `_kv_stats`: per (token chunk, head), K's sum and V's amax per channel over the chunk, into [B * H, chunks,
+#   D] partials. Element-wise accumulators over the chunk's tiles, reduced once at the end: a reduction per
+#   tile would put a barrier between one tile's loads and the next.
+# - `_kv_finalize`: per head, the partials: K's mean and V's scales. K is summed in float64, as the reference
+#   sums it: exact for a model's bf16 keys (8-bit mantissas), so the order does not matter and the mean, and
+#   every K code, is the reference's to the bit, on every run (a fused and an unfused call agree).
+# - `_quantize_q`, `_quantize_k`, `_quantize_v`: one program per (block, head): its [block, D] tile's codes
+#   and scales (K smoothed first), zeros past N, V transposed. `qk_norm_rope_quant` makes q's codes in the
+#   norm's pass; then `_quantize_q` does not run.
+# Sizes (N, Mq, Mk, the chunk count) vary with the video: not specialised on, one binary serves them all.
+# Strides are specialised on divisibility by 16 (Triton's default), which every [B, H, N, D] layout of a head
+# dim of 64 or 128 has, and the head dim's stride is 1 (the launcher copies a tensor whose is not): a row's
+# channels load as 16-byte vectors, where an unknown stride would load them one element at a time.
+
+STATS_CHUNK = 512  # tokens per `_kv_stats` program: 768 programs at Wan 1.3B 480p, 5,920 at 14B 720p
+STATS_TILE = 32  # tokens per `_kv_stats` load (its float64 sums take 2 registers an element)
+FINALIZE_TILE = 64  # chunks per `_kv_finalize` load
 
 
-@triton.jit(do_not_specialize=["N", *_STRIDES[4:]])
+@triton.jit(do_not_specialize=["N"])
 def _kv_stats(
     K,
     V,
-    KSum,
-    VAmax,
+    KPart,
+    VPart,
     stride_kz,
     stride_kh,
     stride_kn,
-    stride_kd,
     stride_vz,
     stride_vh,
     stride_vn,
-    stride_vd,
     H,
     N,
     CHUNK: tl.constexpr,
     BLOCK_T: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    """Sum of K over a chunk of tokens and amax of |V|, per channel, added into [B, H, D] by atomics."""
-    bh = tl.program_id(0)
+    """Program (chunk, b * H + h): K's sum and |V|'s max over the chunk's tokens, per channel, into
+    KPart / VPart [B * H, chunks, D]."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    t0 = tl.program_id(1) * CHUNK
     offs_d = tl.arange(0, HEAD_DIM)
     k_base = K + b.to(tl.int64) * stride_kz + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vz + h.to(tl.int64) * stride_vh
-    ksum = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    vmax = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for t in tl.range(t0, t0 + CHUNK, BLOCK_T):
+    ksum = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float64)
+    vmax = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float32)
+    for t in tl.range(c * CHUNK, c * CHUNK + CHUNK, BLOCK_T):
         offs_t = t + tl.arange(0, BLOCK_T)
         ok = (offs_t < N)[:, None]
-        k = tl.load(k_base + offs_t[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=ok, other=0.0)
-        v = tl.load(v_base + offs_t[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=ok, other=0.0)
-        ksum += tl.sum(k.to(tl.float32), 0)
-        vmax = tl.maximum(vmax, tl.max(tl.abs(v.to(tl.float32)), 0))
-    tl.atomic_add(KSum + bh * HEAD_DIM + offs_d, ksum)
-    tl.atomic_max(VAmax + bh * HEAD_DIM + offs_d, vmax)
+        k = tl.load(k_base + offs_t[:, None] * stride_kn + offs_d[None, :], mask=ok, other=0.0)
+        v = tl.load(v_base + offs_t[:, None] * stride_vn + offs_d[None, :], mask=ok, other=0.0)
+        ksum += k.to(tl.float64)
+        vmax = tl.maximum(vmax, tl.abs(v.to(tl.float32)))
+    part = (bh * tl.num_programs(0) + c).to(tl.int64) * HEAD_DIM + offs_d
+    tl.store(KPart + part, tl.sum(ksum, 0))
+    tl.store(VPart + part, tl.max(vmax, 0))
 
 
-@triton.jit(do_not_specialize=[*_SIZES, *_STRIDES])
-def _quantize_qkv(
-    Q,
+@triton.jit(do_not_specialize=["N", "NC"])
+def _kv_finalize(
+    KPart,
+    VPart,
+    KMean,
+    VScale,
+    N,
+    NC,
+    SMOOTH_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """Program b * H + h: K's mean (zeros without SMOOTH_K) and V's per-channel scales from the NC chunks'
+    partials, summed in one fixed order."""
+    bh = tl.program_id(0)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ksum = tl.zeros([BLOCK_C, HEAD_DIM], dtype=tl.float64)
+    vmax = tl.zeros([BLOCK_C, HEAD_DIM], dtype=tl.float32)
+    for c0 in range(0, NC, BLOCK_C):
+        rows = c0 + offs_c
+        ptrs = (bh.to(tl.int64) * NC + rows)[:, None] * HEAD_DIM + offs_d[None, :]
+        ok = (rows < NC)[:, None]
+        ksum += tl.load(KPart + ptrs, mask=ok, other=0.0)
+        vmax = tl.maximum(vmax, tl.load(VPart + ptrs, mask=ok, other=0.0))
+    mean = (tl.sum(ksum, 0) / N.to(tl.float64)).to(tl.float32)  # float64 division is IEEE's on the GPU too
+    if not SMOOTH_K:
+        mean = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    tl.store(KMean + bh * HEAD_DIM + offs_d, mean)
+    tl.store(VScale + bh * HEAD_DIM + offs_d, _div(tl.maximum(tl.max(vmax, 0), _TINY), _FP8_MAX))
+
+
+@triton.jit
+def _load_tile(X, stride_z, stride_h, stride_n, b, h, offs_t, N, HEAD_DIM: tl.constexpr):
+    """Rows offs_t of head (b, h), fp32, zeros past N."""
+    base = X + b.to(tl.int64) * stride_z + h.to(tl.int64) * stride_h
+    x = tl.load(
+        base + offs_t[:, None] * stride_n + tl.arange(0, HEAD_DIM)[None, :], mask=(offs_t < N)[:, None], other=0.0
+    )
+    return x.to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["N", "Mq"])
+def _quantize_q(Q, Q8, QScale, stride_qz, stride_qh, stride_qn, H, N, Mq, BM: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Program (block, b * H + h): query block `block`'s codes, one scale per token."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_t = blk * BM + tl.arange(0, BM)
+    x = _load_tile(Q, stride_qz, stride_qh, stride_qn, bh // H, bh % H, offs_t, N, HEAD_DIM)
+    scale = _div(tl.maximum(tl.max(tl.abs(x), 1), _TINY), _INT8_MAX)
+    codes = _int8_codes(x, _inv(scale)[:, None])
+    rows = bh.to(tl.int64) * (Mq * BM) + offs_t
+    tl.store(Q8 + rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :], codes)
+    tl.store(QScale + rows, scale)
+
+
+@triton.jit(do_not_specialize=["N", "Mk"])
+def _quantize_k(
     K,
-    V,
-    Q8,
-    QScale,
     K8,
     KScale,
     KMean,
-    V8T,
-    VScale,
-    KSum,
-    VAmax,
-    stride_qz,
-    stride_qh,
-    stride_qn,
-    stride_qd,
     stride_kz,
     stride_kh,
     stride_kn,
-    stride_kd,
+    H,
+    N,
+    Mk,
+    BN: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """Program (block, b * H + h): key block `block` less K's mean, one scale for the block."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_t = blk * BN + tl.arange(0, BN)
+    offs_d = tl.arange(0, HEAD_DIM)
+    x = _load_tile(K, stride_kz, stride_kh, stride_kn, bh // H, bh % H, offs_t, N, HEAD_DIM)
+    x = tl.where((offs_t < N)[:, None], x - tl.load(KMean + bh * HEAD_DIM + offs_d)[None, :], 0.0)  # zeros past N
+    scale = _div(tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), _TINY), _INT8_MAX)
+    codes = _int8_codes(x, _inv(scale))
+    rows = bh.to(tl.int64) * (Mk * BN) + offs_t
+    tl.store(K8 + rows[:, None] * HEAD_DIM + offs_d[None, :], codes)
+    tl.store(KScale + bh * Mk + blk, scale)
+
+
+@triton.jit(do_not_specialize=["N", "Mk"])
+def _quantize_v(
+    V,
+    V8T,
+    VScale,
     stride_vz,
     stride_vh,
     stride_vn,
-    stride_vd,
     H,
     N,
-    Mq,
     Mk,
-    SMOOTH_K: tl.constexpr,
-    BM: tl.constexpr,
     BN: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     UPCAST: tl.constexpr,
-    FIRST: tl.constexpr,
 ):
-    """Program (block, b * H + h, tensor - FIRST): tensor 0 quantizes query block `block` (one scale per
-    token), 1 key block `block` (smoothed, one scale per block), 2 value block `block` (per-channel scales).
-    FIRST = 1 when the query codes come from `qk_norm_rope_quant`."""
+    """Program (block, b * H + h): value block `block`'s e4m3 codes under the per-channel scales, stored
+    transposed ([D, Mk * BN] per head)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
-    which = tl.program_id(2) + FIRST
-    b = bh // H
-    h = bh % H
+    offs_t = blk * BN + tl.arange(0, BN)
     offs_d = tl.arange(0, HEAD_DIM)
-    if which == 0:
-        if blk < Mq:
-            offs_t = blk * BM + tl.arange(0, BM)
-            base = Q + b.to(tl.int64) * stride_qz + h.to(tl.int64) * stride_qh
-            x = tl.load(
-                base + offs_t[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=(offs_t < N)[:, None],
-                other=0.0,
-            ).to(tl.float32)
-            scale = _div(tl.maximum(tl.max(tl.abs(x), 1), _TINY), _INT8_MAX)
-            codes = _int8_codes(x, _inv(scale)[:, None])
-            rows = bh.to(tl.int64) * (Mq * BM) + offs_t
-            tl.store(Q8 + rows[:, None] * HEAD_DIM + offs_d[None, :], codes)
-            tl.store(QScale + rows, scale)
-    elif which == 1:
-        if blk < Mk:
-            offs_t = blk * BN + tl.arange(0, BN)
-            base = K + b.to(tl.int64) * stride_kz + h.to(tl.int64) * stride_kh
-            ok = (offs_t < N)[:, None]
-            x = tl.load(base + offs_t[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=ok, other=0.0)
-            x = x.to(tl.float32)
-            if SMOOTH_K:
-                mean = _div(tl.load(KSum + bh * HEAD_DIM + offs_d), N.to(tl.float32))
-                x = tl.where(ok, x - mean[None, :], 0.0)  # keys past N stay zero
-                if blk == 0:
-                    tl.store(KMean + bh * HEAD_DIM + offs_d, mean)
-            scale = _div(tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), _TINY), _INT8_MAX)
-            codes = _int8_codes(x, _inv(scale))
-            rows = bh.to(tl.int64) * (Mk * BN) + offs_t
-            tl.store(K8 + rows[:, None] * HEAD_DIM + offs_d[None, :], codes)
-            tl.store(KScale + bh * Mk + blk, scale)
+    x = _load_tile(V, stride_vz, stride_vh, stride_vn, bh // H, bh % H, offs_t, N, HEAD_DIM)
+    inv = _inv(tl.load(VScale + bh * HEAD_DIM + offs_d))
+    if UPCAST:
+        codes = _e4m3_rne(x * inv[None, :]).to(tl.float8e4nv)  # exact values: the cast only packs
     else:
-        if blk < Mk:
-            offs_t = blk * BN + tl.arange(0, BN)
-            base = V + b.to(tl.int64) * stride_vz + h.to(tl.int64) * stride_vh
-            x = tl.load(
-                base + offs_t[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=(offs_t < N)[:, None],
-                other=0.0,
-            ).to(tl.float32)
-            scale = _div(tl.maximum(tl.load(VAmax + bh * HEAD_DIM + offs_d), _TINY), _FP8_MAX)
-            if UPCAST:
-                codes = _e4m3_rne(x * _inv(scale)[None, :]).to(tl.float8e4nv)  # exact values: the cast only packs
-            else:
-                codes = tl.clamp(x * _inv(scale)[None, :], -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
-            cols = bh.to(tl.int64) * HEAD_DIM * (Mk * BN) + offs_t
-            tl.store(V8T + cols[None, :] + offs_d[:, None] * (Mk * BN), tl.trans(codes))
-            if blk == 0:
-                tl.store(VScale + bh * HEAD_DIM + offs_d, scale)
+        codes = tl.clamp(x * inv[None, :], -_FP8_MAX, _FP8_MAX).to(tl.float8e4nv)
+    cols = bh.to(tl.int64) * HEAD_DIM * (Mk * BN) + offs_t
+    tl.store(V8T + cols[None, :] + offs_d[:, None] * (Mk * BN), tl.trans(codes))
+
+
+def _unit_channel_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _quantize_launches(
+    q: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_size: tuple[int, int],
+    smooth_k: bool,
+) -> tuple[Fp8QKV, dict]:
+    """The buffers `quantize_qkv` fills and its launches, by name in the order they must first run ("stats",
+    "finalize", "q" unless `q` is codes already, "k", "v"), each a function of no arguments: run once in
+    order, they fill the buffers; then each can be run alone (bench_fp8.py times them so)."""
+    B, H, N, D = k.shape
+    bm, bn = block_size
+    mq, mk = triton.cdiv(N, bm), triton.cdiv(N, bn)
+    dev = k.device
+    k, v = _unit_channel_stride(k), _unit_channel_stride(v)
+    q_done = isinstance(q, tuple)
+    if q_done:
+        q8, q_scale = q
+        if q8.shape != (B, H, mq * bm, D) or q_scale.shape != (B, H, mq * bm) or q8.dtype != torch.int8:
+            raise ValueError(
+                f"query codes {tuple(q8.shape)} {q8.dtype} / scales {tuple(q_scale.shape)} do not match "
+                f"int8 {(B, H, mq * bm, D)} for k {tuple(k.shape)}, block {block_size}"
+            )
+    else:
+        q = _unit_channel_stride(q)
+        q8 = torch.empty(B, H, mq * bm, D, dtype=torch.int8, device=dev)
+        q_scale = torch.empty(B, H, mq * bm, dtype=torch.float32, device=dev)
+    qz = Fp8QKV(
+        q8=q8,
+        q_scale=q_scale,
+        k8=torch.empty(B, H, mk * bn, D, dtype=torch.int8, device=dev),
+        k_scale=torch.empty(B, H, mk, dtype=torch.float32, device=dev),
+        k_mean=torch.empty(B, H, D, dtype=torch.float32, device=dev),
+        v8t=torch.empty(B, H, D, mk * bn, dtype=torch.float8_e4m3fn, device=dev),
+        v_scale=torch.empty(B, H, D, dtype=torch.float32, device=dev),
+        n=N,
+        block_size=(bm, bn),
+    )
+    if B * H * N == 0:
+        qz.k_mean.zero_()
+        qz.v_scale.fill_(TINY / FP8_MAX)
+        return qz, {}
+    chunks = triton.cdiv(N, STATS_CHUNK)
+    k_part = torch.empty(B * H, chunks, D, dtype=torch.float64, device=dev)
+    v_part = torch.empty(B * H, chunks, D, dtype=torch.float32, device=dev)
+    warps = 8 if max(bm, bn) * D >= 128 * 128 else 4
+    launches = {
+        "stats": lambda: _kv_stats[(chunks, B * H)](
+            k,
+            v,
+            k_part,
+            v_part,
+            *_zhn(k),
+            *_zhn(v),
+            H,
+            N,
+            CHUNK=STATS_CHUNK,
+            BLOCK_T=STATS_TILE,
+            HEAD_DIM=D,
+            num_warps=8,
+        ),
+        "finalize": lambda: _kv_finalize[(B * H,)](
+            k_part,
+            v_part,
+            qz.k_mean,
+            qz.v_scale,
+            N,
+            chunks,
+            SMOOTH_K=smooth_k,
+            BLOCK_C=FINALIZE_TILE,
+            HEAD_DIM=D,
+        ),
+    }
+    if not q_done:
+        launches["q"] = lambda: _quantize_q[(mq, B * H)](
+            q, qz.q8, qz.q_scale, *_zhn(q), H, N, mq, BM=bm, HEAD_DIM=D, num_warps=warps
+        )
+    launches["k"] = lambda: _quantize_k[(mk, B * H)](
+        k, qz.k8, qz.k_scale, qz.k_mean, *_zhn(k), H, N, mk, BN=bn, HEAD_DIM=D, num_warps=warps
+    )
+    launches["v"] = lambda: _quantize_v[(mk, B * H)](
+        v, qz.v8t, qz.v_scale, *_zhn(v), H, N, mk, BN=bn, HEAD_DIM=D, UPCAST=not k.is_cuda, num_warps=warps
+    )
+    return qz, launches
+
+
+def _zhn(x: torch.Tensor) -> tuple[int, int, int]:
+    """The batch, head and token strides of a [B, H, N, D] tensor (its channel stride is 1)."""
+    return x.stride(0), x.stride(1), x.stride(2)
 
 
 def quantize_qkv(
@@ -302,70 +431,12 @@ def quantize_qkv(
     block_size: tuple[int, int] = (128, 128),
     smooth_k: bool = True,
 ) -> Fp8QKV:
-    """q, k, v [B, H, N, D] (any strides, head dim contiguous or not) -> the codes and scales the attention
-    kernel reads, as `quant.quantize_qkv_ref` computes them (two launches). `q` may be the (codes, scales)
-    that `qk_norm_rope_quant` made; then only k and v are read here."""
-    B, H, N, D = k.shape
-    bm, bn = block_size
-    mq, mk = triton.cdiv(N, bm), triton.cdiv(N, bn)
-    dev = k.device
-    stats = torch.zeros(2, B, H, D, dtype=torch.float32, device=dev)  # K's sum, V's amax
-    q_done = isinstance(q, tuple)
-    if q_done:
-        q8, q_scale = q
-        if q8.shape != (B, H, mq * bm, D) or q_scale.shape != (B, H, mq * bm) or q8.dtype != torch.int8:
-            raise ValueError(
-                f"query codes {tuple(q8.shape)} {q8.dtype} / scales {tuple(q_scale.shape)} do not match "
-                f"int8 {(B, H, mq * bm, D)} for k {tuple(k.shape)}, block {block_size}"
-            )
-        q = k  # the kernel's Q pointer: unread
-    else:
-        q8 = torch.empty(B, H, mq * bm, D, dtype=torch.int8, device=dev)
-        q_scale = torch.empty(B, H, mq * bm, dtype=torch.float32, device=dev)
-    qz = Fp8QKV(
-        q8=q8,
-        q_scale=q_scale,
-        k8=torch.empty(B, H, mk * bn, D, dtype=torch.int8, device=dev),
-        k_scale=torch.empty(B, H, mk, dtype=torch.float32, device=dev),
-        k_mean=torch.zeros(B, H, D, dtype=torch.float32, device=dev),
-        v8t=torch.empty(B, H, D, mk * bn, dtype=torch.float8_e4m3fn, device=dev),
-        v_scale=torch.empty(B, H, D, dtype=torch.float32, device=dev),
-        n=N,
-        block_size=(bm, bn),
-    )
-    if B * H * N == 0:
-        return qz
-    _kv_stats[(B * H, triton.cdiv(N, STATS_CHUNK))](
-        k, v, stats[0], stats[1], *k.stride(), *v.stride(), H, N, CHUNK=STATS_CHUNK, BLOCK_T=32, HEAD_DIM=D
-    )
-    _quantize_qkv[(max(mq, mk), B * H, 2 if q_done else 3)](
-        q,
-        k,
-        v,
-        qz.q8,
-        qz.q_scale,
-        qz.k8,
-        qz.k_scale,
-        qz.k_mean,
-        qz.v8t,
-        qz.v_scale,
-        stats[0],
-        stats[1],
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        H,
-        N,
-        mq,
-        mk,
-        SMOOTH_K=smooth_k,
-        BM=bm,
-        BN=bn,
-        HEAD_DIM=D,
-        UPCAST=not k.is_cuda,
-        FIRST=int(q_done),
-        num_warps=8 if max(bm, bn) * D >= 128 * 128 else 4,
-    )
+    """q, k, v [B, H, N, D] (any strides; one whose head dim is not contiguous is copied first) -> the codes
+    and scales the attention kernel reads, as `quant.quantize_qkv_ref` computes them. `q` may be the (codes,
+    scales) that `qk_norm_rope_quant` made; then only k and v are read here."""
+    qz, launches = _quantize_launches(q, k, v, tuple(block_size), smooth_k)
+    for launch in launches.values():
+        launch()
     return qz
 
 
@@ -817,7 +888,7 @@ def block_sparse_attention_fp8_indexed(
 ) -> torch.Tensor:
     """Block-sparse attention with INT8 Q.K^T and FP8 P.V (`quant.py`'s scheme): q, k, v [B, H, N, D] (any
     strides), index rows [B or 1, H, Mq]. Returns [B, H, N, D] in q's dtype and memory layout (or writes
-    `out`). Quantizes q, k, v (two launches), then runs the attention kernel."""
+    `out`). Quantizes q, k, v (`quantize_qkv`), then runs the attention kernel."""
     block_size = tuple(block_size)
     out = check_attention_call(q, k, v, index, block_size, out)
     if not supports(q, block_size):
@@ -831,4 +902,4 @@ def block_sparse_attention_fp8_indexed(
 
 def kernel_fns() -> list:
     """The JIT functions of this module (what a calibatt cache holds)."""
-    return [_kv_stats, _quantize_qkv, _norm_rope_quant, _attn_fp8_fwd]
+    return [_kv_stats, _kv_finalize, _quantize_q, _quantize_k, _quantize_v, _norm_rope_quant, _attn_fp8_fwd]

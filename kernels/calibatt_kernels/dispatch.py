@@ -456,6 +456,47 @@ def block_sparse_attention_fp8_indexed(
     return res
 
 
+@_on_tensor_device
+def qk_norm_rope_attention_fp8(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    index: BlockIndex,
+    *,
+    eps: float,
+    block_size: tuple[int, int] = (128, 128),
+    scale: float | None = None,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """Wan's q/k preparation (`qk_norm_rope`: q, k [B, N, C] projections) and `block_sparse_attention_fp8_indexed`
+    on it (v [B, N, heads, D]). Where the fp8 kernel runs, q's codes are made in the norm + RoPE pass
+    (attn_fp8.qk_norm_rope_quant, recorded as qk_norm_rope "triton_quant"): the codes `quantize_qkv` makes of
+    the normed q, so the same output as the two calls, without a pass over q. Elsewhere (the scheme's
+    reference on the CPU, a bf16 fallback) it is the two calls. Returns [B, heads, N, D] in the layout of a
+    [B, N, heads, D] tensor (as the two calls do)."""
+    block_size = tuple(block_size)
+    B, N, heads, D = v.shape
+    ran = fp8_kernel_name(q.device, D, block_size, config)
+    if fp8_why_not(q.device, D, block_size) is not None or ran == "fp8_reference":
+        qn, kn = qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads=heads, eps=eps)
+        qn, kn, vt = (t.transpose(1, 2) for t in (qn, kn, v))
+        return block_sparse_attention_fp8_indexed(qn, kn, vt, index, block_size=block_size, scale=scale, config=config)
+    codes, kn = attn_fp8.qk_norm_rope_quant(
+        q, k, weight_q, weight_k, cos, sin, heads=heads, eps=eps, block_size=block_size
+    )
+    RECORD.note("qk_norm_rope", "triton_quant")
+    qz = attn_fp8.quantize_qkv(codes, kn.transpose(1, 2), v.transpose(1, 2), block_size)
+    out = torch.empty_strided((B, heads, N, D), (N * heads * D, D, heads * D, 1), dtype=q.dtype, device=q.device)
+    cfg = config if config is not None and config.backend == "tl" else None
+    attn_fp8.attention_fp8_quantized(qz, index, out, scale=scale, config=cfg)
+    RECORD.note_attention(ran, out, index, block_size)
+    return out
+
+
 def fp8_candidate_configs(capability: tuple[int, int], block_size: tuple[int, int]) -> list[KernelConfig]:
     """The fp8 kernel's configs worth measuring on a GPU of this compute capability (its default first)."""
     return attn_fp8.candidate_configs(capability, tuple(block_size))
@@ -711,6 +752,7 @@ __all__ = [
     "prewarm_attention",
     "prewarm_backends",
     "qk_norm_rope",
+    "qk_norm_rope_attention_fp8",
     "reset_what_ran",
     "scope",
     "set_scope",

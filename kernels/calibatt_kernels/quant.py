@@ -99,7 +99,8 @@ def quantize_qkv_ref(
     q_scale = _quotient(qp.abs().amax(-1).clamp_min(TINY), INT8_MAX)  # [B, H, Mq * BM]
     q8 = _int8(qp, _recip(q_scale)[..., None])
 
-    k_mean = _quotient(kf.sum(2), N) if smooth_k else torch.zeros(B, H, D, device=q.device)
+    # summed in float64: exact for bf16 keys whatever the order, so the kernel's chunked sum is the same bits
+    k_mean = _quotient(k.double().sum(2), N) if smooth_k else torch.zeros(B, H, D, device=q.device)
     ks = torch.nn.functional.pad(kf - k_mean[:, :, None], (0, 0, 0, mk * bn - N))  # zero keys past N
     k_scale = _quotient(ks.reshape(B, H, mk, bn * D).abs().amax(-1).clamp_min(TINY), INT8_MAX)  # [B, H, Mk]
     k8 = _int8(ks, _recip(k_scale).repeat_interleave(bn, -1)[..., None])
