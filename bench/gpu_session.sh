@@ -72,7 +72,7 @@ elif [ "$PART" = C ]; then
 elif [ "$PART" = D ]; then
 	step 170 "bench_e2e 14B d=0.2 fp8" python3 bench/bench_e2e.py --shapes wan14b-720p --densities 0.2 --reps 3 \
 		--only stock:eager stock:compiled calibatt:compiled --precision fp8
-	step 120 "bench_fp8 (quantization by launch)" python3 bench/bench_fp8.py
+	step 60 "bench_fp8 --quant-only (quantization by launch)" python3 bench/bench_fp8.py --quant-only
 	step 150 "gpu tests: fp8 path" $T tests/test_fp8_integration_gpu.py tests/test_fp8_gpu.py
 	step 150 "gpu tests: compiled blocks" $T tests/test_compile_gpu.py
 else
