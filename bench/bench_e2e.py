@@ -17,7 +17,7 @@ which must be the masks' (`computed_density`; a row where it is not says `mismat
     python bench/bench_e2e.py                     # both shapes (device machine)
     python bench/bench_e2e.py --shapes wan1.3b-480p --densities 0.2 --only stock:eager stock:compiled \
         calibatt:compiled                          # the rows the user path is compared with
-    python bench/bench_e2e.py --shapes wan14b-720p --densities 0.2 --precision fp8   # the fp8 kernel's rows
+    python bench/bench_e2e.py --shapes wan14b-720p --densities 0.2 --precision bf16 fp8  # both kernels' rows
     python bench/bench_e2e.py --smoke             # a tiny CPU run of the whole script
 
 The results file is written after every row (`complete`: false and the row under way in `in_progress` until
@@ -242,7 +242,7 @@ def bench_shape(shape: dict, args, device, dtype, res: dict, save) -> dict:
             return
         full = torch.ones(heads, *masks_by_density[args.densities[0]].shape[1:], dtype=torch.bool, device=device)
         plan = make_plan(full.cpu(), layers, kernel_config(args.kernel_config)).to(device)
-        ctl = SparseController(plan, precision=args.precision)
+        ctl = SparseController(plan)
         ctl.reset()
         procs = install(lambda i: CalibattWanAttnProcessor(i, ctl))
         if args.ffn_ab and wanted("unfused-ffn", tag):
@@ -259,9 +259,15 @@ def bench_shape(shape: dict, args, device, dtype, res: dict, save) -> dict:
                 print(f"  {shape['name']:<14} all-true masks vs stock: relative error {rel:.2e}", flush=True)
             measure(f"calibatt {tag} all-true", density=1.0, **extra)
         if wanted("calibatt", tag):
-            for d, m in masks_by_density.items():
-                set_density(plan, procs, m)
-                measure(f"calibatt {tag} d={d}", density=float(m.float().mean()))
+            for precision in args.precision:
+                if precision != "bf16":  # the same plan behind a controller of that precision
+                    ctl = SparseController(plan, precision=precision)
+                    ctl.reset()
+                    procs = install(lambda i, c=ctl: CalibattWanAttnProcessor(i, c))
+                name = "calibatt" if precision == "bf16" else f"calibatt-{precision}"
+                for d, m in masks_by_density.items():
+                    set_density(plan, procs, m)
+                    measure(f"{name} {tag} d={d}", density=float(m.float().mean()))
         restore_modules(swapped)
 
     def wanted(variant: str, mode: str) -> bool:
@@ -372,9 +378,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--precision",
+        nargs="+",
         choices=("bf16", "fp8"),
-        default="bf16",
-        help="the calibatt rows' attention (fp8: generate.precision=fp8's kernel, quantization included)",
+        default=["bf16"],
+        help="the calibatt rows' attention, each in turn (fp8: generate.precision=fp8's kernels, quantization "
+        "included; its rows are named calibatt-fp8)",
     )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -414,7 +422,7 @@ def main() -> None:
         else Path(__file__).resolve().parent
         / "results"
         / (
-            f"e2e-{card.lower().replace(' ', '-')}-{meta['date']}{'-fp8' if args.precision == 'fp8' else ''}"
+            f"e2e-{card.lower().replace(' ', '-')}-{meta['date']}{'-fp8' if 'fp8' in args.precision else ''}"
             f"{'-smoke' if args.smoke else ''}.json"
         )
     )
