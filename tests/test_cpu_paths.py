@@ -52,3 +52,38 @@ def test_block_mass_ref_is_its_plain_loop_bit_for_bit(b, h, n, d, block, rows):
     assert torch.equal(mass, want_mass)
     assert torch.equal(att, want_att) and att.stride() == q.stride()
     assert torch.equal(ref.block_mass_ref(q, k, (block, block), rows_per_chunk=rows), want_mass)
+
+
+def plain_qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads, eps):
+    """Wan's q/k preparation in its pairwise form (diffusers' WanAttnProcessor): RMS norm, then each pair
+    (x[2i], x[2i+1]) rotated by the angle of cos[2i], sin[2i+1]."""
+    n, d = q.shape[1], q.shape[-1] // heads
+    c = cos.reshape(1, n, 1, d).float()[..., 0::2]
+    s = sin.reshape(1, n, 1, d).float()[..., 1::2]
+
+    def one(x, w):
+        y = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), w.float(), eps).to(x.dtype)
+        y = y.unflatten(-1, (heads, -1)).float()
+        x0, x1 = y[..., 0::2], y[..., 1::2]
+        out = torch.empty_like(y)
+        out[..., 0::2] = x0 * c - x1 * s
+        out[..., 1::2] = x1 * c + x0 * s
+        return out.to(x.dtype)
+
+    return one(q, weight_q), one(k, weight_k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qk_norm_rope_ref_is_the_pairwise_rotation_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(0)
+    heads, d, n = 3, 64, 2304  # the tiny model's self-attention
+    q, k = (torch.randn(1, n, heads * d, generator=g).to(dtype) for _ in range(2))
+    wq, wk = (1 + 0.1 * torch.randn(heads * d, generator=g)).to(dtype), torch.rand(heads * d, generator=g).to(dtype)
+    angles = torch.rand(n, d // 2, generator=g) * 6.3
+    cos = angles.cos().repeat_interleave(2, -1).reshape(1, n, 1, d)
+    sin = angles.sin().repeat_interleave(2, -1).reshape(1, n, 1, d)
+    got = ref.qk_norm_rope_ref(q, k, wq, wk, cos, sin, heads=heads, eps=1e-6)
+    want = plain_qk_norm_rope(q, k, wq, wk, cos, sin, heads, 1e-6)
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == dtype and a.shape == (1, n, heads, d)
+        assert torch.equal(a, b)

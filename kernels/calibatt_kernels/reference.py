@@ -187,7 +187,9 @@ def _rope_apply(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tens
     contiguous tensors (the strided even/odd views cost several times more on the CPU). Same roundings as the
     pairwise form: each product rounded, then one addition (negating s is exact)."""
     xf = x.float()
-    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x[2i+1], x[2i]) per pair, a fresh tensor
+    # (x[2i+1], x[2i]) per pair, a fresh tensor: one copy from the two strided halves (flip's generic
+    # kernel takes about twice as long on the CPU)
+    swapped = torch.stack((xf[..., 1::2], xf[..., 0::2]), dim=-1).flatten(-2)
     return (xf * c).add_(swapped.mul_(s)).to(x.dtype)
 
 
