@@ -60,6 +60,17 @@ def work_config(root: Path, work: Path) -> Path:
     return path
 
 
+def cpu_model() -> str:
+    """The CPU's model name (platform.processor() is often empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
@@ -164,6 +175,7 @@ def main() -> None:
         "machine": {
             "cpu_count": os.cpu_count(),
             "processor": platform.processor(),
+            "cpu_model": cpu_model(),
             "platform": platform.platform(),
             "python": platform.python_version(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "2"),
