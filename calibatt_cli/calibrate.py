@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -232,31 +233,128 @@ def record_mass(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the dense model on prompts[i] for i in `indices` (seed calibration.seed + i, as in one process) and
     return the fixed-point block-mass sums int64 [buckets, layers, heads, Mq, Mk] and the sample counts
-    int64 [buckets, layers]."""
+    int64 [buckets, layers]. On the CPU the prompts are shared over `calibration.workers` threads (see
+    `worker_plan`); the integer sums make the result the same bits for any number of workers."""
     c = cfg.calibration
     ident = model_identity(cfg)
-    buckets = step_buckets(cfg.generate.steps, c.warmup_steps, c.buckets)
     device = parallel.process_device(cfg.model.device, layout)
     run_cfg = replace(cfg, model=replace(cfg.model, device=device))
-    model = load_model(run_cfg)
-    recorder = MassRecorder(buckets, c.block_size)
-    controller = RecordController(recorder)
-    if on_step is not None:
-        controller.step_hooks.append(on_step)
-    model.install(controller)
-    with torch.inference_mode():
-        for i in indices:
-            # No VAE decode: calibration only needs the transformer's attention.
-            model.run(prompts[i], cfg=run_cfg, controller=controller, seed=c.seed + i, output_type="latent")
-    model.uninstall()
+    workers, threads = worker_plan(c.workers, device, len(indices))
+    if workers == 1:
+        recorders = [_record(run_cfg, load_model(run_cfg), prompts, indices, on_step)]
+    else:
+        recorders = _record_in_threads(run_cfg, prompts, indices, on_step, workers, threads)
     grid = ident.token_grid(cfg.video.frames, cfg.video.height, cfg.video.width)
     nb = -(-grid[0] * grid[1] * grid[2] // c.block_size)
     totals = torch.zeros(c.buckets, ident.layers, ident.heads, nb, nb, dtype=torch.int64)
     counts = torch.zeros(c.buckets, ident.layers, dtype=torch.int64)
-    for (b, layer), t in recorder.sums.items():
-        totals[b, layer] = t
-        counts[b, layer] = recorder.counts[(b, layer)]
+    for recorder in recorders:
+        for (b, layer), t in recorder.sums.items():
+            totals[b, layer] += t
+            counts[b, layer] += recorder.counts[(b, layer)]
     return totals, counts
+
+
+def worker_plan(workers: int | str, device: str, prompts: int) -> tuple[int, int]:
+    """(worker threads, torch CPU threads each) for recording `prompts` prompts. On the CPU, a model call
+    spread over a few cores spends much of its time in the many small ops that split badly (and waits on
+    the slowest core: on a shared machine, any busy one), while independent prompts scale with the cores:
+    `auto` runs min(torch's threads, prompts) workers and shares the threads among them. A GPU records
+    one prompt at a time (torchrun shares prompts over GPUs)."""
+    total = torch.get_num_threads()
+    if not str(device).startswith("cpu"):
+        if workers not in ("auto", 1):
+            raise ConfigError(
+                f"calibration.workers={workers} is for the CPU; on a GPU set it to auto or 1 "
+                "(torchrun shares the prompts over GPUs)"
+            )
+        return 1, total
+    n = min(total, prompts) if workers == "auto" else min(int(workers), prompts)
+    n = max(n, 1)
+    return n, max(1, total // n)
+
+
+def _record(
+    cfg: Config,
+    model,
+    prompts: list[str],
+    indices: list[int],
+    on_step: Callable[[], None] | None,
+    stop: threading.Event | None = None,
+) -> MassRecorder:
+    """One model's recording of prompts[i] for i in `indices` (cfg's device is the one to run on)."""
+    c = cfg.calibration
+    recorder = MassRecorder(step_buckets(cfg.generate.steps, c.warmup_steps, c.buckets), c.block_size)
+    controller = RecordController(recorder)
+    if stop is not None:
+        controller.step_hooks.append(lambda: _check_stop(stop))
+    if on_step is not None:
+        controller.step_hooks.append(on_step)
+    model.install(controller)
+    try:
+        with torch.inference_mode():
+            for i in indices:
+                # No VAE decode: calibration only needs the transformer's attention.
+                model.run(prompts[i], cfg=cfg, controller=controller, seed=c.seed + i, output_type="latent")
+    finally:
+        model.uninstall()
+    return recorder
+
+
+class _Stopped(Exception):
+    """A worker thread leaving early because another one failed or the run was interrupted."""
+
+
+def _check_stop(stop: threading.Event) -> None:
+    if stop.is_set():
+        raise _Stopped
+
+
+def _record_in_threads(
+    cfg: Config,
+    prompts: list[str],
+    indices: list[int],
+    on_step: Callable[[], None] | None,
+    workers: int,
+    threads: int,
+) -> list[MassRecorder]:
+    """Worker w records indices[w::workers] on its own model with `threads` torch CPU threads (the heavy ops
+    release the GIL). The models are built here one after the other: building draws from the global RNG
+    (the random-weight models), which concurrent builds would interleave. A worker that fails, or Ctrl-C,
+    stops the others at their next denoising step; the first error is raised."""
+    models = [load_model(cfg) for _ in range(workers)]
+    shares = [indices[w::workers] for w in range(workers)]
+    results: list[MassRecorder | None] = [None] * workers
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def work(w: int) -> None:
+        try:
+            torch.set_num_threads(threads)  # per thread: the OpenMP and MKL thread counts are thread-local
+            results[w] = _record(cfg, models[w], prompts, shares[w], on_step, stop)
+        except BaseException as e:  # noqa: B036 - handed to the main thread, which raises it
+            errors.append(e)
+            stop.set()
+
+    saved = torch.get_num_threads()
+    pool = [threading.Thread(target=work, args=(w,), name=f"calibrate-worker-{w}") for w in range(workers)]
+    try:
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    except BaseException:  # Ctrl-C in the main thread: let the workers stop before unwinding
+        stop.set()
+        for t in pool:
+            t.join()
+        raise
+    finally:
+        torch.set_num_threads(saved)
+    if errors:
+        raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
+    if any(r is None for r in results):  # every worker either records its share or fails
+        raise RuntimeError("a calibration worker ended without its recording")
+    return results
 
 
 def finish_bundle(

@@ -48,6 +48,10 @@ class CalibrationConfig:
     block_size: int = 64  # token block size of the masks (query and key)
     seed: int = 0
     output: str | None = None  # None: out/<model.name>.bundle.safetensors
+    # On the CPU: prompts recorded at once, each worker a thread with its share of torch's CPU threads (one
+    # model call on a few cores scales worse than independent prompts do); auto = min(torch's threads, the
+    # prompts). The bundle is the same bits for any number. On a GPU: 1 (torchrun shares prompts over GPUs).
+    workers: int | str = "auto"
 
 
 @dataclass
@@ -198,6 +202,8 @@ def validate(cfg: Config) -> None:
     ):
         if value <= 0:
             raise ConfigError(f"{w}: {name} must be positive, got {value}")
+    if c.workers != "auto" and (isinstance(c.workers, str) or c.workers < 1):
+        raise ConfigError(f"{w}: calibration.workers must be auto or a positive integer, got {c.workers!r}")
     if c.warmup_steps < 0:
         raise ConfigError(f"{w}: calibration.warmup_steps must be >= 0, got {c.warmup_steps}")
     if c.warmup_steps >= cfg.generate.steps:

@@ -97,7 +97,12 @@ def block_mass_ref(
     """mass[b, h, i, j] = mean over the valid queries of block i of the softmax weight on key block j.
     Query blocks are processed in chunks (default: ~1M probabilities, 4 MB, at a time: cache-sized chunks
     make the CPU pass faster than larger ones), never all N x N.
-    With `v`, returns (mass, attention output like q's layout) from the same probabilities."""
+    With `v`, returns (mass, attention output like q's layout) from the same probabilities.
+
+    The chunks' scores and probabilities go to two buffers allocated once per call: a fresh multi-MB tensor
+    per chunk comes back from the allocator as new pages (freed ones go back to the system), and faulting
+    them in cost about a quarter of the CPU pass. The operations and shapes are the same either way (their
+    `out=` forms), so are the results, bit for bit."""
     B, H, N, D = q.shape
     bm, bn = block_size
     mq, mk = num_blocks(N, bm), num_blocks(N, bn)
@@ -107,17 +112,26 @@ def block_mass_ref(
     kt = (k.float() * scale).transpose(-1, -2)  # scale folded into the keys once
     out = torch.empty(B, H, mq, mk, dtype=torch.float32, device=q.device)
     att = None if v is None else torch.empty_like(q)
+    vf = None if v is None else v.float()
+    n_valid = torch.clamp(N - torch.arange(mq, device=q.device) * bm, max=bm).float()  # queries per block
+    chunk = min(rows_per_chunk * bm, N)  # query rows of every chunk but maybe the last
+    scores = torch.empty(B, H, chunk, N, dtype=torch.float32, device=q.device)
+    probs = torch.empty_like(scores)
     for r0 in range(0, mq, rows_per_chunk):
         r1 = min(r0 + rows_per_chunk, mq)
-        p = torch.softmax(q[:, :, r0 * bm : min(r1 * bm, N)].float() @ kt, dim=-1)  # [B, H, rows, N]
+        t0, t1 = r0 * bm, min(r1 * bm, N)
+        if t1 - t0 == chunk:
+            s = torch.matmul(q[:, :, t0:t1].float(), kt, out=scores)
+            p = torch.ops.aten._softmax.out(s, -1, False, out=probs)  # [B, H, rows, N]
+        else:  # a shorter last chunk
+            p = torch.softmax(q[:, :, t0:t1].float() @ kt, dim=-1)
         if att is not None:
-            att[:, :, r0 * bm : min(r1 * bm, N)] = p @ v.float()
+            att[:, :, t0:t1] = p @ vf
         if mk * bn != N:
             p = torch.nn.functional.pad(p, (0, mk * bn - N))  # missing keys hold no weight
-        per_block = p.view(B, H, p.shape[2], mk, bn).sum(-1)  # [B, H, rows, Mk]
+        per_block = p.view(B, H, t1 - t0, mk, bn).sum(-1)  # [B, H, rows, Mk]
         per_block = _pad_to(per_block, (r1 - r0) * bm).view(B, H, r1 - r0, bm, mk)
-        n_valid = (torch.clamp(N - torch.arange(r0, r1, device=q.device) * bm, max=bm)).float()
-        out[:, :, r0:r1] = per_block.sum(3) / n_valid[:, None]
+        torch.div(per_block.sum(3), n_valid[r0:r1, None], out=out[:, :, r0:r1])
     return out if att is None else (out, att)
 
 
@@ -173,7 +187,9 @@ def _rope_apply(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tens
     contiguous tensors (the strided even/odd views cost several times more on the CPU). Same roundings as the
     pairwise form: each product rounded, then one addition (negating s is exact)."""
     xf = x.float()
-    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x[2i+1], x[2i]) per pair, a fresh tensor
+    # (x[2i+1], x[2i]) per pair, a fresh tensor: one copy from the two strided halves (flip's generic
+    # kernel takes about twice as long on the CPU)
+    swapped = torch.stack((xf[..., 1::2], xf[..., 0::2]), dim=-1).flatten(-2)
     return (xf * c).add_(swapped.mul_(s)).to(x.dtype)
 
 
