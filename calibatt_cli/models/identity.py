@@ -30,15 +30,21 @@ CONFIG_SOURCES = ("configuration_utils.py", "models/modeling_utils.py")
 MEMO_SCHEME = "fc1"  # a change of what the memo holds changes every key
 
 
-def memo_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "calibatt" / "model-configs"
+def memo_dir() -> Path | None:
+    """Where the memos live ($XDG_CACHE_HOME or ~/.cache); None without a home directory."""
+    try:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:  # Path.home() without HOME and without a passwd entry
+        return None
+    return base / "calibatt" / "model-configs"
 
 
 def _memo_path(module: str, cls_name: str, transformer_config: str) -> Path | None:
     """The memo file of (class, input config); None if the diffusers sources cannot be found and read
     without importing diffusers."""
+    folder = memo_dir()
     spec = importlib.util.find_spec(module.split(".")[0])  # finds the top-level package, imports nothing
-    if spec is None or not spec.submodule_search_locations:
+    if folder is None or spec is None or not spec.submodule_search_locations:
         return None
     root = Path(next(iter(spec.submodule_search_locations)))
     own = "/".join(module.split(".")[1:]) + ".py"
@@ -48,7 +54,7 @@ def _memo_path(module: str, cls_name: str, transformer_config: str) -> Path | No
             h.update(rel.encode() + b"\0" + (root / rel).read_bytes())
     except OSError:
         return None
-    return memo_dir() / f"{h.hexdigest()[:32]}.json"
+    return folder / f"{h.hexdigest()[:32]}.json"
 
 
 def _read_memo(path: Path) -> str | None:
@@ -217,7 +223,7 @@ MOCHI_TRANSFORMER = "diffusers.models.transformers.transformer_mochi:MochiTransf
 MOCHI_VAE_STRIDE = (6, 8, 8)  # MochiPipeline's vae_temporal_scale_factor and vae_spatial_scale_factor
 
 # mochi-tiny-random: heads x head dim 2 x 64 (64: the Triton kernels' smallest head dim), 2 blocks.
-MOCHI_TINY_SCHEDULER = "FlowMatchEulerDiscreteScheduler"  # its build_tiny_pipeline's; also the unloaded mochi-1's
+MOCHI_TINY_SCHEDULER = "FlowMatchEulerDiscreteScheduler"  # mochi.build_tiny_pipeline's; also unloaded mochi-1's
 MOCHI_TINY_TRANSFORMER = dict(
     patch_size=2,
     num_attention_heads=2,
