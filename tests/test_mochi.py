@@ -150,7 +150,7 @@ def test_processor_matches_diffusers_on_a_cfg_batch():
 
 
 def test_real_mochi_token_grid():
-    from calibatt_cli.models.mochi import mochi_identity
+    from calibatt_cli.models.identity import mochi_identity
 
     ident = mochi_identity("mochi-1", "x", {}, "w")  # diffusers' defaults are Mochi 1's sizes
     assert (ident.layers, ident.heads, ident.head_dim) == (48, 24, 128)

@@ -8,7 +8,6 @@ else imports model internals.
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -88,59 +87,8 @@ class ModelIdentity:
             )
 
 
-@functools.lru_cache(maxsize=16)
-def _full_config(model_cls, transformer_config: str) -> str:
-    """The transformer's config with every default filled in (as JSON: the cache hands out copies).
-    Instantiating on the meta device costs tens of ms; a run asks for its identity several times."""
-    from ..util import canonical_json
-
-    with torch.device("meta"):
-        tcfg = dict(model_cls.from_config(json.loads(transformer_config)).config)
-    return canonical_json({k: v for k, v in tcfg.items() if not k.startswith("_")})
-
-
-def identity_from_config(
-    family: str,
-    model_cls,
-    name: str,
-    model_id: str,
-    transformer_config: dict,
-    weights_id: str,
-    vae_stride: tuple[int, int, int],
-    patch=None,
-    joint_attention: bool = False,
-    qk_norm_rope: bool = False,
-    scheduler: str = "",
-    flow_shift: bool = True,
-) -> ModelIdentity:
-    """Identity from configs alone. The transformer is instantiated on the meta device (no memory) so its
-    config carries every default, whether or not config.json spelled it out: equal models hash equal.
-    `patch` maps the full config to the (time, height, width) patch; default: its `patch_size`."""
-    from ..util import canonical_json, sha256_hex
-
-    tcfg = json.loads(_full_config(model_cls, canonical_json(transformer_config)))
-    h = sha256_hex(canonical_json({"family": family, "name": name, "config": tcfg, "weights": weights_id}))[:16]
-    return ModelIdentity(
-        name=name,
-        model_id=model_id,
-        model_hash=h,
-        layers=tcfg["num_layers"],
-        heads=tcfg["num_attention_heads"],
-        head_dim=tcfg["attention_head_dim"],
-        vae_stride=tuple(vae_stride),
-        patch=tuple(patch(tcfg) if patch else tcfg["patch_size"]),
-        joint_attention=joint_attention,
-        qk_norm_rope=qk_norm_rope,
-        sequence_parallel=getattr(model_cls, "_cp_plan", None) is not None,
-        scheduler=scheduler,
-        flow_shift=flow_shift,
-        repeated_blocks=bool(getattr(model_cls, "_repeated_blocks", None)),
-    )
-
-
 def scheduler_class(folder) -> str:
     """The scheduler class a diffusers-layout folder's pipeline samples with (its scheduler/ config)."""
-    import json
     from pathlib import Path
 
     from ..errors import ModelError

@@ -18,8 +18,6 @@ Models:
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,35 +25,14 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
 from ..config import Config
-from ..errors import ModelError
-from .base import (
-    LoadedModel,
-    ModelIdentity,
-    carry_parallel_config,
-    identity_from_config,
-    refuse_context_parallel,
-    scheduler_class,
-)
-from .fingerprint import folder_fingerprint
+from .base import LoadedModel, ModelIdentity, carry_parallel_config, refuse_context_parallel
+from .identity import MOCHI_TINY_TRANSFORMER, mochi_path
+from .identity import mochi as identity
 
 if TYPE_CHECKING:
     from ..runtime import Controller
 
-VAE_STRIDE = (6, 8, 8)  # MochiPipeline's vae_temporal_scale_factor and vae_spatial_scale_factor
-
-# mochi-tiny-random: heads x head dim 2 x 64 (64: the Triton kernels' smallest head dim), 2 blocks.
-TINY_SCHEDULER = "FlowMatchEulerDiscreteScheduler"  # build_tiny_pipeline's; also the unloaded mochi-1's
-TINY_TRANSFORMER = dict(
-    patch_size=2,
-    num_attention_heads=2,
-    attention_head_dim=64,
-    num_layers=2,
-    pooled_projection_dim=32,
-    in_channels=12,  # MochiPipeline assumes 12 latent channels (latents_mean.view(1, 12, ...))
-    text_embed_dim=32,  # = TINY_TEXT d_model
-    time_embed_dim=32,
-    max_sequence_length=16,
-)
+# mochi-tiny-random's VAE and text encoder (its transformer config is part of its identity: identity.py)
 TINY_VAE = dict(
     latent_channels=12,
     out_channels=3,
@@ -65,14 +42,6 @@ TINY_VAE = dict(
 )
 TINY_TEXT = dict(
     d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0
-)
-EXPECTED_FILES = (
-    "model_index.json",
-    "transformer/config.json + diffusion_pytorch_model*.safetensors",
-    "vae/config.json + diffusion_pytorch_model*.safetensors",
-    "text_encoder/config.json + model*.safetensors",
-    "tokenizer/ (tokenizer_config.json + spiece.model or tokenizer.json)",
-    "scheduler/scheduler_config.json",
 )
 
 
@@ -161,27 +130,6 @@ class MochiModel(LoadedModel):
         module.processor = processor  # MochiAttention has no set_processor
 
 
-def mochi_identity(
-    name: str, model_id: str, transformer_config: dict, weights_id: str, scheduler: str = TINY_SCHEDULER
-) -> ModelIdentity:
-    from diffusers import MochiTransformer3DModel
-
-    # PatchEmbed patches each latent frame in 2-D
-    return identity_from_config(
-        "mochi",
-        MochiTransformer3DModel,
-        name,
-        model_id,
-        transformer_config,
-        weights_id,
-        VAE_STRIDE,
-        patch=lambda c: (1, c["patch_size"], c["patch_size"]),
-        joint_attention=True,
-        scheduler=scheduler,
-        flow_shift=False,  # the pipeline keeps its scheduler's shift
-    )
-
-
 # --- mochi-tiny-random -------------------------------------------------------------------------------
 
 
@@ -198,11 +146,11 @@ def build_tiny_pipeline(seed: int):
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="$A </s>", special_tokens=[("</s>", tokenizer.eos_token_id)]
     )
-    tokenizer.model_max_length = TINY_TRANSFORMER["max_sequence_length"]
+    tokenizer.model_max_length = MOCHI_TINY_TRANSFORMER["max_sequence_length"]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), **TINY_TEXT)).eval()
-        transformer = MochiTransformer3DModel(**TINY_TRANSFORMER).eval()
+        transformer = MochiTransformer3DModel(**MOCHI_TINY_TRANSFORMER).eval()
         # RoPE frequencies start at 0 (no positions at all); random ones make attention depend on position.
         transformer.pos_frequencies.data.normal_(0.0, 0.5)
         vae = AutoencoderKLMochi(**TINY_VAE).eval()
@@ -225,58 +173,11 @@ def _finish(pipe, cfg: Config, ident: ModelIdentity) -> MochiModel:
 # --- mochi-1 from a local diffusers folder -------------------------------------------------------------
 
 
-def _require_path(cfg: Config) -> Path:
-    if not cfg.model.path:
-        raise ModelError(
-            f"model '{cfg.model.name}' needs local weights: pass --set model.path=/path/to/mochi-1 "
-            "(a diffusers-format folder, e.g. a download of genmo/mochi-1-preview)"
-        )
-    return Path(cfg.model.path).expanduser()
-
-
-def check_checkpoint(path: Path) -> None:
-    """A clear error listing what a diffusers-format Mochi folder holds, before from_pretrained fails."""
-    missing = []
-    if not (path / "model_index.json").is_file():
-        missing.append("model_index.json")
-    for sub, config, weights in (
-        ("transformer", "config.json", "*.safetensors"),
-        ("vae", "config.json", "*.safetensors"),
-        ("text_encoder", "config.json", "*.safetensors"),
-        ("tokenizer", "tokenizer_config.json", None),
-        ("scheduler", "scheduler_config.json", None),
-    ):
-        if not (path / sub / config).is_file():
-            missing.append(f"{sub}/{config}")
-        if weights and not list((path / sub).glob(weights)):
-            missing.append(f"{sub}/{weights}")
-    if missing:
-        raise ModelError(
-            f"model.path '{path}' is not a complete diffusers-format Mochi folder: missing {', '.join(missing)}. "
-            f"Expected: {'; '.join(EXPECTED_FILES)}"
-        )
-
-
-def identity(cfg: Config, name: str) -> ModelIdentity:
-    if name == "mochi-tiny-random":
-        return mochi_identity(name, f"builtin:{name}", TINY_TRANSFORMER, f"random-seed-{cfg.model.seed}")
-    if not cfg.model.path:
-        # No weights named yet: diffusers' default MochiTransformer3DModel config is Mochi 1's, which gives
-        # the shape (for `calibatt config` and grids); loading still requires model.path.
-        return mochi_identity(name, "unloaded:mochi-1", {}, "none")
-    path = _require_path(cfg)
-    check_checkpoint(path)
-    tcfg = json.loads((path / "transformer" / "config.json").read_text())
-    return mochi_identity(name, str(path.resolve()), tcfg, folder_fingerprint(path), scheduler_class(path))
-
-
 def load(cfg: Config, name: str) -> MochiModel:
     ident = identity(cfg, name)
     if name == "mochi-tiny-random":
         return _finish(build_tiny_pipeline(cfg.model.seed), cfg, ident)
     from diffusers import MochiPipeline
 
-    pipe = MochiPipeline.from_pretrained(
-        _require_path(cfg), local_files_only=True, dtype=getattr(torch, cfg.model.dtype)
-    )
+    pipe = MochiPipeline.from_pretrained(mochi_path(cfg), local_files_only=True, dtype=getattr(torch, cfg.model.dtype))
     return _finish(pipe, cfg, ident)

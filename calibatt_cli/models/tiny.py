@@ -3,10 +3,12 @@
 `tiny` loads the shipped weights (tiny/weights/); `tiny-random` is the same architecture with random weights
 drawn from `model.seed` (fast tests). The model itself is a WanPipeline, so the Wan adapter serves it.
 Its definition lives in the tiny model's kit (tiny/), which also trains it; this file is only what the
-registry needs, as every family's is.
+registry needs, as every family's is. Its identity imports no diffusers (models/identity.py); loading does.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,7 +17,10 @@ from ..tiny.model import LATENT, MAX_TEXT_TOKENS, TRANSFORMER, WEIGHTS, build_ti
 from ..tiny.model import weights_sha256 as check_weights
 from .base import ModelIdentity
 from .fingerprint import file_fingerprint
-from .wan import WanModel, wan_identity
+from .identity import wan_identity
+
+if TYPE_CHECKING:
+    from .wan import WanModel
 
 SCHEDULER = "FlowMatchEulerDiscreteScheduler"  # build_tiny_pipeline's
 
@@ -31,6 +36,8 @@ def identity(cfg: Config, name: str) -> ModelIdentity:
 
 
 def load(cfg: Config, name: str) -> WanModel:
+    from .wan import WanModel
+
     pipe = build_tiny_pipeline(cfg.model.seed)
     if name == "tiny":
         load_trained(pipe)

@@ -5,7 +5,6 @@ Only this module (and the other family modules) import diffusers model internals
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,7 +15,9 @@ from calibatt_kernels import ops as ck_ops
 
 from ..config import Config
 from ..errors import ModelError
-from .base import LoadedModel, ModelIdentity, carry_parallel_config, identity_from_config, scheduler_class
+from .base import LoadedModel, carry_parallel_config
+from .identity import wan as identity
+from .identity import wan_no_weights
 from .parallel import context_parallel_attention
 
 if TYPE_CHECKING:
@@ -153,82 +154,7 @@ class WanModel(LoadedModel):
         self._swapped.extend(fuse_ffn_gelu(self.pipe.transformer))  # LoadedModel.uninstall puts them back
 
 
-def wan_identity(
-    name: str, model_id: str, transformer_config: dict, vae_config: dict, weights_id: str, scheduler: str
-) -> ModelIdentity:
-    from diffusers import WanTransformer3DModel
-
-    st = vae_config.get("scale_factor_temporal") or 4
-    ss = vae_config.get("scale_factor_spatial") or 8
-    return identity_from_config(
-        "wan",
-        WanTransformer3DModel,
-        name,
-        model_id,
-        transformer_config,
-        weights_id,
-        (st, ss, ss),
-        qk_norm_rope=True,
-        scheduler=scheduler,
-    )
-
-
 # --- real Wan 2.1 weights -------------------------------------------------------------------------------
-
-KNOWN_SIZES = {"wan2.1-1.3b": (30, 1536), "wan2.1-14b": (40, 5120)}
-
-
-def _source(cfg: Config, name: str) -> str:
-    from .wan_weights import HUB_IDS
-
-    if cfg.model.path:
-        return cfg.model.path
-    if name in HUB_IDS:
-        return HUB_IDS[name]  # the shape of a named size, from configs alone; loading needs model.path
-    _no_weights(name)
-
-
-def _no_weights(name: str):
-    from .wan_weights import SOURCE_HINT
-
-    raise ModelError(f"model '{name}' needs local weights: set model.path (or --weights DIR); {SOURCE_HINT}")
-
-
-def identity(cfg: Config, name: str) -> ModelIdentity:
-    """The identity of a real Wan 2.1 model (the family's registry entry)."""
-    from .fingerprint import folder_fingerprint
-    from .wan_weights import SHIPPED, detect_layout, transformer_config, vae_config
-
-    if not cfg.model.path and name in KNOWN_SIZES:
-        # No weights named yet: the shipped config of that size gives the shape (for `calibatt config`,
-        # presets and grids); loading will still require the weights.
-        size = "1.3b" if name.endswith("1.3b") else "14b"
-        tcfg = json.loads((SHIPPED / f"transformer_{size}.json").read_text())
-        src = _source(cfg, name)
-        return wan_identity(name, src, tcfg, {}, f"hub:{src}", _scheduler(src, "hub"))
-    src = _source(cfg, name)
-    layout = detect_layout(src)
-    tcfg = transformer_config(src, layout)
-    # A Hub id names a repository, not bytes: its content is known only once downloaded.
-    weights = f"hub:{src}" if layout == "hub" else folder_fingerprint(src)
-    ident = wan_identity(name, src, tcfg, vae_config(src, layout), weights, _scheduler(src, layout))
-    if name in KNOWN_SIZES:
-        layers, dim = KNOWN_SIZES[name]
-        if (ident.layers, ident.heads * ident.head_dim) != (layers, dim):
-            raise ModelError(
-                f"'{src}' holds a Wan model of {ident.layers} layers x dim "
-                f"{ident.heads * ident.head_dim}, "
-                f"not {name} ({layers} x {dim}); use --model wan2.1 to take the size from the weights"
-            )
-    return ident
-
-
-def _scheduler(src: str, layout: str) -> str:
-    """The scheduler class the pipeline will sample with: a diffusers folder's own, else the one the original
-    release is loaded with (configs/wan2.1/scheduler), which the Hub's Wan 2.1 repositories also use."""
-    from .wan_weights import SHIPPED
-
-    return scheduler_class(src if layout == "diffusers" else SHIPPED)
 
 
 def load(cfg: Config, name: str) -> WanModel:
@@ -240,7 +166,7 @@ def load(cfg: Config, name: str) -> WanModel:
     if not cfg.model.path:
         # No implicit download: offline, the Hub client would retry for half a minute before failing. A Hub
         # id given as model.path still downloads.
-        _no_weights(name)
+        wan_no_weights(name)
     ident = identity(cfg, name)
     src = ident.model_id
     layout = detect_layout(src)
