@@ -63,10 +63,6 @@ elif [ "$PART" = C ]; then
 	step 300 "bench_cli_wan d=0.2 --library" python3 bench/bench_cli_wan.py --workdir /tmp/wcli --steps 8 \
 		--density 0.2 --library
 	mkdir -p "$OUT/cli-wan" && cp /tmp/wcli/*.log "$OUT/cli-wan/" 2>/dev/null
-	# where generate's time to its first step goes, by function (cProfile's own cost inflates it)
-	step 40 "generate under cProfile" python3 -m cProfile -o "$OUT/generate.prof" -m calibatt_cli generate \
-		"a red car driving along a coastal road at sunset" --config /tmp/wcli/config.yaml --json --strict \
-		-o /tmp/wcli/profiled.mp4
 	step 40 "bench_fp8 --quant-only (quantization by launch)" python3 bench/bench_fp8.py --quant-only
 	step 150 "bench_e2e 14B d=0.2 bf16 and fp8" python3 bench/bench_e2e.py --shapes wan14b-720p --densities 0.2 \
 		--reps 3 --only stock:eager stock:compiled calibatt:compiled --precision bf16 fp8
