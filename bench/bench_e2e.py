@@ -198,7 +198,8 @@ def bench_shape(shape: dict, args, device, dtype, res: dict, save) -> dict:
         note = ""
         if density is not None:
             got = computed_density()
-            row.update(density=density, computed_density=got)
+            ran = what_ran()  # which kernels the row's calls ran, and any fallback: the row says what it timed
+            row.update(density=density, computed_density=got, kernels=ran["calls"], fallbacks=ran["fallbacks"])
             if got is None or abs(got - density) > 1e-6:
                 row["mismatch"] = f"the kernels computed density {got}, the masks have {density:.6f}"
                 note = f"  MISMATCH: {row['mismatch']}"
