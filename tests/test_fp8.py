@@ -16,11 +16,11 @@ if __name__ == "__main__":
 
 import json  # noqa: E402
 import math  # noqa: E402
-import subprocess  # noqa: E402
 import traceback  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from interpreted import run_interpreted  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # fp8_inputs, also when run as a script
 from fp8_inputs import int8_tie_q, outlier_qkv, random_qkv  # noqa: E402
@@ -315,10 +315,7 @@ def _run_all():
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter subprocess failed:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__, timeout=600)
 
 
 @pytest.mark.parametrize("name", list(KERNEL_CASES))

@@ -17,11 +17,11 @@ if __name__ == "__main__":
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
 import json  # noqa: E402
-import subprocess  # noqa: E402
 import traceback  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from interpreted import run_interpreted  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # wan_formats, also when run as a script
 
@@ -123,10 +123,7 @@ def run_cases() -> dict:
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"interpreter subprocess failed:\n{proc.stderr[-4000:]}"
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_interpreted(__file__, timeout=600)
     assert "error" not in res, res["error"]
     return res
 

@@ -10,17 +10,16 @@ first -- that prints each case's measured errors as JSON; the tests below assert
 from __future__ import annotations
 
 import os
-import sys
 
 if __name__ == "__main__":
     os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
 
 import json  # noqa: E402
-import subprocess  # noqa: E402
 import traceback  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from interpreted import run_interpreted  # noqa: E402
 
 import calibatt_kernels as ck  # noqa: E402
 from calibatt_kernels import block_mass_ref, block_sparse_attention_ref, mask_to_index, num_blocks  # noqa: E402
@@ -362,10 +361,7 @@ def _all_cases():
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"interpreter subprocess failed:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__, timeout=900)
 
 
 def _get(results, key):

@@ -1465,7 +1465,7 @@ def block_sparse_attention_gluon(
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _no_workspace(device: torch.device) -> torch.Tensor:
     """The persistent kernel's workspace arguments when no row is split."""
     return torch.empty(1, device=device, dtype=torch.float32)
