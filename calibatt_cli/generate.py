@@ -59,9 +59,10 @@ class GenerateResult:
     compiled_blocks: dict = field(default_factory=dict)
     cache_lock: str | None = None  # how the cache was held: shared, or none (read-only location); None: dense
     ready_seconds: float | None = None  # from the generate call to the first denoising step's first forward
-    # where ready_seconds went: setup (config, identity, cache open and lock, plan), prewarm (our kernels
-    # loaded), blocks (compiled blocks served from the cache), model (load, install, compile wrapper), rest
-    # (prompt encoding, pipeline set-up)
+    # where ready_seconds went: identity (config checks, the model's identity, which imports its family's
+    # code), cache (open, lock, plan), prewarm (our kernels loaded), blocks (compiled blocks served from the
+    # cache), model (weights loaded), install (controller, processors, the layers' launch records), compile_wrap
+    # (torch.compile's wrapper), rest (prompt encoding, pipeline set-up)
     ready_parts: dict = field(default_factory=dict)
     layout: str = "1 process"  # how the run was spread over processes (parallel.Layout.describe)
     guard: dict | None = None  # the live check of the masks (Guard.report, or why it did not run); None: dense
@@ -73,6 +74,7 @@ class GenerateResult:
     # loaded, the steps' own memory; text encoding and decode excluded); None on the CPU
     peak_memory_bytes: int | None = None
     first_forward_at: float | None = field(default=None, repr=False)  # perf_counter at the first step's start
+    load_parts: dict = field(default_factory=dict, repr=False)  # load_seconds by part (ready_parts)
 
     def summary(self) -> dict:
         return {
@@ -149,7 +151,7 @@ def generate(
     mine = layout.shard(len(prompts))
     plan = full_plan = cache = None
     forced = []
-    parts = {}
+    parts = {"identity": time.perf_counter() - t_start}
     with contextlib.ExitStack() as stack:
         counter = None
         # strict: a kernel fallback (another kernel than the cache chose, a PyTorch path on the GPU) is an error
@@ -166,7 +168,7 @@ def generate(
             # first compilation, which a complete cache never needs.
             stack.enter_context(aot.kernel_cache(cache.folder / "triton"))
             counter = stack.enter_context(aot.CompileCounter(strict=g.strict))
-            parts["setup"] = time.perf_counter() - t_start
+            parts["cache"] = time.perf_counter() - t_start - parts["identity"]
             t_prewarm = time.perf_counter()
             prewarm(
                 plan,
@@ -207,7 +209,7 @@ def generate(
     res.compiled_blocks = compiled
     if res.first_forward_at is not None:
         res.ready_seconds = res.first_forward_at - t_start
-        parts["model"] = res.load_seconds
+        parts.update(res.load_parts)
         parts["rest"] = res.ready_seconds - sum(parts.values())
         res.ready_parts = parts
     res.cache_lock = None if cache is None else cache.lock
@@ -323,6 +325,7 @@ def _sample(
     g = cfg.generate
     t0 = time.perf_counter()
     model = load_model(cfg)
+    t_loaded = time.perf_counter()
     guard, guard_off = _guard(cfg, plan)
     controller = None
     if plan is not None:
@@ -330,10 +333,16 @@ def _sample(
     if controller is not None:
         model.install(controller)
     split = parallelize(model, layout)  # after install: diffusers hands its parallel config to our processors
+    t_installed = time.perf_counter()
     if compiled:
         # Both the baseline (--dense) and calibatt get the same torch.compile, so they stay comparable.
         model.torch_compile_blocks(g.compile_backend)
     load_seconds = time.perf_counter() - t0
+    load_parts = {
+        "model": t_loaded - t0,
+        "install": t_installed - t_loaded,
+        "compile_wrap": load_seconds - (t_installed - t0),
+    }
 
     videos = []
     clock = StepClock(model.pipe.transformer)
@@ -366,6 +375,7 @@ def _sample(
     res = GenerateResult(videos, g.steps, plan is None, mean_density, sparse_density, load_seconds, retained)
     res.guard = guard.report() if guard is not None else guard_off
     res.first_forward_at = first_forward_at
+    res.load_parts = load_parts
     res.peak_memory_bytes = clock.peak if clock.cuda else None
     return res
 
