@@ -3,6 +3,7 @@ index is made at load), and compile's cost model keeps sparse attention where it
 
 import pytest
 import torch
+from wan_formats import small_wan_transformer
 
 import calibatt_kernels as ck
 from calibatt_cli.cache import aot, tune
@@ -29,23 +30,9 @@ def test_sparse_step_never_waits_for_the_gpu():
     """A Wan-shaped transformer (1.3B's attention, 2 layers, 1,536 tokens) runs a sparse step of each bucket
     under torch.cuda.set_sync_debug_mode("error"): any host synchronisation raises. The first sparse call
     of every (layer, bucket) is inside the checked region."""
-    from diffusers import WanTransformer3DModel
-
     dev = torch.device("cuda", torch.cuda.current_device())
     dtype = torch.bfloat16
-    torch.manual_seed(0)
-    tr = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=HEADS,
-        attention_head_dim=HEAD_DIM,
-        in_channels=16,
-        out_channels=16,
-        text_dim=64,
-        freq_dim=64,
-        ffn_dim=1024,
-        num_layers=2,
-    )
-    tr = tr.to(dev, dtype).eval()
+    tr = small_wan_transformer(HEADS, HEAD_DIM, ffn_dim=1024, channels=16, text_dim=64).to(dev, dtype)
     args = dict(
         hidden_states=torch.randn(1, 16, 6, 32, 32, device=dev, dtype=dtype),  # 6 x 16 x 16 = 1,536 tokens
         timestep=torch.tensor([500.0], device=dev),

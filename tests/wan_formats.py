@@ -226,8 +226,9 @@ def write_original(pipe, folder: Path) -> Path:
     return folder
 
 
-def small_wan_transformer(heads: int = 2, head_dim: int = 64, ffn_dim: int = 64):
-    """A two-layer WanTransformer3DModel for processor tests (seed 0, eval): 4 latent channels, text dim 32."""
+def small_wan_transformer(heads: int = 2, head_dim: int = 64, ffn_dim: int = 64, channels: int = 4, text_dim: int = 32):
+    """A two-layer WanTransformer3DModel for processor tests (seed 0, eval): `channels` latent channels in and
+    out, text and frequency dims `text_dim`."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
@@ -235,10 +236,10 @@ def small_wan_transformer(heads: int = 2, head_dim: int = 64, ffn_dim: int = 64)
         patch_size=(1, 2, 2),
         num_attention_heads=heads,
         attention_head_dim=head_dim,
-        in_channels=4,
-        out_channels=4,
-        text_dim=32,
-        freq_dim=32,
+        in_channels=channels,
+        out_channels=channels,
+        text_dim=text_dim,
+        freq_dim=text_dim,
         ffn_dim=ffn_dim,
         num_layers=2,
     ).eval()

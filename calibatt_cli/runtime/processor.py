@@ -68,7 +68,7 @@ class SparseLayer:
         check step (block mass of q and k); they run the norm + RoPE kernel, then `run`."""
         c = self.controller
         key = (c.bucket, self.layer)
-        if c.precision != "fp8" or c.dense_now or key in c.plan.dense or c.guard_due():
+        if c.dense_now or key in c.plan.dense or c.guard_due():
             qn, kn = ck.dispatch.qk_norm_rope(q, k, weight_q, weight_k, cos, sin, heads=v.shape[2], eps=eps)
             return self.run(qn.transpose(1, 2), kn.transpose(1, 2), v.transpose(1, 2))
         ck.dispatch.set_scope(key)

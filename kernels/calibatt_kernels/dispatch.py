@@ -405,6 +405,12 @@ def fp8_why_not(
     return attn_fp8.shape_why_not(head_dim, block_size)
 
 
+def _fp8_config(config: KernelConfig | None) -> KernelConfig | None:
+    """The config an fp8 call takes: a tl config (one compile measured for the fp8 kernel); another (the bf16
+    kernels' Gluon config the plan may carry) means the fp8 kernel's default (None)."""
+    return config if config is not None and config.backend == "tl" else None
+
+
 def fp8_kernel_name(
     device: torch.device, head_dim: int, block_size: tuple[int, int], config: KernelConfig | None = None
 ) -> str:
@@ -413,7 +419,7 @@ def fp8_kernel_name(
     device = torch.device(device)
     if not triton_usable(device) or attn_fp8.shape_why_not(head_dim, block_size) is not None:
         return "fp8_reference"
-    cfg = config if config is not None and config.backend == "tl" else attn_fp8.default_config(device, block_size)
+    cfg = _fp8_config(config) or attn_fp8.default_config(device, block_size)
     return f"fp8_{cfg.kernel}"
 
 
@@ -448,9 +454,8 @@ def block_sparse_attention_fp8_indexed(
         res = quant.block_sparse_attention_fp8_ref(q, k, v, mask, block_size, scale)
         res = res if out is None else out.copy_(res)
     else:
-        cfg = config if config is not None and config.backend == "tl" else None
         res = attn_fp8.block_sparse_attention_fp8_indexed(
-            q, k, v, index, block_size=block_size, scale=scale, config=cfg, out=out
+            q, k, v, index, block_size=block_size, scale=scale, config=_fp8_config(config), out=out
         )
     RECORD.note_attention(ran, q, index, block_size)
     return res
@@ -491,8 +496,7 @@ def qk_norm_rope_attention_fp8(
     RECORD.note("qk_norm_rope", "triton_quant")
     qz = attn_fp8.quantize_qkv(codes, kn.transpose(1, 2), v.transpose(1, 2), block_size)
     out = torch.empty_strided((B, heads, N, D), (N * heads * D, D, heads * D, 1), dtype=q.dtype, device=q.device)
-    cfg = config if config is not None and config.backend == "tl" else None
-    attn_fp8.attention_fp8_quantized(qz, index, out, scale=scale, config=cfg)
+    attn_fp8.attention_fp8_quantized(qz, index, out, scale=scale, config=_fp8_config(config))
     RECORD.note_attention(ran, out, index, block_size)
     return out
 
