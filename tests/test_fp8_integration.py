@@ -17,7 +17,8 @@ from calibatt_cli.errors import CacheError, ConfigError
 from calibatt_cli.generate import _fallbacks_as_errors, kernel_report
 from calibatt_cli.runtime import SparseController
 from calibatt_cli.runtime.plan import SparsePlan
-from calibatt_kernels import dispatch, ops
+from calibatt_cli.runtime.processor import layer_attention_qk_op
+from calibatt_kernels import dispatch
 from calibatt_kernels.quant import block_sparse_attention_fp8_ref
 
 H, N, BS, LAYERS = 2, 200, 64, 3  # N: a partial last block
@@ -110,15 +111,17 @@ def test_kernel_names_and_op_registration():
         "_quantize_v",
         "_norm_rope_quant",
     } <= names
-    assert torch.ops.calibatt.block_sparse_attention_fp8.default is not None
+    # the layer op Wan's fp8 processors call: its fake gives [B, H, N, D] laid out as [B, N, H, D], as run_qk does
     q, k, v = _qkv(2)
-    ix = ck.mask_to_index(_mask(2))
-    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # diffusers' layout
+    qp, kp = (t.transpose(1, 2).flatten(2) for t in (q, k))  # the projections [B, N, C]
+    vp = v.transpose(1, 2).contiguous()  # [B, N, H, D]
+    w = torch.ones(qp.shape[-1])
+    table = torch.ones(N, q.shape[-1])
+    want = vp.transpose(1, 2).stride()
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:  # the fake impl: shape and layout, no kernel
-        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
-        args = [mode.from_tensor(t) for t in (ix.counts, ix.offsets, ix.indices, ix.schedule)]
-        res = ops.block_sparse_attention_fp8_op(fq, fk, fv, *args, BS, BS, [])
-        assert res.shape == q.shape and res.stride() == fq.stride()
+        args = [mode.from_tensor(t) for t in (qp, kp, vp, w, w, table, table)]
+        res = layer_attention_qk_op(*args, 1e-6, mode.from_tensor(torch.zeros(1, dtype=torch.uint8)))
+        assert res.shape == q.shape and res.stride() == want
 
 
 def _plan(seed=0):

@@ -1,4 +1,4 @@
-"""The sparse attention custom op: correct, consistent with its fake, and kept whole by torch.compile."""
+"""The custom ops: correct, consistent with their fakes, and kept whole by torch.compile."""
 
 import torch
 
@@ -9,9 +9,8 @@ from calibatt_cli.cache.load import load_cache
 from calibatt_cli.calibrate import calibrate
 from calibatt_cli.config import load_config
 from calibatt_cli.models import load_model
-from calibatt_cli.runtime import AttentionController
-from calibatt_kernels import KernelConfig
-from calibatt_kernels.ops import block_sparse_attention_op, config_as_op_arg, config_from_op_arg
+from calibatt_cli.runtime import AttentionController, SparseController, SparsePlan
+from calibatt_cli.runtime.processor import layer_attention_op
 
 
 def _inputs(n=200, bs=64):
@@ -22,18 +21,19 @@ def _inputs(n=200, bs=64):
     return q, k, v, mask
 
 
-def test_op_matches_reference_and_its_fake():
+def test_layer_op_matches_reference_and_its_fake():
+    """A sparse step's call of a layer's op (`calibatt::layer_attention`) computes the block-sparse attention
+    of the plan's masks, in the layout its fake declares."""
     q, k, v, mask = _inputs()
-    ix = ck.mask_to_index(mask)
-    out = block_sparse_attention_op(q, k, v, ix.counts, ix.offsets, ix.indices, ix.schedule, 64, 64, [])
+    plan = SparsePlan(64, [0], {(0, 0): ck.mask_to_index(mask)}, mask.float().mean((-1, -2))[None, None])
+    ctl = SparseController(plan)
+    layer = ctl.sparse_layer(0)
+    out = layer(q, k, v)
     ref = ck.block_sparse_attention_ref(q, k, v, mask, (64, 64))
     assert (out - ref).abs().max() < 1e-5
-    cfg = config_as_op_arg(KernelConfig(kernel="tl_tile", block_m=64, num_warps=4, num_stages=2))
-    assert config_from_op_arg(cfg) == KernelConfig(kernel="tl_tile", block_m=64, num_warps=4, num_stages=2)
-    args = (q, k, v, ix.counts, ix.offsets, ix.indices, ix.schedule, 64, 64, cfg)
-    torch.library.opcheck(
-        block_sparse_attention_op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static")
-    )
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = layer_attention_op(*(mode.from_tensor(t) for t in (q, k, v, layer.handle)))
+        assert fake.shape == out.shape and fake.stride() == out.stride()
 
 
 def test_transformer_compiles_fullgraph_with_the_op(small_config):
