@@ -18,8 +18,8 @@ OUT=${1:?usage: gpu_session.sh OUTDIR [SECONDS] [PART]}
 BUDGET=${2:-570}
 PART=${3:-A}  # A: GPU tests, the user's path, the guard's cost, the fp8 sweep; B: the library path, the
 # compiled-block and fp8-path tests (one call each: together they need more than a call's 600 s); C: the user's
-# path and the library path on the same masks in one call, the quantize launches, Wan 14B's bf16 and fp8 rows,
-# the fp8 path's tests; D: the compiled-block and sync-free tests
+# path and the library path on the same masks in one call, the fp8 path's tests (Wan 14B's bf16 and fp8 rows:
+# bench_e2e.py --shapes wan14b-720p --precision bf16 fp8); D: the compiled-block and sync-free tests
 START=$(date +%s)
 LOG=$OUT/log.txt
 mkdir -p "$OUT"
@@ -63,10 +63,7 @@ elif [ "$PART" = C ]; then
 	step 300 "bench_cli_wan d=0.2 --library" python3 bench/bench_cli_wan.py --workdir /tmp/wcli --steps 8 \
 		--density 0.2 --library
 	mkdir -p "$OUT/cli-wan" && cp /tmp/wcli/*.log "$OUT/cli-wan/" 2>/dev/null
-	step 40 "bench_fp8 --quant-only (quantization by launch)" python3 bench/bench_fp8.py --quant-only
-	step 150 "bench_e2e 14B d=0.2 bf16 and fp8" python3 bench/bench_e2e.py --shapes wan14b-720p --densities 0.2 \
-		--reps 3 --only stock:eager stock:compiled calibatt:compiled --precision bf16 fp8
-	step 160 "gpu tests: fp8 path" $T tests/test_fp8_gpu.py tests/test_fp8_integration_gpu.py
+	step 250 "gpu tests: fp8 path" $T tests/test_fp8_gpu.py tests/test_fp8_integration_gpu.py
 elif [ "$PART" = D ]; then
 	step 200 "gpu tests: compiled blocks" $T tests/test_compile_gpu.py
 	step 100 "gpu tests: no sync" $T tests/test_sync_gpu.py
