@@ -60,7 +60,7 @@ if [ "$PART" = A ]; then
 	step 70 "bench_guard --compile d=0.2" python3 bench/bench_guard.py --density 0.2 --compile --reps 3 --rounds 2
 	step 80 "bench_fp8 --sweep" python3 bench/bench_fp8.py --sweep --budget 60
 elif [ "$PART" = C ]; then
-	step 300 "bench_cli_wan d=0.2 --library" python3 bench/bench_cli_wan.py --workdir /tmp/wcli --steps 8 \
+	step 330 "bench_cli_wan d=0.2 --library" python3 bench/bench_cli_wan.py --workdir /tmp/wcli --steps 8 \
 		--density 0.2 --library
 	mkdir -p "$OUT/cli-wan" && cp /tmp/wcli/*.log "$OUT/cli-wan/" 2>/dev/null
 	step 250 "gpu tests: fp8 path" $T tests/test_fp8_gpu.py tests/test_fp8_integration_gpu.py
