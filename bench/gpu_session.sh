@@ -64,6 +64,13 @@ elif [ "$PART" = C ]; then
 		--density 0.2 --library
 	mkdir -p "$OUT/cli-wan" && cp /tmp/wcli/*.log "$OUT/cli-wan/" 2>/dev/null
 	step 250 "gpu tests: fp8 path" $T tests/test_fp8_gpu.py tests/test_fp8_integration_gpu.py
+elif [ "$PART" = E ]; then
+	step 330 "bench_cli_wan d=0.2 --library" python3 bench/bench_cli_wan.py --workdir /tmp/wcli --steps 8 \
+		--density 0.2 --library
+	mkdir -p "$OUT/cli-wan" && cp /tmp/wcli/*.log "$OUT/cli-wan/" 2>/dev/null
+	step 100 "gpu tests: the Gluon fp8 kernel" $T tests/test_fp8_gluon_gpu.py
+	step 150 "bench_fp8: tl and Gluon fp8 against bf16" python3 bench/bench_fp8.py --densities 1.0 0.5 0.2 0.1 \
+		--tag gluon
 elif [ "$PART" = D ]; then
 	step 200 "gpu tests: compiled blocks" $T tests/test_compile_gpu.py
 	step 100 "gpu tests: no sync" $T tests/test_sync_gpu.py
