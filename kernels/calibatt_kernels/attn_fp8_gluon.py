@@ -65,7 +65,7 @@ DEFAULT_STAGES = 3  # K and V stages of the joint ring (16 KiB each at head dim 
 # P.V into a fresh accumulator per key block (the reference's arithmetic: the 8-bit MMA's limited-precision
 # accumulation spans one block) or into the running output (the MMA accumulates across blocks; 64 fewer
 # registers a thread, where the fresh accumulator spills at head dim 128)
-PV_FRESH = True
+PV_FRESH = False
 _RNE_MAGIC = gl.constexpr(12582912.0)  # 1.5 * 2^23 (see attn_fp8._fp8_softmax_pv)
 _MAGIC_BITS = gl.constexpr(0x4B400000)  # its bits: an int32 |x| < 2^22 added to them: the bits of 1.5 * 2^23 + x
 _P_LOG2 = gl.constexpr(P_LOG2)
