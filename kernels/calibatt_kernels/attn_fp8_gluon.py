@@ -9,9 +9,9 @@ Q, K and V by TMA into rings of shared-memory stages; two consumer warpgroups of
 
     S = Q8 K8_0^T (int32) ;  P = softmax part of S
     for j = 1 .. n-1:
-        issue S' = Q8 K8_j^T (async) ; issue PV = P8 V8_(j-1) (async, a fresh fp32 accumulator)
+        issue S' = Q8 K8_j^T (async) ; issue O += P8 V8_(j-1) (async)
         wait for S' only          -> its softmax overlaps P V on the tensor cores
-        wait for PV ; free stage j-1 ; O = (O + PV) * alpha_j
+        wait for O ; free stage j-1 ; O *= alpha_j
     O += P8 V8_(n-1) ; O = O / l * v_scale ; store the 64 rows
 
 with no CTA-wide barrier in the loop, so the warpgroups drift apart and one's softmax runs while the other's
@@ -20,10 +20,12 @@ MMAs do.
 The arithmetic is the `tl` kernel's (`attn_fp8._fp8_softmax_pv`), so both compare with the same reference
 (`quant.block_sparse_attention_fp8_ref`): int32 scores exact; their fp32 value through the 1.5 * 2^23 bit
 trick (the ALU, not the quarter-rate conversion unit); one per-row factor q_scale * k_scale * softmax scale *
-log2(e); P's largest element at 2^P_LOG2, cast to e4m3; P.V into a fresh fp32 accumulator per key block (the
-8-bit MMA's accumulation spans one block, as in the reference), added to the running output; V's channel
-scales once at the end. The pipelining adds a tile's P.V one step later, (O + PV) * alpha rather than
-O * alpha + PV: the same sum, rounded in another order.
+log2(e); P's largest element at 2^P_LOG2, cast to e4m3; V's channel scales once at the end. One difference,
+P.V's accumulation (`PV_FRESH`): by default the 8-bit MMA adds into the running output, as above, where the
+`tl` kernel and the reference give each key block a fresh fp32 accumulator and add it to the output in fp32
+(Hopper's 8-bit MMA accumulates with fewer than fp32's bits, so the running output picks up that rounding
+once per block). PV_FRESH=True keeps the reference's order, (O + PV) * alpha, at the cost of 64 more
+registers a thread: at head dim 128 that spills.
 
 The codes come from `attn_fp8.quantize_qkv` (or the fused q/k norm + RoPE producer): contiguous [B, H, rows,
 D] int8 q and k, [B, H, D, keys] e4m3 V transposed (Hopper's 8-bit wgmma takes both operands with the
@@ -62,9 +64,7 @@ from .index import BlockIndex
 from .quant import P_LOG2, Fp8QKV
 
 DEFAULT_STAGES = 3  # K and V stages of the joint ring (16 KiB each at head dim 128)
-# P.V into a fresh accumulator per key block (the reference's arithmetic: the 8-bit MMA's limited-precision
-# accumulation spans one block) or into the running output (the MMA accumulates across blocks; 64 fewer
-# registers a thread, where the fresh accumulator spills at head dim 128)
+# P.V into the running output (False) or a fresh accumulator per key block (True; see the module docstring)
 PV_FRESH = False
 _RNE_MAGIC = gl.constexpr(12582912.0)  # 1.5 * 2^23 (see attn_fp8._fp8_softmax_pv)
 _MAGIC_BITS = gl.constexpr(0x4B400000)  # its bits: an int32 |x| < 2^22 added to them: the bits of 1.5 * 2^23 + x
