@@ -34,7 +34,7 @@ comes as `attn_gluon.tile_records`. Takes: sm_90, block 128 x 128, head dim 64 o
 in a layout `attn_gluon._row_view_ok` accepts (others go through a temporary).
 
 There is no interpreter for Gluon: CI compiles the kernel for sm_90 on the CPU (tests/test_fp8_gluon.py), and
-tests/test_fp8_gpu.py checks it against the reference on a GPU.
+tests/test_fp8_gluon_gpu.py checks it against the reference on a GPU.
 """
 
 from __future__ import annotations
