@@ -19,7 +19,9 @@ BUDGET=${2:-570}
 PART=${3:-A}  # A: GPU tests, the user's path, the guard's cost, the fp8 sweep; B: the library path, the
 # compiled-block and fp8-path tests (one call each: together they need more than a call's 600 s); C: the user's
 # path and the library path on the same masks in one call, the fp8 path's tests (Wan 14B's bf16 and fp8 rows:
-# bench_e2e.py --shapes wan14b-720p --precision bf16 fp8); D: the compiled-block and sync-free tests
+# bench_e2e.py --shapes wan14b-720p --precision bf16 fp8); D: the compiled-block and sync-free tests; E: the
+# user's path against the library path, the Gluon fp8 kernel's tests and its speed against the tl fp8 and bf16
+# kernels; F: Wan 14B's bf16 and fp8 rows and the fp8 path's tests
 START=$(date +%s)
 LOG=$OUT/log.txt
 mkdir -p "$OUT"
