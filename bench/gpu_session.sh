@@ -77,6 +77,17 @@ elif [ "$PART" = F ]; then
 	step 150 "bench_e2e 14B d=0.2 bf16 and fp8" python3 bench/bench_e2e.py --shapes wan14b-720p --densities 0.2 \
 		--reps 3 --only stock:eager stock:compiled calibatt:compiled --precision bf16 fp8
 	step 400 "gpu tests: fp8 path" $T tests/test_fp8_gpu.py tests/test_fp8_integration_gpu.py
+elif [ "$PART" = G ]; then
+	step 90 "gpu tests: the Gluon fp8 kernel" $T tests/test_fp8_gluon_gpu.py
+	ok=$(grep -c "^=== gpu tests: the Gluon fp8 kernel: rc=0" "$LOG")
+	step 150 "bench_fp8: tl and Gluon fp8 against bf16" python3 bench/bench_fp8.py --densities 1.0 0.5 0.2 0.1 \
+		--tag gluon
+	if [ "$ok" = 1 ] && [ -d .overlay ]; then  # the Gluon fp8 kernel as the fp8 default (a branch's files)
+		cp -r .overlay/. . && echo "=== overlay applied: $(cd .overlay && find . -type f | tr '\n' ' ')" >>"$LOG"
+		step 150 "bench_e2e 14B d=0.2 bf16 and fp8" python3 bench/bench_e2e.py --shapes wan14b-720p \
+			--densities 0.2 --reps 3 --only stock:eager stock:compiled calibatt:compiled --precision bf16 fp8
+		step 200 "gpu tests: fp8 path" $T tests/test_fp8_gpu.py
+	fi
 elif [ "$PART" = D ]; then
 	step 200 "gpu tests: compiled blocks" $T tests/test_compile_gpu.py
 	step 100 "gpu tests: no sync" $T tests/test_sync_gpu.py
