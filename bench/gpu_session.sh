@@ -84,9 +84,7 @@ elif [ "$PART" = G ]; then
 		--tag gluon
 	if [ "$ok" = 1 ] && [ -d .overlay ]; then  # the Gluon fp8 kernel as the fp8 default (a branch's files)
 		cp -r .overlay/. . && echo "=== overlay applied: $(cd .overlay && find . -type f | tr '\n' ' ')" >>"$LOG"
-		step 150 "bench_e2e 14B d=0.2 bf16 and fp8" python3 bench/bench_e2e.py --shapes wan14b-720p \
-			--densities 0.2 --reps 3 --only stock:eager stock:compiled calibatt:compiled --precision bf16 fp8
-		step 200 "gpu tests: fp8 path" $T tests/test_fp8_gpu.py
+		step 400 "gpu tests: fp8 path" $T tests/test_fp8_gpu.py tests/test_fp8_integration_gpu.py
 	fi
 elif [ "$PART" = D ]; then
 	step 200 "gpu tests: compiled blocks" $T tests/test_compile_gpu.py
