@@ -84,8 +84,8 @@ elif [ "$PART" = G ]; then
 		--tag gluon
 	if [ "$ok" = 1 ] && [ -d .overlay ]; then  # the Gluon fp8 kernel as the fp8 default (a branch's files)
 		cp -r .overlay/. . && echo "=== overlay applied: $(cd .overlay && find . -type f | tr '\n' ' ')" >>"$LOG"
-		step 400 "gpu tests: fp8 path" $T tests/test_fp8_gpu.py tests/test_fp8_integration_gpu.py
 	fi
+	step 400 "gpu tests: fp8 path" $T tests/test_fp8_gpu.py tests/test_fp8_integration_gpu.py
 elif [ "$PART" = D ]; then
 	step 200 "gpu tests: compiled blocks" $T tests/test_compile_gpu.py
 	step 100 "gpu tests: no sync" $T tests/test_sync_gpu.py
