@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.markup import escape
@@ -386,6 +386,44 @@ def main() -> None:
         sys.exit(130)
     finally:
         _leave_world()
+
+
+def run() -> None:
+    """The `calibatt` program (the console script, `python -m calibatt_cli`): `main`, then `leave`. Callers in
+    the same process (the tests) call `main`, which returns or raises SystemExit as usual."""
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    leave(code)
+
+
+def leave(code) -> NoReturn:
+    """Exit with `code` without the interpreter's teardown. Tearing down every module of torch, diffusers and
+    transformers one object at a time costs about a second per command, and nothing of it outlives the process:
+    what must happen at exit still does (the atexit handlers: logging, temporary folders, torch's own; the
+    streams are flushed). A message instead of a code, or a thread still running (the interpreter joins it),
+    takes the usual exit."""
+    import atexit
+    import contextlib
+    import ctypes
+    import os
+    import threading
+
+    code = 0 if code is None else code
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not isinstance(code, int) or others:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed pipe: the interpreter reports it (and sets its exit status)
+        sys.exit(code)
+    with contextlib.suppress(OSError, AttributeError):  # (no C library to ask: nothing more to flush)
+        ctypes.CDLL(None).fflush(None)  # what C code printed through stdio
+    os._exit(code)
 
 
 def _click_errors(name: str) -> tuple[type[BaseException], ...]:
