@@ -16,15 +16,17 @@ from calibatt_cli.models import identity, model_identity
 from calibatt_cli.tiny.model import LATENT, TRANSFORMER
 
 # Runs `python -m calibatt_cli ARGS` and writes which of diffusers and transformers it imported to the first
-# argument.
+# argument, at exit (the program leaves through its atexit handlers: cli.app.leave).
 WRAPPER = """
-import json, runpy, sys
+import atexit, json, runpy, sys
 report = sys.argv.pop(1)
-try:
-    runpy.run_module("calibatt_cli", run_name="__main__", alter_sys=True)
-finally:
+
+def record():
     with open(report, "w") as f:
         json.dump(sorted({m.split(".")[0] for m in sys.modules} & {"diffusers", "transformers"}), f)
+
+atexit.register(record)
+runpy.run_module("calibatt_cli", run_name="__main__", alter_sys=True)
 """
 
 

@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.markup import escape
@@ -34,6 +34,48 @@ ForceOpt = Annotated[
 ]
 
 _debug = False
+
+# The cyclic collector's full collections, held back while a `calibatt` process starts a command on the CPU
+# (`_hold_full_collections`): importing torch, diffusers and transformers and building the model grows the heap
+# by ~500k objects, and every 25 % of growth triggered a full collection walking all of them (0.7 s of the
+# start of calibrate and of generate on the CPU demo). The young generations still collect. Only the program
+# (run) holds them; in-process callers of main keep the interpreter's settings.
+_program = False
+_held_thresholds: tuple[int, int, int] | None = None  # the collector's thresholds to restore; None: not held
+
+
+def _hold_full_collections() -> None:
+    """Hold back full collections until `_release_full_collections` (the program only; no-op in-process)."""
+    global _held_thresholds
+    if _program and _held_thresholds is None:
+        import gc
+
+        _held_thresholds = gc.get_threshold()
+        gc.set_threshold(_held_thresholds[0], _held_thresholds[1], 2**30)
+
+
+def _release_full_collections() -> None:
+    global _held_thresholds
+    held, _held_thresholds = _held_thresholds, None
+    if held is not None:
+        import gc
+
+        gc.set_threshold(*held)
+
+
+def _started(cfg: Config, on_step):
+    """`on_step` that ends the start-up hold at the first denoising step (the model is loaded: what the
+    command allocates from then on is its work's). Off the CPU (large models, compiled blocks) the hold ends
+    here, once the config is loaded: full collections then run throughout loading, as the interpreter sets them."""
+    if not cfg.model.device.startswith("cpu"):
+        _release_full_collections()
+        return on_step
+
+    def step():
+        _release_full_collections()
+        on_step()
+
+    return step
 
 
 def _load(config: Path | None, sets: list[str] | None, **flags) -> Config:
@@ -77,6 +119,7 @@ def calibrate(
     debug: DebugOpt = False,
 ) -> None:
     """Run the dense model on the prompt set and write a mask bundle (under torchrun: prompts shared out)."""
+    _hold_full_collections()
     from ..calibrate import calibrate as run_calibration
     from ..calibrate import calibrate_shard, read_prompts
 
@@ -95,10 +138,11 @@ def calibrate(
     n_prompts = len(read_prompts(cfg.calibration.prompts, cfg))
     with render.progress() as bar:
         task = bar.add_task("calibrating", total=n_prompts * cfg.generate.steps)
+        on_step = _started(cfg, lambda: bar.advance(task))
         if shard is not None:
-            render.shard(calibrate_shard(cfg, shard, on_step=lambda: bar.advance(task)))
+            render.shard(calibrate_shard(cfg, shard, on_step=on_step))
             return
-        res = run_calibration(cfg, on_step=lambda: bar.advance(task))
+        res = run_calibration(cfg, on_step=on_step)
     if res.bundle is not None:  # rank 0 of a torchrun launch, or the one process
         render.calibration(res)
 
@@ -136,6 +180,7 @@ def compile_cmd(
     debug: DebugOpt = False,
 ) -> None:
     """Turn a mask bundle into a kernel cache directory for generate (or, with --target, cross-compile)."""
+    _hold_full_collections()  # while torch imports (compile's work may compile graphs: released before it)
     from ..cache.aot import cross_compile_configs
     from ..cache.build import compile_cache
 
@@ -152,6 +197,7 @@ def compile_cmd(
             "compile.force": True if force else None,
         },
     )
+    _release_full_collections()
     if cfg.compile.target is not None:
         xres = cross_compile_configs(cfg)
         render.cross_compile(xres)
@@ -188,6 +234,7 @@ def generate(
     debug: DebugOpt = False,
 ) -> None:
     """Generate MP4s with the compiled sparse attention (under torchrun: spread over the processes)."""
+    _hold_full_collections()
     from ..calibrate import read_prompts
     from ..generate import generate as run_generate
 
@@ -213,7 +260,7 @@ def generate(
     todo = read_prompts(prompts) if prompts is not None else [prompt if prompt is not None else ""]
     with render.progress() as bar:
         task = bar.add_task("generating", total=len(todo) * cfg.generate.steps)
-        res = run_generate(cfg, todo, on_step=lambda: bar.advance(task), measure_mass=measure_mass)
+        res = run_generate(cfg, todo, on_step=_started(cfg, lambda: bar.advance(task)), measure_mass=measure_mass)
     if not _main_process():
         return  # rank 0 reports for the whole launch
     if json_out:
@@ -386,6 +433,46 @@ def main() -> None:
         sys.exit(130)
     finally:
         _leave_world()
+
+
+def run() -> None:
+    """The `calibatt` program (the console script, `python -m calibatt_cli`): `main`, then `leave`. Callers in
+    the same process (the tests) call `main`, which returns or raises SystemExit as usual."""
+    global _program
+    _program = True
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    leave(code)
+
+
+def leave(code) -> NoReturn:
+    """Exit with `code` without the interpreter's teardown. Tearing down every module of torch, diffusers and
+    transformers one object at a time costs about a second per command, and nothing of it outlives the process:
+    what must happen at exit still does (the atexit handlers: logging, temporary folders, torch's own; the
+    streams are flushed). A message instead of a code, or a thread still running (the interpreter joins it),
+    takes the usual exit."""
+    import atexit
+    import contextlib
+    import ctypes
+    import os
+    import threading
+
+    code = 0 if code is None else code
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not isinstance(code, int) or others:
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed pipe: the interpreter reports it (and sets its exit status)
+        sys.exit(code)
+    with contextlib.suppress(OSError, AttributeError):  # (no C library to ask: nothing more to flush)
+        ctypes.CDLL(None).fflush(None)  # what C code printed through stdio
+    os._exit(code)
 
 
 def _click_errors(name: str) -> tuple[type[BaseException], ...]:
