@@ -75,13 +75,6 @@ FP8_CONFIGS = {
     "persistent-w8-s3": KernelConfig(num_warps=8, num_stages=3),
     "tile-w8-s2": KernelConfig(kernel="tl_tile", num_warps=8, num_stages=2),
 }
-# attn_fp8_gluon.py's warp-specialized kernel: (stages, P.V into a fresh accumulator per block)
-GLUON_CONFIGS = {
-    "gluon-s3": (3, True),
-    "gluon-acc-s3": (3, False),
-    "gluon-acc-s4": (4, False),
-    "gluon-acc-s2": (2, False),
-}
 
 
 def log(*a):
@@ -138,32 +131,17 @@ def bench_shape(shape, args, res, clock):
         }
         for name, cfg in FP8_CONFIGS.items():
             fns[f"fp8-attn/{name}"] = lambda cfg=cfg, ix=index: attention_fp8_quantized(qz, ix, out, config=cfg)
-        if torch.cuda.get_device_capability()[0] == 9:
-            from calibatt_kernels.attn_fp8_gluon import attention_fp8_gluon
-
-            for name, (stages, fresh) in GLUON_CONFIGS.items():
-                fns[f"fp8-attn/{name}"] = lambda st=stages, fr=fresh, ix=index: attention_fp8_gluon(
-                    qz, ix, out, stages=st, pv_fresh=fr
-                )
         times = {}
-        tl_out = None  # the tl default config's output: the Gluon rows' difference from it
         for name, fn in fns.items():
             try:
                 fn()
                 torch.cuda.synchronize()
-                rel_vs_tl = None
-                if name == f"fp8-attn/{next(iter(FP8_CONFIGS))}":
-                    tl_out = out.clone()
-                elif "gluon" in name and tl_out is not None:
-                    rel_vs_tl = ((out.float() - tl_out.float()).norm() / tl_out.float().norm()).item()
                 times[name], hz = bench(clock, 5 * dens, fn)
             except Exception:
                 res["rows"].append(dict(base, kernel=name, error=traceback.format_exc(limit=-2)[-600:]))
                 log("ERR", name, traceback.format_exc(limit=-2)[-600:])
                 continue
             row = dict(base, kernel=name, ms=times[name], tflops=flops / times[name] / 1e9, **hz)
-            if rel_vs_tl is not None:
-                row["rel_vs_tl"] = rel_vs_tl
             if name == "bf16":
                 row["config"] = bf16_cfg.kernel
                 ran = ck.what_ran()["last"].get("attention")

@@ -19,9 +19,8 @@ BUDGET=${2:-570}
 PART=${3:-A}  # A: GPU tests, the user's path, the guard's cost, the fp8 sweep; B: the library path, the
 # compiled-block and fp8-path tests (one call each: together they need more than a call's 600 s); C: the user's
 # path and the library path on the same masks in one call, the fp8 path's tests (Wan 14B's bf16 and fp8 rows:
-# bench_e2e.py --shapes wan14b-720p --precision bf16 fp8); D: the compiled-block and sync-free tests; E: the
-# user's path against the library path, the Gluon fp8 kernel's tests and its speed against the tl fp8 and bf16
-# kernels; F: Wan 14B's bf16 and fp8 rows and the fp8 path's tests
+# bench_e2e.py --shapes wan14b-720p --precision bf16 fp8); D: the compiled-block and sync-free tests; F: Wan 14B's
+# bf16 and fp8 rows and the fp8 path's tests
 START=$(date +%s)
 LOG=$OUT/log.txt
 mkdir -p "$OUT"
@@ -66,25 +65,9 @@ elif [ "$PART" = C ]; then
 		--density 0.2 --library
 	mkdir -p "$OUT/cli-wan" && cp /tmp/wcli/*.log "$OUT/cli-wan/" 2>/dev/null
 	step 250 "gpu tests: fp8 path" $T tests/test_fp8_gpu.py tests/test_fp8_integration_gpu.py
-elif [ "$PART" = E ]; then
-	step 330 "bench_cli_wan d=0.2 --library" python3 bench/bench_cli_wan.py --workdir /tmp/wcli --steps 8 \
-		--density 0.2 --library
-	mkdir -p "$OUT/cli-wan" && cp /tmp/wcli/*.log "$OUT/cli-wan/" 2>/dev/null
-	step 100 "gpu tests: the Gluon fp8 kernel" $T tests/test_fp8_gluon_gpu.py
-	step 150 "bench_fp8: tl and Gluon fp8 against bf16" python3 bench/bench_fp8.py --densities 1.0 0.5 0.2 0.1 \
-		--tag gluon
 elif [ "$PART" = F ]; then
 	step 150 "bench_e2e 14B d=0.2 bf16 and fp8" python3 bench/bench_e2e.py --shapes wan14b-720p --densities 0.2 \
 		--reps 3 --only stock:eager stock:compiled calibatt:compiled --precision bf16 fp8
-	step 400 "gpu tests: fp8 path" $T tests/test_fp8_gpu.py tests/test_fp8_integration_gpu.py
-elif [ "$PART" = G ]; then
-	step 90 "gpu tests: the Gluon fp8 kernel" $T tests/test_fp8_gluon_gpu.py
-	ok=$(grep -c "^=== gpu tests: the Gluon fp8 kernel: rc=0" "$LOG")
-	step 150 "bench_fp8: tl and Gluon fp8 against bf16" python3 bench/bench_fp8.py --densities 1.0 0.5 0.2 0.1 \
-		--tag gluon
-	if [ "$ok" = 1 ] && [ -d .overlay ]; then  # the Gluon fp8 kernel as the fp8 default (a branch's files)
-		cp -r .overlay/. . && echo "=== overlay applied: $(cd .overlay && find . -type f | tr '\n' ' ')" >>"$LOG"
-	fi
 	step 400 "gpu tests: fp8 path" $T tests/test_fp8_gpu.py tests/test_fp8_integration_gpu.py
 elif [ "$PART" = D ]; then
 	step 200 "gpu tests: compiled blocks" $T tests/test_compile_gpu.py

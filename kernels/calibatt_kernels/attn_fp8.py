@@ -16,17 +16,22 @@ The launches:
   V's e4m3 codes into a fresh fp32 accumulator, added to the running output; V's channel scales once at
   the end.
 
-Speed: on an H100 the attention launch runs at 1.02-1.11x the bf16 Gluon kernel on computed blocks with its
-default config, 0.73-0.99x with 128-row 8-warp tiles (bench/results/fp8-nvidia-h100-80gb-hbm3-2026-12-06-*.json),
-not the 1.4x its halved MMA time would allow. Each warpgroup's chain per tile is serial: the int8 wgmma, a
-wait, the softmax (16K exp2 on the MUFU, 16K fp32 -> e4m3 casts), the fp8 wgmma, a wait; at 8 bits the MMAs
-take about as long as the exp2 alone, so the win needs one tile's MMAs to overlap another's softmax. The
-default config gets some of that from two 64-row programs per SM; FA3's ping-pong of two warpgroups (Gluon's
-warp specialization) is the way to the rest. Triton's `tl` pipeliner waits on a score dot right after
-issuing it even when its use is a loop iteration later, and on the P.V dot too, whose fresh accumulator the
-next line adds (TTGIR for sm_90, triton 3.6 and 3.9). With triton 3.6 for sm_90 (cross-compiled: the same
-SASS), `warp_specialize=True` on the key loop compiles to the binary without it, and at 64-row tiles
-num_stages 4 to the binary of 3: K and V get two buffers either way.
+Speed: on an H100 the attention launch runs at 0.95-1.21x the bf16 Gluon kernel on computed blocks with its
+default config (bench/results/fp8-nvidia-h100-80gb-hbm3-2026-12-06-*.json), not the 1.4x its halved MMA time
+would allow. Each warpgroup's chain per tile is serial: the int8 wgmma, a wait, the softmax (16K exp2 on the
+MUFU, 16K fp32 -> e4m3 casts), the fp8 wgmma, a wait; at 8 bits the MMAs take about as long as the exp2
+alone. The default config gets some overlap from two 64-row programs per SM. FA3's ping-pong of two
+warpgroups in Gluon (the bf16 kernel's structure, with this scheme's arithmetic) measured no faster: 0.89-1.03x
+the bf16 kernel with P.V in a fresh accumulator per block (it spills at head dim 128), and accumulating P.V
+across blocks in the 8-bit MMA, which does not spill (0.95-1.09x), loses too much precision: 9-16 % from the
+reference on outlier inputs (bench/results/fp8-nvidia-h100-80gb-hbm3-2026-12-06-gluon.json; the kernel and
+its log are in docs/kernel-history.md). Every fp8 variant runs at about the bf16 kernel's rate (594-666
+TFLOP/s-equivalent there), which points at the softmax's exp2 and conversions, not the MMAs, as the common
+limit. Triton's
+`tl` pipeliner waits on a score dot right after issuing it even when its use is a loop iteration later, and
+on the P.V dot too, whose fresh accumulator the next line adds (TTGIR for sm_90, triton 3.6 and 3.9). With
+triton 3.6 for sm_90 (cross-compiled: the same SASS), `warp_specialize=True` on the key loop compiles to the
+binary without it, and at 64-row tiles num_stages 4 to the binary of 3: K and V get two buffers either way.
 
 Hopper's 8-bit tensor-core instructions (wgmma) take both operands with the reduction dim contiguous, hence
 V's transposed codes. sm_89 (Ada) has 8-bit tensor cores too; the tensor descriptors (TMA) are sm_90 only.
