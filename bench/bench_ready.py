@@ -2,7 +2,9 @@
 for two source trees side by side: the host-side set-up a GPU run pays too (the model's identity, the cache's
 checks and plan, the processors' install, the pipeline's set-up).
 
-    python bench/bench_ready.py --workdir /tmp/wready --trees /tmp/base . --runs 5
+    python bench/bench_ready.py --workdir /tmp/wready --trees /tmp/base . --runs 5 --dense --profile 30
+    python bench/bench_ready.py --workdir /tmp/wready --device cuda --head-dim 128 --ffn-dim 8960 \
+        --height 480 --width 832 --frames 81 --steps 12 --trees /tmp/base . --dense --profile 40   # a GPU: 1.3B
 
 1. Writes (once) a random-weight Wan 2.1 pipeline as a diffusers folder with 1.3B's depth and heads (30 blocks,
    12 heads) at a small width (--head-dim, --ffn-dim), the real VAE (configs/wan2.1/vae) and a one-layer UMT5
@@ -11,6 +13,9 @@ checks and plan, the processors' install, the pipeline's set-up).
 2. Runs `calibatt generate --strict --json` (and `--dense` for the stock load) with each tree in turn,
    alternating, --runs times each, and reports the median of every part. The trees share the cache: they must
    agree on what a cache is (same kernels' sources and cache schema).
+
+3. With --profile N, one more run per tree through the library under cProfile, from the generate call to the
+   end of the first denoising step: the N functions of most cumulative time (where the start's time goes).
 
 The machine, checkpoint and video size are recorded in the JSON: numbers from a CPU say what host work costs,
 not what a GPU's load does.
@@ -32,6 +37,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 PROMPT = "a red car driving along a coastal road at sunset"
+
+# Runs generate through the library under cProfile until the first step ends (argv: config, prompt, output,
+# profile out, top N); prints the N functions of most cumulative time as JSON.
+PROFILE = """
+import cProfile, json, pstats, sys
+from calibatt_cli.config import load_config
+from calibatt_cli.generate import generate
+
+config, prompt, output, top = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+cfg = load_config(config, ["generate.strict=true"])
+prof = cProfile.Profile()
+prof.enable()
+res = generate(cfg, [prompt], output=output, on_step=prof.disable)
+stats = pstats.Stats(prof)
+rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][3])[:top]
+print(json.dumps({
+    "ready_parts": {k: round(v, 3) for k, v in res.ready_parts.items()},
+    "top_cumulative": [
+        {"function": f"{path}:{line}({name})", "calls": nc, "cumulative_s": round(ct, 4), "own_s": round(tt, 4)}
+        for (path, line, name), (cc, nc, tt, ct, callers) in rows
+    ],
+}))
+"""
 
 
 def write_weights(folder: Path, head_dim: int, ffn_dim: int) -> dict:
@@ -75,26 +103,40 @@ def setup(work: Path, args) -> None:
     weights = work / "weights"
     if not (weights / "model_index.json").is_file():
         write_weights(weights, args.head_dim, args.ffn_dim)
-    cfg_args = argparse.Namespace(device="cpu", height=args.height, width=args.width, frames=args.frames, steps=args.steps)
+    cfg_args = argparse.Namespace(
+        device=args.device, height=args.height, width=args.width, frames=args.frames, steps=args.steps
+    )
     cfg = write_config(work, weights, cfg_args)
     text = cfg.read_text().replace("name: wan2.1-1.3b", "name: wan2.1")  # the size comes from the weights
     cfg.write_text(text)
     synthetic_bundle(cfg, args.density, "local")
     env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'kernels'}")
-    subprocess.run([sys.executable, "-m", "calibatt_cli", "compile", "--config", str(cfg), "--recompile"], env=env, check=True)
+    cmd = [sys.executable, "-m", "calibatt_cli", "compile", "--config", str(cfg), "--recompile"]
+    subprocess.run(cmd, env=env, check=True, cwd=work)
 
 
 def generate(tree: Path, work: Path, *flags: str) -> dict:
+    """One `calibatt generate --json` of `tree` in a fresh process: wall seconds and ready_parts."""
     env = dict(os.environ, PYTHONPATH=f"{tree}:{tree / 'kernels'}")
     cmd = [sys.executable, "-m", "calibatt_cli", "generate", PROMPT, "--config", str(work / "config.yaml"), "--json"]
     cmd += ["-o", str(work / "video.mp4"), *flags]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # cwd: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH's tree
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=work)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"generate failed in {tree}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
     g = json.loads(r.stdout.strip().splitlines()[-1])
     return {"wall": wall, "ready": g["ready_seconds"], "load": g["load_seconds"], **g["ready_parts"]}
+
+
+def profile(tree: Path, work: Path, top: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=f"{tree}:{tree / 'kernels'}")
+    cmd = [sys.executable, "-c", PROFILE, str(work / "config.yaml"), PROMPT, str(work / "video.mp4"), str(top)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=work)
+    if r.returncode != 0:
+        raise SystemExit(f"profiled generate failed in {tree}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -104,6 +146,8 @@ def main() -> None:
     ap.add_argument("--labels", nargs="+", help="a name per tree (default: the paths)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--dense", action="store_true", help="also time the stock pipeline (--dense) with each tree")
+    ap.add_argument("--device", default="cpu", help="cuda: time a GPU's start (set the 1.3B widths and video)")
+    ap.add_argument("--profile", type=int, default=0, help="N: one profiled run per tree, its top N functions")
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--ffn-dim", type=int, default=256)
     ap.add_argument("--height", type=int, default=64)
@@ -132,12 +176,23 @@ def main() -> None:
     medians = {
         name: {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]} for name, runs in rows.items()
     }
+    profiles = (
+        {label: profile(tree, work, args.profile) for tree, label in zip(trees, labels, strict=True)}
+        if args.profile
+        else None
+    )
     weights = work / "weights"
     tcfg = json.loads((weights / "transformer" / "config.json").read_text())
     sizes = {p.relative_to(weights).as_posix(): p.stat().st_size for p in sorted(weights.rglob("*.safetensors"))}
+    if args.device == "cuda":
+        import torch
+
+        machine = f"{torch.cuda.get_device_name()}, {os.cpu_count()} host cores"
+    else:
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared, noisy)"
     res = {
-        "device": "cpu",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared, noisy)",
+        "device": args.device,
+        "machine": machine,
         "date": datetime.date.today().isoformat(),
         "checkpoint": (
             f"random-weight Wan 2.1 diffusers folder: transformer {tcfg['num_layers']} blocks x "
@@ -151,8 +206,9 @@ def main() -> None:
         "order": "alternating, the first tree first on even runs",
         "medians": medians,
         "runs_raw": rows,
+        "profiles": profiles,
     }
-    out = Path(args.json) if args.json else ROOT / "bench" / "results" / f"ready-cpu-{res['date']}.json"
+    out = Path(args.json) if args.json else ROOT / "bench" / "results" / f"ready-{args.device}-{res['date']}.json"
     out.write_text(json.dumps(res, indent=1))
     for name, m in medians.items():
         print(f"{name:24s} " + " ".join(f"{k}={v}" for k, v in m.items()))
