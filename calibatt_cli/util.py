@@ -89,3 +89,13 @@ def sha256_hex(*parts: bytes | str) -> str:
     for p in parts:
         h.update(p.encode() if isinstance(p, str) else p)
     return h.hexdigest()
+
+
+def user_cache_dir(name: str) -> Path | None:
+    """calibatt's folder `name` under the user's cache ($XDG_CACHE_HOME or ~/.cache), for memos that only save
+    time; None without a home directory."""
+    try:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except RuntimeError:  # Path.home() without HOME and without a passwd entry
+        return None
+    return base / "calibatt" / name

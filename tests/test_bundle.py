@@ -1,6 +1,8 @@
 import json
 import logging
+import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -289,6 +291,79 @@ def test_fingerprint_refuses_a_header_bomb(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match=f"header length {1 << 60}"):
         fingerprint.file_fingerprint(p)
     fingerprint._cached.cache_clear()
+
+
+@pytest.fixture
+def fingerprint_memo(tmp_path, monkeypatch):
+    """Fingerprints remembered under a private cache folder (yields it); a file counts as settled 50 ms after
+    its last change rather than 2 s, so that the tests need not wait."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(fingerprint, "RACY_SECONDS", 0.05)
+    fingerprint._cached.cache_clear()
+    yield tmp_path / "xdg" / "calibatt" / "weight-fingerprints"
+    fingerprint._cached.cache_clear()
+
+
+def _settled_weights(path, seed):
+    _weights(path, seed)
+    time.sleep(0.1)  # past RACY_SECONDS: this file's fingerprint may be remembered
+    return path
+
+
+def _new_process(monkeypatch=None):
+    """Forget this process's fingerprints; with monkeypatch, also make any hashing an error."""
+    fingerprint._cached.cache_clear()
+    if monkeypatch is not None:
+
+        def hashed(*args):
+            raise AssertionError(f"the file was hashed again: {args}")
+
+        hashed.cache_clear = lambda: None  # (the fixture's teardown clears the cache first)
+        monkeypatch.setattr(fingerprint, "_cached", hashed)
+
+
+def test_a_settled_files_fingerprint_is_remembered_across_runs(tmp_path, fingerprint_memo, monkeypatch):
+    a = _settled_weights(tmp_path / "a.safetensors", 0)
+    first = fingerprint.file_fingerprint(a)
+    assert len(list(fingerprint_memo.iterdir())) == 1
+    _new_process(monkeypatch)
+    assert fingerprint.file_fingerprint(a) == first
+
+
+def test_a_file_changed_in_place_is_hashed_again(tmp_path, fingerprint_memo):
+    """Same size, same inode, the modification time put back: the change time still tells."""
+    a = _settled_weights(tmp_path / "a.safetensors", 0)
+    first = fingerprint.file_fingerprint(a)
+    st = a.stat()
+    data = bytearray(a.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    with open(a, "r+b") as f:
+        f.write(data)
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (a.stat().st_size, a.stat().st_mtime_ns, a.stat().st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    _new_process()
+    assert fingerprint.file_fingerprint(a) != first
+
+
+def test_a_file_changed_just_before_hashing_is_not_remembered(tmp_path, fingerprint_memo, monkeypatch):
+    """Its times may not move if it is written again within the file system's clock tick."""
+    monkeypatch.setattr(fingerprint, "RACY_SECONDS", 3600.0)
+    a = _settled_weights(tmp_path / "a.safetensors", 0)
+    fingerprint.file_fingerprint(a)
+    assert not fingerprint_memo.exists() or not list(fingerprint_memo.iterdir())
+
+
+def test_a_remembered_fingerprint_serves_its_method_alone(tmp_path, fingerprint_memo, monkeypatch):
+    """Another WHOLE_FILE (CHUNK, SPREAD) is another method: the memo of one never answers for the other."""
+    a = _settled_weights(tmp_path / "a.safetensors", 0)
+    whole = fingerprint.file_fingerprint(a)
+    for name, value in (("WHOLE_FILE", 1024), ("CHUNK", 256), ("SPREAD", 4)):
+        monkeypatch.setattr(fingerprint, name, value)
+    _new_process()
+    sampled = fingerprint.file_fingerprint(a)
+    assert sampled != whole
+    _new_process(monkeypatch)
+    assert fingerprint.file_fingerprint(a) == sampled  # remembered too, under its own name
 
 
 def test_tiny_model_identity_follows_its_weights_content(tmp_path, monkeypatch, small_config):

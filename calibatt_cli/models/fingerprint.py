@@ -8,6 +8,15 @@ differently; reading a chunk per tensor rather than the tensors whole keeps a 28
 MB of reads (bench/bench_fingerprint.py measures it).
 
 The fingerprint depends on the bytes only, never on the path or timestamps, so copies of a model agree.
+
+Every command that names the model (calibrate, compile, generate) needs it, so a file's fingerprint is
+remembered across runs: one small file per weights file under the user's cache folder, holding the fingerprint
+and what `stat` said of the file when it was hashed (size, modification and change times, inode, device); it
+serves only a file whose `stat` still says so. Any write to the file moves its change time
+(which no user call can set back) and a file replaced by a rename has another inode, so a changed file is
+hashed again. File systems stamp times from a coarse clock, so a file written again within a tick of the
+hashing could keep its times: a file changed less than RACY_SECONDS before it is hashed is not remembered (what
+git does for its index). A missing, unreadable or unwritable memo only means the file is hashed.
 """
 
 from __future__ import annotations
@@ -16,10 +25,13 @@ import functools
 import hashlib
 import json
 import os
+import re
 import struct
+import time
 from pathlib import Path
 
 from ..errors import ModelError
+from ..util import sha256_hex, user_cache_dir, write_text_atomic
 
 WHOLE_FILE = 64 << 20  # files up to this size are hashed whole
 CHUNK = 64 << 10  # bytes read per probe
@@ -29,6 +41,7 @@ SPREAD = 64  # evenly spaced probes over a large file
 MAX_HEADER = 100_000_000
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 SCHEME = "fp1"  # recorded in every fingerprint: a change of the method changes every identity
+RACY_SECONDS = 2.0  # a file changed this recently is hashed but not remembered (see the module's docstring)
 
 
 def safetensors_header(f, size: int, path: Path) -> tuple[dict, int]:
@@ -100,14 +113,51 @@ def _cached(path: str, size: int, mtime_ns: int, inode: int) -> str:
 
 
 def file_fingerprint(path: str | Path) -> str:
-    """The content fingerprint of one weights file (hex); cached per process while the file is unchanged."""
+    """The content fingerprint of one weights file (hex); cached per process, and remembered across runs
+    (memo_file), while the file is unchanged."""
     p = Path(path)
     try:
         st = p.stat()
-        return _cached(str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+        resolved = str(p.resolve())
+        memo, signature = memo_file(resolved), _signature(st)
+        if memo is not None and (found := _read_memo(memo, signature)) is not None:
+            return found
+        digest = _cached(resolved, st.st_size, st.st_mtime_ns, st.st_ino)
     except OSError as e:
         why = e.strerror or type(e).__name__
         raise ModelError(f"cannot read weights file '{p}' ({why}); check model.path") from None
+    if memo is not None and time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) >= RACY_SECONDS * 1e9:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(memo, f"{signature} {digest}")
+        except OSError:
+            pass  # a read-only home: the next run hashes the file again, with the same result
+    return digest
+
+
+def memo_file(resolved: str) -> Path | None:
+    """Where the fingerprint of the weights file at `resolved` is remembered (one memo per file, rewritten when
+    the file changes); the name also holds the method's parameters, so a change of them never reads another
+    method's fingerprint."""
+    folder = user_cache_dir("weight-fingerprints")
+    if folder is None:
+        return None
+    return folder / f"{sha256_hex(f'{SCHEME}:{WHOLE_FILE}:{CHUNK}:{SPREAD}:{resolved}')[:32]}.txt"
+
+
+def _signature(st: os.stat_result) -> str:
+    """What `stat` says of a file that any change of its content changes (see the module's docstring)."""
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
+
+
+def _read_memo(path: Path, signature: str) -> str | None:
+    """The remembered fingerprint if the memo was written for a file with this signature."""
+    try:
+        text = path.read_text()
+    except (OSError, ValueError):
+        return None
+    was, _, digest = text.partition(" ")
+    return digest if was == signature and re.fullmatch(r"[0-9a-f]{64}", digest) else None
 
 
 def folder_fingerprint(root: str | Path, subdirs: tuple[str, ...] = ()) -> str:

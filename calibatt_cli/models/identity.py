@@ -16,12 +16,11 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 from ..config import Config
 from ..errors import ModelError
-from ..util import canonical_json, sha256_hex, write_text_atomic
+from ..util import canonical_json, sha256_hex, user_cache_dir, write_text_atomic
 from .base import ModelIdentity, scheduler_class
 from .fingerprint import folder_fingerprint
 
@@ -32,11 +31,7 @@ MEMO_SCHEME = "fc1"  # a change of what the memo holds changes every key
 
 def memo_dir() -> Path | None:
     """Where the memos live ($XDG_CACHE_HOME or ~/.cache); None without a home directory."""
-    try:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    except RuntimeError:  # Path.home() without HOME and without a passwd entry
-        return None
-    return base / "calibatt" / "model-configs"
+    return user_cache_dir("model-configs")
 
 
 def _memo_path(module: str, cls_name: str, transformer_config: str) -> Path | None:

@@ -1,0 +1,228 @@
+"""Time from `calibatt generate`'s start to its first denoising step, by part (`generate --json`'s ready_parts),
+for two source trees side by side: the host-side set-up a GPU run pays too (the model's identity, the cache's
+checks and plan, the processors' install, the pipeline's set-up).
+
+    python bench/bench_ready.py --workdir /tmp/wready --trees /tmp/base . --runs 5 --dense --profile 30
+    python bench/bench_ready.py --workdir /tmp/wready --device cuda --head-dim 128 --ffn-dim 8960 \
+        --height 480 --width 832 --frames 81 --steps 12 --trees /tmp/base . --dense --profile 40   # a GPU: 1.3B
+
+1. Writes (once) a random-weight Wan 2.1 pipeline as a diffusers folder with 1.3B's depth and heads (30 blocks,
+   12 heads) at a small width (--head-dim, --ffn-dim), the real VAE (configs/wan2.1/vae) and a one-layer UMT5
+   of the real width (4096), as bench_cli_wan.py does; calibrates it (library call), replaces the masks by
+   bench_e2e.py's local masks at --density, and runs `calibatt compile` with the first tree.
+2. Runs `calibatt generate --strict --json` (and with --dense the stock pipeline eager, whose load_seconds is
+   the issue's "stock load") with each tree in turn,
+   alternating, --runs times each, and reports the median of every part. The trees share the cache: they must
+   agree on what a cache is (same kernels' sources and cache schema).
+
+3. With --profile N, one more run per tree through the library under cProfile, from the generate call to the
+   end of the first denoising step: the N functions of most cumulative time (where the start's time goes).
+
+The machine, checkpoint and video size are recorded in the JSON: numbers from a CPU say what host work costs,
+not what a GPU's load does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+PROMPT = "a red car driving along a coastal road at sunset"
+
+# Runs generate through the library under cProfile until the first step ends (argv: config, prompt, output,
+# profile out, top N); prints the N functions of most cumulative time as JSON.
+PROFILE = """
+import cProfile, json, pstats, sys
+from calibatt_cli.config import load_config
+from calibatt_cli.generate import generate
+
+config, prompt, output, top = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+cfg = load_config(config, ["generate.strict=true"])
+prof = cProfile.Profile()
+prof.enable()
+res = generate(cfg, [prompt], output=output, on_step=prof.disable)
+stats = pstats.Stats(prof)
+rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][3])[:top]
+print(json.dumps({
+    "ready_parts": {k: round(v, 3) for k, v in res.ready_parts.items()},
+    "top_cumulative": [
+        {"function": f"{path}:{line}({name})", "calls": nc, "cumulative_s": round(ct, 4), "own_s": round(tt, 4)}
+        for (path, line, name), (cc, nc, tt, ct, callers) in rows
+    ],
+}))
+"""
+
+
+def write_weights(folder: Path, head_dim: int, ffn_dim: int) -> dict:
+    import torch
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from calibatt_cli.models.wan_weights import SHIPPED
+    from calibatt_cli.tiny.model import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    tcfg = json.loads((SHIPPED / "transformer_1.3b.json").read_text())
+    tcfg.update(attention_head_dim=head_dim, ffn_dim=ffn_dim)
+    tr = WanTransformer3DModel.from_config(tcfg).to(torch.bfloat16)
+    vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(str(SHIPPED), subfolder="vae"))
+    te = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tok),
+            d_model=4096,
+            d_kv=64,
+            d_ff=256,
+            num_layers=1,
+            num_heads=2,
+            feed_forward_proj="gated-gelu",
+            dense_act_fn="gelu_new",
+            is_gated_act=True,
+            dropout_rate=0.0,
+        )
+    ).to(torch.bfloat16)
+    sched = UniPCMultistepScheduler.from_pretrained(str(SHIPPED), subfolder="scheduler")
+    WanPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=sched, transformer=tr).save_pretrained(
+        str(folder), safe_serialization=True
+    )
+    return tcfg
+
+
+def setup(work: Path, args) -> None:
+    from bench_cli_wan import synthetic_bundle, write_config
+
+    weights = work / "weights"
+    if not (weights / "model_index.json").is_file():
+        write_weights(weights, args.head_dim, args.ffn_dim)
+    cfg_args = argparse.Namespace(
+        device=args.device, height=args.height, width=args.width, frames=args.frames, steps=args.steps
+    )
+    cfg = write_config(work, weights, cfg_args)
+    text = cfg.read_text().replace("name: wan2.1-1.3b", "name: wan2.1")  # the size comes from the weights
+    cfg.write_text(text)
+    synthetic_bundle(cfg, args.density, "local")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'kernels'}")
+    cmd = [sys.executable, "-m", "calibatt_cli", "compile", "--config", str(cfg), "--recompile"]
+    subprocess.run(cmd, env=env, check=True, cwd=work)
+
+
+def generate(tree: Path, work: Path, *flags: str) -> dict:
+    """One `calibatt generate --json` of `tree` in a fresh process: wall seconds and ready_parts."""
+    env = dict(os.environ, PYTHONPATH=f"{tree}:{tree / 'kernels'}")
+    cmd = [sys.executable, "-m", "calibatt_cli", "generate", PROMPT, "--config", str(work / "config.yaml"), "--json"]
+    cmd += ["-o", str(work / "video.mp4"), *flags]
+    t0 = time.perf_counter()
+    # cwd: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH's tree
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=work)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"generate failed in {tree}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    g = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"wall": wall, "ready": g["ready_seconds"], "load": g["load_seconds"], **g["ready_parts"]}
+
+
+def profile(tree: Path, work: Path, top: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=f"{tree}:{tree / 'kernels'}")
+    cmd = [sys.executable, "-c", PROFILE, str(work / "config.yaml"), PROMPT, str(work / "video.mp4"), str(top)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=work)
+    if r.returncode != 0:
+        raise SystemExit(f"profiled generate failed in {tree}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--trees", nargs="+", default=[str(ROOT)], help="source trees to compare (first: baseline)")
+    ap.add_argument("--labels", nargs="+", help="a name per tree (default: the paths)")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--dense", action="store_true", help="also time the stock pipeline (--dense) with each tree")
+    ap.add_argument("--device", default="cpu", help="cuda: time a GPU's start (set the 1.3B widths and video)")
+    ap.add_argument("--profile", type=int, default=0, help="N: one profiled run per tree, its top N functions")
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--ffn-dim", type=int, default=256)
+    ap.add_argument("--height", type=int, default=64)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--frames", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--density", type=float, default=0.5)
+    ap.add_argument("--json", help="write the results here (default bench/results/ready-cpu-<date>.json)")
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "cache" / "manifest.json").is_file():
+        setup(work, args)
+    trees = [Path(t).resolve() for t in args.trees]
+    labels = args.labels or [str(t) for t in trees]
+    # the stock pipeline eager, as bench_cli_wan.py's stock_eager row (the issue's "stock load")
+    dense = ("--dense", "--set", "generate.compile=false")
+    variants = [("sparse", ("--strict",))] + ([("dense", dense)] if args.dense else [])
+    rows: dict[str, list[dict]] = {f"{lab} {v}": [] for lab in labels for v, _ in variants}
+    for i in range(args.runs):
+        order = list(zip(trees, labels, strict=True))
+        if i % 2:
+            order.reverse()  # alternate which tree goes first
+        for tree, label in order:
+            for v, flags in variants:
+                rows[f"{label} {v}"].append(generate(tree, work, *flags))
+                print(label, v, json.dumps({k: round(x, 3) for k, x in rows[f"{label} {v}"][-1].items()}), flush=True)
+    medians = {
+        name: {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]} for name, runs in rows.items()
+    }
+    profiles = (
+        {label: profile(tree, work, args.profile) for tree, label in zip(trees, labels, strict=True)}
+        if args.profile
+        else None
+    )
+    weights = work / "weights"
+    tcfg = json.loads((weights / "transformer" / "config.json").read_text())
+    sizes = {p.relative_to(weights).as_posix(): p.stat().st_size for p in sorted(weights.rglob("*.safetensors"))}
+    if args.device == "cuda":
+        import torch
+
+        machine = f"{torch.cuda.get_device_name()}, {os.cpu_count()} host cores"
+    else:
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared, noisy)"
+    res = {
+        "device": args.device,
+        "machine": machine,
+        "date": datetime.date.today().isoformat(),
+        "checkpoint": (
+            f"random-weight Wan 2.1 diffusers folder: transformer {tcfg['num_layers']} blocks x "
+            f"{tcfg['num_attention_heads']} heads x head dim {tcfg['attention_head_dim']}, ffn {tcfg['ffn_dim']} "
+            "(bf16), the real VAE config (fp32), a one-layer UMT5 of width 4096 (bf16)"
+        ),
+        "file_bytes": sizes,
+        "video": f"{args.height}x{args.width}, {args.frames} frames, {args.steps} steps, masks density {args.density}",
+        "trees": dict(zip(labels, map(str, trees), strict=True)),
+        "runs": args.runs,
+        "order": "alternating, the first tree first on even runs",
+        "medians": medians,
+        # time to the first step of calibatt generate over the stock pipeline's load (the issue's target: <= 1.3)
+        "ready_vs_stock_load": {
+            lab: round(medians[f"{lab} sparse"]["ready"] / medians[f"{lab} dense"]["load"], 3) for lab in labels
+        }
+        if args.dense
+        else None,
+        "runs_raw": rows,
+        "profiles": profiles,
+    }
+    out = Path(args.json) if args.json else ROOT / "bench" / "results" / f"ready-{args.device}-{res['date']}.json"
+    out.write_text(json.dumps(res, indent=1))
+    for name, m in medians.items():
+        print(f"{name:24s} " + " ".join(f"{k}={v}" for k, v in m.items()))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
