@@ -41,7 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a red car driving along a coastal road at sunset"
 
 
-def write_weights(folder: Path, device: str) -> None:
+def write_weights(folder: Path, device: str, **transformer) -> dict:
+    """A random-weight Wan 2.1 1.3B pipeline folder in diffusers' layout (a one-layer text encoder), the
+    transformer's config overridden by `transformer` (bench_ready.py narrows it); returns that config."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -51,6 +53,7 @@ def write_weights(folder: Path, device: str) -> None:
     torch.manual_seed(0)
     tok = build_tokenizer()
     tcfg = json.loads((SHIPPED / "transformer_1.3b.json").read_text())
+    tcfg.update(transformer)
     with torch.device(device):
         tr = WanTransformer3DModel.from_config(tcfg).to(torch.bfloat16)
         vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(str(SHIPPED), subfolder="vae"))
@@ -72,6 +75,7 @@ def write_weights(folder: Path, device: str) -> None:
     WanPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=sched, transformer=tr).save_pretrained(
         str(folder), safe_serialization=True
     )
+    return tcfg
 
 
 def write_config(work: Path, weights: Path, args) -> Path:

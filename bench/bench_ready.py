@@ -63,47 +63,12 @@ print(json.dumps({
 """
 
 
-def write_weights(folder: Path, head_dim: int, ffn_dim: int) -> dict:
-    import torch
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from calibatt_cli.models.wan_weights import SHIPPED
-    from calibatt_cli.tiny.model import build_tokenizer
-
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    tcfg = json.loads((SHIPPED / "transformer_1.3b.json").read_text())
-    tcfg.update(attention_head_dim=head_dim, ffn_dim=ffn_dim)
-    tr = WanTransformer3DModel.from_config(tcfg).to(torch.bfloat16)
-    vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(str(SHIPPED), subfolder="vae"))
-    te = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tok),
-            d_model=4096,
-            d_kv=64,
-            d_ff=256,
-            num_layers=1,
-            num_heads=2,
-            feed_forward_proj="gated-gelu",
-            dense_act_fn="gelu_new",
-            is_gated_act=True,
-            dropout_rate=0.0,
-        )
-    ).to(torch.bfloat16)
-    sched = UniPCMultistepScheduler.from_pretrained(str(SHIPPED), subfolder="scheduler")
-    WanPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=sched, transformer=tr).save_pretrained(
-        str(folder), safe_serialization=True
-    )
-    return tcfg
-
-
 def setup(work: Path, args) -> None:
-    from bench_cli_wan import synthetic_bundle, write_config
+    from bench_cli_wan import synthetic_bundle, write_config, write_weights
 
     weights = work / "weights"
     if not (weights / "model_index.json").is_file():
-        write_weights(weights, args.head_dim, args.ffn_dim)
+        write_weights(weights, "cpu", attention_head_dim=args.head_dim, ffn_dim=args.ffn_dim)
     cfg_args = argparse.Namespace(
         device=args.device, height=args.height, width=args.width, frames=args.frames, steps=args.steps
     )
