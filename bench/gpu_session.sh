@@ -17,10 +17,9 @@ set -u
 OUT=${1:?usage: gpu_session.sh OUTDIR [SECONDS] [PART]}
 BUDGET=${2:-570}
 PART=${3:-A}  # A: GPU tests, the user's path, the guard's cost, the fp8 sweep; B: the library path, the
-# compiled-block and fp8-path tests (one call each: together they need more than a call's 600 s); C: the user's
-# path and the library path on the same masks in one call, the fp8 path's tests (Wan 14B's bf16 and fp8 rows:
-# bench_e2e.py --shapes wan14b-720p --precision bf16 fp8); D: the compiled-block and sync-free tests; F: Wan 14B's
-# bf16 and fp8 rows and the fp8 path's tests
+# compiled-block and fp8-path tests (one call each: together they need more than a call's 600 s); C: the fp8 path's
+# tests, then the user's path and the library path on the same masks in one call; D: the compiled-block and
+# sync-free tests; F: Wan 14B's bf16 and fp8 rows (bench_e2e.py --precision bf16 fp8) and the fp8 path's tests
 START=$(date +%s)
 LOG=$OUT/log.txt
 mkdir -p "$OUT"
@@ -61,10 +60,10 @@ if [ "$PART" = A ]; then
 	step 70 "bench_guard --compile d=0.2" python3 bench/bench_guard.py --density 0.2 --compile --reps 3 --rounds 2
 	step 80 "bench_fp8 --sweep" python3 bench/bench_fp8.py --sweep --budget 60
 elif [ "$PART" = C ]; then
-	step 330 "bench_cli_wan d=0.2 --library" python3 bench/bench_cli_wan.py --workdir /tmp/wcli --steps 8 \
+	step 230 "gpu tests: fp8 path" $T tests/test_fp8_gpu.py tests/test_fp8_integration_gpu.py
+	step 360 "bench_cli_wan d=0.2 --library" python3 bench/bench_cli_wan.py --workdir /tmp/wcli --steps 8 \
 		--density 0.2 --library
 	mkdir -p "$OUT/cli-wan" && cp /tmp/wcli/*.log "$OUT/cli-wan/" 2>/dev/null
-	step 250 "gpu tests: fp8 path" $T tests/test_fp8_gpu.py tests/test_fp8_integration_gpu.py
 elif [ "$PART" = F ]; then
 	step 150 "bench_e2e 14B d=0.2 bf16 and fp8" python3 bench/bench_e2e.py --shapes wan14b-720p --densities 0.2 \
 		--reps 3 --only stock:eager stock:compiled calibatt:compiled --precision bf16 fp8
