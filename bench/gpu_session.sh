@@ -18,8 +18,9 @@ OUT=${1:?usage: gpu_session.sh OUTDIR [SECONDS] [PART]}
 BUDGET=${2:-570}
 PART=${3:-A}  # A: GPU tests, the user's path, the guard's cost, the fp8 sweep; B: the library path, the
 # compiled-block and fp8-path tests (one call each: together they need more than a call's 600 s); C: the fp8 path's
-# tests, then the user's path and the library path on the same masks in one call; D: the compiled-block and
-# sync-free tests; F: Wan 14B's bf16 and fp8 rows (bench_e2e.py --precision bf16 fp8) and the fp8 path's tests
+# tests, then the user's path and the library path on the same masks in one call, and one step of the user's
+# path profiled; D: the compiled-block and sync-free tests; F: Wan 14B's bf16 and fp8 rows (bench_e2e.py
+# --precision bf16 fp8) and the fp8 path's tests
 START=$(date +%s)
 LOG=$OUT/log.txt
 mkdir -p "$OUT"
@@ -64,6 +65,8 @@ elif [ "$PART" = C ]; then
 	step 360 "bench_cli_wan d=0.2 --library" python3 bench/bench_cli_wan.py --workdir /tmp/wcli --steps 8 \
 		--density 0.2 --library
 	mkdir -p "$OUT/cli-wan" && cp /tmp/wcli/*.log "$OUT/cli-wan/" 2>/dev/null
+	step 90 "profile_generate: one sparse step of the user's path" python3 bench/profile_generate.py \
+		--config /tmp/wcli/config.yaml --step 5 --tag user-d0.2
 elif [ "$PART" = F ]; then
 	step 150 "bench_e2e 14B d=0.2 bf16 and fp8" python3 bench/bench_e2e.py --shapes wan14b-720p --densities 0.2 \
 		--reps 3 --only stock:eager stock:compiled calibatt:compiled --precision bf16 fp8
