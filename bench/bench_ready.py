@@ -13,10 +13,11 @@ checks and plan, the processors' install, the pipeline's set-up).
 2. Runs `calibatt generate --strict --json` (and with --dense the stock pipeline eager, whose load_seconds is
    the issue's "stock load") with each tree in turn,
    alternating, --runs times each, and reports the median of every part. The trees share the cache: they must
-   agree on what a cache is (same kernels' sources and cache schema).
-
-3. With --profile N, one more run per tree through the library under cProfile, from the generate call to the
-   end of the first denoising step: the N functions of most cumulative time (where the start's time goes).
+   agree on what a cache is (same kernels' sources and cache schema). Each run also records the process's
+   time outside the generate call: `before` (interpreter start, imports, the CLI's checks) and `exit`.
+3. With --importtime, one more run per tree and variant under `python -X importtime`: the top-level imports'
+   cumulative seconds. With --profile N, one more run per tree through the library under cProfile, from the
+   generate call to the end of the first denoising step: the N functions of most cumulative time.
 
 The machine, checkpoint and video size are recorded in the JSON: numbers from a CPU say what host work costs,
 not what a GPU's load does.
@@ -32,6 +33,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,19 +83,53 @@ def setup(work: Path, args) -> None:
     subprocess.run(cmd, env=env, check=True, cwd=work)
 
 
-def generate(tree: Path, work: Path, *flags: str) -> dict:
-    """One `calibatt generate --json` of `tree` in a fresh process: wall seconds and ready_parts."""
+def generate(tree: Path, work: Path, *flags: str, importtime: bool = False) -> dict:
+    """One `calibatt generate --json` of `tree` in a fresh process: wall seconds, ready_parts, and the process's
+    time outside the generate call: `before` (interpreter start, imports, the CLI's checks: from the process's
+    start to the JSON line, less the generate call's own time) and `exit` (from the JSON line to the process's
+    end). With `importtime`, also the top-level imports' cumulative seconds (python -X importtime)."""
     env = dict(os.environ, PYTHONPATH=f"{tree}:{tree / 'kernels'}")
+    if importtime:
+        env["PYTHONPROFILEIMPORTTIME"] = "1"
     cmd = [sys.executable, "-m", "calibatt_cli", "generate", PROMPT, "--config", str(work / "config.yaml"), "--json"]
     cmd += ["-o", str(work / "video.mp4"), *flags]
-    t0 = time.perf_counter()
-    # cwd: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH's tree
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=work)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise SystemExit(f"generate failed in {tree}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-    g = json.loads(r.stdout.strip().splitlines()[-1])
-    return {"wall": wall, "ready": g["ready_seconds"], "load": g["load_seconds"], **g["ready_parts"]}
+    with tempfile.TemporaryFile(mode="w+") as err:
+        t0 = time.perf_counter()
+        # cwd: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH's tree
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True, cwd=work)
+        lines, t_json = [], None
+        for line in p.stdout:
+            lines.append(line)
+            if line.startswith("{"):
+                t_json = time.perf_counter()
+        rc = p.wait()
+        wall = time.perf_counter() - t0
+        err.seek(0)
+        stderr = err.read()
+    if rc != 0 or t_json is None:
+        raise SystemExit(f"generate failed in {tree}:\n{''.join(lines)[-2000:]}\n{stderr[-3000:]}")
+    g = json.loads(next(line for line in reversed(lines) if line.startswith("{")))
+    parts = g["ready_parts"]
+    in_call = g["ready_seconds"] - parts.get("rest", 0.0) + g["seconds"]  # the call, to its videos' end
+    row = {"wall": wall, "ready": g["ready_seconds"], "load": g["load_seconds"], **parts}
+    row.update(before=t_json - t0 - in_call, sampling=g["seconds"], exit=wall - (t_json - t0))
+    if importtime:
+        row["imports"] = top_imports(stderr)
+    return row
+
+
+def top_imports(stderr: str, n: int = 12) -> dict:
+    """The cumulative seconds of the imports made at the top level (not from inside another module's import),
+    from `-X importtime`'s lines: the n largest."""
+    out = {}
+    for line in stderr.splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        _, cumulative, name = line[len("import time:") :].split("|")
+        # nesting shows as two more spaces of indent per level: the top level has the separator's one
+        if cumulative.strip().isdigit() and not name.startswith("  "):
+            out[name.strip()] = out.get(name.strip(), 0) + int(cumulative) / 1e6
+    return {k: round(v, 3) for k, v in sorted(out.items(), key=lambda kv: -kv[1])[:n]}
 
 
 def profile(tree: Path, work: Path, top: int) -> dict:
@@ -114,6 +150,9 @@ def main() -> None:
     ap.add_argument("--dense", action="store_true", help="also time the stock pipeline (--dense) with each tree")
     ap.add_argument("--device", default="cpu", help="cuda: time a GPU's start (set the 1.3B widths and video)")
     ap.add_argument("--profile", type=int, default=0, help="N: one profiled run per tree, its top N functions")
+    ap.add_argument(
+        "--importtime", action="store_true", help="one more run per tree and variant under -X importtime: its imports"
+    )
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--ffn-dim", type=int, default=256)
     ap.add_argument("--height", type=int, default=64)
@@ -144,6 +183,15 @@ def main() -> None:
     medians = {
         name: {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]} for name, runs in rows.items()
     }
+    imports = (
+        {
+            f"{label} {v}": generate(tree, work, *flags, importtime=True)
+            for tree, label in zip(trees, labels, strict=True)
+            for v, flags in variants
+        }
+        if args.importtime
+        else None
+    )
     profiles = (
         {label: profile(tree, work, args.profile) for tree, label in zip(trees, labels, strict=True)}
         if args.profile
@@ -181,8 +229,10 @@ def main() -> None:
         else None,
         "runs_raw": rows,
         "profiles": profiles,
+        "importtime_runs": imports,
     }
-    out = Path(args.json) if args.json else ROOT / "bench" / "results" / f"ready-{args.device}-{res['date']}.json"
+    where = machine.split(",")[0].lower().replace(" ", "-") if args.device == "cuda" else args.device  # the card
+    out = Path(args.json) if args.json else ROOT / "bench" / "results" / f"ready-{where}-{res['date']}.json"
     out.write_text(json.dumps(res, indent=1))
     for name, m in medians.items():
         print(f"{name:24s} " + " ".join(f"{k}={v}" for k, v in m.items()))

@@ -20,7 +20,7 @@ PART=${3:-A}  # A: GPU tests, the user's path, the guard's cost, the fp8 sweep; 
 # compiled-block and fp8-path tests (one call each: together they need more than a call's 600 s); C: the fp8 path's
 # tests, then the user's path and the library path on the same masks in one call, and one step of the user's
 # path profiled; D: the compiled-block and sync-free tests; F: Wan 14B's bf16 and fp8 rows (bench_e2e.py
-# --precision bf16 fp8) and the fp8 path's tests
+# --precision bf16 fp8) and the fp8 path's tests; R: generate's start by part (bench_ready.py)
 START=$(date +%s)
 LOG=$OUT/log.txt
 mkdir -p "$OUT"
@@ -71,6 +71,10 @@ elif [ "$PART" = F ]; then
 	step 150 "bench_e2e 14B d=0.2 bf16 and fp8" python3 bench/bench_e2e.py --shapes wan14b-720p --densities 0.2 \
 		--reps 3 --only stock:eager stock:compiled calibatt:compiled --precision bf16 fp8
 	step 400 "gpu tests: fp8 path" $T tests/test_fp8_gpu.py tests/test_fp8_integration_gpu.py
+elif [ "$PART" = R ]; then
+	step 560 "bench_ready: generate's start and the process around it, Wan 1.3B 480p x 81" python3 bench/bench_ready.py \
+		--workdir /tmp/wready --device cuda --head-dim 128 --ffn-dim 8960 --height 480 --width 832 --frames 81 \
+		--steps 6 --runs 3 --dense --importtime --profile 50
 elif [ "$PART" = D ]; then
 	step 200 "gpu tests: compiled blocks" $T tests/test_compile_gpu.py
 	step 100 "gpu tests: no sync" $T tests/test_sync_gpu.py
