@@ -13,7 +13,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench
 
 # A results file as the benchmarks name them; an abbreviated "…-tag.json" is not a name (its line names the file).
 RESULT_NAME = re.compile(
-    r"(?<![\w…-])((?:kernel|e2e|cli-wan|eval-report|eval|guard|parallel|train|judge|fp8)-[\w.-]*?\.(?:json|log))"
+    r"(?<![\w…-])((?:kernel|e2e|cli-wan|eval-report|eval|guard|parallel|train|judge|fp8|profile|ready)-[\w.-]*?\.(?:json|log))"
 )
 GPU_FIGURE = re.compile(r"TFLOP/s|\d ms\b|x stock|stock eager|peak GPU memory")
 
