@@ -65,6 +65,13 @@ print(json.dumps({
 """
 
 
+def tree_env(tree: Path) -> dict:
+    """The environment for a process of `tree`: its sources first on the path, then what the path held (the
+    device image's extra packages)."""
+    path = [str(tree), str(tree / "kernels"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+
+
 def setup(work: Path, args) -> None:
     from bench_cli_wan import synthetic_bundle, write_config, write_weights
 
@@ -78,7 +85,7 @@ def setup(work: Path, args) -> None:
     text = cfg.read_text().replace("name: wan2.1-1.3b", "name: wan2.1")  # the size comes from the weights
     cfg.write_text(text)
     synthetic_bundle(cfg, args.density, "local")
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'kernels'}")
+    env = tree_env(ROOT)
     cmd = [sys.executable, "-m", "calibatt_cli", "compile", "--config", str(cfg), "--recompile"]
     subprocess.run(cmd, env=env, check=True, cwd=work)
 
@@ -88,7 +95,7 @@ def generate(tree: Path, work: Path, *flags: str, importtime: bool = False) -> d
     time outside the generate call: `before` (interpreter start, imports, the CLI's checks: from the process's
     start to the JSON line, less the generate call's own time) and `exit` (from the JSON line to the process's
     end). With `importtime`, also the top-level imports' cumulative seconds (python -X importtime)."""
-    env = dict(os.environ, PYTHONPATH=f"{tree}:{tree / 'kernels'}")
+    env = tree_env(tree)
     if importtime:
         env["PYTHONPROFILEIMPORTTIME"] = "1"
     cmd = [sys.executable, "-m", "calibatt_cli", "generate", PROMPT, "--config", str(work / "config.yaml"), "--json"]
@@ -133,7 +140,7 @@ def top_imports(stderr: str, n: int = 12) -> dict:
 
 
 def profile(tree: Path, work: Path, top: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=f"{tree}:{tree / 'kernels'}")
+    env = tree_env(tree)
     cmd = [sys.executable, "-c", PROFILE, str(work / "config.yaml"), PROMPT, str(work / "video.mp4"), str(top)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=work)
     if r.returncode != 0:
