@@ -20,7 +20,8 @@ PART=${3:-A}  # A: GPU tests, the user's path, the guard's cost, the fp8 sweep; 
 # compiled-block and fp8-path tests (one call each: together they need more than a call's 600 s); C: the fp8 path's
 # tests, then the user's path and the library path on the same masks in one call, and one step of the user's
 # path profiled; D: the compiled-block and sync-free tests; F: Wan 14B's bf16 and fp8 rows (bench_e2e.py
-# --precision bf16 fp8) and the fp8 path's tests; R: generate's start by part (bench_ready.py)
+# --precision bf16 fp8) and the fp8 path's tests; R: generate's start by part (bench_ready.py); P: one process's
+# imports before and after the bytecode is compiled
 START=$(date +%s)
 LOG=$OUT/log.txt
 mkdir -p "$OUT"
@@ -36,6 +37,22 @@ fi
 # gives later processes bytecode, as a normal install has.
 export PYTHONPYCACHEPREFIX=/tmp/pycache
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv >>"$LOG" 2>&1
+python3 -c "import sys; print('dont_write_bytecode', sys.flags.dont_write_bytecode, 'pycache_prefix', sys.pycache_prefix)" >>"$LOG" 2>&1
+imports() { # one process importing what `calibatt generate` imports before its call; one importing the compile path
+	/usr/bin/time -f "import calibatt_cli.generate: %e s" python3 -c "import calibatt_cli.generate" >>"$LOG" 2>&1
+	/usr/bin/time -f "and the compile path, diffusers' Wan: %e s" python3 -c "import calibatt_cli.generate, \
+torch._inductor.compile_fx; from diffusers import WanPipeline" >>"$LOG" 2>&1
+}
+SITE=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+if [ "$PART" = P ]; then
+	imports
+	imports
+fi
+# Bytecode for every installed module, as pip writes at install: a process that finds none compiles each module it
+# imports from source (measured: 861 modules, 2.8 s of one generate's start, more in its imports before).
+start=$(date +%s)
+python3 -m compileall -q -j 0 "$SITE" /tmp/site calibatt_cli kernels >/dev/null 2>&1
+echo "=== bytecode compiled in $(($(date +%s) - start)) s" >>"$LOG"
 
 step() { # step SECONDS NAME COMMAND...: run it unless the budget is spent, at most SECONDS
 	local limit=$1 name=$2
@@ -71,6 +88,9 @@ elif [ "$PART" = F ]; then
 	step 150 "bench_e2e 14B d=0.2 bf16 and fp8" python3 bench/bench_e2e.py --shapes wan14b-720p --densities 0.2 \
 		--reps 3 --only stock:eager stock:compiled calibatt:compiled --precision bf16 fp8
 	step 400 "gpu tests: fp8 path" $T tests/test_fp8_gpu.py tests/test_fp8_integration_gpu.py
+elif [ "$PART" = P ]; then
+	imports
+	imports
 elif [ "$PART" = R ]; then
 	step 560 "bench_ready: generate's start and the process around it, Wan 1.3B 480p x 81" python3 bench/bench_ready.py \
 		--workdir /tmp/wready --device cuda --head-dim 128 --ffn-dim 8960 --height 480 --width 832 --frames 81 \
