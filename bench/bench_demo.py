@@ -10,9 +10,12 @@ to reuse). Several checkouts can be timed side by side (--variant NAME=ROOT, eac
 ROOT/kernels), alternating within every repeat so that a shared machine's load falls on all alike; the
 medians are compared, and the bundle and video of every run must be the same bytes across runs and
 variants (`same_results`). Writes bench/results/demo-cpu-<date>[-<tag>].json with the machine (CPU count,
-processor, load average before and after, and at each run's start).
+processor, load average before and after, and at each run's start). With --dense every run also times
+`calibatt generate --dense` (the stock pipeline), alternately before and after the sparse generate, and the
+file holds the ratio of the medians (dense over sparse: at least 0.98 is "the sparse generate is no slower").
 
     python bench/bench_demo.py                                   # this checkout, 3 repeats
+    python bench/bench_demo.py --dense --repeats 5 --tag dense   # the sparse generate against --dense
     python bench/bench_demo.py --variant main=/work/main --variant new=. --repeats 5
 """
 
@@ -42,6 +45,8 @@ STAGES = ("calibrate", "compile", "generate")
 def stage_args(stage: str, config: Path) -> list[str]:
     if stage == "generate":
         return ["generate", PROMPT, "-o", "out/demo.mp4", "--config", str(config)]
+    if stage == "generate_dense":  # the stock pipeline on the same prompt: what the sparse generate is held to
+        return ["generate", PROMPT, "-o", "out/dense.mp4", "--dense", "--config", str(config)]
     return [stage, "--config", str(config)]
 
 
@@ -75,7 +80,12 @@ def sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def one_run(name: str, root: Path, python: str, keep: Path | None) -> dict:
+def one_run(
+    name: str, root: Path, python: str, keep: Path | None, dense: bool = False, dense_first: bool = False
+) -> dict:
+    """One run of the demo's commands in a fresh folder; with `dense`, also `generate --dense` (before or after
+    the sparse generate, as `dense_first` says: repeats alternate, so that neither always runs on a warmer
+    machine)."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "2")  # as the Makefile exports
     env.pop("TRITON_INTERPRET", None)
@@ -86,7 +96,10 @@ def one_run(name: str, root: Path, python: str, keep: Path | None) -> dict:
         config = work_config(root, work)
         run = {"load1_at_start": round(os.getloadavg()[0], 2)}
         log = []
-        for stage in STAGES:
+        stages = list(STAGES)
+        if dense:
+            stages.insert(stages.index("generate") + (0 if dense_first else 1), "generate_dense")
+        for stage in stages:
             t0 = time.perf_counter()
             r = subprocess.run(
                 [python, "-m", "calibatt_cli", *stage_args(stage, config)],
@@ -102,6 +115,8 @@ def one_run(name: str, root: Path, python: str, keep: Path | None) -> dict:
         run["total"] = round(sum(run[s] for s in STAGES), 3)
         run["bundle_sha256"] = sha256(work / "out" / "tiny.bundle.safetensors")
         run["video_sha256"] = sha256(work / "out" / "demo.mp4")
+        if dense:
+            run["dense_video_sha256"] = sha256(work / "out" / "dense.mp4")
         if keep is not None:
             (keep / f"{name}.log").write_text("\n".join(log))
         return run
@@ -123,6 +138,12 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="suffix of the results file name")
     ap.add_argument("--out", type=Path, default=None, help="results file (default: bench/results/demo-cpu-...)")
     ap.add_argument("--logs", type=Path, default=None, help="folder for the last run's output of each variant")
+    ap.add_argument(
+        "--dense",
+        action="store_true",
+        help="also time `generate --dense` in every run (alternating before and after the sparse generate): "
+        "the sparse generate's speed against the stock pipeline's",
+    )
     args = ap.parse_args()
 
     variants = {}
@@ -139,7 +160,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {n: [] for n in variants}
     for rep in range(args.repeats):
         for name, root in variants.items():
-            run = one_run(name, root, args.python, args.logs)
+            run = one_run(name, root, args.python, args.logs, dense=args.dense, dense_first=rep % 2 == 1)
             runs[name].append(run)
             times = "  ".join(f"{s} {run[s]:6.1f}" for s in (*STAGES, "total"))
             print(f"repeat {rep + 1}/{args.repeats} {name:>10}: {times}   load {run['load1_at_start']}", flush=True)
@@ -152,8 +173,13 @@ def main() -> None:
             "runs": rs,
             "median": {s: round(statistics.median(r[s] for r in rs), 2) for s in (*STAGES, "total")},
         }
+        if args.dense:
+            med = statistics.median(r["generate_dense"] for r in rs)
+            results[name]["median"]["generate_dense"] = round(med, 2)
+            # > 1: the sparse generate is faster than the stock pipeline's
+            results[name]["dense_over_sparse_generate"] = round(med / statistics.median(r["generate"] for r in rs), 3)
     digests = {(r["bundle_sha256"], r["video_sha256"]) for rs in runs.values() for r in rs}
-    same = len(digests) == 1
+    same = len(digests) == 1 and len({r.get("dense_video_sha256") for rs in runs.values() for r in rs}) == 1
 
     print(f"\nmedians over {args.repeats} repeats (s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '2')}")
     print(f"{'variant':>10}  " + "  ".join(f"{s:>9}" for s in (*STAGES, "total")))
@@ -163,6 +189,12 @@ def main() -> None:
     for name in list(results)[1:]:
         ratio = results[first]["median"]["total"] / results[name]["median"]["total"]
         print(f"{first} / {name} total: {ratio:.2f}x")
+    for name, res in results.items():
+        if args.dense:
+            print(
+                f"{name}: generate --dense {res['median']['generate_dense']:.2f} s, sparse generate "
+                f"{res['median']['generate']:.2f} s: dense / sparse {res['dense_over_sparse_generate']}"
+            )
     print(f"same bundle and video in every run: {same}")
     print(f"load average before {load_before}, after {load_after}")
 
@@ -171,7 +203,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "date": date,
-        "what": "make demo's three commands (calibrate, compile, generate) on configs/tiny.yaml, fresh processes",
+        "what": "make demo's three commands (calibrate, compile, generate) on configs/tiny.yaml, fresh processes"
+        + ("; and generate --dense, alternating before and after the sparse generate" if args.dense else ""),
         "machine": {
             "cpu_count": os.cpu_count(),
             "processor": platform.processor(),

@@ -13,7 +13,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench
 
 # A results file as the benchmarks name them; an abbreviated "…-tag.json" is not a name (its line names the file).
 RESULT_NAME = re.compile(
-    r"(?<![\w…-])((?:kernel|e2e|cli-wan|eval-report|eval|guard|parallel|train|judge|fp8|profile|ready)-[\w.-]*?\.(?:json|log))"
+    r"(?<![\w…-])((?:kernel|e2e|cli-wan|eval-report|eval|guard|parallel|train|judge|fp8|profile|ready|demo)-[\w.-]*?\.(?:json|log))"
 )
 GPU_FIGURE = re.compile(r"TFLOP/s|\d ms\b|x stock|stock eager|peak GPU memory")
 
@@ -45,7 +45,7 @@ def _values(obj):
 
 
 # Numbers that describe the setting rather than measure it: a shape after "x"/"×", versions, architectures.
-_SETTING = re.compile(r"(?:[x×]\s*|torch |[Tt]riton |Python |sm_)$")
+_SETTING = re.compile(r"(?:[x×]\s*|torch |[Tt]riton |Python (?:[≥>]=? ?)?|sm_)$")
 # A unit that makes a number a ratio (not stored in the files) or a name (1.3B, 480p, 17 frames...).
 _NOT_MEASURED = re.compile(
     r"\s*(?:x\b|×|[BpK]\b|GB\b|-byte\b|frames?\b|layers?\b|blocks?\b|prompts?\b|steps?\b|heads?\b|clips?\b|configs?\b"
