@@ -218,3 +218,59 @@ def test_bench_guard_smoke(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())["results"][0]
     assert res["ms"]["sparse step"] > 0 and "amortised_share" in res
+
+
+def test_busy_time_is_the_union_of_kernel_intervals():
+    """profile_generate.busy_us: overlapping and nested intervals count once, gaps not at all."""
+    from profile_generate import busy_us
+
+    assert busy_us([]) == 0
+    assert busy_us([(0, 10), (20, 25)]) == 15  # a gap
+    assert busy_us([(0, 10), (5, 15)]) == 15  # overlap
+    assert busy_us([(5, 15), (0, 10), (2, 3)]) == 15  # unsorted, nested
+    assert busy_us([(0, 10), (10, 12)]) == 12  # touching
+
+
+def test_importtime_lines_give_the_top_level_imports():
+    """bench_ready.top_imports reads `-X importtime`'s lines: the top level only (two more spaces per level)."""
+    from bench_ready import top_imports
+
+    stderr = "\n".join(
+        [
+            "import time: self [us] | cumulative | imported package",
+            "import time:       100 |        100 |     torch._C",
+            "import time:       200 |       2000 |   torch",
+            "import time:       300 |     500000 | calibatt_cli.generate",
+            "import time:        10 |       1500 | diffusers",
+            "some other line",
+        ]
+    )
+    assert top_imports(stderr) == {"calibatt_cli.generate": 0.5, "diffusers": 0.002}
+
+
+def test_profile_generate_smoke(small_config, tmp_path):
+    """bench/profile_generate.py on the tiny model (CPU operators in place of kernels): a table and its JSON."""
+    from calibatt_cli.cache.build import compile_cache
+    from calibatt_cli.calibrate import calibrate
+    from calibatt_cli.config import load_config
+
+    cfg = load_config(small_config, ["model.device=cpu"])
+    calibrate(cfg)
+    compile_cache(cfg)
+    out = tmp_path / "profile.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "kernels")])
+    r = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "profile_generate.py"), "--config", str(small_config)]
+        + ["--set", "model.device=cpu", "--step", "2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["step"] == 2 and len(res["step_seconds"]) == 4
+    assert 0 < res["busy_ms"] <= res["span_ms"] and res["kernel_ms"] >= res["busy_ms"]
+    assert res["kernels"] and all(k["ms_per_layer_call"] >= 0 for k in res["kernels"])
+    assert "ms/layer call" in r.stdout
