@@ -32,24 +32,26 @@ if [ -d .whl ]; then
 else
 	export PYTHONPATH=$PWD:$PWD/kernels
 fi
-# The image's site-packages are read-only and ship no bytecode, so every process would compile each module it
-# imports from source (seconds per process, most of a `generate`'s time to its first step); a writable cache
-# gives later processes bytecode, as a normal install has.
+# The image's site-packages are read-only and ship no bytecode, so every process compiles each module it imports
+# from source (seconds per process). Its processes were seen not to keep bytecode even in this writable folder (a
+# generate, the last of eight processes of one call, compiled 861 modules): compileall writes it below, once.
 export PYTHONPYCACHEPREFIX=/tmp/pycache
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv >>"$LOG" 2>&1
 python3 -c "import sys; print('dont_write_bytecode', sys.flags.dont_write_bytecode, 'pycache_prefix', sys.pycache_prefix)" >>"$LOG" 2>&1
 imports() { # one process importing what `calibatt generate` imports before its call; one importing the compile path
-	/usr/bin/time -f "import calibatt_cli.generate: %e s" python3 -c "import calibatt_cli.generate" >>"$LOG" 2>&1
-	/usr/bin/time -f "and the compile path, diffusers' Wan: %e s" python3 -c "import calibatt_cli.generate, \
-torch._inductor.compile_fx; from diffusers import WanPipeline" >>"$LOG" 2>&1
+	local TIMEFORMAT="import calibatt_cli.generate: %R s"
+	{ time python3 -c "import calibatt_cli.generate" >/dev/null 2>&1; } 2>>"$LOG"
+	TIMEFORMAT="and the compile path, diffusers' Wan: %R s"
+	{ time python3 -c "import calibatt_cli.generate, torch._inductor.compile_fx; from diffusers import WanPipeline" \
+		>/dev/null 2>&1; } 2>>"$LOG"
 }
 SITE=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 if [ "$PART" = P ]; then
 	imports
 	imports
 fi
-# Bytecode for every installed module, as pip writes at install: a process that finds none compiles each module it
-# imports from source (measured: 861 modules, 2.8 s of one generate's start, more in its imports before).
+# Bytecode for every installed module, as pip writes at install (the log's first lines say whether the
+# interpreter was told not to write any).
 start=$(date +%s)
 python3 -m compileall -q -j 0 "$SITE" /tmp/site calibatt_cli kernels >/dev/null 2>&1
 echo "=== bytecode compiled in $(($(date +%s) - start)) s" >>"$LOG"
