@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a red car driving along a coastal road at sunset"
 
 
-def write_weights(folder: Path, device: str, **transformer) -> dict:
+def write_weights(folder: Path, device: str, **transformer) -> None:
     """A random-weight Wan 2.1 1.3B pipeline folder in diffusers' layout (a one-layer text encoder), the
-    transformer's config overridden by `transformer` (bench_ready.py narrows it); returns that config."""
+    transformer's config overridden by `transformer` (bench_ready.py narrows it)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -75,7 +75,6 @@ def write_weights(folder: Path, device: str, **transformer) -> dict:
     WanPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=sched, transformer=tr).save_pretrained(
         str(folder), safe_serialization=True
     )
-    return tcfg
 
 
 def write_config(work: Path, weights: Path, args) -> Path:

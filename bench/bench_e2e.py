@@ -125,6 +125,7 @@ def timed(fn, reps: int, sync) -> float:
 
 def profile(step, label: str, layers: int) -> None:
     """Where one step's GPU time goes: the costliest kernels, per layer call (a step is 2 forwards)."""
+    from profile_generate import summarize
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -133,16 +134,10 @@ def profile(step, label: str, layers: int) -> None:
         step()
         if cuda:
             torch.cuda.synchronize()
-    rows = {}
-    for ev in prof.events():
-        if ev.device_type.name == ("CUDA" if cuda else "CPU") and (cuda or not ev.cpu_children):
-            name = ev.name[:90]
-            n, us = rows.get(name, (0, 0.0))
-            rows[name] = (n + 1, us + ev.time_range.elapsed_us())
-    total = sum(us for _, us in rows.values())
-    print(f"  profile {label}: {total / 1e3:.1f} ms of kernels in one step; per layer call (x {2 * layers}):")
-    for name, (n, us) in sorted(rows.items(), key=lambda kv: -kv[1][1])[:14]:
-        print(f"    {us / 1e3 / (2 * layers):8.3f} ms  {n / (2 * layers):5.1f} launches  {name}")
+    s = summarize(prof.events(), layers, 14, cuda)
+    print(f"  profile {label}: {s['kernel_ms']:.1f} ms of kernels in one step; per layer call (x {2 * layers}):")
+    for k in s["kernels"]:
+        print(f"    {k['ms_per_layer_call']:8.3f} ms  {k['launches_per_layer_call']:5.1f} launches  {k['name'][:90]}")
     print(flush=True)
 
 
