@@ -6,6 +6,7 @@ import contextlib
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -61,8 +62,9 @@ class GenerateResult:
     ready_seconds: float | None = None  # from the generate call to the first denoising step's first forward
     # where ready_seconds went: identity (config checks, the model's identity, which imports its family's
     # code), cache (open, lock, plan), prewarm (our kernels loaded), blocks (compiled blocks served from the
-    # cache), model (weights loaded), install (controller, processors, the layers' launch records), compile_wrap
-    # (torch.compile's wrapper), rest (prompt encoding, pipeline set-up)
+    # cache), compiler (torch.compile's imports), model (weights loaded; in a sparse run on a thread from the end
+    # of `cache`, and this part is what was left to wait for), install (controller, processors, the layers'
+    # launch records), compile_wrap (torch.compile's wrapper), rest (prompt encoding, pipeline set-up)
     ready_parts: dict = field(default_factory=dict)
     layout: str = "1 process"  # how the run was spread over processes (parallel.Layout.describe)
     guard: dict | None = None  # the live check of the masks (Guard.report, or why it did not run); None: dense
@@ -149,7 +151,7 @@ def generate(
     layout = parallel.setup(cfg.parallel, cfg.model.device)
     cfg = replace(cfg, model=replace(cfg.model, device=parallel.process_device(cfg.model.device, layout)))
     mine = layout.shard(len(prompts))
-    plan = full_plan = cache = None
+    plan = full_plan = cache = loading = None
     forced = []
     parts = {"identity": time.perf_counter() - t_start}
     with contextlib.ExitStack() as stack:
@@ -169,6 +171,12 @@ def generate(
             stack.enter_context(aot.kernel_cache(cache.folder / "triton"))
             counter = stack.enter_context(aot.CompileCounter(strict=g.strict))
             parts["cache"] = time.perf_counter() - t_start - parts["identity"]
+            # The weights load on a thread while this one loads our kernels, serves the compiled blocks and
+            # imports the compiler: the load's file reads and host-to-GPU copies can run without the GIL. Started after
+            # the cache is validated (a stale cache fails before any weights load); an error on either side
+            # waits for the load to end (the pool's exit) before it propagates.
+            pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="calibatt-load"))
+            loading = pool.submit(_timed, load_model, cfg)
             t_prewarm = time.perf_counter()
             prewarm(
                 plan,
@@ -185,6 +193,10 @@ def generate(
         t_blocks = time.perf_counter()
         compiled, inductor = _compiled_blocks(cfg, cache, stack)
         parts["blocks"] = time.perf_counter() - t_blocks
+        if loading is not None and compiled["enabled"]:
+            t_compiler = time.perf_counter()
+            blocks.import_compiler(cfg.generate.compile_backend)
+            parts["compiler"] = time.perf_counter() - t_compiler
         try:
             res = _sample(
                 cfg,
@@ -196,6 +208,7 @@ def generate(
                 on_step=on_step,
                 measure_mass=measure_mass,
                 compiled=compiled["enabled"],
+                loading=loading,
             )
         except Exception as e:  # a strict counter's error, raised inside torch.compile, comes out wrapped
             cause = blocks.strict_cause(e)
@@ -321,10 +334,13 @@ def _sample(
     on_step: Callable[[], None] | None,
     measure_mass: bool,
     compiled: bool,
+    loading: Future | None = None,
 ) -> GenerateResult:
+    """`loading`: the model's load, already under way on a thread (its result: the model and its seconds);
+    None: load it here."""
     g = cfg.generate
     t0 = time.perf_counter()
-    model = load_model(cfg)
+    model, model_seconds = _timed(load_model, cfg) if loading is None else loading.result()
     t_loaded = time.perf_counter()
     guard, guard_off = _guard(cfg, plan)
     controller = None
@@ -337,11 +353,12 @@ def _sample(
     if compiled:
         # Both the baseline (--dense) and calibatt get the same torch.compile, so they stay comparable.
         model.torch_compile_blocks(g.compile_backend)
-    load_seconds = time.perf_counter() - t0
+    # the load's own seconds (on a thread, most of them overlapped what came before), then install and wrap
+    load_seconds = model_seconds + time.perf_counter() - t_loaded
     load_parts = {
-        "model": t_loaded - t0,
+        "model": t_loaded - t0,  # waited for here
         "install": t_installed - t_loaded,
-        "compile_wrap": load_seconds - (t_installed - t0),
+        "compile_wrap": time.perf_counter() - t_installed,
     }
 
     videos = []
@@ -378,6 +395,12 @@ def _sample(
     res.load_parts = load_parts
     res.peak_memory_bytes = clock.peak if clock.cuda else None
     return res
+
+
+def _timed(fn: Callable, *args):
+    """fn(*args) and its wall seconds."""
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
 
 
 def _guard(cfg: Config, plan) -> tuple[Guard | None, dict | None]:

@@ -1,5 +1,7 @@
 """calibrate -> compile -> generate through the library, on the random tiny model at a small size."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ from calibatt_cli.cache.build import compile_cache
 from calibatt_cli.cache.load import load_cache
 from calibatt_cli.calibrate import calibrate, step_buckets
 from calibatt_cli.config import load_config
-from calibatt_cli.errors import CacheError, ConfigError
+from calibatt_cli import generate as generate_module
+from calibatt_cli.errors import CacheError, ConfigError, ModelError
 from calibatt_cli.generate import generate
 from calibatt_cli.models import model_identity
 from calibatt_cli.video import read_mp4
@@ -99,6 +102,43 @@ def test_generate_writes_mp4_with_configured_frames(calibrated, tmp_path):
     frames = read_mp4(paths[0])
     assert frames.shape == (cfg.video.frames, cfg.video.height, cfg.video.width, 3)
     assert not list(tmp_path.glob(".*")), "no temp files left behind"
+
+
+def test_a_sparse_run_loads_the_weights_on_a_thread_and_raises_its_errors(calibrated, monkeypatch):
+    """The sparse path loads the model on a thread while it prewarms (the stock --dense path loads it in
+    line); what the load raises comes out of generate, and the video is the one an in-line load gives."""
+    cfg, _ = calibrated
+    compile_cache(cfg)
+    threads, load = [], generate_module.load_model
+
+    def spy(c):
+        threads.append(threading.current_thread().name)
+        return load(c)
+
+    monkeypatch.setattr(generate_module, "load_model", spy)
+    sparse = generate(cfg, [PROMPT], write=False)
+    assert threads == [threads[0]] and threads[0].startswith("calibatt-load"), threads
+    assert 0 <= sparse.ready_parts["model"] <= sparse.load_seconds
+    cfg.generate.dense = True
+    generate(cfg, [PROMPT], write=False)
+    assert threads[1] == threading.main_thread().name
+    cfg.generate.dense = False
+
+    def broken(c):
+        raise ModelError("could not load Wan weights from 'x' (no file); check model.path")
+
+    monkeypatch.setattr(generate_module, "load_model", broken)
+    with pytest.raises(ModelError, match="check model.path"):
+        generate(cfg, [PROMPT], write=False)
+    sample = generate_module._sample  # the same run with the weights loaded in line (the thread loads nothing)
+    monkeypatch.setattr(
+        generate_module,
+        "load_model",
+        lambda c: load(c) if threading.current_thread() is threading.main_thread() else None,
+    )
+    monkeypatch.setattr(generate_module, "_sample", lambda *a, **k: sample(*a, **{**k, "loading": None}))
+    in_line = generate(cfg, [PROMPT], write=False)
+    np.testing.assert_array_equal(in_line.videos[0].frames, sparse.videos[0].frames)
 
 
 def test_cache_is_validated_against_the_config(calibrated):

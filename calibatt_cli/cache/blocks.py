@@ -217,6 +217,19 @@ def check_blocks(folder: Path, manifest: dict, backend: str, recompile: str) -> 
         )
 
 
+def import_compiler(backend: str) -> None:
+    """Import what wrapping the blocks in torch.compile imports (its backend's debug wrappers, AOT autograd,
+    inductor's code cache: hundreds of modules, tenths of a second), here, so that generate can do it while the
+    weights load. Wrapping a function compiles nothing until it is called, and this one never is."""
+    import torch
+
+    torch.compile(_never_called, backend=backend, fullgraph=True)
+
+
+def _never_called(x):
+    return x
+
+
 @contextlib.contextmanager
 def serve_blocks(folder: Path) -> Iterator[Path]:
     """For this block, inductor reads a private copy of a cache's compiled blocks (the cache is never written
