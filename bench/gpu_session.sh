@@ -20,8 +20,9 @@ PART=${3:-A}  # A: GPU tests, the user's path, the guard's cost, the fp8 sweep; 
 # compiled-block and fp8-path tests (one call each: together they need more than a call's 600 s); C: the fp8 path's
 # tests, then the user's path and the library path on the same masks in one call, and one step of the user's
 # path profiled; D: the compiled-block and sync-free tests; F: Wan 14B's bf16 and fp8 rows (bench_e2e.py
-# --precision bf16 fp8) and the fp8 path's tests; R: generate's start by part (bench_ready.py), one process's imports
-# before and after the bytecode is compiled; P: those imports alone
+# --precision bf16 fp8) and the fp8 path's tests; R: the sync-free tests, generate's start by part
+# (bench_ready.py; a carried .base/ tree side by side); P: one process's imports before and after the bytecode is
+# compiled
 START=$(date +%s)
 LOG=$OUT/log.txt
 mkdir -p "$OUT"
@@ -46,9 +47,9 @@ imports() { # one process importing what `calibatt generate` imports before its 
 		>/dev/null 2>&1; } 2>>"$LOG"
 }
 SITE=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-if [ "$PART" = P ] || [ "$PART" = R ]; then # the imports as the image has them: P twice (is anything kept?)
+if [ "$PART" = P ]; then # the imports as the image has them, twice (is anything kept?)
 	imports
-	[ "$PART" = P ] && imports
+	imports
 fi
 # Bytecode for every installed module, as pip writes at install (the log's first lines say whether the
 # interpreter was told not to write any).
@@ -94,7 +95,7 @@ elif [ "$PART" = P ]; then
 	imports
 	imports
 elif [ "$PART" = R ]; then
-	imports # with the bytecode
+	step 90 "gpu tests: the launch records compile stores" $T tests/test_sync_gpu.py
 	# a carried .base/ (calibatt_cli and kernels of another commit) is timed side by side with this tree
 	TREES=(.)
 	[ -d .base/calibatt_cli ] && TREES=(.base .) && python3 -m compileall -q -j 0 .base >/dev/null 2>&1

@@ -172,11 +172,14 @@ def generate(
             counter = stack.enter_context(aot.CompileCounter(strict=g.strict))
             parts["cache"] = time.perf_counter() - t_start - parts["identity"]
             # The weights load on a thread while this one loads our kernels, serves the compiled blocks and
-            # imports the compiler: the load's file reads and host-to-GPU copies can run without the GIL. Started after
-            # the cache is validated (a stale cache fails before any weights load); an error on either side
-            # waits for the load to end (the pool's exit) before it propagates.
-            pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="calibatt-load"))
+            # imports the compiler (the load's file reads and host-to-GPU copies run without the GIL), and
+            # Triton's key of its installation is hashed on another. Started after the cache is validated (a
+            # stale cache fails before any weights load); an error on either side waits for the load to end
+            # (the pool's exit) before it propagates.
+            pool = stack.enter_context(ThreadPoolExecutor(2, thread_name_prefix="calibatt-load"))
             loading = pool.submit(_timed, load_model, cfg)
+            if torch.device(cfg.model.device).type == "cuda":
+                pool.submit(aot.warm_triton_key)
             t_prewarm = time.perf_counter()
             prewarm(
                 plan,

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from calibatt_cli import generate as generate_module
 from calibatt_cli.bundle import load_bundle, save_bundle
 from calibatt_cli.cache.build import compile_cache
 from calibatt_cli.cache.load import load_cache
 from calibatt_cli.calibrate import calibrate, step_buckets
 from calibatt_cli.config import load_config
-from calibatt_cli import generate as generate_module
 from calibatt_cli.errors import CacheError, ConfigError, ModelError
 from calibatt_cli.generate import generate
 from calibatt_cli.models import model_identity

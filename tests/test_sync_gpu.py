@@ -9,7 +9,8 @@ import calibatt_kernels as ck
 from calibatt_cli.cache import aot, tune
 from calibatt_cli.cache.load import prewarm
 from calibatt_cli.models.wan import CalibattWanAttnProcessor
-from calibatt_cli.runtime import AttentionController, SparsePlan
+from calibatt_cli.runtime import AttentionController, SparsePlan, plan_index, plan_tensors, record_tensors
+from calibatt_kernels import attn_gluon
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -63,6 +64,39 @@ def test_sparse_step_never_waits_for_the_gpu():
     if configs[(0, 0)].backend == "gluon":
         assert calls == {"attention:gluon_persistent": 4}, calls
         assert all(plan.index[key].derived for key in index), "the persistent kernel's records were not made"
+
+
+def test_records_stored_with_the_plan_are_what_the_calls_derive_and_spare_the_derivation():
+    """The launch records compile stores with the plan (record_tensors, read back by plan_index) equal what
+    a call derives from the index, prewarm with them derives nothing, and the step's output is bitwise the
+    one of a plan that derives its own."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    masks = _uniform_masks(2, 2, 12, 4)
+    tensors, groups = plan_tensors(masks)
+    keys = [(g["bucket"], g["layer"]) for g in groups]
+    configs = {key: ck.dispatch.default_config(dev, (BLOCK, BLOCK), HEAD_DIM) for key in keys}
+    if configs[keys[0]].backend != "gluon":
+        pytest.skip("records are the Gluon kernel's; this GPU runs another backend")
+    stored = record_tensors(plan_index(tensors, keys), configs, dev)
+    assert any(name.endswith(".split_rows") for name in stored), "no last wave split: the test shows too little"
+    density = masks.float().mean(dim=(-1, -2))
+    brought = SparsePlan(BLOCK, [0, 1], plan_index({**tensors, **stored}, keys), density, configs).to(dev)
+    derived = SparsePlan(BLOCK, [0, 1], plan_index(tensors, keys), density, configs).to(dev)
+    for key in keys:
+        records, splits = attn_gluon.derive_records(derived.index[key], dev, True)
+        assert torch.equal(brought.index[key].records, records), key
+        split_rows = brought.index[key].split_rows
+        assert (split_rows is None) == (splits is None), key
+        assert splits is None or torch.equal(split_rows, splits[0]), key
+    prewarm(brought, heads=HEADS, head_dim=HEAD_DIM, dtype=torch.bfloat16, device=dev)
+    assert not any(brought.index[key].derived for key in keys), "prewarm derived records the plan brought"
+    q, k, v = torch.randn(3, 1, HEADS, 12 * BLOCK, HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    for key in keys:
+        outs = [
+            ck.block_sparse_attention_indexed(q, k, v, p.index[key], block_size=(BLOCK, BLOCK), config=configs[key])
+            for p in (brought, derived)
+        ]
+        assert torch.equal(*outs), key
 
 
 def test_cost_model_keeps_sparse_at_half_density_and_below(tmp_path):

@@ -104,6 +104,18 @@ def forget_compiled(fn) -> None:
         caches.clear()
 
 
+def warm_triton_key() -> None:
+    """Make Triton's key of its own installation (a hash over its sources and libraries, ~0.5 s, once per
+    process, kept by Triton) now: every kernel's first launch, from the cache or not, needs it. generate runs
+    this on a thread while the weights load (the hashing mostly runs without the GIL). A Triton without it
+    where it is looked for: nothing to do."""
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:
+        return
+    triton_key()
+
+
 # The kernels a calibatt cache holds, named apart from other Triton kernels (torch.compile's inductor kernels
 # in compiled blocks, which the cache holds too) in CompileCounter's counts.
 OUR_KERNELS = dispatch.kernel_names()

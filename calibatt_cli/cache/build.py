@@ -3,7 +3,8 @@
 Layout of a cache directory:
     manifest.json       bundle hash, model, grid, steps, card, versions (calibatt, torch, Triton, the kernels'
                         source hash), per-group figures and the kernel config chosen per (bucket, layer)
-    plan.safetensors    per (bucket, layer): key-block counts, row offsets, indices and an LPT schedule
+    plan.safetensors    per (bucket, layer): key-block counts, row offsets, indices and an LPT schedule, and on
+                        a GPU the launch records the chosen kernel derives from them (runtime/plan.py)
     triton/             Triton's cache holding every kernel variant generate launches (GPU only)
     blocks/             the compiled transformer blocks (generate.compile on; see blocks.py)
 On a GPU, compile measures the candidate kernel configs (`block_sparse.candidate_configs`, tune.py) per mask group
@@ -36,7 +37,7 @@ from ..bundle import check_bundle_matches, load_bundle
 from ..config import Config, cache_paths, compile_blocks
 from ..errors import CacheError
 from ..models import check_device, model_identity
-from ..runtime import plan_index, plan_tensors
+from ..runtime import plan_index, plan_tensors, record_tensors
 from ..util import sha256_hex
 from . import aot, blocks
 from .load import CACHE_SCHEMA, cache_lock, device_info, lock_file, read_plan, software_versions, warm_qk_norm_rope
@@ -212,6 +213,14 @@ def compile_cache(
             # the masks' index as stored (compressed rows: it follows the kept blocks); on the device each
             # layer's buckets are padded to its longest, a little more
             manifest["index_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
+            if tuned and cfg.compile.precision != "fp8":  # (the fp8 kernel reads the index itself)
+                keys = [(g["bucket"], g["layer"]) for g in groups]
+                configs = {
+                    k: ck.KernelConfig.from_manifest(g["config"])
+                    for k, g in zip(keys, groups, strict=True)
+                    if g.get("config")
+                }
+                tensors.update(record_tensors(plan_index(tensors, keys), configs, device))
             save_plan(build, tensors, manifest)
             _step("planned")
             manifest["blocks"] = None

@@ -9,7 +9,7 @@ from .controllers import (
     RecordController,
     SparseController,
 )
-from .plan import SparsePlan, plan_index, plan_tensors
+from .plan import SparsePlan, plan_index, plan_tensors, record_tensors
 from .processor import SparseLayer
 
 __all__ = [
@@ -23,4 +23,5 @@ __all__ = [
     "SparsePlan",
     "plan_index",
     "plan_tensors",
+    "record_tensors",
 ]

@@ -29,13 +29,8 @@ class SparsePlan:
     dense: frozenset[tuple[int, int]] = frozenset()
 
     def to(self, device: torch.device) -> SparsePlan:
-        """The plan on `device`."""
-        index = {
-            key: ck.BlockIndex(
-                ix.counts.to(device), ix.offsets.to(device), ix.indices.to(device), _to(ix.schedule, device)
-            )
-            for key, ix in self.index.items()
-        }
+        """The plan on `device` (with the launch records its indices bring)."""
+        index = {key: _index_to(ix, device) for key, ix in self.index.items()}
         return SparsePlan(
             self.block_size, self.step_buckets, index, self.density, self.configs, self.epsilon, self.dense
         )
@@ -80,6 +75,35 @@ def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if t is None else t.to(device)
 
 
+def _index_to(ix: ck.BlockIndex, device: torch.device) -> ck.BlockIndex:
+    return ck.BlockIndex(
+        ix.counts.to(device),
+        ix.offsets.to(device),
+        ix.indices.to(device),
+        _to(ix.schedule, device),
+        records=_to(ix.records, device),
+        split_rows=_to(ix.split_rows, device),
+    )
+
+
+def record_tensors(
+    index: dict[tuple[int, int], ck.BlockIndex], configs: dict[tuple[int, int], KernelConfig], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The launch records (BlockIndex.records, split_rows: `dispatch.launch_records`) of each (bucket, layer)
+    of `index`, made on `device` for its `configs`, as plan tensors on the CPU. compile stores them with the
+    plan, so that generate brings them along instead of deriving them (small ops and a wait for the GPU per
+    layer and bucket before the first step). Kernels that derive nothing from the index (every one on the CPU)
+    give none."""
+    out = {}
+    for (b, layer), ix in index.items():
+        records, split_rows = ck.dispatch.launch_records(_index_to(ix, device), configs.get((b, layer)))
+        if records is not None:
+            out[f"b{b}.l{layer}.records"] = records.cpu()
+            if split_rows is not None:
+                out[f"b{b}.l{layer}.split_rows"] = split_rows.cpu()
+    return out
+
+
 def plan_tensors(masks: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """bool [buckets, layers, heads, Mq, Mk] -> the plan's tensors and one record per (bucket, layer)."""
     tensors, groups = {}, []
@@ -104,12 +128,15 @@ def plan_tensors(masks: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[dic
 
 
 def plan_index(tensors: dict[str, torch.Tensor], keys: list[tuple[int, int]]) -> dict[tuple[int, int], ck.BlockIndex]:
+    """The plan's BlockIndex per (bucket, layer), with the launch records compile stored (`record_tensors`)."""
     return {
         (b, layer): ck.BlockIndex(
             tensors[f"b{b}.l{layer}.counts"].unsqueeze(0),
             tensors[f"b{b}.l{layer}.offsets"].unsqueeze(0),
             tensors[f"b{b}.l{layer}.indices"],
             tensors[f"b{b}.l{layer}.schedule"],
+            records=tensors.get(f"b{b}.l{layer}.records"),
+            split_rows=tensors.get(f"b{b}.l{layer}.split_rows"),
         )
         for b, layer in keys
     }
