@@ -60,11 +60,11 @@ class GenerateResult:
     compiled_blocks: dict = field(default_factory=dict)
     cache_lock: str | None = None  # how the cache was held: shared, or none (read-only location); None: dense
     ready_seconds: float | None = None  # from the generate call to the first denoising step's first forward
-    # where ready_seconds went: identity (config checks, the model's identity, which imports its family's
-    # code), cache (open, lock, plan), prewarm (our kernels loaded), blocks (compiled blocks served from the
-    # cache), compiler (torch.compile's imports), model (weights loaded; in a sparse run on a thread from the end
-    # of `cache`, and this part is what was left to wait for), install (controller, processors, the layers'
-    # launch records), compile_wrap (torch.compile's wrapper), rest (prompt encoding, pipeline set-up)
+    # where ready_seconds went, in order: identity (config checks, the model's identity, which imports its
+    # family's code), cache (open, lock, plan), blocks (compiled blocks served from the cache), compiler
+    # (torch.compile's imports), prewarm (our kernels loaded), model (weights loaded; in a sparse run on a thread
+    # from the end of `cache`, and this part is what was left to wait for), install (controller, processors,
+    # the layers' launch records), compile_wrap (torch.compile's wrapper), rest (prompt encoding, set-up)
     ready_parts: dict = field(default_factory=dict)
     layout: str = "1 process"  # how the run was spread over processes (parallel.Layout.describe)
     guard: dict | None = None  # the live check of the masks (Guard.report, or why it did not run); None: dense
@@ -171,15 +171,23 @@ def generate(
             stack.enter_context(aot.kernel_cache(cache.folder / "triton"))
             counter = stack.enter_context(aot.CompileCounter(strict=g.strict))
             parts["cache"] = time.perf_counter() - t_start - parts["identity"]
-            # The weights load on a thread while this one loads our kernels, serves the compiled blocks and
-            # imports the compiler (the load's file reads and host-to-GPU copies run without the GIL), and
-            # Triton's key of its installation is hashed on another. Started after the cache is validated (a
-            # stale cache fails before any weights load); an error on either side waits for the load to end
-            # (the pool's exit) before it propagates.
+            # The weights load on a thread while this one serves the compiled blocks, imports the compiler and
+            # loads our kernels (the load's file reads and host-to-GPU copies run without the GIL), and
+            # Triton's key of its installation is hashed on another, ahead of the first kernel launch. Started
+            # after the cache is validated (a stale cache fails before any weights load); an error on either
+            # side waits for the load to end (the pool's exit) before it propagates.
             pool = stack.enter_context(ThreadPoolExecutor(2, thread_name_prefix="calibatt-load"))
             loading = pool.submit(_timed, load_model, cfg)
             if torch.device(cfg.model.device).type == "cuda":
                 pool.submit(aot.warm_triton_key)
+        t_blocks = time.perf_counter()
+        compiled, inductor = _compiled_blocks(cfg, cache, stack)
+        parts["blocks"] = time.perf_counter() - t_blocks
+        if loading is not None and compiled["enabled"]:
+            t_compiler = time.perf_counter()
+            blocks.import_compiler(cfg.generate.compile_backend)
+            parts["compiler"] = time.perf_counter() - t_compiler
+        if plan is not None:
             t_prewarm = time.perf_counter()
             prewarm(
                 plan,
@@ -193,13 +201,6 @@ def generate(
             )
             parts["prewarm"] = time.perf_counter() - t_prewarm
         ck.reset_what_ran()  # (prewarm's launches are not the run's)
-        t_blocks = time.perf_counter()
-        compiled, inductor = _compiled_blocks(cfg, cache, stack)
-        parts["blocks"] = time.perf_counter() - t_blocks
-        if loading is not None and compiled["enabled"]:
-            t_compiler = time.perf_counter()
-            blocks.import_compiler(cfg.generate.compile_backend)
-            parts["compiler"] = time.perf_counter() - t_compiler
         try:
             res = _sample(
                 cfg,
