@@ -13,7 +13,8 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "bench
 
 # A results file as the benchmarks name them; an abbreviated "…-tag.json" is not a name (its line names the file).
 RESULT_NAME = re.compile(
-    r"(?<![\w…-])((?:kernel|e2e|cli-wan|eval-report|eval|guard|parallel|train|judge|fp8|profile|ready|demo)-[\w.-]*?\.(?:json|log))"
+    r"(?<![\w…-])((?:kernel|e2e|cli-wan|eval-report|eval|guard|parallel|train|judge|fp8|profile|ready|demo|gpu-session)"
+    r"-[\w.-]*?\.(?:json|log))"
 )
 GPU_FIGURE = re.compile(r"TFLOP/s|\d ms\b|x stock|stock eager|peak GPU memory")
 
@@ -100,10 +101,17 @@ def test_every_readme_gpu_figure_cites_a_results_file():
 
 @pytest.mark.parametrize("block", [b for b in blocks((ROOT / "README.md").read_text()) if RESULT_NAME.search(b)])
 def test_readme_numbers_are_the_cited_files(block):
-    files = [p for p in _cited(block) if p.suffix == ".json" and p.is_file()]
-    values = [v for p in files for v in _values(json.loads(p.read_text()))]
+    files = [p for p in _cited(block) if p.is_file()]
+    values = [v for p in files for v in _file_values(p)]
     wrong = [n for n in measured_numbers(block) if not held_by(n, values)]
     assert not wrong, f"{wrong} not in {[p.name for p in files]}: {block[:120]!r}"
+
+
+def _file_values(path: Path) -> list[float]:
+    """A results file's numbers: a JSON file's values, a device call's log's numbers as printed."""
+    if path.suffix == ".json":
+        return _values(json.loads(path.read_text()))
+    return [float(m) for m in re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])", path.read_text())]
 
 
 def test_the_checker_catches_a_drifted_number():
