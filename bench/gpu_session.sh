@@ -95,13 +95,13 @@ elif [ "$PART" = P ]; then
 	imports
 	imports
 elif [ "$PART" = R ]; then
-	step 60 "gpu tests: the launch records compile stores, no sync in a step" $T tests/test_sync_gpu.py -k "records or never_waits"
+	step 45 "gpu tests: the launch records compile stores, no sync in a step" $T tests/test_sync_gpu.py -k "records or never_waits"
 	# a carried .base/ (calibatt_cli and kernels of another commit) is timed side by side with this tree
 	TREES=(.)
 	[ -d .base/calibatt_cli ] && TREES=(.base .) && python3 -m compileall -q -j 0 .base >/dev/null 2>&1
 	step 560 "bench_ready: generate's start and the process around it, Wan 1.3B 480p x 81" python3 bench/bench_ready.py \
 		--workdir /tmp/wready --device cuda --head-dim 128 --ffn-dim 8960 --height 480 --width 832 --frames 81 \
-		--steps 6 --runs 2 --dense --profile "${PROFILE:-50}" --trees "${TREES[@]}"
+		--steps 6 --runs "${RUNS:-2}" --dense --profile "${PROFILE:-50}" --trees "${TREES[@]}"
 elif [ "$PART" = D ]; then
 	step 200 "gpu tests: compiled blocks" $T tests/test_compile_gpu.py
 	step 100 "gpu tests: no sync" $T tests/test_sync_gpu.py
