@@ -404,7 +404,7 @@ def _sample(
 def load_on_thread(device: str) -> bool:
     """Whether a sparse run loads the weights on a thread: on a GPU, where there is our kernels' prewarm and the
     compiled blocks to overlap. On the CPU there is nothing to overlap, and the tiny model's denoising steps
-    were measured 13 % slower after a load on another thread (OpenMP's per-thread pools among the suspects)."""
+    ran 11-15 % slower after a load on another thread (cause not pinned down; with one OpenMP thread 3 %)."""
     return torch.device(device).type == "cuda"
 
 
