@@ -21,8 +21,8 @@ PART=${3:-A}  # A: GPU tests, the user's path, the guard's cost, the fp8 sweep; 
 # tests, then the user's path and the library path on the same masks in one call, and one step of the user's
 # path profiled; D: the compiled-block and sync-free tests; F: Wan 14B's bf16 and fp8 rows (bench_e2e.py
 # --precision bf16 fp8) and the fp8 path's tests; R: the sync-free tests, generate's start by part
-# (bench_ready.py; a carried .base/ tree side by side); P: one process's imports before and after the bytecode is
-# compiled
+# (bench_ready.py; a carried .base/ tree side by side; RUNS=n alternating runs, 2 by default; PROFILE=0 skips the
+# profiled runs); P: one process's imports before and after the bytecode is compiled
 START=$(date +%s)
 LOG=$OUT/log.txt
 mkdir -p "$OUT"
@@ -95,7 +95,7 @@ elif [ "$PART" = P ]; then
 	imports
 	imports
 elif [ "$PART" = R ]; then
-	step 45 "gpu tests: the launch records compile stores, no sync in a step" $T tests/test_sync_gpu.py -k "records or never_waits"
+	step 90 "gpu tests: the launch records compile stores, no sync in a step" $T tests/test_sync_gpu.py -k "records or never_waits"
 	# a carried .base/ (calibatt_cli and kernels of another commit) is timed side by side with this tree
 	TREES=(.)
 	[ -d .base/calibatt_cli ] && TREES=(.base .) && python3 -m compileall -q -j 0 .base >/dev/null 2>&1
