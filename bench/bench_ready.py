@@ -240,10 +240,9 @@ def main() -> None:
     }
     where = machine.split(",")[0].lower().replace(" ", "-") if args.device == "cuda" else args.device  # the card
     out = Path(args.json) if args.json else ROOT / "bench" / "results" / f"ready-{where}-{res['date']}.json"
-    for n in range(2, 100):  # another run of the day gets its own file, never the earlier one's
-        if args.json or not out.exists():
-            break
-        out = out.with_name(f"ready-{where}-{res['date']}-{n}.json")
+    n = 2
+    while not args.json and out.exists():  # another run of the day gets its own file, never the earlier one's
+        out, n = out.with_name(f"ready-{where}-{res['date']}-{n}.json"), n + 1
     out.write_text(json.dumps(res, indent=1))
     for name, m in medians.items():
         print(f"{name:24s} " + " ".join(f"{k}={v}" for k, v in m.items()))

@@ -171,11 +171,11 @@ def generate(
             stack.enter_context(aot.kernel_cache(cache.folder / "triton"))
             counter = stack.enter_context(aot.CompileCounter(strict=g.strict))
             parts["cache"] = time.perf_counter() - t_start - parts["identity"]
-            # On a GPU the weights load on a thread while this one serves the compiled blocks, imports the compiler and
-            # loads our kernels (the load's file reads and host-to-GPU copies run without the GIL), and
-            # Triton's key of its installation is hashed on another, ahead of the first kernel launch. Started
-            # after the cache is validated (a stale cache fails before any weights load); an error on either
-            # side waits for the load to end (the pool's exit) before it propagates.
+            # On a GPU the weights load on a thread while this one serves the compiled blocks, imports the
+            # compiler and loads our kernels (the load's file reads and host-to-GPU copies run without the GIL),
+            # and Triton's key of its installation is hashed on another, ahead of the first kernel launch.
+            # Started after the cache is validated (a stale cache fails before any weights load); an error on
+            # either side waits for the load to end (the pool's exit) before it propagates.
             if load_on_thread(cfg.model.device):
                 pool = stack.enter_context(ThreadPoolExecutor(2, thread_name_prefix="calibatt-load"))
                 loading = pool.submit(_timed, load_model, cfg)
@@ -357,12 +357,13 @@ def _sample(
     if compiled:
         # Both the baseline (--dense) and calibatt get the same torch.compile, so they stay comparable.
         model.torch_compile_blocks(g.compile_backend)
+    t_wrapped = time.perf_counter()
     # the load's own seconds (on a thread, most of them overlapped what came before), then install and wrap
-    load_seconds = model_seconds + time.perf_counter() - t_loaded
+    load_seconds = model_seconds + t_wrapped - t_loaded
     load_parts = {
         "model": t_loaded - t0,  # waited for here
         "install": t_installed - t_loaded,
-        "compile_wrap": time.perf_counter() - t_installed,
+        "compile_wrap": t_wrapped - t_installed,
     }
 
     videos = []

@@ -37,7 +37,7 @@ from ..bundle import check_bundle_matches, load_bundle
 from ..config import Config, cache_paths, compile_blocks
 from ..errors import CacheError
 from ..models import check_device, model_identity
-from ..runtime import plan_index, plan_tensors, record_tensors
+from ..runtime import group_configs, plan_index, plan_tensors, record_tensors
 from ..util import sha256_hex
 from . import aot, blocks
 from .load import CACHE_SCHEMA, cache_lock, device_info, lock_file, read_plan, software_versions, warm_qk_norm_rope
@@ -167,10 +167,10 @@ def compile_cache(
             old = json.loads((cache_dir / "manifest.json").read_text())
             return CompileResult(cache_dir, old, time.perf_counter() - t0, True)
         tensors, groups = plan_tensors(bundle.masks)
+        keys = [(g["bucket"], g["layer"]) for g in groups]
         build = new_build(cache_dir)
         try:
             if tuned:
-                keys = [(g["bucket"], g["layer"]) for g in groups]
                 with aot.kernel_cache(build / "triton"):
                     res = tune_kernels(
                         plan_index(tensors, keys),
@@ -196,7 +196,6 @@ def compile_cache(
                     g.update(res.groups[(g["bucket"], g["layer"])])
                 manifest["kernels"].update(res.info)
             elif device.type == "cpu" and cfg.compile.cost_model:
-                keys = [(g["bucket"], g["layer"]) for g in groups]
                 costs = cpu_costs(
                     plan_index(tensors, keys),
                     heads=ident.heads,
@@ -214,13 +213,7 @@ def compile_cache(
             # layer's buckets are padded to its longest, a little more
             manifest["index_bytes"] = sum(t.numel() * t.element_size() for t in tensors.values())
             if tuned and cfg.compile.precision != "fp8":  # (the fp8 kernel reads the index itself)
-                keys = [(g["bucket"], g["layer"]) for g in groups]
-                configs = {
-                    k: ck.KernelConfig.from_manifest(g["config"])
-                    for k, g in zip(keys, groups, strict=True)
-                    if g.get("config")
-                }
-                tensors.update(record_tensors(plan_index(tensors, keys), configs, device))
+                tensors.update(record_tensors(plan_index(tensors, keys), group_configs(groups), device))
             save_plan(build, tensors, manifest)
             _step("planned")
             manifest["blocks"] = None

@@ -23,13 +23,12 @@ import torch
 from safetensors import safe_open
 
 import calibatt_kernels as ck
-from calibatt_kernels import KernelConfig
 
 from .. import __version__, records
 from ..bundle import META_KEY, META_SPEC, check_header_length, check_identity
 from ..config import Config, cache_paths
 from ..errors import CacheError
-from ..runtime import SparsePlan, plan_index
+from ..runtime import SparsePlan, group_configs, plan_index
 from ..util import sha256_hex
 
 CACHE_SCHEMA = 4  # 4: the cache folder is a link to a versioned build; card and kernel-source identity
@@ -198,11 +197,7 @@ def read_plan(cache_dir: Path, manifest: dict) -> SparsePlan:
         with safe_open(str(path), framework="pt") as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
         index = plan_index(tensors, keys)
-        configs = {
-            (g["bucket"], g["layer"]): KernelConfig.from_manifest(g["config"])
-            for g in manifest["groups"]
-            if g.get("config")
-        }
+        configs = group_configs(manifest["groups"])
     except CacheError:
         raise
     except Exception as e:  # safetensors raises several types for truncated or garbled files

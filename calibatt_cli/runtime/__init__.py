@@ -9,7 +9,7 @@ from .controllers import (
     RecordController,
     SparseController,
 )
-from .plan import SparsePlan, plan_index, plan_tensors, record_tensors
+from .plan import SparsePlan, group_configs, plan_index, plan_tensors, record_tensors
 from .processor import SparseLayer
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "SparseController",
     "SparseLayer",
     "SparsePlan",
+    "group_configs",
     "plan_index",
     "plan_tensors",
     "record_tensors",

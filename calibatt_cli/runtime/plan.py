@@ -86,6 +86,12 @@ def _index_to(ix: ck.BlockIndex, device: torch.device) -> ck.BlockIndex:
     )
 
 
+def group_configs(groups: list[dict]) -> dict[tuple[int, int], KernelConfig]:
+    """The kernel config compile chose per (bucket, layer), from a manifest's groups (those without one run the
+    default)."""
+    return {(g["bucket"], g["layer"]): KernelConfig.from_manifest(g["config"]) for g in groups if g.get("config")}
+
+
 def record_tensors(
     index: dict[tuple[int, int], ck.BlockIndex], configs: dict[tuple[int, int], KernelConfig], device: torch.device
 ) -> dict[str, torch.Tensor]:
