@@ -41,9 +41,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a red car driving along a coastal road at sunset"
 
 
-def write_weights(folder: Path, device: str, **transformer) -> None:
-    """A random-weight Wan 2.1 1.3B pipeline folder in diffusers' layout (a one-layer text encoder), the
-    transformer's config overridden by `transformer` (bench_ready.py narrows it)."""
+def write_weights(folder: Path, device: str, text_encoder: str = "one-layer", **transformer) -> None:
+    """A random-weight Wan 2.1 1.3B pipeline folder in diffusers' layout, the transformer's config overridden by
+    `transformer` (bench_ready.py narrows it). `text_encoder`: "one-layer" (a UMT5 of the real width, one layer:
+    the steps' inputs have their real shape, the folder stays small) or "full" (the real UMT5-XXL encoder's
+    shape, 24 layers and 5.7 B parameters, 11.4 GB in bf16: what a user's pipeline loads)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -54,23 +56,26 @@ def write_weights(folder: Path, device: str, **transformer) -> None:
     tok = build_tokenizer()
     tcfg = json.loads((SHIPPED / "transformer_1.3b.json").read_text())
     tcfg.update(transformer)
+    if text_encoder == "full":
+        te_cfg = UMT5Config.from_pretrained(str(SHIPPED / "text_encoder"))
+        te_cfg.dropout_rate = 0.0
+    else:
+        te_cfg = UMT5Config(
+            vocab_size=len(tok),
+            d_model=4096,
+            d_kv=64,
+            d_ff=256,
+            num_layers=1,
+            num_heads=2,
+            feed_forward_proj="gated-gelu",
+            dense_act_fn="gelu_new",
+            is_gated_act=True,
+            dropout_rate=0.0,
+        )
     with torch.device(device):
         tr = WanTransformer3DModel.from_config(tcfg).to(torch.bfloat16)
         vae = AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(str(SHIPPED), subfolder="vae"))
-        te = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=len(tok),
-                d_model=4096,
-                d_kv=64,
-                d_ff=256,
-                num_layers=1,
-                num_heads=2,
-                feed_forward_proj="gated-gelu",
-                dense_act_fn="gelu_new",
-                is_gated_act=True,
-                dropout_rate=0.0,
-            )
-        ).to(torch.bfloat16)
+        te = UMT5EncoderModel(te_cfg).to(torch.bfloat16)
     sched = UniPCMultistepScheduler.from_pretrained(str(SHIPPED), subfolder="scheduler")
     WanPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=sched, transformer=tr).save_pretrained(
         str(folder), safe_serialization=True
