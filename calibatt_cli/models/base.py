@@ -8,7 +8,11 @@ else imports model internals.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -98,6 +102,53 @@ def scheduler_class(folder) -> str:
         return str(json.loads(path.read_text())["_class_name"])
     except (OSError, ValueError, KeyError, TypeError):
         raise ModelError(f"'{path}' is missing or unreadable; check model.path") from None
+
+
+def place_pipeline(pipe, device: str | torch.device, workers: int = 8) -> None:
+    """pipe.to(device) for a pipeline without offloading: its modules' tensors copied by `workers` threads.
+
+    A checkpoint's tensors are views of its memory-mapped file, so a copy to the GPU first faults the file's
+    pages in, then stages them through the driver's pinned memory: host work that one thread does at a few
+    GB/s while the copy engines idle. The copies run with the GIL released, so several threads, each on its own
+    CUDA stream, overlap it. Each tensor is put in place by the modules' own _apply, as .to does (a parameter
+    tied to another stays tied); a buffer shared by two modules stays one tensor, where .to copies it twice."""
+    to_device([m for m in pipe.components.values() if isinstance(m, torch.nn.Module)], torch.device(device), workers)
+
+
+def to_device(modules: list[torch.nn.Module], device: torch.device, workers: int = 8) -> None:
+    """Move every parameter and buffer of `modules` to `device`, copied by `workers` threads (see
+    place_pipeline); each distinct tensor is copied once. The copies are allocated here, on this thread's
+    stream, and made on the workers' streams, each waited for before its worker returns."""
+    cuda = device.type == "cuda"
+    if cuda and device.index is None:  # the tensors say cuda:N
+        device = torch.device("cuda", torch.cuda.current_device())
+    moving: dict[int, torch.Tensor] = {}
+    for m in modules:
+        for t in itertools.chain(m.parameters(), m.buffers()):
+            if t.device != device:
+                moving.setdefault(id(t), t)
+    if not moving:
+        return
+    copies = {k: torch.empty_like(t, device=device) for k, t in moving.items()}
+    if cuda:  # the allocations are this stream's: the workers' copies start after them
+        ready = torch.cuda.current_stream(device).record_event()
+    local = threading.local()
+
+    def copy(k: int) -> None:
+        if cuda and not hasattr(local, "stream"):
+            local.stream = torch.cuda.Stream(device)
+            local.stream.wait_event(ready)
+        with torch.cuda.stream(local.stream) if cuda else contextlib.nullcontext():
+            copies[k].copy_(moving[k])
+            if cuda:
+                local.stream.synchronize()
+
+    # the largest first, so that no thread is left with a large one at the end
+    order = sorted(moving, key=lambda k: -moving[k].nbytes)
+    with ThreadPoolExecutor(max(1, min(workers, len(order))), thread_name_prefix="calibatt-to") as pool:
+        list(pool.map(copy, order))
+    for m in modules:
+        m._apply(lambda t: copies.get(id(t), t))
 
 
 def restore_modules(swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]]) -> None:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
 from ..config import Config
-from .base import LoadedModel, ModelIdentity, carry_parallel_config, refuse_context_parallel
+from .base import LoadedModel, ModelIdentity, carry_parallel_config, place_pipeline, refuse_context_parallel
 from .identity import MOCHI_TINY_TRANSFORMER, mochi_path
 from .identity import mochi as identity
 
@@ -162,7 +162,7 @@ def build_tiny_pipeline(seed: int):
 
 def _finish(pipe, cfg: Config, ident: ModelIdentity) -> MochiModel:
     dtype = getattr(torch, cfg.model.dtype)
-    pipe.to(device=cfg.model.device)
+    place_pipeline(pipe, cfg.model.device)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)

@@ -15,7 +15,7 @@ import torch
 from ..config import Config
 from ..tiny.model import LATENT, MAX_TEXT_TOKENS, TRANSFORMER, WEIGHTS, build_tiny_pipeline, load_trained
 from ..tiny.model import weights_sha256 as check_weights
-from .base import ModelIdentity
+from .base import ModelIdentity, place_pipeline
 from .fingerprint import file_fingerprint
 from .identity import wan_identity
 
@@ -43,7 +43,7 @@ def load(cfg: Config, name: str) -> WanModel:
         load_trained(pipe)
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=cfg.generate.flow_shift)
     dtype = getattr(torch, cfg.model.dtype)
-    pipe.to(device=cfg.model.device)
+    place_pipeline(pipe, cfg.model.device)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)

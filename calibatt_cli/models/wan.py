@@ -15,7 +15,7 @@ from calibatt_kernels import ops as ck_ops
 
 from ..config import Config
 from ..errors import ModelError
-from .base import LoadedModel, carry_parallel_config
+from .base import LoadedModel, carry_parallel_config, place_pipeline
 from .identity import wan as identity
 from .identity import wan_no_weights
 from .parallel import context_parallel_attention
@@ -191,6 +191,6 @@ def load(cfg: Config, name: str) -> WanModel:
     sched = pipe.scheduler
     key = "flow_shift" if "flow_shift" in sched.config else "shift"
     pipe.scheduler = type(sched).from_config(sched.config, **{key: cfg.generate.flow_shift})
-    pipe.to(cfg.model.device)
+    place_pipeline(pipe, cfg.model.device)
     pipe.set_progress_bar_config(disable=True)
     return WanModel(ident, pipe)
