@@ -15,9 +15,10 @@ checks and plan, the processors' install, the pipeline's set-up).
 2. Runs `calibatt generate --strict --json` (and with --dense the stock pipeline eager through calibatt's
    loader, and the stock load as diffusers documents it, `from_pretrained` then `.to(device)`, in a process of
    its own: the issue's "stock load") with each tree in turn, alternating, --runs times each, and reports the
-   median of every part. The trees share the cache: they must
-   agree on what a cache is (same kernels' sources and cache schema). Each run also records the process's
-   time outside the generate call: `before` (interpreter start, imports, the CLI's checks) and `exit`.
+   median of every part. With --load-threads N M, every variant runs with model.load_threads=N and =M. The
+   trees share the cache: they must agree on what a cache is (same kernels' sources and cache schema). Each run
+   also records the process's time outside the generate call: `before` (interpreter start, imports, the CLI's
+   checks) and `exit`.
 3. With --importtime, one more run per tree and variant under `python -X importtime`: the top-level imports'
    cumulative seconds. With --profile N, one more run per tree through the library under cProfile, from the
    generate call to the end of the first denoising step: the N functions of most cumulative time.
@@ -204,6 +205,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument(
+        "--load-threads",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="model.load_threads: with several, every variant runs with each (the trees must all know the key)",
+    )
+    ap.add_argument(
         "--text-encoder",
         choices=("one-layer", "full"),
         default="one-layer",
@@ -220,6 +228,13 @@ def main() -> None:
     # the stock pipeline eager, as bench_cli_wan.py's stock_eager row (the issue's "stock load")
     dense = ("--dense", "--set", "generate.compile=false")
     variants = [("sparse", ("--strict",))] + ([("dense", dense)] if args.dense else [])
+    if len(args.load_threads) > 1:  # each variant with each number of loading threads
+        variants = [
+            (f"{v} lt={n}", (*flags, "--set", f"model.load_threads={n}"))
+            for n in args.load_threads
+            for v, flags in variants
+        ]
+    sparse = [v for v, _ in variants if v.startswith("sparse")]
     rows: dict[str, list[dict]] = {f"{lab} {v}": [] for lab in labels for v, _ in variants}
     if args.dense:
         rows["diffusers load"] = []
@@ -283,19 +298,25 @@ def main() -> None:
         "medians": medians,
         # time to the first step of calibatt generate over the stock pipeline's load (the issue's target: <= 1.3)
         "ready_vs_stock_load": {
-            lab: round(medians[f"{lab} sparse"]["ready"] / medians[f"{lab} dense"]["load"], 3) for lab in labels
+            f"{lab} {v}": round(medians[f"{lab} {v}"]["ready"] / medians[f"{lab} dense{v[6:]}"]["load"], 3)
+            for lab in labels
+            for v in sparse
         }
         if args.dense
         else None,
         # ... over the stock pipeline's load as diffusers documents it (from_pretrained, .to), in its own process
         "ready_vs_diffusers_load": {
-            lab: round(medians[f"{lab} sparse"]["ready"] / medians["diffusers load"]["load"], 3) for lab in labels
+            f"{lab} {v}": round(medians[f"{lab} {v}"]["ready"] / medians["diffusers load"]["load"], 3)
+            for lab in labels
+            for v in sparse
         }
         if args.dense
         else None,
         # ... and over the stock pipeline's own time to its first step (its load and the set-up around it)
         "ready_vs_stock_ready": {
-            lab: round(medians[f"{lab} sparse"]["ready"] / medians[f"{lab} dense"]["ready"], 3) for lab in labels
+            f"{lab} {v}": round(medians[f"{lab} {v}"]["ready"] / medians[f"{lab} dense{v[6:]}"]["ready"], 3)
+            for lab in labels
+            for v in sparse
         }
         if args.dense
         else None,

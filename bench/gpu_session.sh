@@ -22,7 +22,8 @@ PART=${3:-A}  # A: GPU tests, the user's path, the guard's cost, the fp8 sweep; 
 # path profiled; D: the compiled-block and sync-free tests; F: Wan 14B's bf16 and fp8 rows (bench_e2e.py
 # --precision bf16 fp8) and the fp8 path's tests; R: the sync-free tests, generate's start by part
 # (bench_ready.py; a carried .base/ tree side by side; RUNS=n alternating runs, 2 by default; PROFILE=0 skips the
-# profiled runs; TEXT=full: the real UMT5-XXL encoder's shape in the pipeline); P: one process's imports before and after the bytecode is compiled
+# profiled runs; TEXT=full: the real UMT5-XXL encoder's shape in the pipeline; LT="1 8": each variant with
+# model.load_threads 1 and 8); P: one process's imports before and after the bytecode is compiled
 START=$(date +%s)
 LOG=$OUT/log.txt
 mkdir -p "$OUT"
@@ -103,7 +104,7 @@ elif [ "$PART" = R ]; then
 	step 560 "bench_ready: generate's start and the process around it, Wan 1.3B 480p x 81, $TEXT text encoder" \
 		python3 bench/bench_ready.py --workdir "/tmp/wready-$TEXT" --text-encoder "$TEXT" --device cuda --head-dim 128 \
 		--ffn-dim 8960 --height 480 --width 832 --frames 81 --steps 6 --runs "${RUNS:-2}" --dense \
-		--profile "${PROFILE:-50}" --trees "${TREES[@]}"
+		--profile "${PROFILE:-50}" --load-threads ${LT:-1} --trees "${TREES[@]}"
 elif [ "$PART" = D ]; then
 	step 200 "gpu tests: compiled blocks" $T tests/test_compile_gpu.py
 	step 100 "gpu tests: no sync" $T tests/test_sync_gpu.py

@@ -29,6 +29,10 @@ class ModelConfig:
     dtype: str = "auto"  # auto (bfloat16 on a GPU, float32 on the CPU), float32, bfloat16 or float16
     device: str = "auto"  # auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:1, ...
     seed: int = 0  # seed of the built-in random model's weights
+    # Threads that copy the loaded weights to a GPU (models/base.py place_pipeline): 1 is diffusers' own
+    # pipe.to(device). More overlap the checkpoint's page faults and the driver's staging; off by default until
+    # a GPU benchmark (bench/bench_ready.py --load-threads) has measured it.
+    load_threads: int = 1
 
 
 @dataclass
@@ -210,6 +214,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"{w}: calibration.warmup_steps ({c.warmup_steps}) must be below generate.steps "
             f"({cfg.generate.steps}), or no step would be sparse"
+        )
+    if (
+        isinstance(cfg.model.load_threads, bool)
+        or not isinstance(cfg.model.load_threads, int)
+        or cfg.model.load_threads < 1
+    ):
+        raise ConfigError(
+            f"{w}: model.load_threads must be a positive integer, got {cfg.model.load_threads!r}; 1 is the default"
         )
     if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"{w}: model.dtype must be auto, float32, bfloat16 or float16, got {cfg.model.dtype!r}")

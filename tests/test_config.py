@@ -45,6 +45,7 @@ def test_yaml_values_and_overrides(tmp_path):
         ("video:\n  frames: -3\n", "video.frames must be positive"),
         ("calibration:\n  warmup_steps: 10\ngenerate:\n  steps: 10\n", "warmup_steps (10) must be below"),
         ("model:\n  dtype: float8\n", "model.dtype must be"),
+        ("model:\n  load_threads: 0\n", "model.load_threads must be a positive integer"),
         ("- just\n- a list\n", "top level must be a mapping"),
         ("model: [unclosed\n", "not valid YAML"),
     ],

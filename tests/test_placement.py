@@ -85,10 +85,23 @@ def test_a_pipeline_moves_its_modules_and_leaves_the_rest():
     assert pipe.tokenizer is tokenizer
 
 
+def test_one_worker_is_the_pipelines_own_to():
+    class Pipe:
+        components = {"transformer": Net()}
+
+        def to(self, device):
+            self.moved_to = device
+
+    pipe = Pipe()
+    place_pipeline(pipe, "meta", workers=1)
+    assert pipe.moved_to == "meta"
+    assert {t.device.type for t in _tensors(pipe.components["transformer"]).values()} == {"cpu"}
+
+
 def test_nothing_to_move_is_a_no_op():
     net = Net()
     before = {k: v.data_ptr() for k, v in _tensors(net).items()}
-    to_device([net], torch.device("cpu"))
+    to_device([net], torch.device("cpu"), 4)
     assert {k: v.data_ptr() for k, v in _tensors(net).items()} == before
 
 

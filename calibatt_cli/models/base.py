@@ -104,18 +104,22 @@ def scheduler_class(folder) -> str:
         raise ModelError(f"'{path}' is missing or unreadable; check model.path") from None
 
 
-def place_pipeline(pipe, device: str | torch.device, workers: int = 8) -> None:
-    """pipe.to(device) for a pipeline without offloading: its modules' tensors copied by `workers` threads.
+def place_pipeline(pipe, device: str | torch.device, workers: int = 1) -> None:
+    """pipe.to(device) for a pipeline without offloading; with `workers` > 1 its modules' tensors are copied by
+    that many threads (model.load_threads).
 
     A checkpoint's tensors are views of its memory-mapped file, so a copy to the GPU first faults the file's
     pages in, then stages them through the driver's pinned memory: host work that one thread does at a few
     GB/s while the copy engines idle. The copies run with the GIL released, so several threads, each on its own
     CUDA stream, overlap it. Each tensor is put in place by the modules' own _apply, as .to does (a parameter
     tied to another stays tied); a buffer shared by two modules stays one tensor, where .to copies it twice."""
+    if workers == 1:
+        pipe.to(device)
+        return
     to_device([m for m in pipe.components.values() if isinstance(m, torch.nn.Module)], torch.device(device), workers)
 
 
-def to_device(modules: list[torch.nn.Module], device: torch.device, workers: int = 8) -> None:
+def to_device(modules: list[torch.nn.Module], device: torch.device, workers: int) -> None:
     """Move every parameter and buffer of `modules` to `device`, copied by `workers` threads (see
     place_pipeline); each distinct tensor is copied once. The copies are allocated here, on this thread's
     stream, and made on the workers' streams, each waited for before its worker returns."""

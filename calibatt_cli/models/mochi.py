@@ -162,7 +162,7 @@ def build_tiny_pipeline(seed: int):
 
 def _finish(pipe, cfg: Config, ident: ModelIdentity) -> MochiModel:
     dtype = getattr(torch, cfg.model.dtype)
-    place_pipeline(pipe, cfg.model.device)
+    place_pipeline(pipe, cfg.model.device, cfg.model.load_threads)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)

@@ -43,7 +43,7 @@ def load(cfg: Config, name: str) -> WanModel:
         load_trained(pipe)
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, shift=cfg.generate.flow_shift)
     dtype = getattr(torch, cfg.model.dtype)
-    place_pipeline(pipe, cfg.model.device)
+    place_pipeline(pipe, cfg.model.device, cfg.model.load_threads)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)

@@ -191,6 +191,6 @@ def load(cfg: Config, name: str) -> WanModel:
     sched = pipe.scheduler
     key = "flow_shift" if "flow_shift" in sched.config else "shift"
     pipe.scheduler = type(sched).from_config(sched.config, **{key: cfg.generate.flow_shift})
-    place_pipeline(pipe, cfg.model.device)
+    place_pipeline(pipe, cfg.model.device, cfg.model.load_threads)
     pipe.set_progress_bar_config(disable=True)
     return WanModel(ident, pipe)
