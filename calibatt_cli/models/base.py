@@ -108,11 +108,12 @@ def place_pipeline(pipe, device: str | torch.device, workers: int = 1) -> None:
     """pipe.to(device) for a pipeline without offloading; with `workers` > 1 its modules' tensors are copied by
     that many threads (model.load_threads).
 
-    A checkpoint's tensors are views of its memory-mapped file, so a copy to the GPU first faults the file's
-    pages in, then stages them through the driver's pinned memory: host work that one thread does at a few
-    GB/s while the copy engines idle. The copies run with the GIL released, so several threads, each on its own
-    CUDA stream, overlap it. Each tensor is put in place by the modules' own _apply, as .to does (a parameter
-    tied to another stays tied); a buffer shared by two modules stays one tensor, where .to copies it twice."""
+    Where a checkpoint's tensors are views of its memory-mapped file, a copy to the GPU first faults the file's
+    pages in, then stages them through the driver's pinned memory: host work that pipe.to does one tensor at
+    a time. The copies run with the GIL released, so several threads, each on its own CUDA stream, can overlap
+    it (whether they do, bench/bench_ready.py --load-threads measures). Each tensor is put in place by the
+    modules' own _apply, as .to does (a parameter tied to another stays tied); a buffer shared by two modules
+    stays one tensor, where .to copies it twice."""
     if workers == 1:
         pipe.to(device)
         return
