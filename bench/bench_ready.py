@@ -228,13 +228,11 @@ def main() -> None:
     # the stock pipeline eager, as bench_cli_wan.py's stock_eager row (the issue's "stock load")
     dense = ("--dense", "--set", "generate.compile=false")
     variants = [("sparse", ("--strict",))] + ([("dense", dense)] if args.dense else [])
-    if len(args.load_threads) > 1:  # each variant with each number of loading threads
-        variants = [
-            (f"{v} lt={n}", (*flags, "--set", f"model.load_threads={n}"))
-            for n in args.load_threads
-            for v, flags in variants
-        ]
-    sparse = [v for v, _ in variants if v.startswith("sparse")]
+    # each variant with each number of loading threads, named by a suffix (none with one number)
+    suffixes = {"": ()}
+    if len(args.load_threads) > 1:
+        suffixes = {f" lt={n}": ("--set", f"model.load_threads={n}") for n in args.load_threads}
+    variants = [(f"{v}{sfx}", (*flags, *extra)) for sfx, extra in suffixes.items() for v, flags in variants]
     rows: dict[str, list[dict]] = {f"{lab} {v}": [] for lab in labels for v, _ in variants}
     if args.dense:
         rows["diffusers load"] = []
@@ -266,6 +264,17 @@ def main() -> None:
         if args.profile
         else None
     )
+
+    def ratios(baseline) -> dict | None:
+        """Each tree's sparse ready (per suffix) over baseline(label, suffix); None without the stock runs."""
+        if not args.dense:
+            return None
+        return {
+            f"{lab} sparse{sfx}": round(medians[f"{lab} sparse{sfx}"]["ready"] / baseline(lab, sfx), 3)
+            for lab in labels
+            for sfx in suffixes
+        }
+
     weights = work / "weights"
     tcfg = json.loads((weights / "transformer" / "config.json").read_text())
     tecfg = json.loads((weights / "text_encoder" / "config.json").read_text())
@@ -297,29 +306,11 @@ def main() -> None:
         "order": "alternating, the first tree first on even runs",
         "medians": medians,
         # time to the first step of calibatt generate over the stock pipeline's load (the issue's target: <= 1.3)
-        "ready_vs_stock_load": {
-            f"{lab} {v}": round(medians[f"{lab} {v}"]["ready"] / medians[f"{lab} dense{v[6:]}"]["load"], 3)
-            for lab in labels
-            for v in sparse
-        }
-        if args.dense
-        else None,
+        "ready_vs_stock_load": ratios(lambda lab, sfx: medians[f"{lab} dense{sfx}"]["load"]),
         # ... over the stock pipeline's load as diffusers documents it (from_pretrained, .to), in its own process
-        "ready_vs_diffusers_load": {
-            f"{lab} {v}": round(medians[f"{lab} {v}"]["ready"] / medians["diffusers load"]["load"], 3)
-            for lab in labels
-            for v in sparse
-        }
-        if args.dense
-        else None,
+        "ready_vs_diffusers_load": ratios(lambda lab, sfx: medians["diffusers load"]["load"]),
         # ... and over the stock pipeline's own time to its first step (its load and the set-up around it)
-        "ready_vs_stock_ready": {
-            f"{lab} {v}": round(medians[f"{lab} {v}"]["ready"] / medians[f"{lab} dense{v[6:]}"]["ready"], 3)
-            for lab in labels
-            for v in sparse
-        }
-        if args.dense
-        else None,
+        "ready_vs_stock_ready": ratios(lambda lab, sfx: medians[f"{lab} dense{sfx}"]["ready"]),
         "runs_raw": rows,
         "profiles": profiles,
         "importtime_runs": imports,

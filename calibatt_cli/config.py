@@ -215,11 +215,7 @@ def validate(cfg: Config) -> None:
             f"{w}: calibration.warmup_steps ({c.warmup_steps}) must be below generate.steps "
             f"({cfg.generate.steps}), or no step would be sparse"
         )
-    if (
-        isinstance(cfg.model.load_threads, bool)
-        or not isinstance(cfg.model.load_threads, int)
-        or cfg.model.load_threads < 1
-    ):
+    if cfg.model.load_threads < 1:  # (the loader has checked it is an int)
         raise ConfigError(
             f"{w}: model.load_threads must be a positive integer, got {cfg.model.load_threads!r}; 1 is the default"
         )
