@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from calibatt_cli.models.base import place_pipeline, to_device
+from calibatt_cli.models.base import pieces, place_pipeline, to_device
 
 
 class Net(nn.Module):
@@ -98,6 +98,33 @@ def test_one_worker_is_the_pipelines_own_to():
     assert {t.device.type for t in _tensors(pipe.components["transformer"]).values()} == {"cpu"}
 
 
+@pytest.mark.parametrize(
+    "src",
+    [
+        torch.arange(1000, dtype=torch.float32),
+        torch.arange(999, dtype=torch.bfloat16).view(9, 111),
+        torch.arange(24, dtype=torch.int64).view(2, 3, 4),
+        torch.arange(77, dtype=torch.float16).view(7, 11).t(),  # not contiguous: one piece
+        torch.tensor(3.5),
+        torch.empty(0, 5),
+    ],
+)
+@pytest.mark.parametrize("piece_bytes", [1, 8, 100, 4096])
+def test_pieces_copy_the_whole_tensor_and_stay_under_the_size(src, piece_bytes):
+    """Copying every piece of src into an empty dst gives src; each piece of a contiguous tensor holds at most
+    piece_bytes (or one element, where an element is larger), and the pieces do not overlap."""
+    dst = torch.full_like(src, -1)
+    got = pieces(src, dst, piece_bytes)
+    for d, s in got:
+        d.copy_(s)
+    assert torch.equal(dst, src)
+    if src.is_contiguous():
+        assert all(s.nbytes <= max(piece_bytes, src.element_size()) for _, s in got)
+        assert sum(s.numel() for _, s in got) == src.numel()
+    else:
+        assert len(got) == 1 and got[0][1] is src
+
+
 def test_nothing_to_move_is_a_no_op():
     net = Net()
     before = {k: v.data_ptr() for k, v in _tensors(net).items()}
@@ -107,11 +134,17 @@ def test_nothing_to_move_is_a_no_op():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_moved_to_the_gpu_the_values_are_what_to_gives():
-    """Copied on the workers' streams, read on this thread's: bit-exact with .to("cuda"), ties kept."""
+@pytest.mark.parametrize("staged", [True, False])
+@pytest.mark.parametrize("piece_bytes", [4096, 1 << 20])
+def test_moved_to_the_gpu_the_values_are_what_to_gives(staged, piece_bytes):
+    """Copied on the workers' streams, read on this thread's: bit-exact with .to("cuda"), ties kept; with
+    pieces of 4 KiB each thread's two pinned buffers are reused many times, and the large table's pieces
+    land in place."""
     nets = [Net() for _ in range(3)]
+    for n in nets:
+        n.table = nn.Parameter(torch.randn(3000, 257, dtype=torch.bfloat16), requires_grad=False)
     want = [copy.deepcopy(n).to("cuda") for n in nets]
-    to_device(nets, torch.device("cuda"), workers=4)
+    to_device(nets, torch.device("cuda"), workers=4, staged=staged, piece_bytes=piece_bytes)
     for net, ref in zip(nets, want, strict=True):
         got, exp = _tensors(net), _tensors(ref)
         for k in got:

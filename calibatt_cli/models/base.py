@@ -106,24 +106,38 @@ def scheduler_class(folder) -> str:
 
 def place_pipeline(pipe, device: str | torch.device, workers: int = 1) -> None:
     """pipe.to(device) for a pipeline without offloading; with `workers` > 1 its modules' tensors are copied by
-    that many threads (model.load_threads).
-
-    Where a checkpoint's tensors are views of its memory-mapped file, a copy to the GPU first faults the file's
-    pages in, then stages them through the driver's pinned memory: host work that pipe.to does one tensor at
-    a time. The copies run with the GIL released, so several threads, each on its own CUDA stream, can overlap
-    it (whether they do, bench/bench_ready.py --load-threads measures). Each tensor is put in place by the
-    modules' own _apply, as .to does (a parameter tied to another stays tied); a buffer shared by two modules
-    stays one tensor, where .to copies it twice."""
+    that many threads (model.load_threads, see to_device)."""
     if workers == 1:
         pipe.to(device)
         return
     to_device([m for m in pipe.components.values() if isinstance(m, torch.nn.Module)], torch.device(device), workers)
 
 
-def to_device(modules: list[torch.nn.Module], device: torch.device, workers: int) -> None:
-    """Move every parameter and buffer of `modules` to `device`, copied by `workers` threads (see
-    place_pipeline); each distinct tensor is copied once. The copies are allocated here, on this thread's
-    stream, and made on the workers' streams, each waited for before its worker returns."""
+# Copies are cut into pieces of at most this many bytes, so that one large tensor (UMT5-XXL's 2 GB embedding
+# table) is spread over the threads instead of being one thread's tail; each thread stages pieces through two
+# pinned buffers of this size.
+PIECE_BYTES = 32 << 20
+
+
+def to_device(
+    modules: list[torch.nn.Module],
+    device: torch.device,
+    workers: int,
+    *,
+    staged: bool = True,
+    piece_bytes: int = PIECE_BYTES,
+) -> None:
+    """Move every parameter and buffer of `modules` to `device`, copied by `workers` threads; each distinct
+    tensor is copied once, in pieces (`pieces`).
+
+    Where a checkpoint's tensors are views of its memory-mapped file, a copy to the GPU first faults the file's
+    pages in, then moves them over the bus: host work that .to does one tensor at a time. Here each thread,
+    with its own CUDA stream, copies a piece into one of its two pinned buffers (the page faults and memcpy,
+    with the GIL released) while the GPU reads the other (`staged`; without it, the driver stages the pageable
+    copy itself, synchronously). The copies are allocated on this thread's stream, and made on the workers'
+    streams, each waited for before its worker returns. Each tensor is put in place by the modules' own
+    _apply, as .to does (a parameter tied to another stays tied); a buffer shared by two modules stays one
+    tensor, where .to copies it twice."""
     cuda = device.type == "cuda"
     if cuda and device.index is None:  # the tensors say cuda:N
         device = torch.device("cuda", torch.cuda.current_device())
@@ -137,23 +151,60 @@ def to_device(modules: list[torch.nn.Module], device: torch.device, workers: int
     copies = {k: torch.empty_like(t, device=device) for k, t in moving.items()}
     if cuda:  # the allocations are this stream's: the workers' copies start after them
         ready = torch.cuda.current_stream(device).record_event()
-    local = threading.local()
-
-    def copy(k: int) -> None:
-        if cuda and not hasattr(local, "stream"):
-            local.stream = torch.cuda.Stream(device)
-            local.stream.wait_event(ready)
-        with torch.cuda.stream(local.stream) if cuda else contextlib.nullcontext():
-            copies[k].copy_(moving[k])
-            if cuda:
-                local.stream.synchronize()
-
     # the largest first, so that no thread is left with a large one at the end
-    order = sorted(moving, key=lambda k: -moving[k].nbytes)
-    with ThreadPoolExecutor(max(1, min(workers, len(order))), thread_name_prefix="calibatt-to") as pool:
-        list(pool.map(copy, order))
+    work = sorted((p for k, t in moving.items() for p in pieces(t, copies[k], piece_bytes)), key=lambda p: -p[1].nbytes)
+    queue = iter(work)
+    lock = threading.Lock()
+
+    def worker() -> None:
+        """Copy pieces until none is left, then wait for this thread's stream."""
+        stream = torch.cuda.Stream(device) if cuda else None
+        if cuda:
+            stream.wait_event(ready)
+        buffers, done, turn = [], [None, None], 0  # done[i]: after it, buffer i may be written again
+        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+            while True:
+                with lock:
+                    piece = next(queue, None)
+                if piece is None:
+                    break
+                dst, src = piece
+                if staged and cuda and _stageable(src, piece_bytes):
+                    if not buffers:
+                        buffers = [torch.empty(piece_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+                    if done[turn] is not None:
+                        done[turn].synchronize()
+                    buf = buffers[turn][: src.nbytes].view(src.dtype).view(src.shape)
+                    buf.copy_(src)
+                    dst.copy_(buf, non_blocking=True)
+                    done[turn] = stream.record_event()
+                    turn ^= 1
+                else:
+                    dst.copy_(src)
+        if cuda:
+            stream.synchronize()
+
+    n = max(1, min(workers, len(work)))
+    with ThreadPoolExecutor(n, thread_name_prefix="calibatt-to") as pool:
+        for f in [pool.submit(worker) for _ in range(n)]:
+            f.result()
     for m in modules:
         m._apply(lambda t: copies.get(id(t), t))
+
+
+def _stageable(src: torch.Tensor, piece_bytes: int) -> bool:
+    """Whether a piece goes through a pinned buffer: pageable host memory, one span that fits the buffer."""
+    return src.device.type == "cpu" and src.is_contiguous() and src.nbytes <= piece_bytes and not src.is_pinned()
+
+
+def pieces(src: torch.Tensor, dst: torch.Tensor, piece_bytes: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(dst piece, src piece) pairs that together copy src into dst: flat slices of at most `piece_bytes` where
+    both are contiguous (a slice of a tensor's memory is then a slice of its elements), else the whole tensor."""
+    if not (src.is_contiguous() and dst.is_contiguous()) or src.nbytes <= piece_bytes:
+        return [(dst, src)]
+    step = max(1, piece_bytes // src.element_size())
+    s, d = src.view(-1), dst.view(-1)
+    return [(d[a : a + step], s[a : a + step]) for a in range(0, s.numel(), step)]
 
 
 def restore_modules(swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]]) -> None:
