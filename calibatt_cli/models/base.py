@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 
 from ..config import Config
@@ -174,9 +175,11 @@ def to_device(
                         buffers = [torch.empty(piece_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
                     if done[turn] is not None:
                         done[turn].synchronize()
-                    buf = buffers[turn][: src.nbytes].view(src.dtype).view(src.shape)
-                    buf.copy_(src)
-                    dst.copy_(buf, non_blocking=True)
+                    buf = buffers[turn][: src.nbytes]
+                    # numpy's copy: one thread, the GIL released (torch's CPU copy would start an OpenMP team
+                    # per worker, whose spinning threads the main thread's work then competes with)
+                    np.copyto(buf.numpy(), src.detach().reshape(-1).view(torch.uint8).numpy())
+                    dst.copy_(buf.view(src.dtype).view(src.shape), non_blocking=True)
                     done[turn] = stream.record_event()
                     turn ^= 1
                 else:
