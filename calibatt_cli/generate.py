@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +22,7 @@ from .cache import aot, blocks
 from .cache.load import RECOMPILE, open_cache, prewarm
 from .config import Config, compile_blocks
 from .errors import CacheError, ConfigError
-from .models import check_device, load_model, model_identity
+from .models import check_device, load_model, model_identity, prepare_model
 from .models.parallel import parallelize
 from .runtime import DenseController, SparseController
 from .runtime.guard import Guard
@@ -159,6 +160,17 @@ def generate(
         # strict: a kernel fallback (another kernel than the cache chose, a PyTorch path on the GPU) is an error
         stack.enter_context(_fallbacks_as_errors(g.strict))
         if not g.dense:
+            # On a GPU the weights load on a thread while this one checks the cache, serves the compiled blocks,
+            # imports the compiler and loads our kernels (the load's file reads and host-to-GPU copies run
+            # without the GIL). The thread imports the pipeline's classes at once, and loads only once the cache
+            # has passed its checks (a stale cache fails before any weights load); an error on either side
+            # waits for the thread to end (the pool's exit) before it propagates.
+            gate = None
+            if load_on_thread(cfg.model.device):
+                pool = stack.enter_context(ThreadPoolExecutor(2, thread_name_prefix="calibatt-load"))
+                gate = Gate()
+                stack.callback(gate.close)  # (before the pool's exit: a load not yet let through never starts)
+                loading = pool.submit(_load_through, gate, cfg)
             # validated before spending time on the model, and held (shared lock) until the run ends
             cache = stack.enter_context(open_cache(cfg))
             plan = full_plan = cache.plan
@@ -171,15 +183,9 @@ def generate(
             stack.enter_context(aot.kernel_cache(cache.folder / "triton"))
             counter = stack.enter_context(aot.CompileCounter(strict=g.strict))
             parts["cache"] = time.perf_counter() - t_start - parts["identity"]
-            # On a GPU the weights load on a thread while this one serves the compiled blocks, imports the
-            # compiler and loads our kernels (the load's file reads and host-to-GPU copies run without the GIL),
-            # and Triton's key of its installation is hashed on another, ahead of the first kernel launch.
-            # Started after the cache is validated (a stale cache fails before any weights load); an error on
-            # either side waits for the load to end (the pool's exit) before it propagates.
-            if load_on_thread(cfg.model.device):
-                pool = stack.enter_context(ThreadPoolExecutor(2, thread_name_prefix="calibatt-load"))
-                loading = pool.submit(_timed, load_model, cfg)
-                pool.submit(aot.warm_triton_key)
+            if gate is not None:
+                gate.open()
+                pool.submit(aot.warm_triton_key)  # Triton's key of its installation, ahead of the first launch
         t_blocks = time.perf_counter()
         compiled, inductor = _compiled_blocks(cfg, cache, stack)
         parts["blocks"] = time.perf_counter() - t_blocks
@@ -407,6 +413,36 @@ def load_on_thread(device: str) -> bool:
     compiled blocks to overlap. On the CPU there is nothing to overlap, and the tiny model's denoising steps
     ran 11-15 % slower after a load on another thread (cause not pinned down; with one OpenMP thread 3 %)."""
     return torch.device(device).type == "cuda"
+
+
+class Gate:
+    """Holds a thread until the caller lets it through (`open`) or gives up on it (`close`)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._passed = False
+
+    def open(self) -> None:
+        self._passed = True
+        self._event.set()
+
+    def close(self) -> None:
+        self._event.set()
+
+    def wait(self) -> bool:
+        """Whether the thread may go on."""
+        self._event.wait()
+        return self._passed
+
+
+def _load_through(gate: Gate, cfg: Config) -> tuple | None:
+    """The pipeline's imports, then (once `gate` lets it through) the model's load: (model, the seconds of both,
+    the wait at the gate excluded), or None if the gate closed first."""
+    _, imports = _timed(prepare_model, cfg)
+    if not gate.wait():
+        return None
+    model, seconds = _timed(load_model, cfg)
+    return model, imports + seconds
 
 
 def _timed(fn: Callable, *args):

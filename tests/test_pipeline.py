@@ -137,6 +137,14 @@ def test_a_sparse_run_loads_the_weights_on_a_thread_and_raises_its_errors(calibr
     with pytest.raises(ModelError, match="check model.path"):
         generate(cfg, [PROMPT], write=False)
 
+    # the thread starts with the pipeline's imports; a stale cache fails before it loads anything
+    monkeypatch.setattr(generate_module, "load_model", spy)
+    cfg.generate.steps = 5
+    with pytest.raises(CacheError, match="built with generate.steps=4"):
+        generate(cfg, [PROMPT], write=False)
+    assert len(threads) == 3, threads
+    cfg.generate.steps = 4
+
 
 def test_cache_is_validated_against_the_config(calibrated):
     cfg, res = calibrated

@@ -50,6 +50,15 @@ def load_model(cfg: Config) -> LoadedModel:
     return importlib.import_module(f"{__name__}.{_family(name)}").load(cfg, name)
 
 
+def prepare_model(cfg: Config) -> None:
+    """Import what loading the configured model imports (its family module, and the pipeline's classes where
+    the family has a `prepare`), loading nothing: a caller that loads on a thread starts with this while it
+    checks what must pass before any weights load."""
+    module = importlib.import_module(f"{__name__}.{_family(cfg.model.name)}")
+    if hasattr(module, "prepare"):
+        module.prepare()
+
+
 def check_device(device: str) -> None:
     """Every stage that runs on `model.device` calls this first, so a missing GPU is one line, before any work."""
     import torch

@@ -173,6 +173,11 @@ def _finish(pipe, cfg: Config, ident: ModelIdentity) -> MochiModel:
 # --- mochi-1 from a local diffusers folder -------------------------------------------------------------
 
 
+def prepare() -> None:
+    """Import what `load` imports (models.prepare_model)."""
+    from diffusers import MochiPipeline  # noqa: F401
+
+
 def load(cfg: Config, name: str) -> MochiModel:
     ident = identity(cfg, name)
     if name == "mochi-tiny-random":

@@ -157,6 +157,13 @@ class WanModel(LoadedModel):
 # --- real Wan 2.1 weights -------------------------------------------------------------------------------
 
 
+def prepare() -> None:
+    """Import what `load` imports (models.prepare_model)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline  # noqa: F401
+
+    from . import wan_weights  # noqa: F401
+
+
 def load(cfg: Config, name: str) -> WanModel:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
     from safetensors import SafetensorError
