@@ -23,7 +23,7 @@ PART=${3:-A}  # A: GPU tests, the user's path, the guard's cost, the fp8 sweep; 
 # --precision bf16 fp8) and the fp8 path's tests; R: the sync-free tests, generate's start by part
 # (bench_ready.py; a carried .base/ tree side by side; RUNS=n alternating runs, 2 by default; PROFILE=0 skips the
 # profiled runs; TEXT=full: the real UMT5-XXL encoder's shape in the pipeline; LT="1 8": calibatt's run with
-# model.load_threads 1 and 8; LOADS: bench_load.py's variants first); P: one process's imports before and after
+# model.load_threads 1 and 8; LOADS: bench_load.py's variants after it); P: one process's imports before and after
 # the bytecode is compiled
 START=$(date +%s)
 LOG=$OUT/log.txt
@@ -102,15 +102,15 @@ elif [ "$PART" = R ]; then
 	TREES=(.)
 	[ -d .base/calibatt_cli ] && TREES=(.base .) && python3 -m compileall -q -j 0 .base >/dev/null 2>&1
 	TEXT=${TEXT:-one-layer} # full: the real UMT5-XXL encoder's shape in the pipeline (its own workdir)
-	# LOADS="stock threads:8 ...": the pipeline's load by way of placing its weights first (bench_load.py, on
-	# bench_ready's checkpoint, which it writes)
-	[ -n "${LOADS:-}" ] && step 200 "bench_load: the pipeline's load onto the GPU, $TEXT text encoder" \
-		python3 bench/bench_load.py --weights "/tmp/wready-$TEXT/weights" --text-encoder "$TEXT" --device cuda \
-		--runs "${LOAD_RUNS:-2}" --variants $LOADS
 	step 560 "bench_ready: generate's start and the process around it, Wan 1.3B 480p x 81, $TEXT text encoder" \
 		python3 bench/bench_ready.py --workdir "/tmp/wready-$TEXT" --text-encoder "$TEXT" --device cuda --head-dim 128 \
 		--ffn-dim 8960 --height 480 --width 832 --frames 81 --steps 6 --runs "${RUNS:-2}" --dense \
 		--profile "${PROFILE:-50}" --load-threads ${LT:-1} --trees "${TREES[@]}"
+	# LOADS="stock threads:8 ...": then the pipeline's load by way of placing its weights (bench_load.py, on
+	# bench_ready's checkpoint), in what is left of the budget
+	[ -n "${LOADS:-}" ] && step 200 "bench_load: the pipeline's load onto the GPU, $TEXT text encoder" \
+		python3 bench/bench_load.py --weights "/tmp/wready-$TEXT/weights" --text-encoder "$TEXT" --device cuda \
+		--runs "${LOAD_RUNS:-2}" --variants $LOADS
 elif [ "$PART" = D ]; then
 	step 200 "gpu tests: compiled blocks" $T tests/test_compile_gpu.py
 	step 100 "gpu tests: no sync" $T tests/test_sync_gpu.py
