@@ -97,7 +97,7 @@ elif [ "$PART" = P ]; then
 	imports
 	imports
 elif [ "$PART" = R ]; then
-	step 90 "gpu tests: the launch records compile stores, no sync in a step, the threaded placement" $T tests/test_sync_gpu.py tests/test_placement.py -k "records or never_waits or values_are"
+	step 90 "gpu tests: the launch records compile stores, no sync in a step, the threaded placement" $T tests/test_sync_gpu.py tests/test_placement.py -k "${RTESTS:-records or never_waits or values_are}"
 	# a carried .base/ (calibatt_cli and kernels of another commit) is timed side by side with this tree
 	TREES=(.)
 	[ -d .base/calibatt_cli ] && TREES=(.base .) && python3 -m compileall -q -j 0 .base >/dev/null 2>&1
