@@ -15,10 +15,10 @@ checks and plan, the processors' install, the pipeline's set-up).
 2. Runs `calibatt generate --strict --json` (and with --dense the stock pipeline eager through calibatt's
    loader, and the stock load as diffusers documents it, `from_pretrained` then `.to(device)`, in a process of
    its own: the issue's "stock load") with each tree in turn, alternating, --runs times each, and reports the
-   median of every part. With --load-threads N M, calibatt's run runs with model.load_threads=N and =M, the
-   stock pipeline's with N. The trees share the cache: they must agree on what a cache is (same kernels'
-   sources and cache schema). Each run also records the process's time outside the generate call: `before`
-   (interpreter start, imports, the CLI's checks) and `exit`.
+   median of every part. With --load-threads N M, calibatt's run runs with model.load_threads=N and =M (the
+   stock pipeline's always with 1, diffusers' pipe.to). The trees share the cache: they must agree on what a
+   cache is (same kernels' sources and cache schema). Each run also records the process's time outside the
+   generate call: `before` (interpreter start, imports, the CLI's checks) and `exit`.
 3. With --importtime, one more run per tree and variant under `python -X importtime`: the top-level imports'
    cumulative seconds. With --profile N, one more run per tree through the library under cProfile, from the
    generate call to the end of the first denoising step: the N functions of most cumulative time.
@@ -185,9 +185,7 @@ def main() -> None:
         "--load-threads",
         type=int,
         nargs="+",
-        default=[1],
-        help="model.load_threads: with several, calibatt's run with each, the stock one with the first (the trees "
-        "must all know the key)",
+        help="model.load_threads of calibatt's run (default: the config's); with several, a run with each",
     )
     ap.add_argument(
         "--text-encoder",
@@ -203,21 +201,17 @@ def main() -> None:
         setup(work, args)
     trees = [Path(t).resolve() for t in args.trees]
     labels = args.labels or [str(t) for t in trees]
-    # the stock pipeline eager, as bench_cli_wan.py's stock_eager row (the issue's "stock load")
-    dense = ("--dense", "--set", "generate.compile=false")
-    variants = [("sparse", ("--strict",))] + ([("dense", dense)] if args.dense else [])
-    # each variant with each number of loading threads, named by a suffix (none with one number)
+    # the stock pipeline eager, as bench_cli_wan.py's stock_eager row, placed by diffusers' own pipe.to (the
+    # issue's "stock load")
+    dense = ("--dense", "--set", "generate.compile=false", "--set", "model.load_threads=1")
+    # calibatt's run with each number of loading threads, named by a suffix where there are several (none
+    # given: the config's default)
+    threads = args.load_threads or []
     suffixes = {"": ()}
-    if len(args.load_threads) > 1:
-        suffixes = {f" lt={n}": ("--set", f"model.load_threads={n}") for n in args.load_threads}
-    # the stock pipeline with the first number only: the issue's baseline is its load as a user runs it
-    first = next(iter(suffixes))
-    variants = [
-        (f"{v}{sfx}", (*flags, *extra))
-        for sfx, extra in suffixes.items()
-        for v, flags in variants
-        if v == "sparse" or sfx == first
-    ]
+    if threads:
+        suffixes = {(f" lt={n}" if len(threads) > 1 else ""): ("--set", f"model.load_threads={n}") for n in threads}
+    variants = [(f"sparse{sfx}", ("--strict", *extra)) for sfx, extra in suffixes.items()]
+    variants += [("dense", dense)] if args.dense else []
     rows: dict[str, list[dict]] = {f"{lab} {v}": [] for lab in labels for v, _ in variants}
     if args.dense:
         rows["diffusers load"] = []
@@ -291,11 +285,11 @@ def main() -> None:
         "order": "alternating, the first tree first on even runs",
         "medians": medians,
         # time to the first step of calibatt generate over the stock pipeline's load (the issue's target: <= 1.3)
-        "ready_vs_stock_load": ratios(lambda lab, sfx: medians[f"{lab} dense{first}"]["load"]),
+        "ready_vs_stock_load": ratios(lambda lab, sfx: medians[f"{lab} dense"]["load"]),
         # ... over the stock pipeline's load as diffusers documents it (from_pretrained, .to), in its own process
         "ready_vs_diffusers_load": ratios(lambda lab, sfx: medians["diffusers load"]["load"]),
         # ... and over the stock pipeline's own time to its first step (its load and the set-up around it)
-        "ready_vs_stock_ready": ratios(lambda lab, sfx: medians[f"{lab} dense{first}"]["ready"]),
+        "ready_vs_stock_ready": ratios(lambda lab, sfx: medians[f"{lab} dense"]["ready"]),
         "runs_raw": rows,
         "profiles": profiles,
         "importtime_runs": imports,

@@ -105,7 +105,7 @@ elif [ "$PART" = R ]; then
 	step 560 "bench_ready: generate's start and the process around it, Wan 1.3B 480p x 81, $TEXT text encoder" \
 		python3 bench/bench_ready.py --workdir "/tmp/wready-$TEXT" --text-encoder "$TEXT" --device cuda --head-dim 128 \
 		--ffn-dim 8960 --height 480 --width 832 --frames 81 --steps 6 --runs "${RUNS:-2}" --dense \
-		--profile "${PROFILE:-50}" --load-threads ${LT:-1} --trees "${TREES[@]}"
+		--profile "${PROFILE:-50}" ${LT:+--load-threads $LT} --trees "${TREES[@]}"
 	# LOADS="stock threads:8 ...": then the pipeline's load by way of placing its weights (bench_load.py, on
 	# bench_ready's checkpoint), in what is left of the budget
 	[ -n "${LOADS:-}" ] && step 200 "bench_load: the pipeline's load onto the GPU, $TEXT text encoder" \
