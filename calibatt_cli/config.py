@@ -30,8 +30,8 @@ class ModelConfig:
     device: str = "auto"  # auto (cuda when a GPU is visible, else cpu), cpu, cuda, cuda:1, ...
     seed: int = 0  # seed of the built-in random model's weights
     # Threads that copy the loaded weights to a GPU (models/base.py to_device), each staging pieces through
-    # pinned buffers while the GPU reads the last; 1 is diffusers' own pipe.to(device). Eight placed Wan 1.3B's
-    # pipeline (UMT5-XXL included) in 1.1-1.5 s where pipe.to took 2.6 s (bench/bench_load.py, H100).
+    # pinned buffers while the GPU reads the last; 1 is diffusers' own pipe.to(device). bench/bench_load.py
+    # times the two against each other (the README cites its runs).
     load_threads: int = 8
 
 

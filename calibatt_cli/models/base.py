@@ -176,8 +176,8 @@ def to_device(
                     if done[turn] is not None:
                         done[turn].synchronize()
                     buf = buffers[turn][: src.nbytes]
-                    # numpy's copy: one thread, the GIL released (torch's CPU copy would start an OpenMP team
-                    # per worker, whose spinning threads the main thread's work then competes with)
+                    # numpy's copy: this thread alone, the GIL released (torch's CPU copy would run an OpenMP
+                    # team of its own in every worker, on the cores the main thread's set-up needs)
                     np.copyto(buf.numpy(), src.detach().reshape(-1).view(torch.uint8).numpy())
                     dst.copy_(buf.view(src.dtype).view(src.shape), non_blocking=True)
                     done[turn] = stream.record_event()
