@@ -71,14 +71,12 @@ def check_variant(v: str) -> str:
     return v
 
 
-def load(weights: Path, device: str, dtype: str, variant: str, env: dict | None = None) -> dict:
-    """One load of `variant` in a fresh process (env: its environment; default this one's with ROOT on the
-    path): its seconds."""
-    if env is None:
-        path = [str(ROOT), str(ROOT / "kernels"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+def load(weights: Path, device: str, dtype: str, variant: str) -> dict:
+    """One load of `variant` in a fresh process of this tree: its seconds."""
+    from bench_ready import tree_env
+
     cmd = [sys.executable, "-c", LOAD, str(weights), device, dtype, variant]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=weights.parent)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=tree_env(ROOT), cwd=weights.parent)
     if r.returncode != 0:
         raise SystemExit(f"the {variant} load failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])

@@ -157,19 +157,21 @@ class WanModel(LoadedModel):
 # --- real Wan 2.1 weights -------------------------------------------------------------------------------
 
 
-def prepare() -> None:
-    """Import what `load` imports (models.prepare_model)."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline  # noqa: F401
+def prepare() -> tuple:
+    """Import what `load` imports (models.prepare_model): the pipeline's classes, which `load` takes from here."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
 
     from . import wan_weights  # noqa: F401
 
+    return AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+
 
 def load(cfg: Config, name: str) -> WanModel:
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
     from safetensors import SafetensorError
 
     from .wan_weights import SHIPPED, detect_layout, load_original_modules
 
+    AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline = prepare()
     if not cfg.model.path:
         # No implicit download: offline, the Hub client would retry for half a minute before failing. A Hub
         # id given as model.path still downloads.
