@@ -283,6 +283,8 @@ def main() -> None:
         "trees": dict(zip(labels, map(str, trees), strict=True)),
         "runs": args.runs,
         "order": "alternating, the first tree first on even runs",
+        # each row's flags to calibatt generate (model.load_threads among them)
+        "flags": {v: " ".join(flags) for v, flags in variants},
         "medians": medians,
         # time to the first step of calibatt generate over the stock pipeline's load (the target: <= 1.3)
         "ready_vs_stock_load": ratios(lambda lab: medians[f"{lab} dense"]["load"]),
