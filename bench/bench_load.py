@@ -71,10 +71,15 @@ def check_variant(v: str) -> str:
     return v
 
 
+def tree_env(tree: Path) -> dict:
+    """The environment for a process of `tree`: its sources first on the path, then what the path held (the
+    device image's extra packages)."""
+    path = [str(tree), str(tree / "kernels"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+
+
 def load(weights: Path, device: str, dtype: str, variant: str) -> dict:
     """One load of `variant` in a fresh process of this tree: its seconds."""
-    from bench_ready import tree_env
-
     cmd = [sys.executable, "-c", LOAD, str(weights), device, dtype, variant]
     r = subprocess.run(cmd, capture_output=True, text=True, env=tree_env(ROOT), cwd=weights.parent)
     if r.returncode != 0:

@@ -43,6 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+from bench_load import load, tree_env  # noqa: E402
+
 PROMPT = "a red car driving along a coastal road at sunset"
 
 # Runs generate through the library under cProfile until the first step ends (argv: config, prompt, output,
@@ -73,17 +75,9 @@ def stock_load(work: Path, device: str) -> dict:
     """The stock pipeline's load as diffusers documents it (from_pretrained, then .to(device)) in a process of
     its own: bench_load.py's "stock" variant."""
     import yaml
-    from bench_load import load
 
     dtype = yaml.safe_load((work / "config.yaml").read_text())["model"]["dtype"]
     return load(work / "weights", device, dtype, "stock")
-
-
-def tree_env(tree: Path) -> dict:
-    """The environment for a process of `tree`: its sources first on the path, then what the path held (the
-    device image's extra packages)."""
-    path = [str(tree), str(tree / "kernels"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(path))
 
 
 def setup(work: Path, args) -> None:

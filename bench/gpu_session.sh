@@ -23,8 +23,8 @@ PART=${3:-A}  # A: GPU tests, the user's path, the guard's cost, the fp8 sweep; 
 # --precision bf16 fp8) and the fp8 path's tests; R: the sync-free tests, generate's start by part
 # (bench_ready.py; a carried .base/ tree side by side; RUNS=n alternating runs, 2 by default; PROFILE=0 skips the
 # profiled runs; TEXT=full: the real UMT5-XXL encoder's shape in the pipeline; LT="1 8": calibatt's run with
-# model.load_threads 1 and 8; LOADS: bench_load.py's variants after it); P: one process's imports before and after
-# the bytecode is compiled
+# model.load_threads 1 and 8; LOADS: bench_load.py's variants after it; RTESTS: pytest -k for its GPU tests); P:
+# one process's imports before and after the bytecode is compiled
 START=$(date +%s)
 LOG=$OUT/log.txt
 mkdir -p "$OUT"
